@@ -1,0 +1,35 @@
+# Every target creates and uses .venv; torch is pinned through requirements/constraints.txt.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c requirements/constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint bench demo validate clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml requirements/constraints.txt
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/optimizer.py
+
+demo: $(STAMP)
+	$(BIN)/ivon-diag demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,372 @@
+"""IVON: Improved Variational Online Newton (Shen et al. 2024, Alg. 1), a drop-in for ``ivon-opt``'s ``IVON``.
+
+Per trainable parameter the optimizer keeps the mean m (the parameter itself), a Hessian estimate h and a
+momentum g, in float32 (float64 for float64 parameters). The posterior is N(m, 1/(ess (h + δ))).
+
+Memory: besides the gradients, a step holds momentum, hess and one spare buffer per parameter (the sampled
+weights during the forward pass, then the Hessian statistic), about 3 parameter copies plus a bounded chunk
+of temporaries; ivon-opt allocates about ten. A second MC sample or micro-batch per step allocates two more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ivon_core import _functional as F
+
+HESS_APPROX = ("price", "gradsq")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def _check(name: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
+
+
+class IVON(torch.optim.Optimizer):
+    """Variational learning with the IVON update; constructor and defaults as in ``ivon-opt`` 0.1.3.
+
+    Usage (as with ivon-opt)::
+
+        for x, y in loader:
+            for _ in range(train_samples):
+                with optimizer.sampled_params(train=True):
+                    optimizer.zero_grad()
+                    loss_fn(model(x), y).backward()
+            optimizer.step()
+
+    Gradient accumulation: every ``sampled_params(train=True)`` block is one MC sample; pass
+    ``weight=`` (e.g. the micro-batch size) to weight samples unequally. ``p.grad`` must hold the
+    gradient of the current sample only when the block exits (zero the gradients inside the block, or
+    with ``set_to_none=True`` before it).
+    """
+
+    hessian_approx_methods = HESS_APPROX
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        ess: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        mc_samples: int = 1,
+        hess_approx: str = "price",
+        clip_radius: float = float("inf"),
+        sync: bool = False,
+        debias: bool = True,
+        rescale_lr: bool = True,
+    ):
+        _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0.0, ">= 0")
+        _check("ess", ess, isinstance(ess, (int, float)) and ess > 0.0, "> 0")
+        _check("hess_init", hess_init, hess_init > 0.0, "> 0")
+        _check("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)")
+        _check("beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)")
+        _check("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
+        _check("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1, "an int >= 1")
+        _check("hess_approx", hess_approx, hess_approx in HESS_APPROX, f"one of {HESS_APPROX}")
+        _check("clip_radius", clip_radius, clip_radius > 0.0, "> 0")
+        defaults = dict(
+            lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            clip_radius=clip_radius,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check("ess", group["ess"], group["ess"] > 0.0, "> 0")
+            _check("lr", group["lr"], group["lr"] >= 0.0, ">= 0")
+            _check("beta2", group["beta2"], 0.0 <= group["beta2"] < 1.0, "in [0, 1)")
+        self.mc_samples = mc_samples
+        self.hess_approx = hess_approx
+        self.sync = sync
+        self.debias = debias
+        self.rescale_lr = rescale_lr
+        self._buf: dict[Tensor, dict[str, Any]] = {}  # per-step sampling buffers, never saved
+        self._sampling = False
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # ----------------------------------------------------------------------------------------- state
+    def _trainable(self) -> Iterator[tuple[dict, Tensor]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    yield group, p
+
+    def _init_state(self, group: dict, p: Tensor) -> dict:
+        st = self.state[p]
+        dtype = _state_dtype(p)
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            st["hess"] = torch.full(p.shape, float(group["hess_init"]), dtype=dtype, device=p.device)
+        elif st["momentum"].device != p.device or st["momentum"].dtype != dtype:  # after model.to(...)
+            st["momentum"] = st["momentum"].to(p.device, dtype)
+            st["hess"] = st["hess"].to(p.device, dtype)
+        return st
+
+    @property
+    def current_step(self) -> int:
+        """Steps taken (ivon-opt's attribute); saved with the state, unlike ivon-opt's."""
+        steps = [int(st["step"]) for st in self.state.values() if "step" in st]
+        return max(steps, default=0)
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The default generator alone, or a per-rank one under torch.distributed so that ranks draw different noise."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed((torch.initial_seed() * 1_000_003 + 7919 * dist.get_rank()) % (2**63))
+            self._generators[device] = gen
+        return gen
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["ivon"] = {
+            "hess_approx": self.hess_approx, "mc_samples": self.mc_samples, "debias": self.debias,
+            "rescale_lr": self.rescale_lr,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("ivon", {})
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {gi}: state_dict has {len(saved['params'])} parameters, "
+                    f"this optimizer has {len(group['params'])}"
+                )
+            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                st = state_dict["state"].get(pid)
+                if st is not None and "hess" in st and tuple(st["hess"].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"parameter group {gi}, parameter {pi}: state_dict shape {tuple(st['hess'].shape)} "
+                        f"differs from the parameter's {tuple(p.shape)}"
+                    )
+        if extra.get("hess_approx", self.hess_approx) != self.hess_approx:
+            raise ValueError(
+                f"state_dict was saved with hess_approx={extra['hess_approx']!r}, this optimizer uses "
+                f"{self.hess_approx!r}"
+            )
+        super().load_state_dict(state_dict)
+        for group, p in self._trainable():  # torch casts state to the param dtype; keep float32 for bf16/fp16
+            if self.state.get(p):
+                st = self.state[p]
+                st["momentum"] = st["momentum"].to(p.device, _state_dtype(p))
+                st["hess"] = st["hess"].to(p.device, _state_dtype(p))
+                st["step"] = st["step"].to("cpu", torch.float32)
+        self._buf.clear()
+        self._generators.clear()
+        for dev, gstate in extra.get("generators", {}).items():
+            gen = torch.Generator(device=torch.device(dev))
+            gen.set_state(gstate)
+            self._generators[torch.device(dev)] = gen
+
+    # -------------------------------------------------------------------------------------- sampling
+    def variances(self) -> list[Tensor]:
+        """Posterior variance σ² = 1 / (ess (h + δ)) per parameter, in param-group order (zeros when frozen)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    out.append(torch.zeros(p.shape, dtype=_state_dtype(p), device=p.device))
+                    continue
+                h = self._init_state(group, p)["hess"]
+                out.append(torch.reciprocal((h + group["weight_decay"]) * group["ess"]))
+        return out
+
+    @contextmanager
+    def sampled_params(self, train: bool = False, weight: float = 1.0):
+        """Replace every trainable parameter by a posterior sample θ = m + σε for the block's duration.
+
+        With ``train=True`` the gradient found in ``p.grad`` on exit is collected as one MC sample, weighted by
+        ``weight``. The mean is restored exactly on exit, also when the block raises.
+        """
+        if self._sampling:
+            raise RuntimeError("sampled_params blocks cannot be nested")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"Invalid weight: {weight!r} (must be a finite number > 0)")
+        self._sampling = True
+        swapped: list[Tensor] = []
+        try:
+            with torch.no_grad():
+                self._sample(swapped)
+            yield
+        except BaseException:
+            with torch.no_grad():
+                self._restore(swapped, train=False, weight=weight)
+            self._sampling = False
+            raise
+        with torch.no_grad():
+            self._restore(swapped, train=train, weight=weight)
+        self._sampling = False
+
+    def _sample(self, swapped: list[Tensor]) -> None:
+        by_group: list[tuple[dict, list[Tensor]]] = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.requires_grad]
+            for p in ps:
+                self._init_state(group, p)
+                self._claim_grad(p)
+            if ps:
+                by_group.append((group, ps))
+        for group, ps in by_group:
+            hess = [self.state[p]["hess"] for p in ps]
+            for sub_ps, sub_h in F.chunks([ps, hess]):
+                inv_std = F.inverse_std(sub_h, group["ess"], group["weight_decay"])
+                for p, s in zip(sub_ps, inv_std):
+                    buf = self._buf.setdefault(p, {})
+                    noise = self._take_spare(buf, p, s.dtype)
+                    noise.normal_(generator=self._generator(p.device)).div_(s)
+                    mean = p.data
+                    if noise.dtype == p.dtype:  # sample into the spare buffer itself
+                        sample = noise.add_(mean)
+                    else:  # low precision: keep the exact float32 noise for the statistic
+                        buf["noise"] = noise
+                        sample = (mean.to(noise.dtype) + noise).to(p.dtype)
+                    buf["mean"] = mean
+                    p.data = sample
+                    swapped.append(p)
+
+    @staticmethod
+    def _take_spare(buf: dict, p: Tensor, dtype: torch.dtype) -> Tensor:
+        spare = buf.pop("spare", None)
+        if spare is None or spare.shape != p.shape or spare.dtype != dtype or spare.device != p.device:
+            spare = torch.empty(p.shape, dtype=dtype, device=p.device)
+        return spare
+
+    def _claim_grad(self, p: Tensor) -> None:
+        """Before a further sample, own the previous sample's gradient (it was only referenced)."""
+        buf = self._buf.get(p)
+        if not buf or "grad_ref" not in buf:
+            return
+        ref, version = buf.pop("grad_ref")
+        if ref._version != version:
+            raise RuntimeError(
+                "a parameter's gradient was changed in place between two samples before it was collected; "
+                "zero gradients inside `sampled_params` or with `zero_grad(set_to_none=True)`"
+            )
+        buf["grad_acc"] = ref.to(_state_dtype(p), copy=p.grad is ref)
+
+    def _restore(self, swapped: list[Tensor], train: bool, weight: float) -> None:
+        price = self.hess_approx == "price"
+        for p in swapped:
+            buf = self._buf[p]
+            sample, mean = p.data, buf.pop("mean")
+            p.data = mean
+            noise = buf.pop("noise", None)
+            grad = p.grad if train else None
+            if grad is None:
+                buf["spare"] = sample if noise is None else noise
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("IVON does not support sparse gradients")
+            stat = sample.sub_(mean) if noise is None else noise  # σε
+            if price:
+                stat.mul_(grad)
+            else:
+                torch.mul(grad, grad, out=stat)
+            total = buf.get("weight", 0.0) + weight
+            buf["weight"] = total
+            if "stat" not in buf:
+                buf["stat"] = stat
+                if self.mc_samples > 1:
+                    buf["grad_acc"] = grad.to(_state_dtype(p), copy=True)
+                else:
+                    buf["grad_ref"] = (grad, grad._version)
+                continue
+            buf["stat"].lerp_(stat, weight / total)
+            buf["spare"] = stat
+            if "grad_acc" not in buf:
+                self._claim_grad(p)
+            buf["grad_acc"].lerp_(grad.to(buf["grad_acc"].dtype), weight / total)
+
+    # ------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update from the samples collected since the last step; with a closure, draw ``mc_samples`` first.
+
+        The closure must compute the loss and call ``backward()``; gradients are zeroed before each sample.
+        """
+        loss = None
+        if closure is not None:
+            losses = []
+            for _ in range(self.mc_samples):
+                with self.sampled_params(train=True):
+                    self.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        losses.append(closure().detach())
+            loss = torch.stack(losses).mean()
+        if self._sampling:
+            raise RuntimeError("step() called inside sampled_params; call it after the block")
+        collected = [(g, p) for g, p in self._trainable() if "stat" in self._buf.get(p, {})]
+        if not collected:
+            raise RuntimeError(
+                "step() found no sampled gradient: run forward and backward inside "
+                "`with optimizer.sampled_params(train=True):` before calling step(), or pass a closure"
+            )
+        grads = {}
+        for _, p in collected:
+            buf = self._buf[p]
+            if "grad_acc" in buf:
+                grads[p] = buf.pop("grad_acc")
+            else:
+                ref, version = buf.pop("grad_ref")
+                if ref._version != version:
+                    raise RuntimeError("a parameter's gradient was changed in place after its sample was collected")
+                grads[p] = ref
+        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._all_reduce([grads[p] for _, p in collected] + [self._buf[p]["stat"] for _, p in collected])
+        for group in self.param_groups:
+            ps = [p for g, p in collected if g is group]
+            if not ps:
+                continue
+            steps = [self.state[p]["step"].add_(1.0) for p in ps]
+            debias = [1.0 - group["beta1"] ** float(s) if self.debias else 1.0 for s in steps]
+            stats = [self._buf[p].pop("stat") for p in ps]
+            F.ivon_update(
+                [p.data for p in ps], [grads[p] for p in ps], stats,
+                [self.state[p]["momentum"] for p in ps], [self.state[p]["hess"] for p in ps], debias,
+                lr=group["lr"], ess=group["ess"], beta1=group["beta1"], beta2=group["beta2"],
+                weight_decay=group["weight_decay"], hess_init=group["hess_init"],
+                clip_radius=group["clip_radius"], price=self.hess_approx == "price", rescale_lr=self.rescale_lr,
+            )
+            for p, s in zip(ps, stats):
+                buf = self._buf[p]
+                buf.pop("weight", None)
+                buf["spare"] = s
+        return loss
+
+    @staticmethod
+    def _all_reduce(tensors: list[Tensor]) -> None:
+        """Average tensors over ranks through one flat buffer per dtype."""
+        world = dist.get_world_size()
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for ts in by_dtype.values():
+            flat = torch._utils._flatten_dense_tensors(ts)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for t, f in zip(ts, torch._utils._unflatten_dense_tensors(flat, ts)):
+                t.copy_(f)

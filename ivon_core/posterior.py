@@ -1,0 +1,63 @@
+"""Predictive posterior: MC-averaged predictive probabilities from IVON's Gaussian posterior."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ivon_core.optimizer import IVON
+
+
+@dataclass
+class Prediction:
+    """Predictive probabilities (N, K): ``mc`` averaged over posterior samples, ``mean`` at the posterior mean."""
+
+    mc: Tensor
+    mean: Tensor
+    targets: Tensor | None = None
+
+
+def _batches(data) -> Iterable[tuple[Tensor, Tensor | None]]:
+    if isinstance(data, Tensor):
+        yield data, None
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        yield data[0], data[1]
+    else:  # a DataLoader or any iterable of (inputs, targets)
+        for batch in data:
+            yield batch[0], batch[1] if len(batch) > 1 else None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data, optimizer: IVON, mc_samples: int = 10) -> Prediction:
+    """p(y|x) ≈ (1/S) Σ_s softmax(f(x; θ_s)), θ_s ~ q, and softmax(f(x; m)), for inputs, (inputs, targets) or a loader.
+
+    The model is put in eval mode for the call and restored after; the mean is untouched.
+    """
+    if mc_samples < 1:
+        raise ValueError(f"Invalid mc_samples: {mc_samples!r} (must be >= 1)")
+    was_training = model.training
+    model.eval()
+    batches = list(_batches(data))
+    try:
+        device = next(model.parameters()).device
+        inputs = [x.to(device) for x, _ in batches]
+        if not inputs:
+            empty = torch.empty(0, 0)
+            return Prediction(mc=empty, mean=empty, targets=None)
+
+        def probs() -> Tensor:
+            return torch.cat([torch.softmax(model(x).float(), -1) for x in inputs])
+
+        mean = probs()
+        mc = torch.zeros_like(mean)
+        for _ in range(mc_samples):
+            with optimizer.sampled_params(train=False):
+                mc += probs()
+        mc /= mc_samples
+    finally:
+        model.train(was_training)
+    targets = [y for _, y in batches if y is not None]
+    return Prediction(mc=mc.cpu(), mean=mean.cpu(), targets=torch.cat(targets).cpu() if targets else None)
