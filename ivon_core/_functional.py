@@ -28,12 +28,41 @@ def chunks(lists: Sequence[list[Tensor]], *extra: list) -> Iterator[tuple[list, 
             start, size = i + 1, 0
 
 
-def inverse_std(hess: list[Tensor], ess: float, weight_decay: float) -> list[Tensor]:
-    """sqrt(ess * (h + δ)), the inverse posterior standard deviation (a new list)."""
-    out = torch._foreach_add(hess, weight_decay)
-    torch._foreach_mul_(out, ess)
-    torch._foreach_sqrt_(out)
-    return out
+class Scratch:
+    """Reusable temporaries: views into one flat buffer per (device, dtype), grown on demand.
+
+    Fresh allocations of parameter-sized temporaries cost page faults on every step (on a CPU they take longer
+    than the arithmetic); a reused buffer does not.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def like(self, tensors: list[Tensor]) -> list[Tensor]:
+        key = (tensors[0].device, tensors[0].dtype)
+        need = sum(t.numel() for t in tensors)
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < need:
+            flat = self._flat[key] = torch.empty(need, device=key[0], dtype=key[1])
+        out, pos = [], 0
+        for t in tensors:
+            out.append(flat[pos : pos + t.numel()].view(t.shape))
+            pos += t.numel()
+        return out
+
+    def clear(self) -> None:
+        self._flat.clear()
+
+
+def scale_noise(noise: list[Tensor], hess: list[Tensor], scratch: Scratch, *, ess: float, weight_decay: float) -> None:
+    """noise ← ε / sqrt(ess (h + δ)), in place, chunk by chunk."""
+    for eps, h in chunks([noise, hess]):
+        tmp = scratch.like(h)
+        torch._foreach_copy_(tmp, h)
+        torch._foreach_add_(tmp, weight_decay)
+        torch._foreach_rsqrt_(tmp)
+        torch._foreach_mul_(eps, tmp)
+        torch._foreach_mul_(eps, ess**-0.5)
 
 
 def ivon_update(
@@ -43,6 +72,7 @@ def ivon_update(
     momentum: list[Tensor],
     hess: list[Tensor],
     debias: list[float],
+    scratch: Scratch,
     *,
     lr: float,
     ess: float,
@@ -61,25 +91,28 @@ def ivon_update(
     """
     lr_eff = lr * (hess_init + weight_decay) if rescale_lr else lr
     for p, g, s, mom, h, d in chunks([params, grads, stats, momentum, hess], debias):
-        torch._foreach_mul_(mom, beta1)
-        torch._foreach_add_(mom, g, alpha=1.0 - beta1)
-
-        hd = torch._foreach_add(h, weight_decay)  # the chunk's one temporary
+        torch._foreach_lerp_(mom, g, 1.0 - beta1)
+        tmp = scratch.like(h)
+        torch._foreach_copy_(tmp, h)
+        torch._foreach_add_(tmp, weight_decay)  # h + δ
         if price:  # ĥ = ess (h + δ) mean(ĝ σε)
-            torch._foreach_mul_(s, hd)
+            torch._foreach_mul_(s, tmp)
         torch._foreach_mul_(s, ess)
         torch._foreach_sub_(s, h)  # s = ĥ − h
-        torch._foreach_reciprocal_(hd)
-        torch._foreach_mul_(hd, s)  # hd = (ĥ − h) / (h + δ)
+        torch._foreach_reciprocal_(tmp)
+        torch._foreach_mul_(tmp, s)  # (ĥ − h) / (h + δ)
         torch._foreach_add_(h, s, alpha=1.0 - beta2)
-        torch._foreach_addcmul_(h, s, hd, value=0.5 * (1.0 - beta2) ** 2)
+        torch._foreach_addcmul_(h, s, tmp, value=0.5 * (1.0 - beta2) ** 2)
 
         torch._foreach_copy_(s, mom)
-        torch._foreach_div_(s, d)
+        if len(set(d)) == 1:
+            torch._foreach_mul_(s, 1.0 / d[0])
+        else:
+            torch._foreach_div_(s, d)
         torch._foreach_add_(s, p, alpha=weight_decay)
-        torch._foreach_copy_(hd, h)
-        torch._foreach_add_(hd, weight_decay)
-        torch._foreach_div_(s, hd)
+        torch._foreach_copy_(tmp, h)
+        torch._foreach_add_(tmp, weight_decay)
+        torch._foreach_div_(s, tmp)
         if clip_radius != float("inf"):
             torch._foreach_clamp_min_(s, -clip_radius)
             torch._foreach_clamp_max_(s, clip_radius)

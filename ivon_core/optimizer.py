@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ivon_core import _functional as F
+from ivon_core.noise import NoiseSource
 
 HESS_APPROX = ("price", "gradsq")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -50,6 +51,9 @@ class IVON(torch.optim.Optimizer):
     ``weight=`` (e.g. the micro-batch size) to weight samples unequally. ``p.grad`` must hold the
     gradient of the current sample only when the block exits (zero the gradients inside the block, or
     with ``set_to_none=True`` before it).
+
+    Beyond ivon-opt's arguments, ``noise_threads`` sets how many generators draw the CPU noise in parallel
+    (default: torch's thread count, at most 8). With 1, noise comes from torch's default generator.
     """
 
     hessian_approx_methods = HESS_APPROX
@@ -69,6 +73,7 @@ class IVON(torch.optim.Optimizer):
         sync: bool = False,
         debias: bool = True,
         rescale_lr: bool = True,
+        noise_threads: int | None = None,
     ):
         _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0.0, ">= 0")
         _check("ess", ess, isinstance(ess, (int, float)) and ess > 0.0, "> 0")
@@ -96,6 +101,8 @@ class IVON(torch.optim.Optimizer):
         self._buf: dict[Tensor, dict[str, Any]] = {}  # per-step sampling buffers, never saved
         self._sampling = False
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._scratch = F.Scratch()
+        self._noise = NoiseSource(min(torch.get_num_threads(), 8) if noise_threads is None else noise_threads)
 
     # ----------------------------------------------------------------------------------------- state
     def _trainable(self) -> Iterator[tuple[dict, Tensor]]:
@@ -139,6 +146,7 @@ class IVON(torch.optim.Optimizer):
             "hess_approx": self.hess_approx, "mc_samples": self.mc_samples, "debias": self.debias,
             "rescale_lr": self.rescale_lr,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+            "noise": self._noise.state(),
         }
         return sd
 
@@ -177,6 +185,8 @@ class IVON(torch.optim.Optimizer):
                 st["step"] = st["step"].to("cpu", torch.float32)
         self._buf.clear()
         self._generators.clear()
+        if "noise" in extra:
+            self._noise.load(extra["noise"])
         for dev, gstate in extra.get("generators", {}).items():
             gen = torch.Generator(device=torch.device(dev))
             gen.set_state(gstate)
@@ -222,31 +232,36 @@ class IVON(torch.optim.Optimizer):
         self._sampling = False
 
     def _sample(self, swapped: list[Tensor]) -> None:
-        by_group: list[tuple[dict, list[Tensor]]] = []
+        by_group: list[tuple[dict, list[Tensor], list[Tensor]]] = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.requires_grad]
             for p in ps:
                 self._init_state(group, p)
                 self._claim_grad(p)
             if ps:
-                by_group.append((group, ps))
-        for group, ps in by_group:
-            hess = [self.state[p]["hess"] for p in ps]
-            for sub_ps, sub_h in F.chunks([ps, hess]):
-                inv_std = F.inverse_std(sub_h, group["ess"], group["weight_decay"])
-                for p, s in zip(sub_ps, inv_std):
-                    buf = self._buf.setdefault(p, {})
-                    noise = self._take_spare(buf, p, s.dtype)
-                    noise.normal_(generator=self._generator(p.device)).div_(s)
-                    mean = p.data
-                    if noise.dtype == p.dtype:  # sample into the spare buffer itself
-                        sample = noise.add_(mean)
-                    else:  # low precision: keep the exact float32 noise for the statistic
-                        buf["noise"] = noise
-                        sample = (mean.to(noise.dtype) + noise).to(p.dtype)
-                    buf["mean"] = mean
-                    p.data = sample
-                    swapped.append(p)
+                noise = [self._take_spare(self._buf.setdefault(p, {}), p, _state_dtype(p)) for p in ps]
+                by_group.append((group, ps, noise))
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for _, _, noise in by_group:
+            for n in noise:
+                by_device.setdefault(n.device, []).append(n)
+        for device, noise in by_device.items():
+            self._noise.fill_(noise, self._generator(device))
+        for group, ps, noise in by_group:
+            F.scale_noise(noise, [self.state[p]["hess"] for p in ps], self._scratch, ess=group["ess"],
+                          weight_decay=group["weight_decay"])
+            lean = [(p, n) for p, n in zip(ps, noise) if n.dtype == p.dtype]
+            if lean:  # sample into the spare buffer itself: θ = m + σε
+                torch._foreach_add_([n for _, n in lean], [p.data for p, _ in lean])
+            for p, n in zip(ps, noise):
+                buf = self._buf[p]
+                buf["mean"] = p.data
+                if n.dtype == p.dtype:
+                    p.data = n
+                else:  # low precision: keep the exact float32 noise for the statistic
+                    buf["noise"] = n
+                    p.data = (p.data.to(n.dtype) + n).to(p.dtype)
+                swapped.append(p)
 
     @staticmethod
     def _take_spare(buf: dict, p: Tensor, dtype: torch.dtype) -> Tensor:
@@ -334,7 +349,7 @@ class IVON(torch.optim.Optimizer):
                 ref, version = buf.pop("grad_ref")
                 if ref._version != version:
                     raise RuntimeError("a parameter's gradient was changed in place after its sample was collected")
-                grads[p] = ref
+                grads[p] = ref if ref.dtype == _state_dtype(p) else ref.to(_state_dtype(p))
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._all_reduce([grads[p] for _, p in collected] + [self._buf[p]["stat"] for _, p in collected])
         for group in self.param_groups:
@@ -347,6 +362,7 @@ class IVON(torch.optim.Optimizer):
             F.ivon_update(
                 [p.data for p in ps], [grads[p] for p in ps], stats,
                 [self.state[p]["momentum"] for p in ps], [self.state[p]["hess"] for p in ps], debias,
+                self._scratch,
                 lr=group["lr"], ess=group["ess"], beta1=group["beta1"], beta2=group["beta2"],
                 weight_decay=group["weight_decay"], hess_init=group["hess_init"],
                 clip_radius=group["clip_radius"], price=self.hess_approx == "price", rescale_lr=self.rescale_lr,

@@ -1,0 +1,173 @@
+"""Benchmark IVON against torch.optim.AdamW(foreach=True) and the official ivon-opt, from one run.
+
+Prints ratios against baselines measured in the same run (absolute times on shared machines mean little):
+  1. optimizer work (sample + restore + step; AdamW: step) on a ResNet-18-size model (11.2M parameters),
+     with synthetic gradients so that only optimizer work is timed;
+  2. a full training step (forward, backward, optimizer) of ResNet-18 on 32×32 inputs at batch 128;
+  3. peak extra memory in parameter copies, each optimizer in a fresh subprocess (peak RSS above the model).
+
+    python bench/optimizer.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ivon_core import IVON  # noqa: E402
+from worker.models import resnet18  # noqa: E402
+
+try:
+    import ivon as ivon_opt
+except ImportError:  # the dev extra installs it
+    ivon_opt = None
+
+
+def make_optimizer(name: str, params, n_train: int = 50_000):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=True)
+    if name == "ivon":
+        return IVON(params, lr=0.1, ess=n_train, hess_init=0.5)
+    if name == "ivon-opt":
+        return ivon_opt.IVON(params, lr=0.1, ess=n_train, hess_init=0.5)
+    raise ValueError(name)
+
+
+def optimizer_work(model: nn.Module, opt, grads: list[torch.Tensor]) -> float:
+    """Seconds of one optimizer iteration with gradients copied in (the copy is not timed)."""
+    params = list(model.parameters())
+    if isinstance(opt, torch.optim.AdamW):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        t = time.perf_counter()
+        opt.step()
+        return time.perf_counter() - t
+    t = time.perf_counter()
+    with opt.sampled_params(train=True):
+        pause = time.perf_counter()
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        t += time.perf_counter() - pause
+    opt.step()
+    return time.perf_counter() - t
+
+
+def train_step(model: nn.Module, opt, x, y) -> float:
+    t = time.perf_counter()
+    if isinstance(opt, torch.optim.AdamW):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+    else:
+        with opt.sampled_params(train=True):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return time.perf_counter() - t
+
+
+def interleaved(names: list[str], run, rounds: int) -> dict[str, float]:
+    """Median seconds per name, the names taking turns so that machine noise hits them alike."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            times[n].append(run(n))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_child(name: str) -> None:
+    """In a fresh process: peak RSS during 3 iterations above the model's, in parameter copies."""
+    torch.manual_seed(0)
+    model = resnet18()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]  # a stash; the clones below are the grads
+    opt = make_optimizer(name, model.parameters())
+    _reset_peak()
+    base = _peak_rss_bytes()
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = None
+        if isinstance(opt, torch.optim.AdamW):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+        else:
+            with opt.sampled_params(train=True):
+                for p, g in zip(model.parameters(), grads):
+                    p.grad = g.clone()
+            opt.step()
+    print(json.dumps({"copies": (_peak_rss_bytes() - base) / nbytes}))
+
+
+def peak_copies(name: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["copies"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (for smoke tests)")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    torch.manual_seed(0)
+    names = ["adamw", "ivon"] + (["ivon-opt"] if ivon_opt is not None else [])
+    rounds = 5 if args.quick else 21
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    models = {n: resnet18() for n in names}
+    for m in models.values():
+        m.load_state_dict(models["adamw"].state_dict())
+    n_params = sum(p.numel() for p in models["adamw"].parameters())
+    opts = {n: make_optimizer(n, models[n].parameters()) for n in names}
+    grads = [torch.randn_like(p) * 1e-3 for p in models["adamw"].parameters()]
+    for n in names:  # warm up: state allocation happens on the first step
+        optimizer_work(models[n], opts[n], grads)
+    work = interleaved(names, lambda n: optimizer_work(models[n], opts[n], grads), rounds)
+    print(f"\n1. optimizer work, {n_params / 1e6:.1f}M parameters (median of {rounds}):")
+    for n in names:
+        print(f"   {n:9s} {work[n] * 1e3:8.1f} ms   {work[n] / work['adamw']:5.2f}x AdamW(foreach)")
+    if "ivon-opt" in work:
+        print(f"   IVON is {work['ivon-opt'] / work['ivon']:.1f}x faster than ivon-opt   (goals: <= 1.5x AdamW, >= 5x)")
+
+    step_names = ["adamw", "ivon"]
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    for n in step_names:
+        train_step(models[n], opts[n], x, y)
+    steps = interleaved(step_names, lambda n: train_step(models[n], opts[n], x, y), 3 if args.quick else 9)
+    print("\n2. full train step, ResNet-18 (GroupNorm), batch 128, 32x32:")
+    for n in step_names:
+        print(f"   {n:9s} {steps[n] * 1e3:8.0f} ms   {steps[n] / steps['adamw']:5.3f}x AdamW   (goal: <= 1.03x)")
+
+    print("\n3. peak extra memory in parameter copies (gradients included; fresh process each):")
+    for n in names:
+        print(f"   {n:9s} {peak_copies(n):5.2f}   (goal for ivon: <= 4.5)")
+
+
+if __name__ == "__main__":
+    main()

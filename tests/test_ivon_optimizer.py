@@ -1,0 +1,308 @@
+"""IVON behaviour: the seven ivon-opt defects, bad input, schedulers, precision and device handling."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ivon_core import IVON
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def _data(n=48):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train_steps(model, opt, steps, x, y):
+    for _ in range(steps):
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [({"lr": -1.0}, "lr"), ({"ess": 0.0}, "ess"), ({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),
+     ({"hess_approx": "newton"}, "hess_approx"), ({"mc_samples": 0}, "mc_samples"),
+     ({"hess_init": 0.0}, "hess_init"), ({"clip_radius": 0.0}, "clip_radius")],
+)
+def test_invalid_hyperparameters_name_argument_and_value(kw, name):
+    args = {"lr": 0.1, "ess": 10.0, **kw}
+    with pytest.raises(ValueError, match=name) as err:
+        IVON(_model().parameters(), **args)
+    assert repr(kw[name]) in str(err.value)
+
+
+def test_step_without_sampled_gradient_raises_clear_error():
+    opt = IVON(_model().parameters(), lr=0.1, ess=10)
+    with pytest.raises(RuntimeError, match="sampled_params"):
+        opt.step()
+
+
+def test_stop_and_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
+    x, y = _data()
+    ref = _model()
+    ref_opt = IVON(ref.parameters(), lr=0.05, ess=48, hess_init=0.3, beta2=0.99)
+    torch.manual_seed(5)
+    _train_steps(ref, ref_opt, 30, x, y)
+
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=48, hess_init=0.3, beta2=0.99)
+    torch.manual_seed(5)
+    _train_steps(model, opt, 12, x, y)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()},
+               tmp_path / "ckpt.pt")
+
+    resumed = _model(seed=99)
+    ropt = IVON(resumed.parameters(), lr=0.05, ess=48, hess_init=0.3, beta2=0.99)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    ropt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    assert ropt.current_step == 12
+    _train_steps(resumed, ropt, 18, x, y)
+    assert torch.equal(_flat(resumed), _flat(ref))
+    for p, q in zip(resumed.parameters(), ref.parameters()):
+        assert torch.equal(ropt.state[p]["hess"], ref_opt.state[q]["hess"])
+
+
+def test_params_with_grad_none_are_left_alone():
+    x, _ = _data()
+    head_a, head_b = nn.Linear(6, 2), nn.Linear(6, 2)
+    opt = IVON([*head_a.parameters(), *head_b.parameters()], lr=0.1, ess=48)
+    before = [p.detach().clone() for p in head_b.parameters()]
+    with opt.sampled_params(train=True):
+        opt.zero_grad()
+        head_a(x).square().mean().backward()  # head_b unused: grad None
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(head_b.parameters(), before))
+    assert all(not opt.state[p] or float(opt.state[p]["step"]) == 0 for p in head_b.parameters())
+    assert float(opt.state[head_a.weight]["step"]) == 1
+
+
+def test_frozen_params_are_neither_sampled_nor_updated():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    trainable_mean = model[2].weight.detach().clone()
+    frozen = model[0].weight.detach().clone()
+    opt = IVON(model.parameters(), lr=0.1, ess=48, weight_decay=0.1)
+    x, y = _data()
+    with opt.sampled_params(train=True):
+        assert torch.equal(model[0].weight, frozen)
+        assert not torch.equal(model[2].weight, trainable_mean)
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert not opt.state.get(model[0].weight)
+
+
+def test_exception_inside_sampled_params_restores_the_mean():
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.1, ess=48)
+    mean = _flat(model).clone()
+    with pytest.raises(KeyError), opt.sampled_params(train=True):
+        assert not torch.equal(_flat(model), mean)
+        raise KeyError("boom")
+    assert torch.equal(_flat(model), mean)
+    with opt.sampled_params():  # usable again
+        pass
+    assert torch.equal(_flat(model), mean)
+
+
+def test_nested_sampling_is_refused_and_mean_kept():
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.1, ess=48)
+    mean = _flat(model).clone()
+    with pytest.raises(RuntimeError, match="nested"), opt.sampled_params(), opt.sampled_params():
+        pass
+    assert torch.equal(_flat(model), mean)
+
+
+def test_closure_step_draws_mc_samples_and_returns_mean_loss():
+    x, y = _data()
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=48, mc_samples=3)
+    calls = []
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        calls.append(loss.item())
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == 3
+    assert float(loss) == pytest.approx(sum(calls) / 3, rel=1e-6)
+    assert opt.current_step == 1
+
+
+def test_gradient_accumulation_weights_microbatches_by_size():
+    """Two micro-batches of sizes 10 and 30, weighted by size, equal one MC sample of each with those weights."""
+    x, y = _data(40)
+    pieces = [(x[:10], y[:10]), (x[10:], y[10:])]
+
+    def run(weighted):
+        model = _model()
+        opt = IVON(model.parameters(), lr=0.05, ess=40, beta2=0.9)
+        torch.manual_seed(11)
+        for _ in range(5):
+            for xb, yb in pieces:
+                with opt.sampled_params(train=True, weight=len(xb) if weighted else 1.0):
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        return model, opt
+
+    model_w, _ = run(True)
+    model_u, _ = run(False)
+    assert not torch.allclose(_flat(model_w), _flat(model_u))
+
+    # Reference by hand for one step: weights 1/4, 3/4 on the two samples' statistics.
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=40, beta2=0.9)
+    torch.manual_seed(11)
+    grads, noises = [], []
+    for xb, yb in pieces:
+        m0 = [p.detach().clone() for p in model.parameters()]
+        with opt.sampled_params(train=True, weight=len(xb)):
+            noises.append([p.detach() - m for p, m in zip(model.parameters(), m0)])
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    w = opt.state[model[0].weight]
+    h0 = w["hess"].clone()
+    avg_g = 0.25 * grads[0][0] + 0.75 * grads[1][0]
+    avg_nxg = 0.25 * grads[0][0] * noises[0][0] + 0.75 * grads[1][0] * noises[1][0]
+    opt.step()
+    hhat = 40 * (h0 + 1e-4) * avg_nxg
+    expect_h = 0.9 * h0 + 0.1 * hhat + 0.5 * 0.01 * (h0 - hhat) ** 2 / (h0 + 1e-4)
+    assert torch.allclose(w["hess"], expect_h, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(w["momentum"], 0.1 * avg_g, rtol=1e-5, atol=1e-7)
+
+
+def test_in_place_zeroing_between_samples_is_detected():
+    x, y = _data()
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=48)
+    with opt.sampled_params(train=True):
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="changed in place"), opt.sampled_params(train=True):
+        pass
+
+
+def test_gradsq_with_sync_and_no_process_group_works():
+    x, y = _data()
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=48, hess_approx="gradsq", sync=True)
+    _train_steps(model, opt, 3, x, y)
+    assert opt.current_step == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_float32_state_and_learn_h(dtype):
+    x, y = _data()
+    model = _model().to(dtype)
+    opt = IVON(model.parameters(), lr=0.05, ess=48, hess_init=0.5, beta2=0.9)
+    _train_steps(model, opt, 10, x.to(dtype), y)
+    st = opt.state[model[0].weight]
+    assert st["hess"].dtype == torch.float32 and st["momentum"].dtype == torch.float32
+    assert model[0].weight.dtype == dtype
+    assert (st["hess"] - 0.5).abs().max() > 1e-3  # h moved (a bf16 h at 0.5 could not)
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = IVON(model.parameters(), lr=0.05, ess=48, hess_init=0.5, beta2=0.9)
+    opt2.load_state_dict(sd)
+    assert opt2.state[model[0].weight]["hess"].dtype == torch.float32
+
+
+def test_state_follows_the_model_after_a_device_or_dtype_move():
+    x, y = _data()
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=48)
+    _train_steps(model, opt, 2, x, y)
+    model.to(torch.float64)  # a move of the parameters in place, as model.to(device) does
+    _train_steps(model, opt, 2, x.double(), y)
+    assert opt.state[model[0].weight]["hess"].dtype == torch.float64
+    if torch.cuda.is_available():
+        model.cuda()
+        _train_steps(model, opt, 2, x.double().cuda(), y.cuda())
+        assert opt.state[model[0].weight]["hess"].is_cuda
+
+
+def test_state_dict_from_other_layout_is_refused_with_what_differs():
+    x, y = _data()
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=48)
+    _train_steps(model, opt, 1, x, y)
+    other = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    with pytest.raises(ValueError, match=r"parameter 2: state_dict shape \(3, 12\) differs from the parameter's \(4, 12\)"):
+        IVON(other.parameters(), lr=0.05, ess=48).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="state_dict has 4 parameters, this optimizer has 2"):
+        IVON(nn.Linear(6, 3).parameters(), lr=0.05, ess=48).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="hess_approx"):
+        IVON(_model().parameters(), lr=0.05, ess=48, hess_approx="gradsq").load_state_dict(opt.state_dict())
+
+
+def test_lr_scheduler_drives_the_learning_rate():
+    x, y = _data()
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.1, ess=48)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    lrs = []
+    for _ in range(4):
+        _train_steps(model, opt, 1, x, y)
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] < 0.1 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_variances_are_inverse_of_ess_times_h_plus_delta():
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50, hess_init=0.2, weight_decay=0.01)
+    for v in opt.variances():
+        assert torch.allclose(v, torch.full_like(v, 1 / (50 * 0.21)))
+
+
+def test_samples_have_the_posterior_spread():
+    lin = nn.Linear(200, 200)
+    opt = IVON(lin.parameters(), lr=0.1, ess=25, hess_init=1.0, weight_decay=0.0)
+    mean = lin.weight.detach().clone()
+    with opt.sampled_params():
+        std = (lin.weight.detach() - mean).std()
+    assert float(std) == pytest.approx(0.2, rel=0.02)
+
+
+def test_parallel_noise_is_reproducible_and_standard_normal():
+    from ivon_core.noise import _segments
+
+    tensors = [torch.empty(n) for n in (5, 1000, 3, 77)]
+    parts = _segments(tensors, 3)
+    assert sum(s.numel() for part in parts for s in part) == 1085
+    assert max(sum(s.numel() for s in part) for part in parts) <= 362
+
+    def draw(seed):
+        torch.manual_seed(0)
+        lin = nn.Linear(300, 300)
+        opt = IVON(lin.parameters(), lr=0.1, ess=1.0, hess_init=1.0, weight_decay=0.0, noise_threads=3)
+        mean = lin.weight.detach().clone()
+        torch.manual_seed(seed)
+        with opt.sampled_params():
+            return lin.weight.detach() - mean
+
+    a, b, c = draw(1), draw(1), draw(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.mean()) == pytest.approx(0.0, abs=0.01) and float(a.std()) == pytest.approx(1.0, rel=0.01)
+    with pytest.raises(ValueError, match="noise_threads"):
+        IVON(nn.Linear(2, 2).parameters(), lr=0.1, ess=1.0, noise_threads=0)
