@@ -47,7 +47,6 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15) -> float:
     conf, pred = probs.double().max(1)
     correct = (pred == targets).double()
     bins = torch.clamp((conf * n_bins).ceil().long() - 1, 0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     return float((conf_sum - acc_sum).abs().sum() / len(targets))

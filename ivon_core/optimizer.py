@@ -177,7 +177,7 @@ class IVON(torch.optim.Optimizer):
                 f"{self.hess_approx!r}"
             )
         super().load_state_dict(state_dict)
-        for group, p in self._trainable():  # torch casts state to the param dtype; keep float32 for bf16/fp16
+        for _, p in self._trainable():  # torch casts state to the param dtype; keep float32 for bf16/fp16
             if self.state.get(p):
                 st = self.state[p]
                 st["momentum"] = st["momentum"].to(p.device, _state_dtype(p))

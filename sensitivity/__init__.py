@@ -1,1 +1,22 @@
-"""sensitivity package."""
+"""Memory-perturbation sensitivities, leave-one-out estimates and variance providers (torch.func)."""
+
+from sensitivity.deviations import (
+    DEFAULT_FORM,
+    FORMS,
+    SensitivityResult,
+    compute_sensitivities,
+    iter_sensitivities,
+)
+from sensitivity.losses import LOSSES, Loss
+from sensitivity.variance import (
+    Covariance,
+    DiagonalCovariance,
+    adamw_variance,
+    ivon_variance,
+    sgd_variance,
+)
+
+__all__ = [
+    "compute_sensitivities", "iter_sensitivities", "SensitivityResult", "FORMS", "DEFAULT_FORM",
+    "Loss", "LOSSES", "Covariance", "DiagonalCovariance", "ivon_variance", "adamw_variance", "sgd_variance",
+]

@@ -19,7 +19,7 @@ def main(out_path: str) -> None:
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(16, 5, generator=g), torch.randint(0, 2, (16,), generator=g)
     report = {}
-    for step in range(3):
+    for _ in range(3):
         with opt.sampled_params(train=True):
             sample = model[0].weight.detach().clone()
             opt.zero_grad()

@@ -1,0 +1,207 @@
+"""Covariances with weight correlations: a dense Σ (small models or a subset of parameters, e.g. a last layer)
+and a Kronecker-factored GGN Laplace (K-FAC) per Linear and Conv2d layer.
+
+Both apply Σ to batches of per-example vectors (``apply``); parameters they do not cover count as fixed (σ² = 0).
+Precision convention: the loss summed over the N training examples plus a Gaussian prior of precision
+``prior_precision`` (for a mean loss with weight decay δ, that is N·δ: see ``prior_from_weight_decay``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from sensitivity.losses import Loss, get_loss
+
+
+def prior_from_weight_decay(weight_decay: float, n_train: int) -> float:
+    """Prior precision N·δ of a mean loss regularized by (δ/2)‖θ‖²."""
+    return float(weight_decay) * int(n_train)
+
+
+def _flat(tangents: dict[str, Tensor], names: list[str], shapes: dict[str, torch.Size]) -> tuple[Tensor, tuple]:
+    lead = tangents[names[0]].shape[: tangents[names[0]].ndim - len(shapes[names[0]])]
+    return torch.cat([tangents[n].reshape(*lead, -1) for n in names], -1), lead
+
+
+class DenseCovariance:
+    """Σ as a dense P×P matrix over the named parameters (in the order given)."""
+
+    def __init__(self, model: nn.Module, sigma: Tensor, params: list[str] | None = None):
+        named = dict(model.named_parameters())
+        self.names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
+        unknown = [n for n in self.names if n not in named]
+        if unknown:
+            raise ValueError(f"DenseCovariance: unknown parameters {unknown}")
+        self.shapes = {n: named[n].shape for n in self.names}
+        size = sum(named[n].numel() for n in self.names)
+        if sigma.shape != (size, size):
+            raise ValueError(f"DenseCovariance: Σ has shape {tuple(sigma.shape)}, the parameters need ({size}, {size})")
+        if not torch.isfinite(sigma).all():
+            raise ValueError("DenseCovariance: Σ has non-finite entries")
+        self.sigma = sigma.detach()
+
+    def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {n: torch.zeros_like(t) for n, t in tangents.items() if n not in self.shapes}
+        flat, lead = _flat(tangents, self.names, self.shapes)
+        res = flat @ self.sigma.to(flat.dtype).to(flat.device)
+        pos = 0
+        for n in self.names:
+            k = self.shapes[n].numel()
+            out[n] = res[..., pos : pos + k].reshape(*lead, *self.shapes[n])
+            pos += k
+        return out
+
+    @classmethod
+    def laplace(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
+                params: list[str] | None = None, chunk_size: int = 256, noise_var: float = 1.0) -> DenseCovariance:
+        """Exact GGN Laplace: Σ = (Σ_i J_iᵀ Λ_i J_i + prior_precision I)^{-1} over ``params`` (default: all)."""
+        from sensitivity.deviations import _iter_chunks, _per_example_jacobians
+
+        lossf = get_loss(loss, noise_var)
+        named = dict(model.named_parameters())
+        names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
+        sub = {n: named[n].detach() for n in names}
+        size = sum(p.numel() for p in sub.values())
+        ref = next(iter(sub.values()))
+        ggn = torch.zeros(size, size, dtype=ref.dtype, device=ref.device)
+        was = model.training
+        model.eval()
+        try:
+            for x, _, _ in _iter_chunks(data, chunk_size, model):
+                with torch.no_grad():
+                    logits, jac = _per_example_jacobians(model, sub, x)
+                j = torch.cat([jac[n].flatten(2) for n in names], 2)  # (B, K, P)
+                lam = lossf.hessian(logits)
+                ggn += torch.einsum("bkp,bkl,blq->pq", j, lam, j)
+        finally:
+            model.train(was)
+        ggn.diagonal().add_(prior_precision)
+        return cls(model, torch.linalg.inv(0.5 * (ggn + ggn.T)), names)
+
+
+class KFACCovariance:
+    """Kronecker-factored GGN Laplace: per layer, precision ≈ A ⊗ G + prior_precision I.
+
+    A = (1/(N T)) Σ_{i,t} a_it a_itᵀ over the layer's inputs (with a 1 for the bias, T spatial positions
+    for convolutions), G = Σ_{i,t} b_it b_itᵀ over the output gradients of Λ_i^{1/2} directions: all K of
+    them (``mc_samples=None``, exact GGN factors) or Monte Carlo Λ_i^{1/2} z, z ~ N(0, I) (one backward).
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[str, dict] = {}  # module name → factors
+
+    @classmethod
+    def fit(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
+            mc_samples: int | None = 1, chunk_size: int = 256, noise_var: float = 1.0,
+            generator: torch.Generator | None = None) -> KFACCovariance:
+        from sensitivity.deviations import _iter_chunks
+
+        if not prior_precision > 0:
+            raise ValueError(f"Invalid prior_precision: {prior_precision!r} (must be > 0)")
+        lossf = get_loss(loss, noise_var)
+        self = cls()
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                and m.weight.requires_grad}
+        acts: dict[str, Tensor] = {}
+        outs: dict[str, Tensor] = {}
+        stats = {n: {"A": None, "G": None, "T": 1} for n in mods}
+
+        def fwd_hook(name):
+            def hook(mod, inp, out):
+                acts[name] = inp[0].detach()
+                outs[name] = out
+            return hook
+
+        handles = [m.register_forward_hook(fwd_hook(n)) for n, m in mods.items()]
+        n_total = 0
+        was = model.training
+        model.eval()
+        try:
+            for x, _, _ in _iter_chunks(data, chunk_size, model):
+                n_total += x.shape[0]
+                with torch.enable_grad():
+                    logits = model(x)
+                    lam = lossf.hessian(logits.detach())
+                    ev, eq = torch.linalg.eigh(lam)
+                    root = eq * ev.clamp_min(0).sqrt()[:, None, :]  # columns r_k: Σ_k r_k r_kᵀ = Λ
+                    if mc_samples is None:
+                        dirs = [root[:, :, k] for k in range(root.shape[2])]
+                    else:
+                        dirs = []
+                        for _ in range(mc_samples):
+                            z = torch.randn(root.shape[0], root.shape[2], 1, dtype=root.dtype, device=root.device,
+                                            generator=generator)
+                            dirs.append((root @ z)[:, :, 0] / mc_samples**0.5)
+                    names = list(mods)
+                    for d_i, d in enumerate(dirs):
+                        grads = torch.autograd.grad(logits, [outs[n] for n in names], d,
+                                                    retain_graph=d_i < len(dirs) - 1)
+                        for n, g in zip(names, grads):
+                            self._accumulate_g(stats[n], mods[n], g)
+                for n in names:
+                    self._accumulate_a(stats[n], mods[n], acts[n])
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was)
+        for n, m in mods.items():
+            st = stats[n]
+            a = st["A"] / max(n_total * st["T"], 1)
+            la, qa = torch.linalg.eigh(0.5 * (a + a.T))
+            lg, qg = torch.linalg.eigh(0.5 * (st["G"] + st["G"].T))
+            self.layers[n] = {"qa": qa, "la": la.clamp_min(0), "qg": qg, "lg": lg.clamp_min(0),
+                              "bias": m.bias is not None and m.bias.requires_grad, "shape": m.weight.shape,
+                              "prior": float(prior_precision)}
+        return self
+
+    @staticmethod
+    def _inputs(mod: nn.Module, a: Tensor) -> Tensor:
+        """Rows a_it (with a trailing 1 when the layer has a bias)."""
+        if isinstance(mod, nn.Conv2d):
+            a = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C·kh·kw, T)
+            a = a.transpose(1, 2).reshape(-1, a.shape[1])
+        else:
+            a = a.reshape(-1, a.shape[-1])
+        if mod.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        return a
+
+    def _accumulate_a(self, st: dict, mod: nn.Module, a: Tensor) -> None:
+        rows = self._inputs(mod, a)
+        if isinstance(mod, nn.Conv2d):
+            st["T"] = rows.shape[0] // a.shape[0]
+        aa = rows.T @ rows
+        st["A"] = aa if st["A"] is None else st["A"] + aa
+
+    @staticmethod
+    def _accumulate_g(st: dict, mod: nn.Module, g: Tensor) -> None:
+        rows = g.transpose(1, -1).reshape(-1, g.shape[1]) if isinstance(mod, nn.Conv2d) else g.reshape(-1, g.shape[-1])
+        gg = rows.T @ rows
+        st["G"] = gg if st["G"] is None else st["G"] + gg
+
+    def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for name, t in tangents.items():
+            mod_name, _, kind = name.rpartition(".")
+            if mod_name not in self.layers or kind not in ("weight", "bias"):
+                out[name] = torch.zeros_like(t)
+        for mod_name, f in self.layers.items():
+            wname, bname = f"{mod_name}.weight", f"{mod_name}.bias"
+            if wname not in tangents:
+                continue
+            w = tangents[wname]
+            lead = w.shape[: w.ndim - len(f["shape"])]
+            m = w.reshape(*lead, f["shape"][0], -1)
+            if f["bias"]:
+                m = torch.cat([m, tangents[bname][..., None]], -1)
+            qa, qg = f["qa"].to(m.dtype), f["qg"].to(m.dtype)
+            inner = qg.T @ m @ qa
+            inner = inner / (f["lg"].to(m.dtype)[:, None] * f["la"].to(m.dtype)[None, :] + f["prior"])
+            res = qg @ inner @ qa.T
+            if f["bias"]:
+                out[bname] = res[..., -1]
+                res = res[..., :-1]
+            out[wname] = res.reshape(w.shape)
+        return out

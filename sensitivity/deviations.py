@@ -1,0 +1,253 @@
+"""Memory-perturbation sensitivities and the leave-one-out estimate (Nickl et al. 2023; shared/DESIGN.md §3).
+
+For example i with outputs f_i at the mean, residual e_i = ∂ℓ/∂f and Λ_i = ∂²ℓ/∂f²:
+  first_order  Δ_i = V_i e_i = J_i Σ ∇_θ ℓ_i            (one per-example VJP and one JVP; J_i never formed)
+  corrected    Δ_i = V_i (I − Λ_i V_i)^{-1} e_i        (V_i = J_i Σ J_iᵀ from K VJPs, K×K per example)
+  diagonal     Δ_i = diag(V_i) ⊙ e_i                    (the MPE authors' form)
+LOO estimate = (1/N) Σ_i ℓ(y_i, f_i + Δ_i); sensitivity score ‖Δ_i‖_1 (diagonal: Σ_k |e_ik p_ik(1−p_ik) v_ikk|).
+
+The correction is guarded: with W = Λ^{1/2} V Λ^{1/2} = Q D Qᵀ,
+  (I − ΛV)^{-1} e = e + Λ^{1/2} Q (I − D)^{-1} Qᵀ Λ^{1/2} V e,
+and eigenvalues d are capped at 1 − 1/max_amplification, so no direction is amplified more than that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+from sensitivity.losses import Loss, get_loss
+from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
+
+FORMS = ("corrected", "first_order", "diagonal")
+DEFAULT_FORM = "corrected"
+# Elements of per-example Jacobians (B·K·P) held at once by the corrected and diagonal forms.
+JACOBIAN_BUDGET = 2**25
+
+
+@dataclass
+class SensitivityResult:
+    """Per-example tensors (row i is the data source's example ``indices[i]``) and the LOO estimate."""
+
+    indices: Tensor  # (N,) stable example index
+    targets: Tensor  # (N,) or (N, K)
+    logits: Tensor  # (N, K) f_i at the mean
+    residuals: Tensor  # (N, K) e_i
+    deviations: Tensor  # (N, K) Δ_i
+    scores: Tensor  # (N,) sensitivity score
+    losses: Tensor  # (N,) ℓ(y_i, f_i)
+    loo_losses: Tensor  # (N,) ℓ(y_i, f_i + Δ_i)
+    guarded: Tensor  # (N,) bool: the correction's amplification was capped for this example
+    form: str
+    loo_probs: Tensor | None = None  # (N,) out-of-sample probability of the given label, softmax(f_i + Δ_i)_y
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def loo(self) -> float:
+        """The LOO estimate of the generalization loss, mean_i ℓ(y_i, f_i + Δ_i) (nan when empty)."""
+        return float(self.loo_losses.double().mean()) if len(self.loo_losses) else float("nan")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def top_k(self, k: int) -> Tensor:
+        """Example indices of the k most sensitive examples, most sensitive first."""
+        order = torch.argsort(self.scores, descending=True, stable=True)[:k]
+        return self.indices[order]
+
+    def bottom_k(self, k: int) -> Tensor:
+        """Example indices of the k least sensitive examples, least sensitive first."""
+        order = torch.argsort(self.scores, stable=True)[:k]
+        return self.indices[order]
+
+
+# ------------------------------------------------------------------------------------------- data
+def _iter_chunks(data, chunk_size: int, model: nn.Module) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(inputs, targets, indices) chunks of at most ``chunk_size`` examples from tensors or a loader.
+
+    A loader may yield (inputs, targets) or (inputs, targets, indices); otherwise indices count from 0.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be >= 1)")
+    device = next(model.parameters()).device
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], Tensor):
+        batches: object = [tuple(data)]
+    else:
+        batches = data
+    offset = 0
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs have {x.shape[0]} examples but targets {y.shape[0]} (from example {offset})")
+        idx = batch[2] if len(batch) > 2 else torch.arange(offset, offset + x.shape[0])
+        offset += x.shape[0]
+        for s in range(0, x.shape[0], chunk_size):
+            yield x[s : s + chunk_size].to(device), y[s : s + chunk_size].to(device), idx[s : s + chunk_size]
+
+
+def _functional(model: nn.Module, params: dict[str, Tensor]):
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    buffers = {**dict(model.named_buffers()), **frozen}
+
+    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return out.reshape(-1)
+
+    return f
+
+
+def _per_example_jacobians(model: nn.Module, params: dict[str, Tensor], x: Tensor):
+    """Outputs (B, K) and J_iᵀ as a dict name → (B, K, *shape), by K VJPs per example."""
+    f = _functional(model, params)
+
+    def one(xi: Tensor):
+        out, pull = vjp(lambda p: f(p, xi), params)
+        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+        (jac,) = vmap(pull)(eye)
+        return out, jac
+
+    return vmap(one)(x)
+
+
+# ------------------------------------------------------------------------------------------- core
+def _first_order(f, params, cov: Covariance, lossf: Loss, x: Tensor, y: Tensor, offset: int):
+    def fwd_bwd(xi, yi):
+        out, pull = vjp(lambda p: f(p, xi), params)
+        e = lossf.residual(out[None], yi[None])[0]
+        (g,) = pull(e)  # ∇_θ ℓ_i = J_iᵀ e_i
+        return out, e, g
+
+    logits = vmap(lambda xi: f(params, xi))(x)
+    lossf.check_targets(logits, y, offset)
+    _, e, g = vmap(fwd_bwd)(x, y)
+    t = cov.apply(g)
+    _, dev = vmap(lambda xi, ti: jvp(lambda p: f(p, xi), (params,), (ti,)))(x, t)
+    return logits, e, dev, torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+
+def prediction_variance(cov: Covariance, jac: dict[str, Tensor]) -> Tensor:
+    """V_i = J_i Σ J_iᵀ (B, K, K) from J_iᵀ columns (B, K, *shape)."""
+    sj = cov.apply(jac)
+    v = None
+    for n, j in jac.items():
+        term = torch.einsum("bkp,blp->bkl", j.flatten(2), sj[n].flatten(2))
+        v = term if v is None else v + term
+    return 0.5 * (v + v.transpose(1, 2))
+
+
+def corrected_deviation(v: Tensor, lam: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
+    """Δ = V (I − ΛV)^{-1} e with the guard on the eigenvalues of Λ^{1/2} V Λ^{1/2}; returns (Δ, guarded)."""
+    le, lq = torch.linalg.eigh(lam)
+    root = (lq * le.clamp_min(0).sqrt()[:, None, :]) @ lq.transpose(1, 2)  # Λ^{1/2}
+    w = root @ v @ root
+    d, q = torch.linalg.eigh(0.5 * (w + w.transpose(1, 2)))
+    cap = 1.0 - 1.0 / max_amplification
+    guarded = (d > cap).any(1)
+    z = root @ (v @ e[:, :, None])
+    inv = 1.0 / (1.0 - d.clamp(max=cap))
+    u = e[:, :, None] + root @ (q @ (inv[:, :, None] * (q.transpose(1, 2) @ z)))
+    return (v @ u)[:, :, 0], guarded
+
+
+def _with_jacobians(f, model, params, cov, lossf, x, y, offset, form, max_amplification):
+    logits, jac = _per_example_jacobians(model, params, x)
+    lossf.check_targets(logits, y, offset)
+    e = lossf.residual(logits, y)
+    v = prediction_variance(cov, jac)
+    if form == "diagonal":
+        return logits, e, torch.diagonal(v, dim1=1, dim2=2) * e, torch.zeros(len(x), dtype=torch.bool), v
+    dev, guarded = corrected_deviation(v, lossf.hessian(logits), e, max_amplification)
+    return logits, e, dev, guarded, v
+
+
+def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cross_entropy", *,
+                       form: str = DEFAULT_FORM, chunk_size: int = 256, noise_var: float = 1.0,
+                       max_amplification: float = 10.0) -> Iterator[SensitivityResult]:
+    """Stream ``SensitivityResult`` chunks over the data source: memory bounded by ``chunk_size``, not by N."""
+    if form not in FORMS:
+        raise ValueError(f"Invalid form: {form!r} (must be one of {FORMS})")
+    if not max_amplification > 1.0:
+        raise ValueError(f"Invalid max_amplification: {max_amplification!r} (must be > 1)")
+    lossf = get_loss(loss, noise_var)
+    cov = as_covariance(model, variance)
+    if isinstance(cov, DiagonalCovariance):
+        p0 = next(model.parameters())
+        cov = cov.to(p0.device, p0.dtype)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    f = _functional(model, params)
+    n_out = None
+    was_training = model.training
+    model.eval()  # normalization layers use their running statistics; dropout is off
+    try:
+        for x, y, idx in _iter_chunks(data, chunk_size, model):
+            if form == "first_order":
+                parts = [(x, y, idx)]
+            else:  # bound the B·K·P Jacobian elements
+                if n_out is None:
+                    with torch.no_grad():
+                        n_out = f(params, x[0]).numel()
+                per = max(1, JACOBIAN_BUDGET // max(1, n_out * sum(p.numel() for p in params.values())))
+                parts = [(x[s : s + per], y[s : s + per], idx[s : s + per]) for s in range(0, len(x), per)]
+            for xs, ys, ids in parts:
+                offset = int(ids[0]) if len(ids) else 0
+                with torch.no_grad():
+                    if form == "first_order":
+                        logits, e, dev, guarded = _first_order(f, params, cov, lossf, xs, ys, offset)
+                    else:
+                        logits, e, dev, guarded, v = _with_jacobians(f, model, params, cov, lossf, xs, ys, offset,
+                                                                     form, max_amplification)
+                yield _result(lossf, form, ids, ys, logits, e, dev, guarded, v if form == "diagonal" else None)
+    finally:
+        model.train(was_training)
+
+
+def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v) -> SensitivityResult:
+    loo_logits = logits + dev
+    if form == "diagonal":
+        p = lossf.probs(logits)
+        lam = p * (1 - p) if lossf.name == "cross_entropy" else torch.ones_like(e)
+        if lossf.name == "binary_logistic":
+            lam = p[:, 1:] * (1 - p[:, 1:])
+        scores = (e * lam * torch.diagonal(v, dim1=1, dim2=2)).abs().sum(1)
+    else:
+        scores = dev.abs().sum(1)
+    loo_losses = lossf.value(loo_logits, y)
+    loo_probs = None
+    if lossf.name in ("cross_entropy", "binary_logistic"):
+        loo_probs = torch.exp(-loo_losses)
+    return SensitivityResult(
+        indices=ids.cpu(), targets=y.cpu(), logits=logits.cpu(), residuals=e.cpu(), deviations=dev.cpu(),
+        scores=scores.cpu(), losses=lossf.value(logits, y).cpu(), loo_losses=loo_losses.cpu(),
+        guarded=guarded.cpu(), form=form, loo_probs=None if loo_probs is None else loo_probs.cpu(),
+    )
+
+
+def concat_results(parts: list[SensitivityResult], form: str) -> SensitivityResult:
+    """One result from streamed chunks."""
+    if not parts:
+        empty = torch.empty(0)
+        return SensitivityResult(torch.empty(0, dtype=torch.long), empty, torch.empty(0, 0), torch.empty(0, 0),
+                                 torch.empty(0, 0), empty, empty, empty, torch.empty(0, dtype=torch.bool), form,
+                                 empty)
+    cat = {name: torch.cat([getattr(p, name) for p in parts]) for name in
+           ("indices", "targets", "logits", "residuals", "deviations", "scores", "losses", "loo_losses", "guarded")}
+    probs = None if parts[0].loo_probs is None else torch.cat([p.loo_probs for p in parts])
+    return SensitivityResult(**cat, form=form, loo_probs=probs)
+
+
+def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cross_entropy", *,
+                          form: str = DEFAULT_FORM, chunk_size: int = 256, noise_var: float = 1.0,
+                          max_amplification: float = 10.0) -> SensitivityResult:
+    """Sensitivities, per-example LOO losses and the LOO estimate over a data source, at the model's weights.
+
+    ``data``: (inputs, targets) tensors, or a DataLoader yielding (inputs, targets[, indices]).
+    ``variance``: σ² per parameter (sequence in ``model.parameters()`` order, or mapping by name), or a
+    covariance object (``DiagonalCovariance``, ``DenseCovariance``, ``KFACCovariance``).
+    """
+    parts = list(iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
+                                    noise_var=noise_var, max_amplification=max_amplification))
+    return concat_results(parts, form)

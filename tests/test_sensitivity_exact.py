@@ -1,0 +1,126 @@
+"""Both deviation forms against a naive vmap(jacrev) reference, float64, MLP and CNN; covariances."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from sensitivity import DiagonalCovariance, compute_sensitivities, iter_sensitivities
+from sensitivity.covariance import DenseCovariance, KFACCovariance
+
+
+def _naive(model, x, y, sigma_dense):
+    """V_i = J_i Σ J_iᵀ from materialized Jacobians; Δ in the three forms."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def f(p, xi):
+        return functional_call(model, (p, buffers), (xi[None],))[0]
+
+    jac = vmap(jacrev(f), (None, 0))(params, x)
+    j = torch.cat([jac[n].reshape(len(x), jac[n].shape[1], -1) for n in params], 2)
+    v = j @ sigma_dense @ j.transpose(1, 2)
+    logits = vmap(f, (None, 0))(params, x)
+    p = logits.softmax(-1)
+    e = p - nn.functional.one_hot(y, p.shape[1])
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    eye = torch.eye(p.shape[1], dtype=v.dtype)
+    return {
+        "first_order": (v @ e[:, :, None])[:, :, 0],
+        "corrected": (v @ torch.linalg.solve(eye - lam @ v, e[:, :, None]))[:, :, 0],
+        "diagonal": torch.diagonal(v, dim1=1, dim2=2) * e,
+    }
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).double()
+
+
+@pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "diagonal"])
+def test_forms_match_naive_jacobian_reference_in_float64(make, shape, form):
+    model = make()
+    x = torch.randn(25, *shape, dtype=torch.float64)
+    y = torch.randint(0, 4, (25,))
+    var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
+    ref = _naive(model, x, y, torch.diag(torch.cat([v.flatten() for v in var])))[form]
+    res = compute_sensitivities(model, (x, y), var, form=form, chunk_size=6, max_amplification=1e15)
+    assert (res.deviations - ref).abs().max() <= 1e-10
+    assert torch.equal(res.indices, torch.arange(25))
+
+
+def test_dense_covariance_matches_naive_with_correlations():
+    model = _mlp()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 4, (20,))
+    p = sum(q.numel() for q in model.parameters())
+    a = torch.randn(p, p, dtype=torch.float64) * 0.02
+    sigma = a @ a.T + 0.01 * torch.eye(p, dtype=torch.float64)
+    ref = _naive(model, x, y, sigma)
+    for form in ("first_order", "corrected"):
+        res = compute_sensitivities(model, (x, y), DenseCovariance(model, sigma), form=form, max_amplification=1e15)
+        assert (res.deviations - ref[form]).abs().max() <= 1e-10
+
+
+def test_kfac_with_exact_factors_is_exact_for_one_example():
+    """With one example, A ⊗ G = a aᵀ ⊗ Σ_k b_k b_kᵀ is the exact GGN, for Linear and Conv2d layers."""
+    for model, x in [(nn.Sequential(nn.Linear(4, 3)).double(), torch.randn(1, 4, dtype=torch.float64)),
+                     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).double(),
+                      torch.randn(1, 2, 3, 3, dtype=torch.float64))]:
+        y = torch.tensor([1])
+        kfac = KFACCovariance.fit(model, (x, y), prior_precision=0.7, mc_samples=None)
+        dense = DenseCovariance.laplace(model, (x, y), prior_precision=0.7)
+        t = {n: torch.randn(5, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+        a, b = kfac.apply(t), dense.apply(t)
+        for n in t:
+            assert torch.allclose(a[n], b[n], atol=1e-10), n
+
+
+def test_kfac_monte_carlo_factors_approach_exact_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    x, y = torch.randn(400, 6, dtype=torch.float64), torch.randint(0, 3, (400,))
+    exact = KFACCovariance.fit(model, (x, y), prior_precision=1.0, mc_samples=None)
+    mc = KFACCovariance.fit(model, (x, y), prior_precision=1.0, mc_samples=20)
+    g_exact, g_mc = exact.layers["2"]["lg"], mc.layers["2"]["lg"]
+    assert torch.allclose(g_mc, g_exact, rtol=0.15)
+
+
+def test_streaming_matches_one_pass_and_bad_chunk_size():
+    model = _mlp()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 4, (30,))
+    var = DiagonalCovariance({n: torch.full_like(p, 0.1) for n, p in model.named_parameters()})
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, torch.arange(100, 130)), batch_size=8)
+    parts = list(iter_sensitivities(model, loader, var, chunk_size=3))
+    assert len(parts) == 11  # loader batches 8, 8, 8, 6 in chunks of 3
+    whole = compute_sensitivities(model, (x, y), var)
+    streamed = torch.cat([p.deviations for p in parts])
+    assert torch.allclose(streamed, whole.deviations, atol=1e-12)
+    assert torch.equal(torch.cat([p.indices for p in parts]), torch.arange(100, 130))
+    with pytest.raises(ValueError, match="chunk_size"):
+        compute_sensitivities(model, (x, y), var, chunk_size=0)
+
+
+def test_guard_flags_exactly_the_examples_whose_spectrum_reaches_the_cap():
+    model = _mlp()
+    x, y = torch.randn(40, 5, dtype=torch.float64) * 3, torch.randint(0, 4, (40,))
+    # eigenvalues of Λ_i V_i (σ² = 1) from materialized Jacobians; they scale linearly with σ²
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    j = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi[None],))[0]), (None, 0))(params, x)
+    j = torch.cat([j[n].reshape(40, 4, -1) for n in params], 2)
+    prob = model(x).detach().softmax(-1)
+    lam = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    top = torch.linalg.eigvals(lam @ j @ j.transpose(1, 2)).real.max(1).values
+    scale = 0.9 / float(top.median())  # half of the examples reach the cap of 1 − 1/10
+    var = [torch.full_like(p, scale) for p in model.parameters()]
+    res = compute_sensitivities(model, (x, y), var, form="corrected", max_amplification=10.0)
+    assert res.guarded.any() and not res.guarded.all()
+    assert torch.equal(res.guarded, top * scale > 0.9)
+    assert torch.isfinite(res.deviations).all()
+    exact = compute_sensitivities(model, (x, y), var, form="corrected", max_amplification=1e15)
+    ok = ~res.guarded
+    assert torch.allclose(res.deviations[ok], exact.deviations[ok], atol=1e-10)
