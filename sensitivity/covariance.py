@@ -51,7 +51,7 @@ class DenseCovariance:
             k = self.shapes[n].numel()
             out[n] = res[..., pos : pos + k].reshape(*lead, *self.shapes[n])
             pos += k
-        return out
+        return {n: out[n] for n in tangents}
 
     @classmethod
     def laplace(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
@@ -188,7 +188,8 @@ class KFACCovariance:
             if mod_name not in self.layers or kind not in ("weight", "bias"):
                 out[name] = torch.zeros_like(t)
         for mod_name, f in self.layers.items():
-            wname, bname = f"{mod_name}.weight", f"{mod_name}.bias"
+            prefix = f"{mod_name}." if mod_name else ""
+            wname, bname = prefix + "weight", prefix + "bias"
             if wname not in tangents:
                 continue
             w = tangents[wname]
@@ -204,4 +205,4 @@ class KFACCovariance:
                 out[bname] = res[..., -1]
                 res = res[..., :-1]
             out[wname] = res.reshape(w.shape)
-        return out
+        return {n: out[n] for n in tangents}

@@ -124,7 +124,8 @@ def _first_order(f, params, cov: Covariance, lossf: Loss, x: Tensor, y: Tensor, 
     logits = vmap(lambda xi: f(params, xi))(x)
     lossf.check_targets(logits, y, offset)
     _, e, g = vmap(fwd_bwd)(x, y)
-    t = cov.apply(g)
+    applied = cov.apply(g)
+    t = {n: applied[n] for n in params}  # jvp needs the primals' key order
     _, dev = vmap(lambda xi, ti: jvp(lambda p: f(p, xi), (params,), (ti,)))(x, t)
     return logits, e, dev, torch.zeros(len(x), dtype=torch.bool, device=x.device)
 
