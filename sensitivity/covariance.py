@@ -123,9 +123,7 @@ class KFACCovariance:
                 n_total += x.shape[0]
                 with torch.enable_grad():
                     logits = model(x)
-                    lam = lossf.hessian(logits.detach())
-                    ev, eq = torch.linalg.eigh(lam)
-                    root = eq * ev.clamp_min(0).sqrt()[:, None, :]  # columns r_k: Σ_k r_k r_kᵀ = Λ
+                    root = lossf.hessian_factor(logits.detach())  # columns r_k: Σ_k r_k r_kᵀ = Λ
                     if mc_samples is None:
                         dirs = [root[:, :, k] for k in range(root.shape[2])]
                     else:

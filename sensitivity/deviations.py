@@ -6,8 +6,8 @@ For example i with outputs f_i at the mean, residual e_i = ∂ℓ/∂f and Λ_i 
   diagonal     Δ_i = diag(V_i) ⊙ e_i                    (the MPE authors' form)
 LOO estimate = (1/N) Σ_i ℓ(y_i, f_i + Δ_i); sensitivity score ‖Δ_i‖_1 (diagonal: Σ_k |e_ik p_ik(1−p_ik) v_ikk|).
 
-The correction is guarded: with W = Λ^{1/2} V Λ^{1/2} = Q D Qᵀ,
-  (I − ΛV)^{-1} e = e + Λ^{1/2} Q (I − D)^{-1} Qᵀ Λ^{1/2} V e,
+The correction is guarded: with Λ = L Lᵀ and W = Lᵀ V L = Q D Qᵀ,
+  (I − ΛV)^{-1} e = e + L Q (I − D)^{-1} Qᵀ Lᵀ V e,
 and eigenvalues d are capped at 1 − 1/max_amplification, so no direction is amplified more than that.
 """
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from sensitivity import linear_fast as fast_linear
 from sensitivity.losses import Loss, get_loss
 from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
 
@@ -114,20 +115,18 @@ def _per_example_jacobians(model: nn.Module, params: dict[str, Tensor], x: Tenso
 
 
 # ------------------------------------------------------------------------------------------- core
-def _first_order(f, params, cov: Covariance, lossf: Loss, x: Tensor, y: Tensor, offset: int):
-    def fwd_bwd(xi, yi):
-        out, pull = vjp(lambda p: f(p, xi), params)
-        e = lossf.residual(out[None], yi[None])[0]
-        (g,) = pull(e)  # ∇_θ ℓ_i = J_iᵀ e_i
-        return out, e, g
+def _generic_first_order(f, params, cov: Covariance, x: Tensor, e: Tensor) -> Tensor:
+    """J_i Σ J_iᵀ e_i over ``params`` by one per-example VJP and one JVP."""
 
-    logits = vmap(lambda xi: f(params, xi))(x)
-    lossf.check_targets(logits, y, offset)
-    _, e, g = vmap(fwd_bwd)(x, y)
+    def pull(xi, ei):
+        _, back = vjp(lambda p: f(p, xi), params)
+        return back(ei)[0]
+
+    g = vmap(pull)(x, e)
     applied = cov.apply(g)
     t = {n: applied[n] for n in params}  # jvp needs the primals' key order
     _, dev = vmap(lambda xi, ti: jvp(lambda p: f(p, xi), (params,), (ti,)))(x, t)
-    return logits, e, dev, torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    return dev
 
 
 def prediction_variance(cov: Covariance, jac: dict[str, Tensor]) -> Tensor:
@@ -140,35 +139,85 @@ def prediction_variance(cov: Covariance, jac: dict[str, Tensor]) -> Tensor:
     return 0.5 * (v + v.transpose(1, 2))
 
 
-def corrected_deviation(v: Tensor, lam: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
-    """Δ = V (I − ΛV)^{-1} e with the guard on the eigenvalues of Λ^{1/2} V Λ^{1/2}; returns (Δ, guarded)."""
-    le, lq = torch.linalg.eigh(lam)
-    root = (lq * le.clamp_min(0).sqrt()[:, None, :]) @ lq.transpose(1, 2)  # Λ^{1/2}
-    w = root @ v @ root
+def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
+    """Δ = V (I − ΛV)^{-1} e for Λ = L Lᵀ (``factor`` = L), guarded; returns (Δ, guarded).
+
+    (I − ΛV)^{-1} = I + L (I − W)^{-1} Lᵀ V with W = Lᵀ V L = Q D Qᵀ; eigenvalues of W (those of ΛV) are capped
+    at 1 − 1/max_amplification.
+    """
+    w = factor.transpose(1, 2) @ v @ factor
     d, q = torch.linalg.eigh(0.5 * (w + w.transpose(1, 2)))
     cap = 1.0 - 1.0 / max_amplification
     guarded = (d > cap).any(1)
-    z = root @ (v @ e[:, :, None])
+    z = factor.transpose(1, 2) @ (v @ e[:, :, None])
     inv = 1.0 / (1.0 - d.clamp(max=cap))
-    u = e[:, :, None] + root @ (q @ (inv[:, :, None] * (q.transpose(1, 2) @ z)))
+    u = e[:, :, None] + factor @ (q @ (inv[:, :, None] * (q.transpose(1, 2) @ z)))
     return (v @ u)[:, :, 0], guarded
 
 
-def _with_jacobians(f, model, params, cov, lossf, x, y, offset, form, max_amplification):
-    logits, jac = _per_example_jacobians(model, params, x)
-    lossf.check_targets(logits, y, offset)
-    e = lossf.residual(logits, y)
-    v = prediction_variance(cov, jac)
+class _Plan:
+    """How a chunk is computed: Linear blocks by the rank-one route, the remaining parameters generically."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor], cov: Covariance, fast: bool):
+        self.model, self.cov = model, cov
+        self.blocks = fast_linear.eligible_blocks(model, cov, params) if fast else []
+        covered = {n for b in self.blocks for n in b.params()}
+        self.rest = {n: p for n, p in params.items() if n not in covered}
+        self.f_all = _functional(model, params)
+        self.f_rest = _functional(model, self.rest) if self.rest else None
+
+    def drop_fast(self, params: dict[str, Tensor]) -> None:
+        self.blocks, self.rest, self.f_rest = [], dict(params), self.f_all
+
+    def logits(self, x: Tensor):
+        if self.blocks:
+            return fast_linear.forward(self.model, self.blocks, x)
+        return vmap(lambda xi: self.f_all(self.rest, xi))(x), None
+
+    def first_order(self, x, logits, seen, e) -> Tensor:
+        dev = torch.zeros_like(logits)
+        if self.blocks:
+            dev = dev + fast_linear.first_order(self.model, self.blocks, x, logits, seen, e)
+        if self.rest:
+            dev = dev + _generic_first_order(self.f_rest, self.rest, self.cov, x, e)
+        return dev
+
+    def variance(self, x, logits, seen) -> Tensor:
+        v = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[1], dtype=logits.dtype, device=logits.device)
+        if self.blocks:
+            v = v + fast_linear.prediction_variance(self.blocks, logits, seen)
+        if self.rest:
+            _, jac = _per_example_jacobians(self.model, self.rest, x)
+            v = v + prediction_variance(self.cov, jac)
+        return 0.5 * (v + v.transpose(1, 2))
+
+    def rows_per_part(self, n_out: int) -> int:
+        size = sum(p.numel() for p in self.rest.values())
+        return max(1, JACOBIAN_BUDGET // max(1, n_out * size))
+
+
+def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
+    logits, seen = plan.logits(x)
+    lossf.check_targets(logits.detach(), y, offset)
+    logits_d = logits.detach()
+    e = lossf.residual(logits_d, y)
+    none_guarded = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    if form == "first_order":
+        return logits_d, e, plan.first_order(x, logits, seen, e), none_guarded, None
+    v = plan.variance(x, logits, seen)
     if form == "diagonal":
-        return logits, e, torch.diagonal(v, dim1=1, dim2=2) * e, torch.zeros(len(x), dtype=torch.bool), v
-    dev, guarded = corrected_deviation(v, lossf.hessian(logits), e, max_amplification)
-    return logits, e, dev, guarded, v
+        return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v
+    dev, guarded = corrected_deviation(v, lossf.hessian_factor(logits_d), e, max_amplification)
+    return logits_d, e, dev, guarded, v
 
 
 def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cross_entropy", *,
                        form: str = DEFAULT_FORM, chunk_size: int = 256, noise_var: float = 1.0,
-                       max_amplification: float = 10.0) -> Iterator[SensitivityResult]:
-    """Stream ``SensitivityResult`` chunks over the data source: memory bounded by ``chunk_size``, not by N."""
+                       max_amplification: float = 10.0, fast: bool = True) -> Iterator[SensitivityResult]:
+    """Stream ``SensitivityResult`` chunks over the data source: memory bounded by ``chunk_size``, not by N.
+
+    ``fast`` computes Linear layers by the rank-one route (``sensitivity.linear_fast``); results are identical.
+    """
     if form not in FORMS:
         raise ValueError(f"Invalid form: {form!r} (must be one of {FORMS})")
     if not max_amplification > 1.0:
@@ -179,34 +228,31 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
         p0 = next(model.parameters())
         cov = cov.to(p0.device, p0.dtype)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    f = _functional(model, params)
+    plan = _Plan(model, params, cov, fast)
     n_out = None
     was_training = model.training
     model.eval()  # normalization layers use their running statistics; dropout is off
     try:
         for x, y, idx in _iter_chunks(data, chunk_size, model):
-            if form == "first_order":
-                parts = [(x, y, idx)]
-            else:  # bound the B·K·P Jacobian elements
-                if n_out is None:
-                    with torch.no_grad():
-                        n_out = f(params, x[0]).numel()
-                per = max(1, JACOBIAN_BUDGET // max(1, n_out * sum(p.numel() for p in params.values())))
-                parts = [(x[s : s + per], y[s : s + per], idx[s : s + per]) for s in range(0, len(x), per)]
-            for xs, ys, ids in parts:
-                offset = int(ids[0]) if len(ids) else 0
+            if n_out is None and form != "first_order" and plan.rest:
                 with torch.no_grad():
-                    if form == "first_order":
-                        logits, e, dev, guarded = _first_order(f, params, cov, lossf, xs, ys, offset)
-                    else:
-                        logits, e, dev, guarded, v = _with_jacobians(f, model, params, cov, lossf, xs, ys, offset,
-                                                                     form, max_amplification)
-                yield _result(lossf, form, ids, ys, logits, e, dev, guarded, v if form == "diagonal" else None)
+                    n_out = plan.f_all(params, x[0]).numel()
+            per = len(x) if form == "first_order" or not plan.rest else plan.rows_per_part(n_out)
+            for s in range(0, len(x), per):
+                xs, ys, ids = x[s : s + per], y[s : s + per], idx[s : s + per]
+                offset = int(ids[0]) if len(ids) else 0
+                try:
+                    out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
+                except fast_linear.Reused:
+                    plan.drop_fast(params)
+                    out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
+                yield _result(lossf, form, ids, ys, *out)
     finally:
         model.train(was_training)
 
 
 def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v) -> SensitivityResult:
+    logits, dev = logits.detach(), dev.detach()
     loo_logits = logits + dev
     if form == "diagonal":
         p = lossf.probs(logits)
@@ -242,7 +288,7 @@ def concat_results(parts: list[SensitivityResult], form: str) -> SensitivityResu
 
 def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cross_entropy", *,
                           form: str = DEFAULT_FORM, chunk_size: int = 256, noise_var: float = 1.0,
-                          max_amplification: float = 10.0) -> SensitivityResult:
+                          max_amplification: float = 10.0, fast: bool = True) -> SensitivityResult:
     """Sensitivities, per-example LOO losses and the LOO estimate over a data source, at the model's weights.
 
     ``data``: (inputs, targets) tensors, or a DataLoader yielding (inputs, targets[, indices]).
@@ -250,5 +296,5 @@ def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "
     covariance object (``DiagonalCovariance``, ``DenseCovariance``, ``KFACCovariance``).
     """
     parts = list(iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
-                                    noise_var=noise_var, max_amplification=max_amplification))
+                                    noise_var=noise_var, max_amplification=max_amplification, fast=fast))
     return concat_results(parts, form)

@@ -77,6 +77,19 @@ class Loss:
         eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
         return eye.expand(logits.shape[0], -1, -1) / self.noise_var
 
+    def hessian_factor(self, logits: Tensor) -> Tensor:
+        """L_i with L_i L_iᵀ = Λ_i (N, K, K), in closed form: D^{1/2}(I − √p √pᵀ) for softmax, D = diag(p)."""
+        if self.name == "cross_entropy":
+            p = torch.softmax(logits, -1)
+            r = p.sqrt()
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            return r[:, :, None] * (eye - r[:, :, None] * r[:, None, :])
+        if self.name == "binary_logistic":
+            p = torch.sigmoid(logits)
+            return (p * (1 - p)).sqrt()[:, :, None]
+        eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
+        return eye.expand(logits.shape[0], -1, -1) / self.noise_var**0.5
+
     def probs(self, logits: Tensor) -> Tensor | None:
         """Predictive probabilities for classification losses (N, K'), None for regression."""
         if self.name == "cross_entropy":

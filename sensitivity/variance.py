@@ -132,12 +132,10 @@ def sgd_variance(model: nn.Module, data, loss: str = "cross_entropy", prior_prec
     try:
         for x, _, _ in _iter_chunks(data, chunk_size, model):
             logits, jac = _per_example_jacobians(model, params, x)  # jac[name]: (B, K, *shape) = J_iᵀ columns
-            lam = lossf.hessian(logits)
-            evals, evecs = torch.linalg.eigh(lam)
-            root = evecs * evals.clamp_min(0).sqrt()[:, None, :]  # Λ^{1/2} = Q D^{1/2} (columns)
+            root = lossf.hessian_factor(logits)  # L Lᵀ = Λ
             for n, j in jac.items():
                 jf = j.reshape(j.shape[0], j.shape[1], -1)  # (B, K, P)
-                proj = torch.einsum("bkp,bkr->brp", jf, root)  # (Λ^{1/2})ᵀ J
+                proj = torch.einsum("bkp,bkr->brp", jf, root)  # Lᵀ J
                 diag[n] += proj.square().sum((0, 1)).view_as(diag[n])
     finally:
         model.train(was_training)
