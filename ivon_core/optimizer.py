@@ -26,6 +26,14 @@ HESS_APPROX = ("price", "gradsq")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def matched_beta2(total_steps: int, c: float = 1.0) -> float:
+    """β2 = 1 − c / total_steps, so that h is learned within the run (docs/validation.md: with the default
+    β2 = 0.99999 and a few thousand steps h stays at hess_init and the LOO estimate sits near the training loss)."""
+    if total_steps < 1:
+        raise ValueError(f"Invalid total_steps: {total_steps!r} (must be >= 1)")
+    return min(0.99999, max(0.0, 1.0 - c / total_steps))
+
+
 def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 

@@ -6,6 +6,7 @@ from sensitivity.deviations import (
     SensitivityResult,
     compute_sensitivities,
     iter_sensitivities,
+    resolve_form,
 )
 from sensitivity.losses import LOSSES, Loss
 from sensitivity.variance import (
@@ -17,6 +18,6 @@ from sensitivity.variance import (
 )
 
 __all__ = [
-    "compute_sensitivities", "iter_sensitivities", "SensitivityResult", "FORMS", "DEFAULT_FORM",
+    "compute_sensitivities", "iter_sensitivities", "SensitivityResult", "FORMS", "DEFAULT_FORM", "resolve_form",
     "Loss", "LOSSES", "Covariance", "DiagonalCovariance", "ivon_variance", "adamw_variance", "sgd_variance",
 ]

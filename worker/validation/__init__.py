@@ -1,0 +1,1 @@
+"""Validation of the LOO estimate and the sensitivities against retraining (`ivon-diag validate`)."""

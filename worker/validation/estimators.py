@@ -1,0 +1,78 @@
+"""The LOO estimators compared by the validation: which variance, at which point, in which form."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from sensitivity import SensitivityResult, adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
+from sensitivity.covariance import DenseCovariance, KFACCovariance, prior_from_weight_decay
+from sensitivity.retrain import fit_map
+from worker.validation.setups import Split
+
+# name → (what it is, which optimizer's run it reads)
+ESTIMATORS = {
+    "ivon": ("IVON σ² as trained (β2 = 0.99999)", "ivon"),
+    "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h learned)", "ivon_b2"),
+    "kfac": ("K-FAC GGN Laplace refreshed at the IVON mean", "ivon"),
+    "kfac_map": ("K-FAC GGN Laplace at a refined MAP (L-BFGS from the IVON mean)", "ivon"),
+    "dense_map": ("full GGN Laplace at a refined MAP (reference, small models only)", "ivon"),
+    "adamw": ("AdamW heuristic 1/(N√v + δ)", "adamw"),
+    "sgd": ("SGD + diagonal GGN Laplace", "sgd"),
+}
+
+
+def refine(model: nn.Module, split: Split, weight_decay: float, iters: int) -> nn.Module:
+    """A copy of the model moved to (near) the MAP of the summed loss with prior precision N·δ."""
+    refined = copy.deepcopy(model)
+    fit_map(refined, split.xtr, split.ytr, prior_precision=prior_from_weight_decay(weight_decay, split.n),
+            max_iter=iters)
+    return refined
+
+
+def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay: float, refine_iters: int = 100):
+    """The variance (or covariance) of an estimator and the model it applies at; returns (var, at, seconds)."""
+    t = time.perf_counter()
+    data = (split.xtr, split.ytr)
+    prior = prior_from_weight_decay(weight_decay, split.n)
+    at = model
+    if name in ("ivon", "ivon_b2"):
+        var = ivon_variance(opt, model)
+    elif name == "adamw":
+        var = adamw_variance(opt, split.n, model, weight_decay=weight_decay)
+    elif name == "sgd":
+        var = sgd_variance(model, data, prior_precision=prior)
+    elif name == "kfac":
+        var = KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None)
+    elif name in ("kfac_map", "dense_map"):
+        at = refine(model, split, weight_decay, refine_iters)
+        if name == "kfac_map":
+            var = KFACCovariance.fit(at, data, prior_precision=prior, mc_samples=None)
+        else:
+            var = DenseCovariance.laplace(at, data, prior_precision=prior)
+    else:
+        raise ValueError(name)
+    return var, at, time.perf_counter() - t
+
+
+def estimate(name: str, model: nn.Module, opt, split: Split, weight_decay: float, forms: tuple[str, ...],
+             refine_iters: int = 100) -> tuple[dict[str, SensitivityResult], dict[str, float], nn.Module]:
+    """Sensitivities over the training set per form, seconds per form (fit included), and the model used."""
+    var, at, fit_s = covariance_for(name, model, opt, split, weight_decay, refine_iters)
+    results, seconds = {}, {}
+    for form in forms:
+        t = time.perf_counter()
+        results[form] = compute_sensitivities(at, (split.xtr, split.ytr), var, form=form)
+        seconds[form] = fit_s + time.perf_counter() - t
+    return results, seconds, at
+
+
+def test_nll(model: nn.Module, split: Split) -> float:
+    with torch.no_grad():
+        model.eval()
+        out = float(nn.functional.cross_entropy(model(split.xte), split.yte))
+        model.train()
+    return out

@@ -1,0 +1,260 @@
+"""The validation experiments. Each returns plain dicts/lists that ``report`` turns into tables and plots."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+from ivon_core import all_metrics, matched_beta2, predict
+from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
+from sensitivity.covariance import DenseCovariance, KFACCovariance, prior_from_weight_decay
+from sensitivity.retrain import fit_map, leave_one_out
+from worker.validation.estimators import estimate, refine, test_nll
+from worker.validation.setups import Split, breast_cancer, digits, flip_labels, make_model, train
+
+FORMS = ("first_order", "corrected")
+
+
+def _sampled_probs(model: nn.Module, x: torch.Tensor, var, samples: int, seed: int) -> torch.Tensor:
+    """MC-averaged softmax with weights drawn from N(θ, σ²) for a per-parameter σ² (AdamW/SGD heuristics)."""
+    g = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    means = [p.detach().clone() for p in params]
+    sig = [var.variances[n].sqrt() for n, _ in model.named_parameters()] if hasattr(var, "variances") else \
+        [v.sqrt() for v in (var.values() if isinstance(var, dict) else var)]
+    out = 0
+    with torch.no_grad():
+        model.eval()
+        for _ in range(samples):
+            for p, m, s in zip(params, means, sig):
+                p.copy_(m + s * torch.randn(m.shape, generator=g, dtype=m.dtype))
+            out = out + model(x).softmax(-1)
+        for p, m in zip(params, means):
+            p.copy_(m)
+    return out / samples
+
+
+def optimizers(seeds=(0, 1, 2), epochs: int = 30, samples: int = 20) -> list[dict]:
+    """E1: IVON vs AdamW vs SGD on digits (MLP, small CNN): metrics at the mean and MC-averaged."""
+    rows = []
+    for kind in ("mlp", "cnn"):
+        split = digits(images=kind == "cnn")
+        for opt_name in ("ivon", "adamw", "sgd"):
+            for seed in seeds:
+                lr = 0.2 if (kind == "cnn" and opt_name == "ivon") else None
+                model, opt, secs = train(kind, opt_name, split, epochs, seed, lr=lr)
+                model.eval()
+                with torch.no_grad():
+                    mean_p = model(split.xte).softmax(-1)
+                if opt_name == "ivon":
+                    mc_p = predict(model, split.xte, opt, mc_samples=samples).mc
+                elif opt_name == "adamw":
+                    mc_p = _sampled_probs(model, split.xte, adamw_variance(opt, split.n, model, 1e-4), samples, seed)
+                else:
+                    prior = prior_from_weight_decay(1e-4, split.n)
+                    var = sgd_variance(model, (split.xtr, split.ytr), prior_precision=prior)
+                    mc_p = _sampled_probs(model, split.xte, var, samples, seed)
+                rows.append({"model": kind, "optimizer": opt_name, "seed": seed, "train_s": secs,
+                             "mean": all_metrics(mean_p, split.yte), "mc": all_metrics(mc_p, split.yte)})
+    return rows
+
+
+def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 300, epochs: int = 150,
+             evals: int = 10, n_truth: int = 30, top_truth: int = 10, seed: int = 0, dataset: str = "digits") -> dict:
+    """E2: LOO estimates against the test NLL over training on an overfitting subset, and against retraining."""
+    split = (digits if dataset == "digits" else breast_cancer)(n_train, seed, torch.float64)
+    batch = 32
+    steps = epochs * ((split.n + batch - 1) // batch)
+    every = max(1, epochs // evals)
+    curves: dict[str, dict] = {}
+    runs = {"ivon": {"opt": "ivon"}, "ivon_b2": {"opt": "ivon", "beta2": matched_beta2(steps)},
+            "adamw": {"opt": "adamw"}, "sgd": {"opt": "sgd"}}
+    needed = {e if e in runs else "ivon" for e in estimators}
+    final: dict[str, tuple] = {}
+    for run_name in sorted(needed):
+        cfg = runs[run_name]
+        users = [e for e in estimators if (e if e in runs else "ivon") == run_name]
+        epoch_s: list[float] = []
+
+        def cb(ep, model, opt, dt, users=users, run_name=run_name, epoch_s=epoch_s):
+            epoch_s.append(dt)
+            if ep % every and ep != epochs:
+                return
+            for est in users:
+                res, secs, at = estimate(est, model, opt, split, weight_decay, FORMS)
+                c = curves.setdefault(est, {"epoch": [], "test_nll": [], "train_nll": [], "seconds": []}
+                                      | {f: [] for f in FORMS})
+                c["epoch"].append(ep)
+                c["test_nll"].append(test_nll(at, split))
+                c["train_nll"].append(float(res[FORMS[0]].losses.mean()))
+                c["seconds"].append(secs[FORMS[-1]] / max(np.mean(epoch_s), 1e-9))
+                for f in FORMS:
+                    c[f].append(res[f].loo)
+                if ep == epochs:
+                    final[est] = (res, at)
+
+        _train_small(cfg, split, epochs, seed, weight_decay, batch, cb)
+    # truth: leave-one-out by retraining at the MAP refined from the final IVON mean
+    ivon_final = final.get("kfac_map") or final.get("ivon") or next(iter(final.values()))
+    base = refine(ivon_final[1], split, weight_decay, 500)
+    g = torch.Generator().manual_seed(seed + 1)
+    rand = torch.randperm(split.n, generator=g)[:n_truth].tolist()
+    ranked = [int(i) for i in ivon_final[0]["corrected"].top_k(top_truth) if int(i) not in rand]
+    pick = rand + ranked
+    t = time.perf_counter()
+    _, true_loss = leave_one_out(base, split.xtr, split.ytr, pick, prior_precision=
+                                 prior_from_weight_decay(weight_decay, split.n))
+    truth_s = time.perf_counter() - t
+    true_rand = float(true_loss[: len(rand)].mean())
+    summary = {}
+    for est, c in curves.items():
+        tn = np.array(c["test_nll"])
+        row = {"test_range": float(tn.max() - tn.min()), "cost": float(np.median(c["seconds"]))}
+        for f in FORMS:
+            loo = np.array(c[f])
+            row[f"spearman_{f}"] = float(spearmanr(loo, tn).statistic) if len(loo) > 2 else float("nan")
+            row[f"gap_{f}"] = float(np.mean(np.abs(loo - tn) / tn))
+            res = final[est][0][f]
+            row[f"ratio_{f}"] = float(res.loo_losses[rand].mean()) / true_rand
+            row[f"rank_{f}"] = float(spearmanr(res.loo_losses[pick].numpy(), true_loss.numpy()).statistic)
+        summary[est] = row
+    return {"dataset": dataset, "weight_decay": weight_decay, "n_train": split.n, "epochs": epochs, "curves": curves,
+            "summary": summary, "true_loo": true_rand, "truth_seconds": truth_s, "n_truth": len(pick)}
+
+
+def _train_small(cfg, split, epochs, seed, weight_decay, batch, cb):
+    """A 64-32-10 MLP in float64 (small enough for the dense Laplace reference)."""
+    from worker.validation import setups
+
+    torch.manual_seed(seed)
+    model = setups.mlp(split.xtr.shape[1], int(split.ytr.max()) + 1, (32,)).double()
+    steps = epochs * ((split.n + batch - 1) // batch)
+    opt = setups.make_optimizer(cfg["opt"], model, split.n, steps, weight_decay, cfg.get("beta2"))
+    gen = torch.Generator().manual_seed(seed)
+    for ep in range(epochs):
+        t = time.perf_counter()
+        setups.train_epoch(model, opt, split, batch, gen)
+        cb(ep + 1, model, opt, time.perf_counter() - t)
+    return model, opt, None
+
+
+def faithfulness(n_examples: int = 30, seed: int = 0) -> list[dict]:
+    """E3: predicted vs true leave-one-out change of logits and loss, at the MAP, per covariance and form."""
+    rows = []
+    for kind, n_train, wd in (("logreg", 1200, 1e-3), ("mlp", 300, 3e-3)):
+        split = digits(n_train, seed, torch.float64)
+        model = make_model(kind, seed, torch.float64, hidden=32)
+        prior = prior_from_weight_decay(wd, split.n)
+        fit_map(model, split.xtr, split.ytr, prior_precision=prior, max_iter=1000)
+        pick = torch.randperm(split.n, generator=torch.Generator().manual_seed(seed))[:n_examples].tolist()
+        t = time.perf_counter()
+        true_df, true_loss = leave_one_out(model, split.xtr, split.ytr, pick, prior_precision=prior)
+        truth_s = time.perf_counter() - t
+        data = (split.xtr, split.ytr)
+        covs = {"dense": DenseCovariance.laplace(model, data, prior_precision=prior),
+                "kfac": KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None),
+                "diag_ggn": sgd_variance(model, data, prior_precision=prior)}
+        for cname, cov in covs.items():
+            for form in ("first_order", "corrected", "diagonal"):
+                res = compute_sensitivities(model, (split.xtr[pick], split.ytr[pick]), cov, form=form)
+                dloss_pred = (res.loo_losses - res.losses).numpy()
+                dloss_true = (true_loss - res.losses).numpy()
+                rows.append({"model": kind, "n": split.n, "covariance": cname, "form": form,
+                             "pearson_logits": float(pearsonr(res.deviations.flatten(), true_df.flatten())[0]),
+                             "pearson_loss": float(pearsonr(dloss_pred, dloss_true)[0]),
+                             "ratio": float(res.loo_losses.mean() / true_loss.mean()), "truth_s": truth_s})
+    return rows
+
+
+def _auroc_prec(flipped: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    k = int(flipped.sum())
+    top = np.argsort(-score, kind="stable")[:k]
+    return float(roc_auc_score(flipped, score)), float(flipped[top].mean())
+
+
+def flips(settings=((0.1, "uniform"), (0.3, "uniform"), (0.1, "pairs"), (0.3, "pairs")), epochs: int = 150,
+          seed: int = 0) -> list[dict]:
+    """E4: flipped-label detection at the end of training (flips fitted), against cleanlab on 5-fold CV."""
+    from cleanlab.rank import get_label_quality_scores
+
+    rows = []
+    base = digits(seed=seed)
+    wd = 1e-4
+    for frac, mode in settings:
+        split = flip_labels(base, frac, mode, seed)
+        model, opt, train_s = train("mlp", "ivon", split, epochs, seed, wd)
+        fl = split.flipped.numpy().astype(int)
+        res_ivon = compute_sensitivities(model, (split.xtr, split.ytr), ivon_variance(opt, model))
+        t = time.perf_counter()
+        kf = KFACCovariance.fit(model, (split.xtr, split.ytr), prior_precision=prior_from_weight_decay(wd, split.n))
+        res_kfac = compute_sensitivities(model, (split.xtr, split.ytr), kf)
+        kfac_s = time.perf_counter() - t
+        t = time.perf_counter()
+        cv_probs = np.zeros((split.n, 10))
+        for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(split.xtr, split.ytr):
+            sub = Split(split.xtr[tr], split.ytr[tr], split.xte, split.yte)
+            m, _, _ = train("mlp", "ivon", sub, epochs, seed, wd)
+            with torch.no_grad():
+                m.eval()
+                cv_probs[te] = m(split.xtr[te]).softmax(-1).numpy()
+        cl_s = time.perf_counter() - t
+        quality = get_label_quality_scores(split.ytr.numpy(), cv_probs)
+        scores = {
+            "sensitivity (IVON σ²)": (res_ivon.scores.numpy(), 0.0),
+            "LOO self-confidence (IVON σ²)": (-res_ivon.loo_probs.numpy(), 0.0),
+            "sensitivity (K-FAC)": (res_kfac.scores.numpy(), kfac_s),
+            "LOO self-confidence (K-FAC)": (-res_kfac.loo_probs.numpy(), kfac_s),
+            "training loss": (res_ivon.losses.numpy(), 0.0),
+            "cleanlab, 5-fold CV": (-quality, cl_s),
+        }
+        for name, (score, extra_s) in scores.items():
+            auroc, prec = _auroc_prec(fl, score)
+            rows.append({"fraction": frac, "mode": mode, "method": name, "auroc": auroc, "precision": prec,
+                         "cost": (train_s + extra_s) / train_s if name != "cleanlab, 5-fold CV" else cl_s / train_s})
+    return rows
+
+
+def model_selection(decays=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seed: int = 0,
+                    epochs: int = 100) -> dict:
+    """E2b: across weight decays, LOO at the end of training vs test NLL; does argmin LOO pick the right decay?"""
+    out = {}
+    for kind, n_train in (("logreg", 1200), ("mlp", 300)):
+        split = digits(n_train, seed, torch.float64)
+        rows = []
+        for wd in decays:
+            model = make_model(kind, seed, torch.float64, hidden=32)
+            prior = prior_from_weight_decay(wd, split.n)
+            fit_map(model, split.xtr, split.ytr, prior_precision=prior, max_iter=1000)
+            data = (split.xtr, split.ytr)
+            row = {"weight_decay": wd, "test_nll": test_nll(model, split)}
+            for cname, cov in (("dense", DenseCovariance.laplace(model, data, prior_precision=prior)),
+                               ("kfac", KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None))):
+                row[f"loo_{cname}"] = compute_sensitivities(model, data, cov, form="corrected").loo
+            if kind == "mlp":  # the library default: IVON with matched β2, first-order LOO at the mean
+                cfg = {"opt": "ivon", "beta2": matched_beta2(epochs * ((split.n + 31) // 32))}
+                m, o, _ = _train_small(cfg, split, epochs, seed, wd, 32, lambda *a: None)
+                row["test_nll_default"] = test_nll(m, split)
+                row["loo_default"] = compute_sensitivities(m, data, ivon_variance(o, m)).loo
+            rows.append(row)
+        test = np.array([r["test_nll"] for r in rows])
+        summ = {}
+        if kind == "mlp":
+            loo = np.array([r["loo_default"] for r in rows])
+            test_d = np.array([r["test_nll_default"] for r in rows])
+            summ["default (IVON, matched β2)"] = {
+                "pearson": float(pearsonr(loo, test_d)[0]), "picked": decays[int(loo.argmin())],
+                "best": decays[int(test_d.argmin())], "steps_off": abs(int(loo.argmin()) - int(test_d.argmin()))}
+        for cname in ("dense", "kfac"):
+            loo = np.array([r[f"loo_{cname}"] for r in rows])
+            summ[cname] = {"pearson": float(pearsonr(loo, test)[0]),
+                           "picked": decays[int(loo.argmin())], "best": decays[int(test.argmin())],
+                           "steps_off": abs(int(loo.argmin()) - int(test.argmin()))}
+        out[kind] = {"rows": rows, "summary": summ, "n": split.n}
+    return out
+
