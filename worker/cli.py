@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from worker.validate import run_validation
+    from worker.validation.report import run_validation
 
     run_validation(out_dir=args.out, quick=args.quick)
     return 0

@@ -1,0 +1,157 @@
+"""SQLAlchemy 2.0 typed models (shared/DESIGN.md §4). Per-example scores are rows keyed by their rank at each
+evaluation, so top-k and bottom-k are index range scans; a second index serves one example's history."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RUN_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    n_examples: Mapped[int | None] = mapped_column(Integer)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[float | None] = mapped_column(Float)
+    loo: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # train/test NLL, accuracy, ECE, Brier, h stats
+    n_examples: Mapped[int] = mapped_column(Integer, default=0)
+    wall_time: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_evaluations_run_step"),)
+
+
+class Metric(Base):
+    """One point of a named series (train_nll, test_nll, loo, accuracy, …)."""
+
+    __tablename__ = "metrics"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class Example(Base):
+    __tablename__ = "examples"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[int | None] = mapped_column(Integer)
+    flipped: Mapped[bool | None] = mapped_column(Boolean)
+    original_label: Mapped[int | None] = mapped_column(Integer)
+    thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)  # PNG
+
+
+class ScoreChunk(Base):
+    """Per-example results of one evaluation, stored column-wise in chunks of CHUNK examples.
+
+    Each evaluation is written twice: ordered by rank (``kind`` "rank": rank 0 = most sensitive; top-k and
+    bottom-k read one chunk) and ordered by example index (``kind`` "idx": [lo, hi] bounds the chunk's indices;
+    one example's history reads one chunk per evaluation). ``data`` is a numpy record array (see repository).
+    """
+
+    __tablename__ = "score_chunks"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(4), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lo: Mapped[int] = mapped_column(Integer)
+    hi: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (Index("ix_score_chunks_lookup", "run_id", "kind", "lo", "hi"),)
+
+
+class EarlyStopState(Base):
+    __tablename__ = "early_stopping"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    monitor: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(8))
+    best: Mapped[float | None] = mapped_column(Float)
+    best_step: Mapped[int | None] = mapped_column(Integer)
+    wait: Mapped[int] = mapped_column(Integer, default=0)
+    stopped_step: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Hook(Base):
+    __tablename__ = "hooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list] = mapped_column(JSON, default=list)
+    secret: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,0 +1,407 @@
+"""The store: every statement the app and the worker need, as typed functions (the only code that speaks SQL).
+
+Non-finite numbers: one rule everywhere. NaN and ±inf are stored as NULL in scalar columns and come back as None
+from per-example arrays (SQL has no NaN on every backend and JSON cannot carry it); examples with a non-finite score
+rank after every finite score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.store.engine import StoreError, make_engine
+from app.store.models import (
+    ApiToken,
+    EarlyStopState,
+    Evaluation,
+    Example,
+    Hook,
+    Job,
+    Metric,
+    Run,
+    ScoreChunk,
+    utcnow,
+)
+
+
+class NotFound(StoreError, LookupError):
+    """An unknown run, step, example, job, hook or token (the API maps it to 404)."""
+
+
+def finite(x: Any) -> float | None:
+    """The non-finite rule: NaN and ±inf become None (NULL)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class ScoreRow:
+    rank: int
+    idx: int
+    score: float | None
+    loo_loss: float | None
+    prob_label: float | None
+    label: int | None = None
+    flipped: bool | None = None
+    step: int | None = None
+
+
+class Store:
+    def __init__(self, engine: Engine | str | None = None):
+        self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
+        self.dialect = self.engine.dialect.name
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self, write: bool = False) -> Session:
+        if write and self.dialect == "sqlite":
+            return Session(self.engine.execution_options(immediate=True), expire_on_commit=False)
+        return self._session()
+
+    # ------------------------------------------------------------------------------------------ runs
+    def create_run(self, name: str, config: dict | None = None, n_examples: int | None = None,
+                   enqueue: bool = True) -> Run:
+        with self.session(write=True) as s, s.begin():
+            run = Run(name=name, config=config or {}, n_examples=n_examples, status="queued")
+            s.add(run)
+            s.flush()
+            if enqueue:
+                s.add(Job(run_id=run.id))
+        return run
+
+    def get_run(self, run_id: int) -> Run:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise NotFound(f"run {run_id} not found")
+            return run
+
+    def list_runs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[Run]:
+        q = select(Run).order_by(Run.id.desc()).limit(min(limit, 1000)).offset(offset)
+        if status:
+            q = q.where(Run.status == status)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def set_run_status(self, run_id: int, status: str, error: str | None = None) -> None:
+        values: dict[str, Any] = {"status": status}
+        if status == "running":
+            values["started_at"] = utcnow()
+        if status in ("done", "failed", "cancelled"):
+            values["finished_at"] = utcnow()
+        if error is not None:
+            values["error"] = error
+        self._update_run(run_id, values)
+
+    def request_stop(self, run_id: int) -> None:
+        """Ask the worker to stop; a queued run is cancelled at once."""
+        with self.session(write=True) as s, s.begin():
+            run = s.get(Run, run_id)
+            if run is None:
+                raise NotFound(f"run {run_id} not found")
+            run.stop_requested = True
+            if run.status == "queued":
+                run.status, run.finished_at = "cancelled", utcnow()
+                s.execute(update(Job).where(Job.run_id == run_id, Job.state == "queued").values(state="cancelled"))
+
+    def _update_run(self, run_id: int, values: dict) -> None:
+        with self.session(write=True) as s, s.begin():
+            if s.execute(update(Run).where(Run.id == run_id).values(**values)).rowcount == 0:
+                raise NotFound(f"run {run_id} not found")
+
+    # ------------------------------------------------------------------------------------------ jobs
+    def enqueue_job(self, run_id: int) -> Job:
+        with self.session(write=True) as s, s.begin():
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            job = Job(run_id=run_id)
+            s.add(job)
+        return job
+
+    def claim_job(self, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
+        """Take the oldest queued job, or a running one whose lease expired (its worker died)."""
+        now = utcnow()
+        q = (select(Job).where(or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now)))
+             .order_by(Job.created_at, Job.id).limit(1))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self.session(write=True) as s, s.begin():
+            job = s.scalars(q).first()
+            if job is None:
+                return None
+            job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
+            job.heartbeat_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+            s.execute(update(Run).where(Run.id == job.run_id, Run.status.in_(("queued", "running")))
+                      .values(status="running", started_at=func.coalesce(Run.started_at, now)))
+        return job
+
+    def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float = 60.0) -> bool:
+        """Extend the lease; False when the job is no longer this worker's (it was retaken or cancelled)."""
+        now = utcnow()
+        with self.session(write=True) as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.state == "running")
+                            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds)))
+            return res.rowcount == 1
+
+    def finish_job(self, job_id: int, state: str, error: str | None = None) -> None:
+        if state not in ("done", "failed", "cancelled", "queued"):
+            raise ValueError(f"Invalid job state: {state!r}")
+        with self.session(write=True) as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            job.state, job.error = state, error
+            if state == "queued":  # released: another worker may take it at once
+                job.worker_id, job.lease_expires_at = None, None
+                return
+            run = s.get(Run, job.run_id)
+            run.status, run.finished_at = state, utcnow()
+            if error is not None:
+                run.error = error
+
+    def get_job(self, job_id: int) -> Job:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            return job
+
+    def jobs_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+
+    # -------------------------------------------------------------------------------- examples/evals
+    def add_examples(self, run_id: int, idx: Sequence[int], labels: Sequence[int] | None = None,
+                     flipped: Sequence[bool] | None = None, original: Sequence[int] | None = None,
+                     thumbnails: Sequence[bytes | None] | None = None) -> None:
+        n = len(idx)
+        rows = [{"run_id": run_id, "idx": int(idx[i]), "label": None if labels is None else int(labels[i]),
+                 "flipped": None if flipped is None else bool(flipped[i]),
+                 "original_label": None if original is None else int(original[i]),
+                 "thumbnail": None if thumbnails is None else thumbnails[i]} for i in range(n)]
+        with self.session(write=True) as s, s.begin():
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            s.execute(delete(Example).where(Example.run_id == run_id))
+            if rows:
+                s.execute(Example.__table__.insert(), rows)
+
+    def write_evaluation(self, run_id: int, step: int, *, loo: float | None, metrics: dict[str, float],
+                         idx: np.ndarray | None = None, scores: np.ndarray | None = None,
+                         loo_losses: np.ndarray | None = None, prob_label: np.ndarray | None = None,
+                         epoch: float | None = None, wall_time: float | None = None) -> Evaluation:
+        """Write one evaluation, its metric points and its per-example rows in one transaction.
+
+        Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step).
+        """
+        clean = {k: finite(v) for k, v in metrics.items()}
+        n = 0 if idx is None else len(idx)
+        chunks = _chunks(run_id, step, idx, scores, loo_losses, prob_label) if n else []
+        with self.session(write=True) as s, s.begin():
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            s.execute(delete(Evaluation).where(Evaluation.run_id == run_id, Evaluation.step == step))
+            s.execute(delete(ScoreChunk).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step))
+            s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step == step,
+                                           Metric.name.in_(list(clean) + ["loo"])))
+            ev = Evaluation(run_id=run_id, step=step, epoch=finite(epoch), loo=finite(loo), metrics=clean,
+                            n_examples=n, wall_time=finite(wall_time))
+            s.add(ev)
+            points = [{"run_id": run_id, "name": k, "step": step, "value": v} for k, v in clean.items()]
+            points.append({"run_id": run_id, "name": "loo", "step": step, "value": finite(loo)})
+            s.execute(Metric.__table__.insert(), points)
+            if chunks:
+                s.execute(ScoreChunk.__table__.insert(), chunks)
+        return ev
+
+    def evaluations(self, run_id: int, since_step: int | None = None, limit: int = 1000) -> list[Evaluation]:
+        self.get_run(run_id)
+        q = select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.step).limit(min(limit, 10000))
+        if since_step is not None:
+            q = q.where(Evaluation.step > since_step)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def latest_step(self, run_id: int) -> int | None:
+        with self.session() as s:
+            return s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
+
+    # -------------------------------------------------------------------------------------- queries
+    def curve(self, run_id: int, name: str, since_step: int | None = None,
+              max_points: int = 2000) -> list[tuple[int, float | None]]:
+        """A metric series; above ``max_points`` downsampled on the server keeping each bucket's min and max."""
+        max_points = max(4, min(int(max_points), 10000))
+        cond = [Metric.run_id == run_id, Metric.name == name]
+        if since_step is not None:
+            cond.append(Metric.step > since_step)
+        with self.session() as s:
+            n, lo, hi = s.execute(select(func.count(), func.min(Metric.step), func.max(Metric.step)).where(*cond)).one()
+            if n <= max_points:
+                return [tuple(r) for r in s.execute(select(Metric.step, Metric.value).where(*cond)
+                                                    .order_by(Metric.step))]
+            buckets = max_points // 2
+            width = max(1, -(-(hi - lo + 1) // buckets))
+            b = ((Metric.step - lo) / width) if self.dialect == "sqlite" else func.floor((Metric.step - lo) / width)
+            b = func.cast(b, Metric.step.type).label("b")
+            q = (select(b, func.min(Metric.step), func.max(Metric.step), func.min(Metric.value), func.max(Metric.value))
+                 .where(*cond).group_by("b").order_by("b"))
+            out: list[tuple[int, float | None]] = []
+            for _, s0, s1, vmin, vmax in s.execute(q):
+                out.append((s0, vmin))
+                if s1 != s0:
+                    out.append((s1, vmax))
+            return out
+
+    def examples_at(self, run_id: int, step: int | None = None, k: int = 50, offset: int = 0,
+                    least: bool = False) -> tuple[int, list[ScoreRow]]:
+        """The k most (or least) sensitive examples at ``step`` (default: the latest), with labels and flags."""
+        k = max(0, min(int(k), 1000))
+        with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            if step is None:
+                step = s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
+                if step is None:
+                    raise NotFound(f"run {run_id} has no evaluation yet")
+            n = s.scalar(select(Evaluation.n_examples).where(Evaluation.run_id == run_id, Evaluation.step == step))
+            if n is None:
+                raise NotFound(f"run {run_id} has no evaluation at step {step}")
+            first, last = (n - offset - k, n - offset - 1) if least else (offset, offset + k - 1)
+            first, last = max(first, 0), min(last, n - 1)
+            if k == 0 or last < first:
+                return step, []
+            q = (select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
+                                               ScoreChunk.kind == "rank", ScoreChunk.chunk >= first // CHUNK,
+                                               ScoreChunk.chunk <= last // CHUNK).order_by(ScoreChunk.chunk))
+            recs = np.concatenate([np.frombuffer(d, dtype=RECORD) for d in s.scalars(q)])
+            base = (first // CHUNK) * CHUNK
+            recs = recs[first - base : last - base + 1]
+            if least:
+                recs = recs[::-1]
+            labels = {e.idx: (e.label, e.flipped) for e in s.scalars(
+                select(Example).where(Example.run_id == run_id, Example.idx.in_(recs["idx"].tolist())))}
+            rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None))) for r in recs]
+            return step, rows
+
+    def example_history(self, run_id: int, idx: int) -> list[ScoreRow]:
+        """One example's results at every evaluation, by step."""
+        with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            q = (select(ScoreChunk.step, ScoreChunk.data)
+                 .where(ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.lo <= idx,
+                        ScoreChunk.hi >= idx).order_by(ScoreChunk.step))
+            rows = []
+            for step, data in s.execute(q):
+                recs = np.frombuffer(data, dtype=RECORD)
+                pos = int(np.searchsorted(recs["idx"], idx))
+                if pos < len(recs) and recs["idx"][pos] == idx:
+                    rows.append(_row(recs[pos], step))
+            if not rows and s.get(Example, (run_id, idx)) is None:
+                raise NotFound(f"example {idx} of run {run_id} not found")
+            return rows
+
+    def get_example(self, run_id: int, idx: int) -> Example:
+        with self.session() as s:
+            ex = s.get(Example, (run_id, idx))
+            if ex is None:
+                raise NotFound(f"example {idx} of run {run_id} not found")
+            return ex
+
+    # ------------------------------------------------------------------------ early stopping, hooks
+    def save_early_stop(self, run_id: int, **values) -> None:
+        with self.session(write=True) as s, s.begin():
+            st = s.get(EarlyStopState, run_id)
+            if st is None:
+                st = EarlyStopState(run_id=run_id, monitor=values.pop("monitor", "loo"), mode=values.pop("mode", "min"))
+                s.add(st)
+            for k, v in values.items():
+                setattr(st, k, finite(v) if k == "best" else v)
+
+    def early_stop(self, run_id: int) -> EarlyStopState | None:
+        with self.session() as s:
+            return s.get(EarlyStopState, run_id)
+
+    def add_hook(self, url: str, events: list[str], run_id: int | None = None, secret: str | None = None) -> Hook:
+        with self.session(write=True) as s, s.begin():
+            hook = Hook(url=url, events=list(events), run_id=run_id, secret=secret or secrets.token_hex(32))
+            s.add(hook)
+        return hook
+
+    def hooks_for(self, run_id: int | None) -> list[Hook]:
+        with self.session() as s:
+            return list(s.scalars(select(Hook).where(or_(Hook.run_id.is_(None), Hook.run_id == run_id))))
+
+    def delete_hook(self, hook_id: int) -> None:
+        with self.session(write=True) as s, s.begin():
+            if s.execute(delete(Hook).where(Hook.id == hook_id)).rowcount == 0:
+                raise NotFound(f"hook {hook_id} not found")
+
+    # ------------------------------------------------------------------------------------------ auth
+    @staticmethod
+    def _hash(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def create_token(self, name: str) -> str:
+        """A new API token; only its SHA-256 is stored, the plaintext is returned once."""
+        token = "ivd_" + secrets.token_urlsafe(32)
+        with self.session(write=True) as s, s.begin():
+            s.add(ApiToken(name=name, token_hash=self._hash(token)))
+        return token
+
+    def verify_token(self, token: str | None) -> bool:
+        if not token:
+            return False
+        with self.session() as s:
+            row = s.scalars(select(ApiToken).where(ApiToken.token_hash == self._hash(token),
+                                                   ApiToken.revoked.is_(False))).first()
+            return row is not None
+
+    def revoke_token(self, name: str) -> None:
+        with self.session(write=True) as s, s.begin():
+            if s.execute(update(ApiToken).where(ApiToken.name == name).values(revoked=True)).rowcount == 0:
+                raise NotFound(f"token {name!r} not found")
+
+
+CHUNK = 2048
+RECORD = np.dtype([("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")])
+
+
+def _row(r, step: int, label=None, flipped=None) -> ScoreRow:
+    return ScoreRow(int(r["rank"]), int(r["idx"]), finite(r["score"]), finite(r["loo"]), finite(r["prob"]),
+                    label, flipped, step)
+
+
+def _chunks(run_id, step, idx, scores, loo_losses, prob_label) -> list[dict]:
+    """Rows of ``score_chunks`` for one evaluation: the records by rank and by example index."""
+    n = len(idx)
+    rec = np.zeros(n, dtype=RECORD)
+    rec["idx"] = np.asarray(idx, dtype=np.int64)
+    rec["score"] = np.asarray(scores, dtype=np.float64)
+    rec["loo"] = np.nan if loo_losses is None else np.asarray(loo_losses, dtype=np.float64)
+    rec["prob"] = np.nan if prob_label is None else np.asarray(prob_label, dtype=np.float64)
+    if len(np.unique(rec["idx"])) != n:
+        raise ValueError("example indices of an evaluation must be unique")
+    sc = rec["score"].astype(np.float64)
+    by_rank = np.argsort(np.where(np.isfinite(sc), -sc, np.inf), kind="stable")
+    rec["rank"][by_rank] = np.arange(n, dtype=np.int32)
+    out = []
+    for kind, order in (("rank", by_rank), ("idx", np.argsort(rec["idx"], kind="stable"))):
+        ordered = rec[order]
+        for c, start in enumerate(range(0, n, CHUNK)):
+            part = ordered[start : start + CHUNK]
+            lo, hi = (start, start + len(part) - 1) if kind == "rank" else (int(part["idx"][0]), int(part["idx"][-1]))
+            out.append({"run_id": run_id, "step": step, "kind": kind, "chunk": c, "lo": lo, "hi": hi,
+                        "data": part.tobytes()})
+    return out
