@@ -6,3 +6,60 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+import os  # noqa: E402
+import uuid  # noqa: E402
+
+PG_ADMIN = os.environ.get("IVON_DIAG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin():
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN.replace("postgresql+psycopg", "postgresql"), autocommit=True, connect_timeout=5)
+
+
+def new_pg_database() -> str:
+    """A fresh, empty PostgreSQL database; returns its URL."""
+    name = f"ivon_test_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_pg_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    url = new_pg_database()
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path_factory):
+    """A migrated database on each backend: a SQLite file, and the session's PostgreSQL database."""
+    from app.store import make_engine, upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'store.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def store(store_url):
+    from app.store import Store
+
+    s = Store(store_url)
+    yield s
+    s.engine.dispose()

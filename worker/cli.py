@@ -20,10 +20,36 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from app.store import make_engine, upgrade
+    from app.store.migrate import current_revision
+
+    engine = make_engine(args.db)
+    upgrade(engine)
+    print(f"database at revision {current_revision(engine)}")
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from app.store import Store, ensure_current
+
+    store = Store(args.db)
+    ensure_current(store.engine)
+    print(store.create_token(args.name))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivon-diag", description="Generalization and data-sensitivity "
                                      "diagnostics during training, from the IVON posterior.")
+    parser.add_argument("--db", default=None, help="database URL (default: $IVON_DIAG_DB or sqlite:///ivon-diag.db)")
     sub = parser.add_subparsers(dest="command", required=True)
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="migrate the database to this version's schema").set_defaults(func=_db_upgrade)
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
+    create = token.add_parser("create", help="create a token (printed once; stored hashed)")
+    create.add_argument("name")
+    create.set_defaults(func=_token_create)
     demo = sub.add_parser("demo", help="train on digits with flipped labels and watch the diagnostics")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped")
@@ -37,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.store.engine import StoreError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, StoreError) as err:
         print(f"ivon-diag {args.command}: error: {err}", file=sys.stderr)
         return 2
 

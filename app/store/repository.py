@@ -177,6 +177,14 @@ class Store:
                 raise NotFound(f"job {job_id} not found")
             return job
 
+    def get_job_for_run(self, run_id: int) -> Job:
+        """The run's latest job."""
+        with self.session() as s:
+            job = s.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id.desc()).limit(1)).first()
+            if job is None:
+                raise NotFound(f"run {run_id} has no job")
+            return job
+
     def jobs_by_state(self) -> dict[str, int]:
         with self.session() as s:
             return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())

@@ -1,0 +1,172 @@
+"""The store on SQLite and PostgreSQL: runs, jobs, evaluations, queries, idempotence, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+
+from app.store import NotFound, Store
+
+
+def _write(store, run_id, step, n=5000, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    scores = rng.random(n)
+    store.write_evaluation(run_id, step, loo=0.3 + step * 1e-3, metrics={"train_nll": 0.2, "test_nll": 0.4},
+                           idx=np.arange(n) + 100, scores=scores, loo_losses=scores * 2, prob_label=1 - scores,
+                           epoch=step / 10, **kw)
+    return scores
+
+
+def test_run_lifecycle_and_listing(store):
+    run = store.create_run("digits <b>", {"lr": 0.5})
+    assert store.get_run(run.id).config == {"lr": 0.5}
+    assert store.get_run(run.id).status == "queued"
+    assert run.id in [r.id for r in store.list_runs(status="queued")]
+    store.request_stop(run.id)
+    assert store.get_run(run.id).status == "cancelled"
+    with pytest.raises(NotFound, match="run 999999 not found"):
+        store.get_run(999999)
+    with pytest.raises(NotFound):
+        store.request_stop(999999)
+
+
+def test_top_and_bottom_k_and_history(store):
+    run = store.create_run("r", enqueue=False)
+    store.add_examples(run.id, np.arange(5000) + 100, labels=np.arange(5000) % 10,
+                       flipped=np.arange(5000) % 7 == 0)
+    scores = {}
+    for step in (10, 20, 30):
+        scores[step] = _write(store, run.id, step, seed=step)
+    step, top = store.examples_at(run.id, k=50)
+    assert step == 30
+    expect = np.argsort(-scores[30], kind="stable")[:50] + 100
+    assert [r.idx for r in top] == expect.tolist()
+    assert [r.rank for r in top] == list(range(50))
+    assert top[0].label == int(expect[0] - 100) % 10 and top[0].flipped == (int(expect[0] - 100) % 7 == 0)
+    _, page2 = store.examples_at(run.id, step=30, k=50, offset=50)
+    assert page2[0].rank == 50
+    _, least = store.examples_at(run.id, step=20, k=10, least=True)
+    assert [r.idx for r in least] == (np.argsort(scores[20], kind="stable")[:10] + 100).tolist()
+    _, across = store.examples_at(run.id, step=10, k=3000, offset=1000)  # crosses chunk bounds, capped at 1000
+    assert [r.rank for r in across] == list(range(1000, 2000))
+    hist = store.example_history(run.id, 100 + 1234)
+    assert [h.step for h in hist] == [10, 20, 30]
+    assert hist[1].score == pytest.approx(scores[20][1234], rel=1e-6)
+    with pytest.raises(NotFound, match="no evaluation at step 15"):
+        store.examples_at(run.id, step=15)
+    with pytest.raises(NotFound, match="example 7 of run"):
+        store.example_history(run.id, 7)
+
+
+def test_rewriting_an_evaluation_replaces_it(store):
+    run = store.create_run("r", enqueue=False)
+    _write(store, run.id, 10, seed=1)
+    second = _write(store, run.id, 10, seed=2)
+    assert [e.step for e in store.evaluations(run.id)] == [10]
+    assert store.curve(run.id, "loo") == [(10, pytest.approx(0.31))]
+    _, top = store.examples_at(run.id, step=10, k=1)
+    assert top[0].idx == int(np.argmax(second)) + 100
+
+
+def test_non_finite_values_become_null_and_rank_last(store):
+    run = store.create_run("r", enqueue=False)
+    scores = np.array([0.5, np.nan, 2.0, np.inf, 1.0])
+    store.write_evaluation(run.id, 1, loo=float("nan"), metrics={"test_nll": float("inf"), "acc": 0.5},
+                           idx=np.arange(5), scores=scores, loo_losses=scores, prob_label=scores)
+    ev = store.evaluations(run.id)[0]
+    assert ev.loo is None and ev.metrics == {"test_nll": None, "acc": 0.5}
+    _, rows = store.examples_at(run.id, k=5)
+    assert [r.idx for r in rows][:3] == [2, 4, 0]
+    assert all(r.score is None for r in rows[3:])
+    assert not any(isinstance(r.score, float) and not math.isfinite(r.score) for r in rows)
+
+
+def test_curve_downsampling_keeps_extremes(store):
+    run = store.create_run("r", enqueue=False)
+    from app.store.models import Metric
+
+    values = np.sin(np.arange(20000) / 500.0)
+    values[12345] = 7.0
+    with store.session(write=True) as s, s.begin():
+        s.execute(Metric.__table__.insert(), [{"run_id": run.id, "name": "train_nll", "step": i,
+                                               "value": float(v)} for i, v in enumerate(values)])
+    pts = store.curve(run.id, "train_nll", max_points=500)
+    assert len(pts) <= 500
+    assert max(v for _, v in pts) == 7.0 and min(v for _, v in pts) == pytest.approx(values.min())
+    assert [s for s, _ in pts] == sorted(s for s, _ in pts)
+    tail = store.curve(run.id, "train_nll", since_step=19990)
+    assert [s for s, _ in tail] == list(range(19991, 20000))
+
+
+def test_job_queue_claim_heartbeat_finish_and_expired_lease(store):
+    a = store.create_run("a")
+    b = store.create_run("b")
+    j1 = store.claim_job("w1", lease_seconds=60)
+    j2 = store.claim_job("w2", lease_seconds=-1)  # already expired: as if its worker died
+    assert {j1.run_id, j2.run_id} == {a.id, b.id}
+    assert store.get_run(j1.run_id).status == "running"
+    assert store.heartbeat(j1.id, "w1")
+    assert not store.heartbeat(j1.id, "intruder")
+    retaken = store.claim_job("w3")
+    assert retaken.id == j2.id and retaken.attempts == 2
+    assert not store.heartbeat(j2.id, "w2")  # the dead worker lost its job
+    store.finish_job(j1.id, "done")
+    assert store.get_run(j1.run_id).status == "done"
+    assert store.claim_job("w4") is None
+    store.finish_job(retaken.id, "queued")  # released (SIGTERM): back in the queue
+    assert store.claim_job("w5").id == j2.id
+    assert (store.get_job(j1.id).state, store.get_job(j2.id).state) == ("done", "running")
+    assert store.jobs_by_state()["running"] >= 1
+
+
+def test_tokens_are_hashed_and_verifiable(store):
+    token = store.create_token("ci")
+    assert store.verify_token(token) and not store.verify_token(token + "x") and not store.verify_token(None)
+    from app.store.models import ApiToken
+
+    with store.session() as s:
+        stored = [t.token_hash for t in s.query(ApiToken).all()]
+    assert token not in stored
+    store.revoke_token("ci")
+    assert not store.verify_token(token)
+
+
+def test_hooks_and_early_stopping_state(store):
+    run = store.create_run("r", enqueue=False)
+    h = store.add_hook("http://127.0.0.1:9/hook", ["evaluation", "finished"], run_id=run.id)
+    assert [x.id for x in store.hooks_for(run.id)] == [h.id] and len(h.secret) == 64
+    store.delete_hook(h.id)
+    with pytest.raises(NotFound):
+        store.delete_hook(h.id)
+    store.save_early_stop(run.id, monitor="loo", mode="min", best=0.3, best_step=10, wait=0)
+    store.save_early_stop(run.id, wait=2, best=float("nan"))
+    st = store.early_stop(run.id)
+    assert (st.monitor, st.best, st.best_step, st.wait) == ("loo", None, 10, 2)
+
+
+def test_writes_for_unknown_runs_and_bad_arrays_are_refused(store):
+    with pytest.raises(NotFound):
+        store.write_evaluation(424242, 1, loo=0.1, metrics={})
+    run = store.create_run("r", enqueue=False)
+    with pytest.raises(ValueError, match="unique"):
+        store.write_evaluation(run.id, 1, loo=0.1, metrics={}, idx=np.array([1, 1]), scores=np.array([0.1, 0.2]))
+    assert store.evaluations(run.id) == []  # nothing half-written
+
+
+def test_sqlite_concurrent_writers_do_not_fail(tmp_path):
+    """Two processes writing evaluations at once: WAL + BEGIN IMMEDIATE + busy timeout, no 'database is locked'."""
+    import subprocess
+    import sys
+
+    from app.store import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(make_engine(url))
+    run = Store(url).create_run("r", enqueue=False)
+    code = ("import sys, numpy as np; from app.store import Store; s = Store(sys.argv[1]); o = int(sys.argv[3])\n"
+            "for step in range(o, o + 40):\n"
+            "    s.write_evaluation(int(sys.argv[2]), step, loo=0.1, metrics={'a': 1.0}, idx=np.arange(2000),"
+            " scores=np.random.rand(2000))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(run.id), str(o)]) for o in (0, 1000)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(Store(url).evaluations(run.id, limit=1000)) == 80
