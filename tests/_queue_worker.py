@@ -5,7 +5,8 @@ import time
 
 from app.store import Store
 
-url, worker_id, log_path, work_s, lease_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+url, worker_id, log_path = sys.argv[1:4]
+work_s, lease_s = float(sys.argv[4]), float(sys.argv[5])
 store = Store(url)
 idle = 0
 while idle < 3:
