@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/optimizer.py
+	$(BIN)/python bench/sensitivity.py
+	$(BIN)/python bench/store.py
+
+validate: $(STAMP)
+	$(BIN)/ivon-diag validate
 
 demo: $(STAMP)
 	$(BIN)/ivon-diag demo

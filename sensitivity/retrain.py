@@ -16,8 +16,11 @@ from sensitivity.losses import Loss, get_loss
 
 
 def fit_map(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
-            max_iter: int = 500, tol: float = 1e-10) -> nn.Module:
-    """Minimize the regularized summed loss in place from the model's current weights; returns the model."""
+            max_iter: int = 500, tol: float = 1e-10, grad_tol: float = 1e-5, restarts: int = 3) -> nn.Module:
+    """Minimize the regularized summed loss in place from the model's current weights; returns the model.
+
+    Stops when the largest gradient entry is below ``grad_tol`` or after ``restarts`` L-BFGS runs.
+    """
     lossf = get_loss(loss)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
@@ -29,16 +32,16 @@ def fit_map(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cross_en
         obj.backward()
         return obj
 
-    for _ in range(5):  # L-BFGS stops early on flat stretches; restart until the gradient is tiny
+    for _ in range(restarts):  # L-BFGS stops early on flat stretches; restart until the gradient is tiny
         opt.step(closure)
         closure()
-        if max(float(p.grad.abs().max()) for p in params) < 1e-6:
+        if max(float(p.grad.abs().max()) for p in params) < grad_tol:
             break
     return model
 
 
 def leave_one_out(model: nn.Module, x: Tensor, y: Tensor, indices: Sequence[int], loss: str | Loss = "cross_entropy",
-                  prior_precision: float = 1.0, max_iter: int = 500) -> tuple[Tensor, Tensor]:
+                  prior_precision: float = 1.0, max_iter: int = 200) -> tuple[Tensor, Tensor]:
     """For each i in ``indices``: refit without example i (warm start from ``model``).
 
     Returns the true change of f_i, shape (len(indices), K), and the true LOO loss ℓ(y_i, f_{−i}(x_i)).

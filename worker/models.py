@@ -11,11 +11,14 @@ def logistic_regression(in_features: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
 
 
-def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (128,)) -> nn.Module:
+def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (128,), activation: str = "relu") -> nn.Module:
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+    if activation not in acts:
+        raise ValueError(f"Invalid activation: {activation!r} (must be one of {sorted(acts)})")
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), acts[activation]()]
         width = h
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
