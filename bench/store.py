@@ -22,7 +22,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.store import Store, make_engine, upgrade  # noqa: E402
-from app.store.models import Metric  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -46,9 +45,7 @@ def bench(url: str, n_big: int, n_hist: int, evals: int, repeats: int) -> None:
         s = rng.random(n_hist)
         store.write_evaluation(hist_run.id, step * 100, loo=0.1, metrics={"train_nll": 0.1},
                                idx=np.arange(n_hist), scores=s, loo_losses=s, prob_label=s)
-    with store.session(write=True) as sess, sess.begin():
-        sess.execute(Metric.__table__.insert(), [{"run_id": hist_run.id, "name": "curve", "step": i,
-                                                  "value": float(np.sin(i / 300))} for i in range(100_000)])
+    store.log_metrics(hist_run.id, "curve", list(range(100_000)), np.sin(np.arange(100_000) / 300).tolist())
     if store.dialect == "postgresql":
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")

@@ -90,6 +90,23 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float)
 
 
+class MetricRollup(Base):
+    """Min and max (with their steps) of a series over step buckets of width ``level``: long curves are
+    downsampled from these rows instead of scanning every point."""
+
+    __tablename__ = "metric_rollups"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    min_step: Mapped[int | None] = mapped_column(Integer)
+    min_value: Mapped[float | None] = mapped_column(Float)
+    max_step: Mapped[int | None] = mapped_column(Integer)
+    max_value: Mapped[float | None] = mapped_column(Float)
+
+
 class Example(Base):
     __tablename__ = "examples"
 

@@ -28,6 +28,7 @@ from app.store.models import (
     Hook,
     Job,
     Metric,
+    MetricRollup,
     Run,
     ScoreChunk,
     utcnow,
@@ -229,6 +230,7 @@ class Store:
             points = [{"run_id": run_id, "name": k, "step": step, "value": v} for k, v in clean.items()]
             points.append({"run_id": run_id, "name": "loo", "step": step, "value": finite(loo)})
             s.execute(Metric.__table__.insert(), points)
+            _refresh_rollups(s, run_id, {p["name"]: [step] for p in points})
             if chunks:
                 s.execute(ScoreChunk.__table__.insert(), chunks)
         return ev
@@ -246,30 +248,45 @@ class Store:
             return s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
 
     # -------------------------------------------------------------------------------------- queries
+    def log_metrics(self, run_id: int, name: str, steps: Sequence[int], values: Sequence[float]) -> None:
+        """Append (or replace) points of a series, e.g. a per-step training loss."""
+        if len(steps) != len(values):
+            raise ValueError(f"{len(steps)} steps but {len(values)} values")
+        with self.session(write=True) as s, s.begin():
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            steps = [int(x) for x in steps]
+            for lo in range(0, len(steps), 10000):
+                s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.name == name,
+                                               Metric.step.in_(steps[lo : lo + 10000])))
+            s.execute(Metric.__table__.insert(), [{"run_id": run_id, "name": name, "step": st, "value": finite(v)}
+                                                  for st, v in zip(steps, values)])
+            _refresh_rollups(s, run_id, {name: steps})
+
     def curve(self, run_id: int, name: str, since_step: int | None = None,
               max_points: int = 2000) -> list[tuple[int, float | None]]:
-        """A metric series; above ``max_points`` downsampled on the server keeping each bucket's min and max."""
+        """A metric series; above ``max_points`` downsampled on the server keeping every bucket's min and max
+        (exact values at their exact steps), read from the rollups rather than from every point."""
         max_points = max(4, min(int(max_points), 10000))
-        cond = [Metric.run_id == run_id, Metric.name == name]
-        if since_step is not None:
-            cond.append(Metric.step > since_step)
+        start = -1 if since_step is None else int(since_step)
         with self.session() as s:
-            n, lo, hi = s.execute(select(func.count(), func.min(Metric.step), func.max(Metric.step)).where(*cond)).one()
-            if n <= max_points:
-                return [tuple(r) for r in s.execute(select(Metric.step, Metric.value).where(*cond)
-                                                    .order_by(Metric.step))]
-            buckets = max_points // 2
-            width = max(1, -(-(hi - lo + 1) // buckets))
-            b = ((Metric.step - lo) / width) if self.dialect == "sqlite" else func.floor((Metric.step - lo) / width)
-            b = func.cast(b, Metric.step.type).label("b")
-            q = (select(b, func.min(Metric.step), func.max(Metric.step), func.min(Metric.value), func.max(Metric.value))
-                 .where(*cond).group_by("b").order_by("b"))
-            out: list[tuple[int, float | None]] = []
-            for _, s0, s1, vmin, vmax in s.execute(q):
-                out.append((s0, vmin))
-                if s1 != s0:
-                    out.append((s1, vmax))
-            return out
+            coarse = s.execute(select(func.sum(MetricRollup.n)).where(
+                MetricRollup.run_id == run_id, MetricRollup.name == name, MetricRollup.level == LEVELS[-1],
+                MetricRollup.bucket >= start // LEVELS[-1])).scalar() or 0
+            if coarse <= 2 * max_points:
+                pts = s.execute(select(Metric.step, Metric.value).where(
+                    Metric.run_id == run_id, Metric.name == name, Metric.step > start).order_by(Metric.step)).all()
+                if len(pts) <= max_points:
+                    return [tuple(p) for p in pts]
+            for level in LEVELS:  # the finest level with few enough rows
+                rows = s.execute(select(MetricRollup.bucket, MetricRollup.min_step, MetricRollup.min_value,
+                                        MetricRollup.max_step, MetricRollup.max_value)
+                                 .where(MetricRollup.run_id == run_id, MetricRollup.name == name,
+                                        MetricRollup.level == level, MetricRollup.bucket > start // level)
+                                 .order_by(MetricRollup.bucket).limit(2 * max_points + 1)).all()
+                if len(rows) <= 2 * max_points:
+                    break
+        return _merge_rollups(rows, max_points)
 
     def examples_at(self, run_id: int, step: int | None = None, k: int = 50, offset: int = 0,
                     least: bool = False) -> tuple[int, list[ScoreRow]]:
@@ -383,6 +400,62 @@ class Store:
 
 
 CHUNK = 2048
+LEVELS = (16, 256, 4096)  # rollup bucket widths in steps
+
+
+def _refresh_rollups(s: Session, run_id: int, touched: dict[str, list[int]]) -> None:
+    """Recompute the rollup buckets that contain the touched steps, from the points themselves."""
+    top = LEVELS[-1]
+    for name, steps in touched.items():
+        buckets = sorted({st // top for st in steps})
+        for b in buckets:
+            lo, hi = b * top, (b + 1) * top - 1
+            pts = s.execute(select(Metric.step, Metric.value).where(
+                Metric.run_id == run_id, Metric.name == name, Metric.step >= lo, Metric.step <= hi)).all()
+            s.execute(delete(MetricRollup).where(
+                MetricRollup.run_id == run_id, MetricRollup.name == name,
+                or_(*[and_(MetricRollup.level == lv, MetricRollup.bucket >= lo // lv, MetricRollup.bucket <= hi // lv)
+                      for lv in LEVELS])))
+            if not pts:
+                continue
+            st = np.array([p[0] for p in pts], dtype=np.int64)
+            val = np.array([np.nan if p[1] is None else p[1] for p in pts], dtype=np.float64)
+            rows = []
+            for lv in LEVELS:
+                keys = st // lv
+                for key in np.unique(keys):
+                    m = keys == key
+                    v, k = val[m], st[m]
+                    ok = np.isfinite(v)
+                    if ok.any():
+                        i, j = int(np.nanargmin(v)), int(np.nanargmax(v))
+                        rows.append({"run_id": run_id, "name": name, "level": lv, "bucket": int(key), "n": int(m.sum()),
+                                     "min_step": int(k[i]), "min_value": float(v[i]), "max_step": int(k[j]),
+                                     "max_value": float(v[j])})
+                    else:
+                        rows.append({"run_id": run_id, "name": name, "level": lv, "bucket": int(key),
+                                     "n": int(m.sum()), "min_step": int(k[0]), "min_value": None,
+                                     "max_step": int(k[0]), "max_value": None})
+            s.execute(MetricRollup.__table__.insert(), rows)
+
+
+def _merge_rollups(rows, max_points: int) -> list[tuple[int, float | None]]:
+    """Group rollup rows into at most max_points // 2 buckets, each giving its min and max at their steps."""
+    if not rows:
+        return []
+    groups = -(-len(rows) // max(1, max_points // 2))
+    out: list[tuple[int, float | None]] = []
+    for g in range(0, len(rows), groups):
+        part = rows[g : g + groups]
+        finite_part = [r for r in part if r[2] is not None]
+        if not finite_part:
+            out.append((part[0][1], None))
+            continue
+        lo = min(finite_part, key=lambda r: r[2])
+        hi = max(finite_part, key=lambda r: r[4])
+        pts = sorted({(lo[1], lo[2]), (hi[3], hi[4])})
+        out.extend(pts)
+    return out
 RECORD = np.dtype([("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")])
 
 

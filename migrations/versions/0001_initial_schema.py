@@ -112,6 +112,20 @@ def upgrade() -> None:
         batch_op.create_index("ix_jobs_state_created", ["state", "created_at"], unique=False)
 
     op.create_table(
+        "metric_rollups",
+        sa.Column("run_id", sa.Integer(), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("level", sa.Integer(), nullable=False),
+        sa.Column("bucket", sa.Integer(), nullable=False),
+        sa.Column("n", sa.Integer(), nullable=False),
+        sa.Column("min_step", sa.Integer(), nullable=True),
+        sa.Column("min_value", sa.Float(), nullable=True),
+        sa.Column("max_step", sa.Integer(), nullable=True),
+        sa.Column("max_value", sa.Float(), nullable=True),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("run_id", "name", "level", "bucket"),
+    )
+    op.create_table(
         "metrics",
         sa.Column("run_id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=100), nullable=False),
@@ -144,6 +158,7 @@ def downgrade() -> None:
 
     op.drop_table("score_chunks")
     op.drop_table("metrics")
+    op.drop_table("metric_rollups")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_state_created")
         batch_op.drop_index(batch_op.f("ix_jobs_run_id"))

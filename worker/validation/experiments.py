@@ -235,7 +235,7 @@ def model_selection(decays=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1
             row = {"weight_decay": wd, "test_nll": test_nll(model, split)}
             for cname, cov in (("dense", DenseCovariance.laplace(model, data, prior_precision=prior)),
                                ("kfac", KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None))):
-                row[f"loo_{cname}"] = compute_sensitivities(model, data, cov, form="corrected").loo
+                row[f"loo_{cname}"] = compute_sensitivities(model, data, cov).loo  # form "auto"
             if kind == "mlp_tanh":  # the library default: IVON with matched β2, first-order LOO at the mean
                 cfg = {"opt": "ivon", "beta2": matched_beta2(epochs * ((split.n + 31) // 32))}
                 m, o, _ = _train_small(cfg, split, epochs, seed, wd, 32, lambda *a: None)
