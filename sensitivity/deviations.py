@@ -46,7 +46,15 @@ JACOBIAN_BUDGET = 2**25
 
 @dataclass
 class SensitivityResult:
-    """Per-example tensors (row i is the data source's example ``indices[i]``) and the LOO estimate."""
+    """Per-example tensors (row i is the data source's example ``indices[i]``) and the LOO estimate.
+
+    How far the numbers hold (docs/validation.md, `ivon-diag validate`): the *ranking* of examples by score or
+    LOO loss matches leave-one-out retraining closely for every covariance (per-example Spearman 0.88 to 1.00) and
+    flags flipped labels (AUROC 0.96 to 0.99 at 10 to 30% uniform flips). The *level* of ``loo`` is exact only with
+    the full covariance and the corrected form at a converged MAP; with IVON's diagonal σ² it tracks the trend of
+    the test NLL over training (Spearman 0.90 on digits with matched β2) but underestimates the retrained LOO
+    (about 0.3×): use it to compare evaluations of one run, not as an absolute test loss.
+    """
 
     indices: Tensor  # (N,) stable example index
     targets: Tensor  # (N,) or (N, K)
