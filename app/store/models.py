@@ -121,9 +121,9 @@ class Example(Base):
 class ScoreChunk(Base):
     """Per-example results of one evaluation, stored column-wise in chunks of CHUNK examples.
 
-    Each evaluation is written twice: ordered by rank (``kind`` "rank": rank 0 = most sensitive; top-k and
-    bottom-k read one chunk) and ordered by example index (``kind`` "idx": [lo, hi] bounds the chunk's indices;
-    one example's history reads one chunk per evaluation). ``data`` is a numpy record array (see repository).
+    Each evaluation is written twice: ordered by rank (``kind`` "rank", chunks of 2048 ranks: top-k and bottom-k
+    read one chunk) and bucketed by example index (``kind`` "idx", chunk = idx // 256: one example's history reads
+    one small chunk per evaluation). ``data`` is a numpy record array (see repository).
     """
 
     __tablename__ = "score_chunks"
@@ -136,7 +136,7 @@ class ScoreChunk(Base):
     hi: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
-    __table_args__ = (Index("ix_score_chunks_lookup", "run_id", "kind", "lo", "hi"),)
+    __table_args__ = (Index("ix_score_chunks_history", "run_id", "kind", "chunk", "step"),)
 
 
 class EarlyStopState(Base):

@@ -278,14 +278,16 @@ class Store:
                     Metric.run_id == run_id, Metric.name == name, Metric.step > start).order_by(Metric.step)).all()
                 if len(pts) <= max_points:
                     return [tuple(p) for p in pts]
-            for level in LEVELS:  # the finest level with few enough rows
-                rows = s.execute(select(MetricRollup.bucket, MetricRollup.min_step, MetricRollup.min_value,
-                                        MetricRollup.max_step, MetricRollup.max_value)
-                                 .where(MetricRollup.run_id == run_id, MetricRollup.name == name,
-                                        MetricRollup.level == level, MetricRollup.bucket > start // level)
-                                 .order_by(MetricRollup.bucket).limit(2 * max_points + 1)).all()
-                if len(rows) <= 2 * max_points:
-                    break
+            span = s.execute(select(func.min(MetricRollup.min_step), func.max(MetricRollup.max_step)).where(
+                MetricRollup.run_id == run_id, MetricRollup.name == name, MetricRollup.level == LEVELS[-1],
+                MetricRollup.bucket >= start // LEVELS[-1])).one()
+            width = (span[1] or 0) - max(span[0] or 0, start + 1) + 1
+            level = next((lv for lv in LEVELS if width / lv <= 2 * max_points), LEVELS[-1])
+            rows = s.execute(select(MetricRollup.bucket, MetricRollup.min_step, MetricRollup.min_value,
+                                    MetricRollup.max_step, MetricRollup.max_value)
+                             .where(MetricRollup.run_id == run_id, MetricRollup.name == name,
+                                    MetricRollup.level == level, MetricRollup.bucket > start // level)
+                             .order_by(MetricRollup.bucket)).all()
         return _merge_rollups(rows, max_points)
 
     def examples_at(self, run_id: int, step: int | None = None, k: int = 50, offset: int = 0,
@@ -325,8 +327,8 @@ class Store:
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
             q = (select(ScoreChunk.step, ScoreChunk.data)
-                 .where(ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.lo <= idx,
-                        ScoreChunk.hi >= idx).order_by(ScoreChunk.step))
+                 .where(ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.chunk == idx // IDX_CHUNK)
+                 .order_by(ScoreChunk.step))
             rows = []
             for step, data in s.execute(q):
                 recs = np.frombuffer(data, dtype=RECORD)
@@ -399,7 +401,8 @@ class Store:
                 raise NotFound(f"token {name!r} not found")
 
 
-CHUNK = 2048
+CHUNK = 2048  # ranks per "rank" chunk
+IDX_CHUNK = 256  # example indices per "idx" bucket
 LEVELS = (16, 256, 4096)  # rollup bucket widths in steps
 
 
@@ -477,12 +480,18 @@ def _chunks(run_id, step, idx, scores, loo_losses, prob_label) -> list[dict]:
     sc = rec["score"].astype(np.float64)
     by_rank = np.argsort(np.where(np.isfinite(sc), -sc, np.inf), kind="stable")
     rec["rank"][by_rank] = np.arange(n, dtype=np.int32)
+    if n and int(rec["idx"].min()) < 0:
+        raise ValueError("example indices must be >= 0")
     out = []
-    for kind, order in (("rank", by_rank), ("idx", np.argsort(rec["idx"], kind="stable"))):
-        ordered = rec[order]
-        for c, start in enumerate(range(0, n, CHUNK)):
-            part = ordered[start : start + CHUNK]
-            lo, hi = (start, start + len(part) - 1) if kind == "rank" else (int(part["idx"][0]), int(part["idx"][-1]))
-            out.append({"run_id": run_id, "step": step, "kind": kind, "chunk": c, "lo": lo, "hi": hi,
-                        "data": part.tobytes()})
+    ranked = rec[by_rank]
+    for c, start in enumerate(range(0, n, CHUNK)):
+        part = ranked[start : start + CHUNK]
+        out.append({"run_id": run_id, "step": step, "kind": "rank", "chunk": c, "lo": start,
+                    "hi": start + len(part) - 1, "data": part.tobytes()})
+    by_idx = rec[np.argsort(rec["idx"], kind="stable")]
+    buckets = by_idx["idx"] // IDX_CHUNK
+    cuts = np.flatnonzero(np.diff(buckets)) + 1
+    for part in np.split(by_idx, cuts):
+        out.append({"run_id": run_id, "step": step, "kind": "idx", "chunk": int(part["idx"][0] // IDX_CHUNK),
+                    "lo": int(part["idx"][0]), "hi": int(part["idx"][-1]), "data": part.tobytes()})
     return out

@@ -149,12 +149,12 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":  # random floats do not compress: skip TOAST's pglz
         op.execute("ALTER TABLE score_chunks ALTER COLUMN data SET STORAGE EXTERNAL")
     with op.batch_alter_table("score_chunks", schema=None) as batch_op:
-        batch_op.create_index("ix_score_chunks_lookup", ["run_id", "kind", "lo", "hi"], unique=False)
+        batch_op.create_index("ix_score_chunks_history", ["run_id", "kind", "chunk", "step"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("score_chunks", schema=None) as batch_op:
-        batch_op.drop_index("ix_score_chunks_lookup")
+        batch_op.drop_index("ix_score_chunks_history")
 
     op.drop_table("score_chunks")
     op.drop_table("metrics")
