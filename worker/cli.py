@@ -39,6 +39,36 @@ def _token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from app.store import Store, ensure_current, make_engine, upgrade
+    from worker.config import load_config
+    from worker.service import run_job
+
+    cfg = load_config(args.config)
+    engine = make_engine(args.db)
+    upgrade(engine)
+    store = Store(engine)
+    ensure_current(store.engine)
+    run = store.create_run(cfg.name, cfg.model_dump(mode="json"), enqueue=False)
+    print(f"run {run.id}: {cfg.name}")
+    store.set_run_status(run.id, "running")
+    state = run_job(store, run.id, args.checkpoint_dir)
+    if state != "failed":
+        store.set_run_status(run.id, state)
+    print(f"run {run.id}: {state}")
+    return 0 if state == "done" else 1
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from app.store import Store, ensure_current
+    from worker.service import serve
+
+    store = Store(args.db)
+    ensure_current(store.engine)
+    serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivon-diag", description="Generalization and data-sensitivity "
                                      "diagnostics during training, from the IVON posterior.")
@@ -55,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    tr = sub.add_parser("train", help="run one job in the foreground from a JSON, YAML or TOML config")
+    tr.add_argument("config")
+    tr.add_argument("--checkpoint-dir", default="checkpoints")
+    tr.set_defaults(func=_train)
+    wk = sub.add_parser("worker", help="claim and run jobs from the store")
+    wk.add_argument("--checkpoint-dir", default="checkpoints")
+    wk.add_argument("--worker-id", default=None)
+    wk.add_argument("--lease", type=float, default=60.0, help="seconds before a silent worker's job is retaken")
+    wk.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    wk.set_defaults(func=_worker)
     val = sub.add_parser("validate", help="write docs/validation.md: how faithful the LOO and sensitivities are")
     val.add_argument("--out", default="docs")
     val.add_argument("--quick", action="store_true", help="a reduced run (minutes), for smoke tests")

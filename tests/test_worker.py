@@ -1,0 +1,108 @@
+"""The worker as real processes: train, SIGKILL and resume to the same weights; bad configs fail cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.store import Store, make_engine, upgrade
+from worker.config import ConfigError, load_config, parse_config
+from worker.early_stopping import EarlyStopping
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+JOB = {"name": "resume", "data": {"name": "synthetic", "n_synthetic": 600}, "model": {"name": "mlp", "hidden": [32]},
+       "epochs": 12, "batch_size": 16, "eval_every": 15, "label_noise": {"fraction": 0.1},
+       "early_stopping": {"enabled": False}}
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=ENV, **kw)
+
+
+def test_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    ref = store.create_run("reference", JOB)
+    victim = store.create_run("killed", JOB)
+    # the reference, uninterrupted, in a worker of its own
+    p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"), "--lease", "3")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(store.evaluations(victim.id)) < 2:  # the 2nd job has started
+        time.sleep(0.2)
+    assert len(store.evaluations(victim.id)) >= 2
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert store.get_run(victim.id).status == "running"
+    time.sleep(3.5)  # the lease expires
+    p2 = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"), "--lease", "3")
+    assert p2.wait(timeout=300) == 0
+    assert store.get_run(ref.id).status == "done" and store.get_run(victim.id).status == "done"
+    a = torch.load(tmp_path / "ck" / f"run_{ref.id}_final.pt")["model"]
+    b = torch.load(tmp_path / "ck" / f"run_{victim.id}_final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [e.step for e in store.evaluations(victim.id)]
+    assert steps == sorted(set(steps)) == [e.step for e in store.evaluations(ref.id)]  # none missing or doubled
+    assert store.get_job_for_run(victim.id).attempts == 2
+    _, top = store.examples_at(victim.id, k=30)
+    assert sum(r.flipped for r in top) >= 10  # flipped labels rank among the most sensitive
+
+
+def test_train_command_and_bad_inputs(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("name: tiny\ndata: {name: synthetic, n_synthetic: 200}\nmodel: {name: logreg}\nepochs: 2\n"
+                   "eval_every: 5\n")
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
+                          str(tmp_path / "ck")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    store = Store(url)
+    run = store.list_runs()[0]
+    assert run.status == "done" and len(store.evaluations(run.id)) >= 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochs": 0, "model": {"name": "transformer"}, "surprise": 1}))
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(bad)], env=ENV,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "epochs" in out.stderr and "model.name" in out.stderr and "surprise" in out.stderr
+    assert "Traceback" not in out.stderr
+    missing = {"name": "npz", "data": {"name": "npz", "path": str(tmp_path / "nope.npz")}, "epochs": 1}
+    run2 = store.create_run("missing file", missing)
+    p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert p.wait(timeout=60) == 0
+    failed = store.get_run(run2.id)
+    assert failed.status == "failed" and "data file not found" in failed.error
+    assert store.get_run(run.id).status == "done"  # nothing already written is lost
+
+
+def test_config_files_and_errors(tmp_path):
+    (tmp_path / "a.toml").write_text('name = "t"\nepochs = 3\n[optimizer]\nlr = 0.1\nbeta2 = 0.999\n')
+    assert load_config(tmp_path / "a.toml").optimizer.beta2 == 0.999
+    with pytest.raises(ConfigError, match="optimizer.beta2"):
+        parse_config({"optimizer": {"beta2": 1.5}})
+    with pytest.raises(ConfigError, match="data.path is required"):
+        parse_config({"data": {"name": "npz"}})
+    (tmp_path / "b.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(tmp_path / "b.json")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "none.json")
+
+
+def test_early_stopping_follows_lightning_semantics():
+    es = EarlyStopping(patience=2, min_delta=0.01)
+    stops = [es.step({"loo": v}, i) for i, v in enumerate([1.0, 0.9, 0.895, 0.899])]
+    assert stops == [False, False, False, True]  # 0.895 is not better by min_delta: patience 2 runs out
+    assert es.best == 0.9 and es.best_step == 1 and es.stopped_step == 3
+    es2 = EarlyStopping(stopping_threshold=0.2)
+    assert es2.step({"loo": 0.1}, 0)
+    es3 = EarlyStopping()
+    assert es3.step({"loo": float("nan")}, 3) and "not finite" in es3.reason
+    with pytest.raises(KeyError, match="monitors 'loo'"):
+        EarlyStopping().step({"test_nll": 1.0}, 0)

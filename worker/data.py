@@ -1,0 +1,133 @@
+"""Data sources for jobs: sklearn's digits (the offline default), synthetic data, and local .npz files.
+
+Every example keeps a stable index (its row in the training split); image examples get a PNG thumbnail.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from worker.config import DataConfig, LabelNoiseConfig
+from worker.validation.setups import PAIRS
+
+
+@dataclass
+class Dataset:
+    xtr: Tensor
+    ytr: Tensor
+    xte: Tensor
+    yte: Tensor
+    num_classes: int
+    image_shape: tuple[int, ...] | None
+    original: Tensor  # training labels before label noise
+    flipped: Tensor  # bool per training example
+
+    @property
+    def n(self) -> int:
+        return len(self.xtr)
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    image_shape = None
+    if cfg.name == "digits":
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).reshape(-1, 1, 8, 8)
+        image_shape = (1, 8, 8)
+        xtr, xte, ytr, yte = _split(x, y, cfg.test_fraction, seed)
+    elif cfg.name == "synthetic":
+        g = np.random.default_rng(seed)
+        centers = g.normal(size=(4, 16)) * 2
+        y = g.integers(0, 4, size=cfg.n_synthetic)
+        x = centers[y] + g.normal(size=(cfg.n_synthetic, 16))
+        xtr, xte, ytr, yte = _split(x, y, cfg.test_fraction, seed)
+    else:
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as err:
+            raise ValueError(f"cannot read {path} as .npz: {err}") from None
+        if "x_train" not in arrays or "y_train" not in arrays:
+            raise ValueError(f"{path} must contain x_train and y_train (has {sorted(arrays)})")
+        if "x_test" in arrays and "y_test" in arrays:
+            xtr, ytr, xte, yte = arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+        else:
+            xtr, xte, ytr, yte = _split(arrays["x_train"], arrays["y_train"], cfg.test_fraction, seed)
+        if xtr.ndim == 4:
+            image_shape = tuple(xtr.shape[1:])
+    ytr, yte = np.asarray(ytr), np.asarray(yte)
+    if not np.issubdtype(ytr.dtype, np.integer) or ytr.min() < 0:
+        raise ValueError("labels must be non-negative integers")
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise ValueError(f"inputs and labels differ in length: {len(xtr)} vs {len(ytr)}, {len(xte)} vs {len(yte)}")
+    if cfg.n_train is not None and cfg.n_train < len(xtr):
+        from sklearn.model_selection import train_test_split
+
+        xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=cfg.n_train, stratify=ytr, random_state=seed)
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+    if not np.isfinite(xtr).all():
+        bad = int(np.flatnonzero(~np.isfinite(xtr.reshape(len(xtr), -1)).all(1))[0])
+        raise ValueError(f"non-finite input values in training example {bad}")
+    t = torch.tensor(ytr, dtype=torch.long)
+    return Dataset(torch.tensor(xtr, dtype=torch.float32), t.clone(), torch.tensor(xte, dtype=torch.float32),
+                   torch.tensor(yte, dtype=torch.long), num_classes, image_shape, t,
+                   torch.zeros(len(t), dtype=torch.bool))
+
+
+def inject_label_noise(data: Dataset, cfg: LabelNoiseConfig) -> Dataset:
+    """Flip ``cfg.fraction`` of the training labels (uniformly to another class, or within digit pairs)."""
+    if cfg.fraction == 0:
+        return data
+    rng = np.random.default_rng(cfg.seed)
+    y = data.ytr.clone()
+    k = int(round(cfg.fraction * len(y)))
+    if cfg.mode == "pairs":
+        partner = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
+        eligible = np.array([i for i in range(len(y))
+                             if int(y[i]) in partner and partner[int(y[i])] < data.num_classes])
+        idx = rng.choice(eligible, size=min(k, len(eligible)), replace=False)
+        for i in idx:
+            y[i] = partner[int(y[i])]
+    else:
+        idx = rng.choice(len(y), size=k, replace=False)
+        for i in idx:
+            y[i] = (int(y[i]) + int(rng.integers(1, data.num_classes))) % data.num_classes
+    flipped = torch.zeros(len(y), dtype=torch.bool)
+    flipped[torch.as_tensor(idx, dtype=torch.long)] = True
+    data.ytr, data.flipped = y, flipped
+    return data
+
+
+def thumbnails(data: Dataset, size: int = 32) -> list[bytes | None]:
+    """PNG thumbnails of image examples (None for non-image data)."""
+    if data.image_shape is None:
+        return [None] * data.n
+    from PIL import Image
+
+    out = []
+    x = data.xtr.reshape(data.n, *data.image_shape).numpy()
+    lo, hi = float(x.min()), float(x.max())
+    for img in x:
+        arr = ((img - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+        pil = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0)[..., :3])
+        pil = pil.resize((size, size), Image.NEAREST)
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out

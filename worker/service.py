@@ -1,0 +1,82 @@
+"""``ivon-diag worker``: claim jobs from the store, run them with a heartbeat, release them on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from app.store import Store
+from worker.config import ConfigError, parse_config
+from worker.trainer import JobFailed, Trainer
+
+
+def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: threading.Event | None = None,
+            log=print) -> str:
+    """Run one run's job in this process; returns the final state ("done", "failed", "cancelled", "queued")."""
+    stop_event = stop_event or threading.Event()
+    run = store.get_run(run_id)
+    try:
+        cfg = parse_config(run.config)
+        trainer = Trainer(cfg, store, run_id, checkpoint_dir,
+                          should_stop=lambda: stop_event.is_set() or store.get_run(run_id).stop_requested, log=log)
+        outcome = trainer.run()
+    except (ConfigError, JobFailed) as err:
+        return _fail(store, run_id, str(err), log)
+    except Exception as err:  # a user factory or data that raises: the worker goes on with other jobs
+        log(traceback.format_exc())
+        return _fail(store, run_id, f"{type(err).__name__}: {err}", log)
+    if outcome == "released":
+        return "cancelled" if store.get_run(run_id).stop_requested else "queued"
+    return "done"
+
+
+def _fail(store: Store, run_id: int, reason: str, log) -> str:
+    log(f"run {run_id} failed: {reason}")
+    store.set_run_status(run_id, "failed", error=reason)
+    return "failed"
+
+
+def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None, lease_seconds: float = 60.0,
+          once: bool = False, poll_seconds: float = 1.0, log=print) -> None:
+    """Claim and run jobs until SIGTERM/SIGINT (or, with ``once``, until the queue is empty)."""
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log(f"worker {worker_id}: signal {signum}, checkpointing and releasing the job")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    while not stop.is_set():
+        job = store.claim_job(worker_id, lease_seconds)
+        if job is None:
+            if once:
+                return
+            stop.wait(poll_seconds)
+            continue
+        log(f"worker {worker_id}: job {job.id} (run {job.run_id}, attempt {job.attempts})")
+        beating = threading.Event()
+
+        def heartbeat(job_id=job.id, beating=beating):
+            while not beating.wait(lease_seconds / 3):
+                if not store.heartbeat(job_id, worker_id, lease_seconds):
+                    log(f"worker {worker_id}: lost the lease of job {job_id}")
+                    stop.set()
+
+        hb = threading.Thread(target=heartbeat, daemon=True)
+        hb.start()
+        try:
+            state = run_job(store, job.run_id, checkpoint_dir, stop, log)
+        finally:
+            beating.set()
+            hb.join()
+        store.finish_job(job.id, state, error=store.get_run(job.run_id).error if state == "failed" else None)
+        if state == "queued":
+            return
+        time.sleep(0)

@@ -1,0 +1,199 @@
+"""One training job: IVON steps, evaluations (sensitivities, LOO, metrics) written to the store, early stopping,
+checkpoints at every evaluation so that a killed job resumes to the same final weights."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.store import Store
+from ivon_core import IVON, all_metrics, matched_beta2, predict
+from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
+from worker import models
+from worker.config import JobConfig
+from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
+from worker.early_stopping import EarlyStopping
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on (non-finite loss, bad data, …); the message is stored on the run."""
+
+
+def build_model(cfg: JobConfig, data: Dataset) -> nn.Module:
+    m, k = cfg.model, data.num_classes
+    in_features = int(torch.tensor(data.xtr.shape[1:]).prod())
+    if m.name == "logreg":
+        return models.logistic_regression(in_features, k)
+    if m.name == "mlp":
+        return models.mlp(in_features, k, tuple(m.hidden))
+    if data.image_shape is None:
+        raise JobFailed(f"model {m.name!r} needs image data; data set {cfg.data.name!r} is not images")
+    c, side = data.image_shape[0], data.image_shape[1]
+    if m.name == "cnn":
+        return models.small_cnn(c, k, side)
+    return models.resnet20(k, c, m.norm)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path,
+                 should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print):
+        self.cfg, self.store, self.run_id = cfg, store, run_id
+        self.ckpt = Path(checkpoint_dir) / f"run_{run_id}.pt"
+        self.final = Path(checkpoint_dir) / f"run_{run_id}_final.pt"
+        self.should_stop, self.log = should_stop, log
+
+    def _setup(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        try:
+            data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)
+        except (ValueError, FileNotFoundError) as err:
+            raise JobFailed(str(err)) from None
+        model = build_model(cfg, data)
+        spe = math.ceil(data.n / cfg.batch_size)
+        total = cfg.epochs * spe
+        o = cfg.optimizer
+        if o.name == "ivon":
+            beta2 = matched_beta2(total) if o.beta2 == "matched" else float(o.beta2)
+            opt = IVON(model.parameters(), lr=o.lr, ess=o.ess or data.n, hess_init=o.hess_init, beta2=beta2,
+                       weight_decay=o.weight_decay, mc_samples=o.mc_samples, clip_radius=o.clip_radius)
+        elif o.name == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+
+        def schedule(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            frac = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return data, model, opt, sched, spe, total
+
+    def run(self) -> str:
+        """Train to the end, an early stop or a stop request; returns "done", "stopped" or "released"."""
+        cfg = self.cfg
+        data, model, opt, sched, spe, total = self._setup()
+        es = EarlyStopping(**cfg.early_stopping.model_dump(exclude={"enabled"}))
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        step, perm = 0, None
+        if self.ckpt.exists():
+            ck = torch.load(self.ckpt, weights_only=False)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng"])
+            gen.set_state(ck["gen"])
+            step, perm = ck["step"], ck["perm"]
+            es.load_state_dict(ck["early_stopping"])
+            self.log(f"run {self.run_id}: resumed at step {step}")
+        else:
+            self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
+                                    data.original.tolist(), thumbnails(data))
+        sub = None
+        if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
+            sub = torch.randperm(data.n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:cfg.sensitivity.subset]
+        status = "done"
+        while step < total:
+            pos = step % spe
+            if pos == 0 or perm is None:
+                perm = torch.randperm(data.n, generator=gen)
+            idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+            loss = self._train_step(model, opt, data.xtr[idx], data.ytr[idx])
+            if not math.isfinite(loss):
+                raise JobFailed(f"non-finite training loss ({loss}) at step {step + 1}")
+            sched.step()
+            step += 1
+            if step % cfg.eval_every and step != total:
+                continue
+            metrics = self._evaluate(model, opt, data, sub, step, spe)
+            if cfg.early_stopping.enabled and es.step(metrics, step, model):
+                self.store.save_early_stop(self.run_id, monitor=es.monitor, mode=es.mode, best=es.best,
+                                           best_step=es.best_step, wait=es.wait, stopped_step=es.stopped_step,
+                                           reason=es.reason)
+                if es.reason and "not finite" in es.reason:
+                    raise JobFailed(es.reason)
+                self.log(f"run {self.run_id}: early stop at step {step}: {es.reason}")
+                if es.restore_best_weights:
+                    es.restore(model)
+                status = "stopped"
+                break
+            if cfg.early_stopping.enabled:
+                self.store.save_early_stop(self.run_id, monitor=es.monitor, mode=es.mode, best=es.best,
+                                           best_step=es.best_step, wait=es.wait)
+            self._checkpoint(model, opt, sched, gen, step, perm, es)
+            if self.should_stop():
+                return "released"
+        torch.save({"model": model.state_dict(), "step": step}, self.final)
+        return status
+
+    def _train_step(self, model, opt, x, y) -> float:
+        model.train()
+        if isinstance(opt, IVON):
+            losses = []
+            for _ in range(opt.mc_samples):
+                with opt.sampled_params(train=True):
+                    opt.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    losses.append(loss.item())
+            opt.step()
+            return sum(losses) / len(losses)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def _variance(self, model, opt, data: Dataset):
+        if isinstance(opt, IVON):
+            return ivon_variance(opt, model)
+        if isinstance(opt, torch.optim.AdamW):
+            return adamw_variance(opt, data.n, model, weight_decay=self.cfg.optimizer.weight_decay)
+        prior = data.n * self.cfg.optimizer.weight_decay or 1.0
+        return sgd_variance(model, (data.xtr, data.ytr), prior_precision=prior)
+
+    def _evaluate(self, model, opt, data: Dataset, sub, step: int, spe: int) -> dict[str, float]:
+        t = time.perf_counter()
+        x, y = (data.xtr, data.ytr) if sub is None else (data.xtr[sub], data.ytr[sub])
+        ids = torch.arange(data.n) if sub is None else sub
+        res = compute_sensitivities(model, (x, y, ids), self._variance(model, opt, data),
+                                    form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size)
+        model.eval()
+        with torch.no_grad():
+            test_mean = model(data.xte).softmax(-1)
+        metrics = {"train_nll": float(res.losses.double().mean()),
+                   "train_acc": float((res.logits.argmax(1) == res.targets).double().mean())}
+        metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, data.yte).items()})
+        if isinstance(opt, IVON):
+            mc = predict(model, data.xte, opt, mc_samples=self.cfg.eval_mc_samples).mc
+            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})
+            hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
+            metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
+        metrics["loo"] = res.loo
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise JobFailed(f"non-finite {', '.join(bad)} at step {step}")
+        loo = metrics.pop("loo")
+        self.store.write_evaluation(self.run_id, step, loo=loo, metrics=metrics, idx=res.indices.numpy(),
+                                    scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
+                                    prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
+                                    epoch=step / spe, wall_time=time.perf_counter() - t)
+        self.log(f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
+                 f"test_nll {metrics['test_nll']:.4f}")
+        return {**metrics, "loo": loo}
+
+    def _checkpoint(self, model, opt, sched, gen, step, perm, es) -> None:
+        tmp = self.ckpt.with_suffix(".tmp")
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(), "gen": gen.get_state(), "step": step, "perm": perm,
+                    "early_stopping": es.state_dict()}, tmp)
+        os.replace(tmp, self.ckpt)  # atomic: a kill leaves the old or the new checkpoint, never half of one
