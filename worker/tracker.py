@@ -1,0 +1,53 @@
+"""A tracker for users' own training loops: a few lines log evaluations to the store, so the dashboard works
+without the worker.
+
+    tracker = Tracker("sqlite:///ivon-diag.db", "my-run", config={"lr": 0.5})
+    tracker.log_examples(labels=y_train.tolist())
+    ...
+    res = compute_sensitivities(model, (x_train, y_train), ivon_variance(optimizer, model))
+    tracker.log_evaluation(step, res, metrics={"test_nll": 0.31})
+    tracker.finish()
+"""
+
+from __future__ import annotations
+
+import math
+
+from app.store import Store, ensure_current, make_engine, upgrade
+from sensitivity import SensitivityResult
+
+
+class Tracker:
+    def __init__(self, db: str | None, name: str, config: dict | None = None, migrate: bool = True):
+        engine = make_engine(db)
+        if migrate:
+            upgrade(engine)
+        ensure_current(engine)
+        self.store = Store(engine)
+        self.run = self.store.create_run(name, config or {}, enqueue=False)
+        self.store.set_run_status(self.run.id, "running")
+
+    @property
+    def run_id(self) -> int:
+        return self.run.id
+
+    def log_examples(self, labels=None, flipped=None, thumbnails=None, indices=None) -> None:
+        n = len(labels if labels is not None else indices)
+        self.store.add_examples(self.run.id, indices if indices is not None else list(range(n)), labels, flipped,
+                                thumbnails=thumbnails)
+
+    def log_evaluation(self, step: int, result: SensitivityResult, metrics: dict[str, float] | None = None,
+                       epoch: float | None = None) -> None:
+        """Write the LOO estimate, train NLL and accuracy from ``result``, ``metrics``, and the per-example rows."""
+        if not math.isfinite(result.loo):
+            raise ValueError(f"the LOO estimate at step {step} is not finite ({result.loo})")
+        own = {"train_nll": float(result.losses.double().mean())}
+        if result.logits.shape[1] > 1 and result.targets.ndim == 1:
+            own["train_acc"] = float((result.logits.argmax(1) == result.targets).double().mean())
+        self.store.write_evaluation(
+            self.run.id, step, loo=result.loo, metrics={**own, **(metrics or {})}, idx=result.indices.numpy(),
+            scores=result.scores.numpy(), loo_losses=result.loo_losses.numpy(),
+            prob_label=None if result.loo_probs is None else result.loo_probs.numpy(), epoch=epoch)
+
+    def finish(self, status: str = "done", error: str | None = None) -> None:
+        self.store.set_run_status(self.run.id, status, error=error)
