@@ -12,32 +12,38 @@ from pathlib import Path
 
 from app.store import Store
 from worker.config import ConfigError, parse_config
+from worker.hooks import HookDispatcher
 from worker.trainer import JobFailed, Trainer
 
 
 def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: threading.Event | None = None,
-            log=print) -> str:
+            log=print, callbacks=None) -> str:
     """Run one run's job in this process; returns the final state ("done", "failed", "cancelled", "queued")."""
     stop_event = stop_event or threading.Event()
     run = store.get_run(run_id)
+    hooks = HookDispatcher([(h.url, h.events, h.secret) for h in store.hooks_for(run_id)], callbacks)
     try:
         cfg = parse_config(run.config)
         trainer = Trainer(cfg, store, run_id, checkpoint_dir,
-                          should_stop=lambda: stop_event.is_set() or store.get_run(run_id).stop_requested, log=log)
+                          should_stop=lambda: stop_event.is_set() or store.get_run(run_id).stop_requested, log=log,
+                          hooks=hooks)
         outcome = trainer.run()
     except (ConfigError, JobFailed) as err:
-        return _fail(store, run_id, str(err), log)
+        return _fail(store, run_id, str(err), log, hooks)
     except Exception as err:  # a user factory or data that raises: the worker goes on with other jobs
         log(traceback.format_exc())
-        return _fail(store, run_id, f"{type(err).__name__}: {err}", log)
+        return _fail(store, run_id, f"{type(err).__name__}: {err}", log, hooks)
+    finally:
+        hooks.close()
     if outcome == "released":
         return "cancelled" if store.get_run(run_id).stop_requested else "queued"
     return "done"
 
 
-def _fail(store: Store, run_id: int, reason: str, log) -> str:
+def _fail(store: Store, run_id: int, reason: str, log, hooks: HookDispatcher) -> str:
     log(f"run {run_id} failed: {reason}")
     store.set_run_status(run_id, "failed", error=reason)
+    hooks.emit("failed", {"run_id": run_id, "error": reason})
     return "failed"
 
 

@@ -19,6 +19,7 @@ from worker import models
 from worker.config import JobConfig
 from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
 from worker.early_stopping import EarlyStopping
+from worker.hooks import HookDispatcher
 
 
 class JobFailed(RuntimeError):
@@ -42,8 +43,10 @@ def build_model(cfg: JobConfig, data: Dataset) -> nn.Module:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path,
-                 should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print):
+                 should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print,
+                 hooks: HookDispatcher | None = None):
         self.cfg, self.store, self.run_id = cfg, store, run_id
+        self.hooks = hooks or HookDispatcher()
         self.ckpt = Path(checkpoint_dir) / f"run_{run_id}.pt"
         self.final = Path(checkpoint_dir) / f"run_{run_id}_final.pt"
         self.should_stop, self.log = should_stop, log
@@ -121,6 +124,8 @@ class Trainer:
                 if es.reason and "not finite" in es.reason:
                     raise JobFailed(es.reason)
                 self.log(f"run {self.run_id}: early stop at step {step}: {es.reason}")
+                self.hooks.emit("early_stop", {"run_id": self.run_id, "step": step, "reason": es.reason,
+                                               "best": es.best, "best_step": es.best_step})
                 if es.restore_best_weights:
                     es.restore(model)
                 status = "stopped"
@@ -132,6 +137,7 @@ class Trainer:
             if self.should_stop():
                 return "released"
         torch.save({"model": model.state_dict(), "step": step}, self.final)
+        self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
         return status
 
     def _train_step(self, model, opt, x, y) -> float:
@@ -186,6 +192,7 @@ class Trainer:
                                     scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
                                     prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
                                     epoch=step / spe, wall_time=time.perf_counter() - t)
+        self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
         self.log(f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
                  f"test_nll {metrics['test_nll']:.4f}")
         return {**metrics, "loo": loo}
