@@ -69,6 +69,20 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+    from app.store import Store, ensure_current
+
+    settings = Settings(db=args.db) if args.db else Settings()
+    store = Store(settings.db)
+    ensure_current(store.engine)
+    uvicorn.run(create_app(settings, store), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivon-diag", description="Generalization and data-sensitivity "
                                      "diagnostics during training, from the IVON posterior.")
@@ -85,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    sv = sub.add_parser("serve", help="the REST API (and, later, the dashboard)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=_serve)
     tr = sub.add_parser("train", help="run one job in the foreground from a JSON, YAML or TOML config")
     tr.add_argument("config")
     tr.add_argument("--checkpoint-dir", default="checkpoints")

@@ -42,7 +42,7 @@ class OptimizerConfig(_Strict):
     beta2: float | Literal["matched"] = Field("matched", description="'matched': 1 − 1/total steps (validated)")
     weight_decay: float = Field(1e-3, ge=0)
     mc_samples: int = Field(1, ge=1)
-    clip_radius: float = Field(float("inf"), gt=0)
+    clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
     warmup_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")

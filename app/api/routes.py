@@ -1,0 +1,109 @@
+"""REST API under /api/v1: runs, curves, evaluations, examples, early stopping. Reads only the store."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+
+from app.api.deps import get_store, require_read, require_write
+from app.api.schemas import Curve, EarlyStopOut, EvaluationOut, ExampleOut, ExamplesPage, Point, RunCreate, RunOut
+from app.store import Store
+
+router = APIRouter(prefix="/api/v1")
+read = [Depends(require_read)]
+
+
+@router.get("/runs", response_model=list[RunOut], dependencies=read)
+def list_runs(
+    status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
+    limit: int = Query(100, ge=1, description="capped at 1000"),
+    offset: int = Query(0, ge=0),
+    store: Store = Depends(get_store),
+):
+    return store.list_runs(status=status, limit=min(limit, 1000), offset=offset)
+
+
+@router.post("/runs", response_model=RunOut, status_code=201, dependencies=[Depends(require_write)])
+def create_run(body: RunCreate, store: Store = Depends(get_store)):
+    """Validate a job config and queue it for a worker."""
+    from worker.config import ConfigError, parse_config  # validation only; the API never trains
+
+    try:
+        cfg = parse_config(body.config)
+    except ConfigError as err:
+        raise HTTPException(422, str(err)) from None
+    return store.create_run(cfg.name, cfg.model_dump(mode="json"))
+
+
+@router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
+def get_run(run_id: int, store: Store = Depends(get_store)):
+    return store.get_run(run_id)
+
+
+@router.post("/runs/{run_id}/stop", response_model=RunOut, dependencies=[Depends(require_write)])
+def stop_run(run_id: int, store: Store = Depends(get_store)):
+    store.request_stop(run_id)
+    return store.get_run(run_id)
+
+
+@router.get("/runs/{run_id}/metrics/{name}", response_model=Curve, dependencies=read)
+def curve(
+    run_id: int,
+    name: str,
+    since_step: int | None = Query(None, ge=-1),
+    max_points: int = Query(2000, ge=4, description="capped at 10000"),
+    store: Store = Depends(get_store),
+):
+    store.get_run(run_id)
+    return Curve(
+        name=name, points=[Point(step=s, value=v) for s, v in store.curve(run_id, name, since_step, max_points)]
+    )
+
+
+@router.get("/runs/{run_id}/evaluations", response_model=list[EvaluationOut], dependencies=read)
+def evaluations(
+    run_id: int,
+    since_step: int | None = Query(None, ge=-1),
+    limit: int = Query(1000, ge=1, description="capped at 10000"),
+    store: Store = Depends(get_store),
+):
+    return store.evaluations(run_id, since_step, min(limit, 10000))
+
+
+@router.get("/runs/{run_id}/examples", response_model=ExamplesPage, dependencies=read)
+def examples(
+    run_id: int,
+    order: Literal["most", "least"] = "most",
+    step: int | None = Query(None, ge=0),
+    limit: int = Query(50, ge=1, description="capped at 1000"),
+    offset: int = Query(0, ge=0),
+    store: Store = Depends(get_store),
+):
+    limit = min(limit, 1000)
+    at, rows = store.examples_at(run_id, step, limit, offset, least=order == "least")
+    return ExamplesPage(step=at, order=order, offset=offset, limit=limit, items=[ExampleOut(**vars(r)) for r in rows])
+
+
+@router.get("/runs/{run_id}/examples/{idx}", response_model=list[ExampleOut], dependencies=read)
+def example_history(run_id: int, idx: int, store: Store = Depends(get_store)):
+    return [ExampleOut(**vars(r)) for r in store.example_history(run_id, idx)]
+
+
+@router.get(
+    "/runs/{run_id}/examples/{idx}/image",
+    dependencies=read,
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def example_image(run_id: int, idx: int, store: Store = Depends(get_store)):
+    ex = store.get_example(run_id, idx)
+    if ex.thumbnail is None:
+        raise HTTPException(404, f"example {idx} of run {run_id} has no image")
+    return Response(ex.thumbnail, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.get("/runs/{run_id}/early-stopping", response_model=EarlyStopOut | None, dependencies=read)
+def early_stopping(run_id: int, store: Store = Depends(get_store)):
+    store.get_run(run_id)
+    return store.early_stop(run_id)

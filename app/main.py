@@ -1,0 +1,57 @@
+"""The FastAPI application: REST API, health endpoints, errors mapped without stack traces."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from app.api.routes import router
+from app.settings import Settings
+from app.store import NotFound, SchemaOutdated, Store, StoreError, ensure_current
+
+log = logging.getLogger("ivon_diag.app")
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="ivon-diag", version="0.1.0",
+                  description="Generalization and data-sensitivity diagnostics during training.")
+    app.state.settings = settings
+    app.state.store = store or Store(settings.db)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.include_router(router)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, err: NotFound):
+        return JSONResponse({"detail": str(err)}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, err: StoreError):
+        log.error("store error: %s", err)
+        return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, err: Exception):  # never a stack trace to a client
+        log.exception("unhandled error")
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz():
+        try:
+            ensure_current(app.state.store.engine)
+        except SchemaOutdated as err:
+            return JSONResponse({"status": "schema outdated", "detail": str(err)}, status_code=503)
+        except StoreError:
+            return JSONResponse({"status": "database unreachable"}, status_code=503)
+        return {"status": "ready"}
+
+    return app

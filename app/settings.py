@@ -1,0 +1,14 @@
+"""Service settings from the environment (pydantic-settings); no default secrets."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IVON_DIAG_", extra="ignore")
+
+    db: str | None = None  # IVON_DIAG_DB; default sqlite:///ivon-diag.db
+    read_requires_token: bool = False  # IVON_DIAG_READ_REQUIRES_TOKEN
+    cors_origins: list[str] = []  # IVON_DIAG_CORS_ORIGINS='["https://…"]'; CORS is off when empty
+    max_limit: int = 1000

@@ -1,0 +1,135 @@
+"""The REST API on both backends: reads, token-protected writes, validation, 404s, caps, no stack traces."""
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+
+
+@pytest.fixture
+def api(store):
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    token = store.create_token(f"t{id(client)}")
+    return client, store, {"Authorization": f"Bearer {token}"}
+
+
+def _run_with_data(store):
+    run = store.create_run("<script>alert(1)</script>", {"name": "x"}, enqueue=False)
+    store.add_examples(
+        run.id,
+        range(300),
+        labels=[i % 10 for i in range(300)],
+        flipped=[i % 9 == 0 for i in range(300)],
+        thumbnails=[b"\x89PNG fake" if i == 3 else None for i in range(300)],
+    )
+    for step in (10, 20):
+        s = np.random.default_rng(step).random(300)
+        store.write_evaluation(
+            run.id,
+            step,
+            loo=0.5 - step / 100,
+            metrics={"test_nll": 0.4},
+            idx=np.arange(300),
+            scores=s,
+            loo_losses=s,
+            prob_label=1 - s,
+        )
+    return run
+
+
+def test_reads(api):
+    client, store, _ = api
+    run = _run_with_data(store)
+    assert client.get(f"/api/v1/runs/{run.id}").json()["name"] == "<script>alert(1)</script>"
+    assert run.id in [r["id"] for r in client.get("/api/v1/runs", params={"limit": 5000}).json()]
+    pts = client.get(f"/api/v1/runs/{run.id}/metrics/loo").json()["points"]
+    assert [p["step"] for p in pts] == [10, 20]
+    assert client.get(f"/api/v1/runs/{run.id}/metrics/loo", params={"since_step": 10}).json()["points"][0]["step"] == 20
+    page = client.get(f"/api/v1/runs/{run.id}/examples", params={"limit": 5000}).json()
+    assert page["step"] == 20 and len(page["items"]) == 300 and page["items"][0]["rank"] == 0
+    least = client.get(f"/api/v1/runs/{run.id}/examples", params={"order": "least", "limit": 3, "step": 10}).json()
+    assert [i["rank"] for i in least["items"]] == [299, 298, 297]
+    hist = client.get(f"/api/v1/runs/{run.id}/examples/7").json()
+    assert [h["step"] for h in hist] == [10, 20]
+    img = client.get(f"/api/v1/runs/{run.id}/examples/3/image")
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    assert client.get(f"/api/v1/runs/{run.id}/examples/4/image").status_code == 404
+    assert len(client.get(f"/api/v1/runs/{run.id}/evaluations").json()) == 2
+    assert client.get("/openapi.json").status_code == 200 and client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_unknown_ids_and_bad_parameters(api):
+    client, _, _ = api
+    r = client.get("/api/v1/runs/987654")
+    assert r.status_code == 404 and "987654" in r.json()["detail"]
+    assert client.get("/api/v1/runs/987654/examples").status_code == 404
+    assert client.get("/api/v1/runs/abc").status_code == 422
+    bad = client.get("/api/v1/runs", params={"status": "sleeping", "limit": -1})
+    assert bad.status_code == 422 and {e["loc"][-1] for e in bad.json()["detail"]} == {"status", "limit"}
+
+
+def test_writes_need_a_valid_token(api):
+    client, store, auth = api
+    body = {"config": {"name": "api-run", "data": {"name": "synthetic"}, "epochs": 1}}
+    assert client.post("/api/v1/runs", json=body).status_code == 401
+    assert client.post("/api/v1/runs", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+    created = client.post("/api/v1/runs", json=body, headers=auth)
+    assert created.status_code == 201 and created.json()["status"] == "queued"
+    run_id = created.json()["id"]
+    assert store.get_job_for_run(run_id).state == "queued"
+    assert client.post(f"/api/v1/runs/{run_id}/stop").status_code == 401
+    stopped = client.post(f"/api/v1/runs/{run_id}/stop", headers=auth).json()
+    assert stopped["stop_requested"] and stopped["status"] == "cancelled"
+    invalid = client.post("/api/v1/runs", json={"config": {"epochs": 0, "model": {"name": "gpt"}}}, headers=auth)
+    assert (
+        invalid.status_code == 422 and "epochs" in invalid.json()["detail"] and "model.name" in invalid.json()["detail"]
+    )
+
+
+def test_reads_can_require_a_token_and_errors_hide_internals(store):
+    client = TestClient(create_app(Settings(read_requires_token=True), store), raise_server_exceptions=False)
+    assert client.get("/api/v1/runs").status_code == 401
+
+    def boom(*a, **k):
+        raise RuntimeError("secret internals")
+
+    open_client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    store.list_runs, original = boom, store.list_runs
+    try:
+        r = open_client.get("/api/v1/runs")
+    finally:
+        store.list_runs = original
+    assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_serve_command_answers_over_http(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from app.store import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    upgrade(make_engine(url))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "serve", "--port", str(port)])
+    try:
+        for _ in range(100):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert r.json() == {"status": "ready"}
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs").json() == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
