@@ -17,3 +17,37 @@ def test_cli_rejects_bad_arguments_with_a_clear_message():
     out = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--flip", "1.5"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "Invalid flip fraction" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_demo_queues_a_noisy_digits_job_and_serves_it(tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", db, "demo", "--epochs", "2", "--port",
+                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/runs/1" in line
+        deadline = time.time() + 120
+        page = None
+        while time.time() < deadline:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/api/v1/runs/1/examples", params={"limit": 50}, timeout=2)
+                if page.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert page is not None and page.status_code == 200
+        assert sum(bool(i["flipped"]) for i in page.json()["items"]) >= 5  # flips among the 50 most sensitive
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)

@@ -7,10 +7,15 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    if args.terminal:
+        from worker.demo import run_demo
 
-    run_demo(epochs=args.epochs, flip_fraction=args.flip, seed=args.seed)
-    return 0
+        run_demo(epochs=args.epochs, flip_fraction=args.flip, seed=args.seed)
+        return 0
+    from worker.demo import serve_demo
+
+    return serve_demo(args.db or "sqlite:///ivon-diag-demo.db", epochs=args.epochs, flip_fraction=args.flip,
+                      seed=args.seed, port=args.port)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--terminal", action="store_true", help="print the diagnostics instead of serving them")
     demo.set_defaults(func=_demo)
     sv = sub.add_parser("serve", help="the REST API (and, later, the dashboard)")
     sv.add_argument("--host", default="127.0.0.1")

@@ -57,3 +57,37 @@ def run_demo(epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, eval_e
         out(f"{ep:5d} {row['train_nll']:10.3f} {row['loo']:9.3f} {row['test_nll']:9.3f} {row['test_acc']:9.3f} "
             f"{caught:18.2f} {row['eval_s']:7.2f}")
     return history
+
+
+def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, port: int = 8000,
+               host: str = "127.0.0.1") -> int:
+    """Migrate the database, queue a digits job with flipped labels, start a worker and the dashboard."""
+    import subprocess
+    import sys
+
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+    from app.store import Store, make_engine, upgrade
+
+    if not 0 <= flip_fraction < 1:
+        raise ValueError(f"Invalid flip fraction: {flip_fraction!r} (must be in [0, 1))")
+    engine = make_engine(db)
+    upgrade(engine)
+    store = Store(engine)
+    config = {"name": f"digits, {flip_fraction:.0%} labels flipped", "data": {"name": "digits"},
+              "model": {"name": "mlp", "hidden": [128]}, "epochs": epochs, "eval_every": 45,
+              "label_noise": {"fraction": flip_fraction, "seed": seed}, "seed": seed,
+              "early_stopping": {"enabled": False}}
+    run = store.create_run(config["name"], config)
+    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", db, "worker", "--checkpoint-dir",
+                               "checkpoints-demo"])
+    print(f"dashboard: http://{host}:{port}/runs/{run.id}   (all runs: http://{host}:{port}/; Ctrl-C stops)",
+          flush=True)
+    try:
+        uvicorn.run(create_app(Settings(db=db), store), host=host, port=port, log_level="warning")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    return 0

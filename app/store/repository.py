@@ -321,6 +321,23 @@ class Store:
             rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None))) for r in recs]
             return step, rows
 
+    def score_histogram(self, run_id: int, step: int | None = None, bins: int = 30) -> tuple[int, list, list]:
+        """(step, counts, edges) of the finite sensitivity scores at ``step`` (default: the latest)."""
+        with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            if step is None:
+                step = s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
+                if step is None:
+                    raise NotFound(f"run {run_id} has no evaluation yet")
+            datas = list(s.scalars(select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
+                                                                 ScoreChunk.kind == "rank")))
+        if not datas:
+            raise NotFound(f"run {run_id} has no per-example scores at step {step}")
+        scores = np.concatenate([np.frombuffer(d, dtype=RECORD)["score"] for d in datas]).astype(np.float64)
+        counts, edges = np.histogram(scores[np.isfinite(scores)], bins=bins)
+        return step, counts.tolist(), edges.tolist()
+
     def example_history(self, run_id: int, idx: int) -> list[ScoreRow]:
         """One example's results at every evaluation, by step."""
         with self.session() as s:

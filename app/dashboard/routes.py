@@ -1,0 +1,96 @@
+"""Dashboard pages and the Server-Sent Events stream. plotly.js comes from the installed plotly package (offline)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import plotly
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from fastapi.templating import Jinja2Templates
+
+from app.api.deps import get_store, require_read
+from app.store import NotFound, Store
+
+router = APIRouter()
+
+
+def js(obj) -> str:
+    """JSON safe to embed in a <script> element (no closing tag, no HTML entities)."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+CURVES = ("train_nll", "test_nll", "loo", "test_accuracy", "test_ece")
+
+
+@router.get("/static/plotly.min.js", include_in_schema=False)
+def plotly_js():
+    return FileResponse(PLOTLY_JS, media_type="application/javascript", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_read)])
+def runs_page(request: Request, store: Store = Depends(get_store)):
+    return templates.TemplateResponse(request, "runs.html", {"runs": store.list_runs(limit=200)})
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False,
+            dependencies=[Depends(require_read)])
+def run_page(request: Request, run_id: int, store: Store = Depends(get_store)):
+    run = store.get_run(run_id)
+    curves = {name: store.curve(run_id, name, max_points=2000) for name in CURVES}
+    es = store.early_stop(run_id)
+    return templates.TemplateResponse(request, "run.html", {
+        "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
+        "last_step": store.latest_step(run_id)})
+
+
+@router.get("/compare", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_read)])
+def compare_page(request: Request, ids: str = Query("", description="comma-separated run ids"),
+                 store: Store = Depends(get_store)):
+    try:
+        run_ids = [int(x) for x in ids.split(",") if x.strip()][:10]
+    except ValueError:
+        run_ids = []
+    data = {}
+    for rid in run_ids:
+        try:
+            run = store.get_run(rid)
+        except NotFound:
+            continue
+        data[f"{rid}: {run.name}"] = {n: store.curve(rid, n, max_points=2000) for n in ("loo", "test_nll")}
+    return templates.TemplateResponse(request, "compare.html", {"data_json": js(data), "ids": ids})
+
+
+@router.get("/api/v1/runs/{run_id}/histogram", dependencies=[Depends(require_read)], tags=["examples"])
+def histogram(run_id: int, step: int | None = Query(None, ge=0), bins: int = Query(30, ge=1, le=200),
+              store: Store = Depends(get_store)):
+    """Histogram of the sensitivity scores at a step (default: the latest)."""
+    at, counts, edges = store.score_histogram(run_id, step, bins)
+    return {"step": at, "counts": counts, "edges": edges}
+
+
+@router.get("/api/v1/runs/{run_id}/events", dependencies=[Depends(require_read)], tags=["live"])
+async def events(request: Request, run_id: int, since_step: int = Query(-1, ge=-1),
+                 store: Store = Depends(get_store)):
+    """Server-Sent Events: one ``evaluation`` event per new evaluation (steps after ``since_step``)."""
+    store.get_run(run_id)
+
+    async def stream():
+        last = since_step
+        yield "retry: 2000\n\n"
+        while not await request.is_disconnected():
+            evs = await asyncio.to_thread(store.evaluations, run_id, last, 100)
+            for ev in evs:
+                last = ev.step
+                payload = {"step": ev.step, "loo": ev.loo, **{k: v for k, v in ev.metrics.items()}}
+                yield f"event: evaluation\nid: {ev.step}\ndata: {json.dumps(payload)}\n\n"
+            run = await asyncio.to_thread(store.get_run, run_id)
+            if run.status in ("done", "failed", "cancelled") and not evs:
+                yield f"event: status\ndata: {json.dumps({'status': run.status})}\n\n"
+                return
+            await asyncio.sleep(1.0)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

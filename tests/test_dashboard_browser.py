@@ -1,0 +1,86 @@
+"""The dashboard in real headless Chromium (Debian's chromium driven by playwright)."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from app.store import Store, make_engine, upgrade
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+
+
+@pytest.fixture
+def server(tmp_path):
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(make_engine(url))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "serve", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(base + "/healthz", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield base, Store(url)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _write(store, run_id, step, n=200):
+    s = np.random.default_rng(step).random(n)
+    store.write_evaluation(run_id, step, loo=1.0 / step, metrics={"train_nll": 0.5 / step, "test_nll": 2.0 / step,
+                                                                   "test_accuracy": 0.9, "test_ece": 0.05},
+                           idx=np.arange(n), scores=s, loo_losses=s, prob_label=1 - s)
+
+
+def test_run_page_draws_updates_live_and_escapes(server):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    import torch
+
+    from worker.data import Dataset, thumbnails
+
+    imgs = thumbnails(Dataset(torch.rand(200, 1, 8, 8), torch.zeros(200), torch.rand(1, 64), torch.zeros(1), 10,
+                              (1, 8, 8), torch.zeros(200), torch.zeros(200, dtype=torch.bool)))
+    run = store.create_run("<script>window.pwned=1</script></script>", {}, enqueue=False)
+    store.add_examples(run.id, range(200), labels=[i % 10 for i in range(200)],
+                       flipped=[i % 5 == 0 for i in range(200)], thumbnails=imgs)
+    for step in (10, 20):
+        _write(store, run.id, step)
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#loss .main-svg")
+        page.wait_for_selector("#most .ex img")
+        assert page.evaluate("window.pwned") is None
+        assert page.inner_text("#run-name") == "<script>window.pwned=1</script></script>"
+        assert page.eval_on_selector_all("#most .ex", "els => els.length") == 24
+        assert page.eval_on_selector_all("#most .ex.flip", "els => els.length") > 0
+        assert page.evaluate("document.getElementById('loss').data[2].x.length") == 2
+        _write(store, run.id, 30)  # a new evaluation arrives while the page is open
+        page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
+        assert page.evaluate("document.getElementById('loss').data[2].x.length") == 3
+        page.click("#most .ex")
+        page.wait_for_function("document.getElementById('history').data.length === 2")
+        page.goto(f"{base}/")
+        assert "<script>window.pwned" in page.inner_text("#runs")
+        page.goto(f"{base}/compare?ids={run.id}")
+        page.wait_for_selector("#compare .main-svg")
+        browser.close()
+    assert errors == []
