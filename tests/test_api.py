@@ -133,3 +133,32 @@ def test_serve_command_answers_over_http(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_hooks_endpoints_and_exports(api):
+    import io
+
+    import pyarrow.parquet as pq
+
+    client, store, auth = api
+    run = _run_with_data(store)
+    assert client.post("/api/v1/hooks", json={"url": "http://127.0.0.1:9/x", "events": ["finished"]}).status_code == 401
+    made = client.post("/api/v1/hooks", json={"url": "http://127.0.0.1:9/x", "events": ["finished"], "run_id": run.id},
+                       headers=auth)
+    assert made.status_code == 201 and len(made.json()["secret"]) == 64
+    listed = client.get("/api/v1/hooks", params={"run_id": run.id}, headers=auth).json()
+    assert [h["id"] for h in listed] == [made.json()["id"]] and listed[0]["secret"] is None
+    refused = client.post("/api/v1/hooks", json={"url": "http://169.254.169.254/", "events": ["failed"]}, headers=auth)
+    assert refused.status_code == 422 and "refused" in refused.json()["detail"]
+    assert client.post("/api/v1/hooks", json={"url": "http://x/", "events": ["nope"]}, headers=auth).status_code == 422
+    assert client.delete(f"/api/v1/hooks/{made.json()['id']}", headers=auth).status_code == 204
+    assert client.delete(f"/api/v1/hooks/{made.json()['id']}", headers=auth).status_code == 404
+
+    csv = client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.csv")
+    assert csv.status_code == 200 and csv.text.splitlines()[0] == "idx,rank,score,loo_loss,prob_label,label,flipped"
+    assert len(csv.text.splitlines()) == 301
+    pq_resp = client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.parquet")
+    table = pq.read_table(io.BytesIO(pq_resp.content))
+    assert table.num_rows == 300 and table.column("rank").to_pylist()[:3] == [0, 1, 2]
+    assert client.get(f"/api/v1/runs/{run.id}/evaluations/15/examples.csv").status_code == 404
+    assert client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.xlsx").status_code == 422

@@ -1,130 +1,14 @@
-"""Job configuration: pydantic models, loaded from JSON, YAML or TOML files or an API payload."""
+"""Job configuration (the models live in ``app.store.job_config``: the API validates payloads with them too)."""
 
-from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Literal
-
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
-    name: Literal["digits", "synthetic", "npz"] = "digits"
-    path: str | None = Field(None, description="a local .npz with x_train, y_train[, x_test, y_test]")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    n_train: int | None = Field(None, ge=2, description="a stratified subset of the training split")
-    n_synthetic: int = Field(512, ge=8)
-
-    @model_validator(mode="after")
-    def _path_for_files(self):
-        if self.name == "npz" and not self.path:
-            raise ValueError("data.path is required for name 'npz'")
-        return self
-
-
-class ModelConfig(_Strict):
-    name: Literal["logreg", "mlp", "cnn", "resnet20"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128])
-    norm: Literal["group", "batch", "none"] = "group"
-
-
-class OptimizerConfig(_Strict):
-    name: Literal["ivon", "adamw", "sgd"] = "ivon"
-    lr: float = Field(0.5, gt=0)
-    ess: float | None = Field(None, gt=0, description="default: the number of training examples")
-    hess_init: float = Field(0.3, gt=0)
-    beta2: float | Literal["matched"] = Field("matched", description="'matched': 1 − 1/total steps (validated)")
-    weight_decay: float = Field(1e-3, ge=0)
-    mc_samples: int = Field(1, ge=1)
-    clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
-    warmup_steps: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _beta2_range(self):
-        if self.beta2 != "matched" and not 0 <= float(self.beta2) < 1:
-            raise ValueError("optimizer.beta2 must be 'matched' or in [0, 1)")
-        return self
-
-
-class SensitivityConfig(_Strict):
-    form: Literal["auto", "first_order", "corrected", "diagonal"] = "auto"
-    chunk_size: int = Field(256, ge=1)
-    subset: int | None = Field(None, ge=1, description="evaluate a fixed random subset of the training set")
-
-
-class LabelNoiseConfig(_Strict):
-    fraction: float = Field(0.0, ge=0, lt=1)
-    mode: Literal["uniform", "pairs"] = "uniform"
-    seed: int = 0
-
-
-class EarlyStoppingConfig(_Strict):
-    enabled: bool = True
-    monitor: str = "loo"
-    mode: Literal["min", "max"] = "min"
-    patience: int = Field(3, ge=0)
-    min_delta: float = Field(0.0, ge=0)
-    check_finite: bool = True
-    stopping_threshold: float | None = None
-    restore_best_weights: bool = True
-
-
-class JobConfig(_Strict):
-    name: str = Field("run", min_length=1, max_length=200)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    epochs: int = Field(20, ge=1, le=100_000)
-    batch_size: int = Field(64, ge=1)
-    eval_every: int = Field(50, ge=1, description="steps between evaluations")
-    eval_mc_samples: int = Field(8, ge=1)
-    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
-    label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    seed: int = 0
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message lists every offending field."""
-
-
-def parse_config(payload: dict) -> JobConfig:
-    try:
-        return JobConfig.model_validate(payload)
-    except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
-
-
-def load_config(path: str | Path) -> JobConfig:
-    """A JobConfig from a .json, .yaml/.yml or .toml file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            payload = json.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            payload = yaml.safe_load(text)
-        elif path.suffix == ".toml":
-            payload = tomllib.loads(text)
-        else:
-            raise ConfigError(f"unknown config format {path.suffix!r}: use .json, .yaml or .toml")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"cannot parse {path}: {err}") from None
-    except Exception as err:  # yaml errors
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"cannot parse {path}: {err}") from None
-    if not isinstance(payload, dict):
-        raise ConfigError(f"{path}: the config must be a mapping")
-    return parse_config(payload)
+from app.store.job_config import (  # noqa: F401
+    ConfigError,
+    DataConfig,
+    EarlyStoppingConfig,
+    JobConfig,
+    LabelNoiseConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SensitivityConfig,
+    load_config,
+    parse_config,
+)

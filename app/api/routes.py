@@ -7,8 +7,21 @@ from typing import Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from app.api.deps import get_store, require_read, require_write
-from app.api.schemas import Curve, EarlyStopOut, EvaluationOut, ExampleOut, ExamplesPage, Point, RunCreate, RunOut
+from app.api.schemas import (
+    Curve,
+    EarlyStopOut,
+    EvaluationOut,
+    ExampleOut,
+    ExamplesPage,
+    HookCreate,
+    HookOut,
+    Point,
+    RunCreate,
+    RunOut,
+)
 from app.store import Store
+from app.store.job_config import ConfigError, parse_config
+from app.store.urls import check_webhook_url
 
 router = APIRouter(prefix="/api/v1")
 read = [Depends(require_read)]
@@ -27,8 +40,6 @@ def list_runs(
 @router.post("/runs", response_model=RunOut, status_code=201, dependencies=[Depends(require_write)])
 def create_run(body: RunCreate, store: Store = Depends(get_store)):
     """Validate a job config and queue it for a worker."""
-    from worker.config import ConfigError, parse_config  # validation only; the API never trains
-
     try:
         cfg = parse_config(body.config)
     except ConfigError as err:
@@ -107,3 +118,53 @@ def example_image(run_id: int, idx: int, store: Store = Depends(get_store)):
 def early_stopping(run_id: int, store: Store = Depends(get_store)):
     store.get_run(run_id)
     return store.early_stop(run_id)
+
+
+@router.post("/hooks", response_model=HookOut, status_code=201, dependencies=[Depends(require_write)])
+def create_hook(body: HookCreate, store: Store = Depends(get_store)):
+    """Register a webhook; its HMAC secret is returned in this response only."""
+    try:
+        check_webhook_url(body.url)
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
+    if body.run_id is not None:
+        store.get_run(body.run_id)
+    hook = store.add_hook(body.url, body.events, run_id=body.run_id)
+    return HookOut(id=hook.id, url=hook.url, events=hook.events, run_id=hook.run_id, secret=hook.secret)
+
+
+@router.get("/hooks", response_model=list[HookOut], dependencies=[Depends(require_write)])
+def list_hooks(run_id: int | None = None, store: Store = Depends(get_store)):
+    return [HookOut(id=h.id, url=h.url, events=h.events, run_id=h.run_id) for h in store.hooks_for(run_id)]
+
+
+@router.delete("/hooks/{hook_id}", status_code=204, dependencies=[Depends(require_write)])
+def delete_hook(hook_id: int, store: Store = Depends(get_store)):
+    store.delete_hook(hook_id)
+    return Response(status_code=204)
+
+
+@router.get("/runs/{run_id}/evaluations/{step}/examples.{fmt}", dependencies=read, response_class=Response,
+            responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+def export_examples(run_id: int, step: int, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
+    """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, label, flipped."""
+    cols = store.examples_table(run_id, step)
+    name = f"run{run_id}_step{step}_examples.{fmt}"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows(zip(*cols.values()))
+        return Response(buf.getvalue(), media_type="text/csv", headers=headers)
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table(cols), sink)
+    return Response(sink.getvalue(), media_type="application/vnd.apache.parquet", headers=headers)

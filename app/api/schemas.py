@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +72,22 @@ class ExamplesPage(BaseModel):
     offset: int
     limit: int
     items: list[ExampleOut]
+
+
+class HookCreate(BaseModel):
+    url: str = Field(max_length=2000)
+    events: list[Literal["evaluation", "early_stop", "finished", "failed"]] = Field(min_length=1)
+    run_id: int | None = Field(None, description="None: every run")
+
+
+class HookOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    url: str
+    events: list[str]
+    run_id: int | None
+    secret: str | None = Field(None, description="returned once, at creation: verify X-Ivon-Diag-Signature with it")
 
 
 class EarlyStopOut(BaseModel):

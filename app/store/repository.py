@@ -321,6 +321,27 @@ class Store:
             rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None))) for r in recs]
             return step, rows
 
+    def examples_table(self, run_id: int, step: int) -> dict[str, list]:
+        """Every example of one evaluation, by rank: idx, rank, score, loo_loss, prob_label, label, flipped."""
+        with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            datas = list(s.scalars(select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
+                                                                 ScoreChunk.kind == "rank").order_by(ScoreChunk.chunk)))
+            if not datas:
+                raise NotFound(f"run {run_id} has no per-example scores at step {step}")
+            labels = {e.idx: (e.label, e.flipped) for e in s.scalars(select(Example).where(Example.run_id == run_id))}
+        recs = np.concatenate([np.frombuffer(d, dtype=RECORD) for d in datas])
+
+        def clean(a):
+            return [None if not math.isfinite(v) else v for v in a.astype(np.float64).tolist()]
+
+        idx = recs["idx"].tolist()
+        return {"idx": idx, "rank": recs["rank"].tolist(), "score": clean(recs["score"]),
+                "loo_loss": clean(recs["loo"]), "prob_label": clean(recs["prob"]),
+                "label": [labels.get(i, (None, None))[0] for i in idx],
+                "flipped": [labels.get(i, (None, None))[1] for i in idx]}
+
     def score_histogram(self, run_id: int, step: int | None = None, bins: int = 30) -> tuple[int, list, list]:
         """(step, counts, edges) of the finite sensitivity scores at ``step`` (default: the latest)."""
         with self.session() as s:
