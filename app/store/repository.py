@@ -295,12 +295,7 @@ class Store:
         """The k most (or least) sensitive examples at ``step`` (default: the latest), with labels and flags."""
         k = max(0, min(int(k), 1000))
         with self.session() as s:
-            if s.get(Run, run_id) is None:
-                raise NotFound(f"run {run_id} not found")
-            if step is None:
-                step = s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
-                if step is None:
-                    raise NotFound(f"run {run_id} has no evaluation yet")
+            step = _resolve_step(s, run_id, step)
             n = s.scalar(select(Evaluation.n_examples).where(Evaluation.run_id == run_id, Evaluation.step == step))
             if n is None:
                 raise NotFound(f"run {run_id} has no evaluation at step {step}")
@@ -345,12 +340,7 @@ class Store:
     def score_histogram(self, run_id: int, step: int | None = None, bins: int = 30) -> tuple[int, list, list]:
         """(step, counts, edges) of the finite sensitivity scores at ``step`` (default: the latest)."""
         with self.session() as s:
-            if s.get(Run, run_id) is None:
-                raise NotFound(f"run {run_id} not found")
-            if step is None:
-                step = s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
-                if step is None:
-                    raise NotFound(f"run {run_id} has no evaluation yet")
+            step = _resolve_step(s, run_id, step)
             datas = list(s.scalars(select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
                                                                  ScoreChunk.kind == "rank")))
         if not datas:
@@ -437,6 +427,17 @@ class Store:
         with self.session(write=True) as s, s.begin():
             if s.execute(update(ApiToken).where(ApiToken.name == name).values(revoked=True)).rowcount == 0:
                 raise NotFound(f"token {name!r} not found")
+
+
+def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
+    """``step``, or the run's latest evaluated step; NotFound for an unknown run or a run not yet evaluated."""
+    if s.get(Run, run_id) is None:
+        raise NotFound(f"run {run_id} not found")
+    if step is None:
+        step = s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
+        if step is None:
+            raise NotFound(f"run {run_id} has no evaluation yet")
+    return step
 
 
 CHUNK = 2048  # ranks per "rank" chunk
