@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/optimizer.py
 	$(BIN)/python bench/sensitivity.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/api.py
 
 validate: $(STAMP)
 	$(BIN)/ivon-diag validate
