@@ -106,3 +106,19 @@ def test_early_stopping_follows_lightning_semantics():
     assert es3.step({"loo": float("nan")}, 3) and "not finite" in es3.reason
     with pytest.raises(KeyError, match="monitors 'loo'"):
         EarlyStopping().step({"test_nll": 1.0}, 0)
+
+
+@pytest.mark.parametrize("opt_name", ["ivon", "adamw"])
+def test_micro_batches_accumulate_into_one_step(tmp_path, opt_name):
+    from worker.service import run_job
+
+    url = f"sqlite:///{tmp_path / 'mb.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    cfg = {"name": "mb", "data": {"name": "synthetic", "n_synthetic": 160}, "model": {"name": "logreg"},
+           "optimizer": {"name": opt_name, "lr": 0.5 if opt_name == "ivon" else 0.01}, "epochs": 2,
+           "batch_size": 32, "micro_batches": 3, "eval_every": 4, "early_stopping": {"enabled": False}}
+    run = store.create_run("mb", cfg, enqueue=False)
+    assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "done"
+    evs = store.evaluations(run.id)
+    assert [e.step for e in evs] == [4, 8] and all(e.loo is not None for e in evs)

@@ -142,22 +142,28 @@ class Trainer:
         return status
 
     def _train_step(self, model, opt, x, y) -> float:
+        """One optimizer step over the batch, in ``micro_batches`` pieces (IVON: one weighted MC sample each)."""
         model.train()
+        pieces = list(zip(x.tensor_split(self.cfg.micro_batches), y.tensor_split(self.cfg.micro_batches)))
+        pieces = [(xb, yb) for xb, yb in pieces if len(xb)]
+        total = 0.0
         if isinstance(opt, IVON):
-            losses = []
-            for _ in range(opt.mc_samples):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad(set_to_none=True)
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    loss.backward()
-                    losses.append(loss.item())
+            for xb, yb in pieces:
+                for _ in range(opt.mc_samples):
+                    with opt.sampled_params(train=True, weight=len(xb)):
+                        opt.zero_grad(set_to_none=True)
+                        loss = nn.functional.cross_entropy(model(xb), yb)
+                        loss.backward()
+                        total += loss.item() * len(xb) / (len(x) * opt.mc_samples)
             opt.step()
-            return sum(losses) / len(losses)
+            return total
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        for xb, yb in pieces:
+            loss = nn.functional.cross_entropy(model(xb), yb) * (len(xb) / len(x))
+            loss.backward()
+            total += loss.item()
         opt.step()
-        return loss.item()
+        return total
 
     def _variance(self, model, opt, data: Dataset):
         if isinstance(opt, IVON):

@@ -82,6 +82,7 @@ class JobConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     epochs: int = Field(20, ge=1, le=100_000)
     batch_size: int = Field(64, ge=1)
+    micro_batches: int = Field(1, ge=1, description="gradient accumulation: each step's batch in this many pieces")
     eval_every: int = Field(50, ge=1, description="steps between evaluations")
     eval_mc_samples: int = Field(8, ge=1)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
