@@ -162,3 +162,15 @@ def test_hooks_endpoints_and_exports(api):
     assert table.num_rows == 300 and table.column("rank").to_pylist()[:3] == [0, 1, 2]
     assert client.get(f"/api/v1/runs/{run.id}/evaluations/15/examples.csv").status_code == 404
     assert client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.xlsx").status_code == 422
+
+
+def test_metrics_endpoint_in_prometheus_format(api):
+    client, store, _ = api
+    run = _run_with_data(store)
+    store.enqueue_job(run.id)
+    store.claim_job("w-metrics")
+    client.get(f"/api/v1/runs/{run.id}")
+    text = client.get("/metrics").text
+    assert 'ivon_diag_request_seconds_count{method="GET",route="/api/v1/runs/{run_id}",status="200"}' in text
+    assert 'ivon_diag_jobs{state="running"}' in text
+    assert "ivon_diag_evaluations_written" in text and 'worker="w-metrics"' in text

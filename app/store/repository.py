@@ -186,6 +186,22 @@ class Store:
                 raise NotFound(f"run {run_id} has no job")
             return job
 
+    def count_evaluations(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Evaluation)) or 0
+
+    def heartbeat_ages(self) -> list[tuple[int, str | None, float]]:
+        """(job id, worker, seconds since its heartbeat) for running jobs."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(select(Job.id, Job.worker_id, Job.heartbeat_at).where(Job.state == "running")).all()
+        out = []
+        for job_id, worker, beat in rows:
+            if beat is not None and beat.tzinfo is None:  # SQLite returns naive UTC
+                beat = beat.replace(tzinfo=now.tzinfo)
+            out.append((job_id, worker, (now - beat).total_seconds() if beat else float("nan")))
+        return out
+
     def jobs_by_state(self) -> dict[str, int]:
         with self.session() as s:
             return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
