@@ -1,0 +1,92 @@
+"""Faults: SIGTERM releases the job after a checkpoint; repeated SIGKILLs still end at the uninterrupted weights;
+every write route refuses requests without a valid token."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from app.store import Store, make_engine, upgrade
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+JOB = {"name": "faults", "data": {"name": "synthetic", "n_synthetic": 600}, "model": {"name": "mlp", "hidden": [32]},
+       "epochs": 10, "batch_size": 16, "eval_every": 10, "early_stopping": {"enabled": False}}
+
+
+def _worker(url, ck, *extra):
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--checkpoint-dir", str(ck),
+                             "--lease", "2", *extra], env=ENV)
+
+
+def _wait_evals(store, run_id, n, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(store.evaluations(run_id)) < n:
+        time.sleep(0.1)
+    return len(store.evaluations(run_id))
+
+
+def test_sigterm_checkpoints_and_releases_the_job(tmp_path):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    run = store.create_run("term", JOB)
+    p = _worker(url, tmp_path / "ck")
+    assert _wait_evals(store, run.id, 2) >= 2
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
+    job = store.get_job_for_run(run.id)
+    assert job.state == "queued" and (tmp_path / "ck" / f"run_{run.id}.pt").exists()
+    p2 = _worker(url, tmp_path / "ck", "--once")
+    assert p2.wait(timeout=300) == 0
+    assert store.get_run(run.id).status == "done"
+
+
+def test_repeated_sigkills_end_at_the_uninterrupted_weights(tmp_path):
+    """CI kills 3 times; `KILLS=10 pytest -k repeated` runs the full fault drill."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    ref = store.create_run("reference", JOB)
+    assert _worker(url, tmp_path / "ck", "--once").wait(timeout=300) == 0
+    run = store.create_run("killed", JOB)
+    kills = int(os.environ.get("KILLS", "3"))
+    for k in range(kills):
+        p = _worker(url, tmp_path / "ck")
+        _wait_evals(store, run.id, 1 + 2 * k, timeout=120)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        time.sleep(2.2)  # the lease expires
+    assert _worker(url, tmp_path / "ck", "--once").wait(timeout=300) == 0
+    a = torch.load(tmp_path / "ck" / f"run_{ref.id}_final.pt")["model"]
+    b = torch.load(tmp_path / "ck" / f"run_{run.id}_final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e.step for e in store.evaluations(run.id)] == [e.step for e in store.evaluations(ref.id)]
+    assert store.get_job_for_run(run.id).attempts >= kills
+
+
+WRITE_ROUTES = [("post", "/api/v1/runs", {"config": {"name": "x"}}), ("post", "/api/v1/runs/1/stop", None),
+                ("post", "/api/v1/hooks", {"url": "http://127.0.0.1:9/", "events": ["finished"]}),
+                ("delete", "/api/v1/hooks/1", None), ("get", "/api/v1/hooks", None)]
+
+
+@pytest.mark.parametrize("method,path,body", WRITE_ROUTES, ids=[f"{m} {p}" for m, p, _ in WRITE_ROUTES])
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic abc"])
+def test_every_write_route_refuses_without_a_valid_token(tmp_path, method, path, body, auth):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    store.create_run("r", enqueue=False)
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    headers = {"Authorization": auth} if auth else {}
+    r = client.request(method, path, json=body, headers=headers)
+    assert r.status_code == (403 if auth == "Bearer wrong" else 401)
+    assert len(store.list_runs()) == 1 and store.hooks_for(None) == []  # nothing written
