@@ -174,3 +174,11 @@ def test_metrics_endpoint_in_prometheus_format(api):
     assert 'ivon_diag_request_seconds_count{method="GET",route="/api/v1/runs/{run_id}",status="200"}' in text
     assert 'ivon_diag_jobs{state="running"}' in text
     assert "ivon_diag_evaluations_written" in text and 'worker="w-metrics"' in text
+
+
+def test_huge_ids_are_refused_not_crashed(api):
+    client, _, _ = api
+    huge = 10**30
+    for path in (f"/api/v1/runs/{huge}", f"/api/v1/runs/1/examples/{huge}", f"/api/v1/runs/{huge}/metrics/loo"):
+        assert client.get(path).status_code == 422
+    assert client.get("/compare", params={"ids": f"{huge},abc"}).status_code == 200

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
 from app.api.deps import get_store, require_read, require_write
 from app.api.schemas import (
@@ -24,14 +24,18 @@ from app.store.job_config import ConfigError, parse_config
 from app.store.urls import check_webhook_url
 
 router = APIRouter(prefix="/api/v1")
+INT32 = 2**31 - 1  # ids, steps and offsets beyond the database's integers are refused with 422, not a 500
+RunId = Annotated[int, Path(ge=0, le=INT32)]
+Idx = Annotated[int, Path(ge=0, le=INT32)]
+Step = Annotated[int, Path(ge=0, le=INT32)]
 read = [Depends(require_read)]
 
 
 @router.get("/runs", response_model=list[RunOut], dependencies=read)
 def list_runs(
     status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
-    limit: int = Query(100, ge=1, description="capped at 1000"),
-    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=INT32, description="capped at 1000"),
+    offset: int = Query(0, ge=0, le=INT32),
     store: Store = Depends(get_store),
 ):
     return store.list_runs(status=status, limit=min(limit, 1000), offset=offset)
@@ -48,22 +52,22 @@ def create_run(body: RunCreate, store: Store = Depends(get_store)):
 
 
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
-def get_run(run_id: int, store: Store = Depends(get_store)):
+def get_run(run_id: RunId, store: Store = Depends(get_store)):
     return store.get_run(run_id)
 
 
 @router.post("/runs/{run_id}/stop", response_model=RunOut, dependencies=[Depends(require_write)])
-def stop_run(run_id: int, store: Store = Depends(get_store)):
+def stop_run(run_id: RunId, store: Store = Depends(get_store)):
     store.request_stop(run_id)
     return store.get_run(run_id)
 
 
 @router.get("/runs/{run_id}/metrics/{name}", response_model=Curve, dependencies=read)
 def curve(
-    run_id: int,
+    run_id: RunId,
     name: str,
-    since_step: int | None = Query(None, ge=-1),
-    max_points: int = Query(2000, ge=4, description="capped at 10000"),
+    since_step: int | None = Query(None, ge=-1, le=INT32),
+    max_points: int = Query(2000, ge=4, le=INT32, description="capped at 10000"),
     store: Store = Depends(get_store),
 ):
     store.get_run(run_id)
@@ -74,9 +78,9 @@ def curve(
 
 @router.get("/runs/{run_id}/evaluations", response_model=list[EvaluationOut], dependencies=read)
 def evaluations(
-    run_id: int,
-    since_step: int | None = Query(None, ge=-1),
-    limit: int = Query(1000, ge=1, description="capped at 10000"),
+    run_id: RunId,
+    since_step: int | None = Query(None, ge=-1, le=INT32),
+    limit: int = Query(1000, ge=1, le=INT32, description="capped at 10000"),
     store: Store = Depends(get_store),
 ):
     return store.evaluations(run_id, since_step, min(limit, 10000))
@@ -84,11 +88,11 @@ def evaluations(
 
 @router.get("/runs/{run_id}/examples", response_model=ExamplesPage, dependencies=read)
 def examples(
-    run_id: int,
+    run_id: RunId,
     order: Literal["most", "least"] = "most",
-    step: int | None = Query(None, ge=0),
-    limit: int = Query(50, ge=1, description="capped at 1000"),
-    offset: int = Query(0, ge=0),
+    step: int | None = Query(None, ge=0, le=INT32),
+    limit: int = Query(50, ge=1, le=INT32, description="capped at 1000"),
+    offset: int = Query(0, ge=0, le=INT32),
     store: Store = Depends(get_store),
 ):
     limit = min(limit, 1000)
@@ -97,7 +101,7 @@ def examples(
 
 
 @router.get("/runs/{run_id}/examples/{idx}", response_model=list[ExampleOut], dependencies=read)
-def example_history(run_id: int, idx: int, store: Store = Depends(get_store)):
+def example_history(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
     return [ExampleOut(**vars(r)) for r in store.example_history(run_id, idx)]
 
 
@@ -107,7 +111,7 @@ def example_history(run_id: int, idx: int, store: Store = Depends(get_store)):
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-def example_image(run_id: int, idx: int, store: Store = Depends(get_store)):
+def example_image(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
     ex = store.get_example(run_id, idx)
     if ex.thumbnail is None:
         raise HTTPException(404, f"example {idx} of run {run_id} has no image")
@@ -115,7 +119,7 @@ def example_image(run_id: int, idx: int, store: Store = Depends(get_store)):
 
 
 @router.get("/runs/{run_id}/early-stopping", response_model=EarlyStopOut | None, dependencies=read)
-def early_stopping(run_id: int, store: Store = Depends(get_store)):
+def early_stopping(run_id: RunId, store: Store = Depends(get_store)):
     store.get_run(run_id)
     return store.early_stop(run_id)
 
@@ -134,19 +138,19 @@ def create_hook(body: HookCreate, store: Store = Depends(get_store)):
 
 
 @router.get("/hooks", response_model=list[HookOut], dependencies=[Depends(require_write)])
-def list_hooks(run_id: int | None = None, store: Store = Depends(get_store)):
+def list_hooks(run_id: int | None = Query(None, ge=0, le=INT32), store: Store = Depends(get_store)):
     return [HookOut(id=h.id, url=h.url, events=h.events, run_id=h.run_id) for h in store.hooks_for(run_id)]
 
 
 @router.delete("/hooks/{hook_id}", status_code=204, dependencies=[Depends(require_write)])
-def delete_hook(hook_id: int, store: Store = Depends(get_store)):
+def delete_hook(hook_id: Annotated[int, Path(ge=0, le=INT32)], store: Store = Depends(get_store)):
     store.delete_hook(hook_id)
     return Response(status_code=204)
 
 
 @router.get("/runs/{run_id}/evaluations/{step}/examples.{fmt}", dependencies=read, response_class=Response,
             responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
-def export_examples(run_id: int, step: int, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
+def export_examples(run_id: RunId, step: Step, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
     """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, label, flipped."""
     cols = store.examples_table(run_id, step)
     name = f"run{run_id}_step{step}_examples.{fmt}"

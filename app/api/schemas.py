@@ -77,7 +77,7 @@ class ExamplesPage(BaseModel):
 class HookCreate(BaseModel):
     url: str = Field(max_length=2000)
     events: list[Literal["evaluation", "early_stop", "finished", "failed"]] = Field(min_length=1)
-    run_id: int | None = Field(None, description="None: every run")
+    run_id: int | None = Field(None, ge=0, le=2**31 - 1, description="None: every run")
 
 
 class HookOut(BaseModel):

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
 from app.api.deps import get_store, require_read
+from app.api.routes import INT32, RunId
 from app.store import NotFound, Store
 
 router = APIRouter()
@@ -38,7 +39,7 @@ def runs_page(request: Request, store: Store = Depends(get_store)):
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False,
             dependencies=[Depends(require_read)])
-def run_page(request: Request, run_id: int, store: Store = Depends(get_store)):
+def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store)):
     run = store.get_run(run_id)
     curves = {name: store.curve(run_id, name, max_points=2000) for name in CURVES}
     es = store.early_stop(run_id)
@@ -51,7 +52,8 @@ def run_page(request: Request, run_id: int, store: Store = Depends(get_store)):
 def compare_page(request: Request, ids: str = Query("", description="comma-separated run ids"),
                  store: Store = Depends(get_store)):
     try:
-        run_ids = [int(x) for x in ids.split(",") if x.strip()][:10]
+        run_ids = [int(x) for x in ids.split(",") if x.strip()]
+        run_ids = [r for r in run_ids if 0 <= r <= INT32][:10]
     except ValueError:
         run_ids = []
     data = {}
@@ -65,7 +67,7 @@ def compare_page(request: Request, ids: str = Query("", description="comma-separ
 
 
 @router.get("/api/v1/runs/{run_id}/histogram", dependencies=[Depends(require_read)], tags=["examples"])
-def histogram(run_id: int, step: int | None = Query(None, ge=0), bins: int = Query(30, ge=1, le=200),
+def histogram(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32), bins: int = Query(30, ge=1, le=200),
               store: Store = Depends(get_store)):
     """Histogram of the sensitivity scores at a step (default: the latest)."""
     at, counts, edges = store.score_histogram(run_id, step, bins)
@@ -73,7 +75,7 @@ def histogram(run_id: int, step: int | None = Query(None, ge=0), bins: int = Que
 
 
 @router.get("/api/v1/runs/{run_id}/events", dependencies=[Depends(require_read)], tags=["live"])
-async def events(request: Request, run_id: int, since_step: int = Query(-1, ge=-1),
+async def events(request: Request, run_id: RunId, since_step: int = Query(-1, ge=-1, le=INT32),
                  store: Store = Depends(get_store)):
     """Server-Sent Events: one ``evaluation`` event per new evaluation (steps after ``since_step``)."""
     store.get_run(run_id)
