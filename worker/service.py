@@ -10,9 +10,12 @@ import time
 import traceback
 from pathlib import Path
 
-from app.store import Store
+from sqlalchemy.exc import OperationalError
+
+from app.store import DatabaseUnavailable, Store
 from worker.config import ConfigError, parse_config
 from worker.hooks import HookDispatcher
+from worker.resilient import ResilientStore
 from worker.trainer import JobFailed, Trainer
 
 
@@ -52,6 +55,7 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
     """Claim and run jobs until SIGTERM/SIGINT (or, with ``once``, until the queue is empty)."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     stop = threading.Event()
+    store = ResilientStore(store, log=log)
 
     def on_signal(signum, _frame):
         log(f"worker {worker_id}: signal {signum}, checkpointing and releasing the job")
@@ -60,7 +64,12 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     while not stop.is_set():
-        job = store.claim_job(worker_id, lease_seconds)
+        try:
+            job = store.claim_job(worker_id, lease_seconds)
+        except (OperationalError, DatabaseUnavailable) as err:  # still down after the retries: keep serving
+            log(f"worker {worker_id}: cannot claim jobs: {str(err).splitlines()[0][:200]}")
+            stop.wait(poll_seconds * 5)
+            continue
         if job is None:
             if once:
                 return
