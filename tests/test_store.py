@@ -98,7 +98,14 @@ def test_curve_downsampling_keeps_extremes(store):
     assert [s for s, _ in tail] == list(range(19991, 20000))
 
 
+def _drain(store):
+    """Jobs left claimable by earlier tests in the session's shared PostgreSQL database."""
+    while (job := store.claim_job("drain", lease_seconds=3600)) is not None:
+        store.finish_job(job.id, "cancelled")
+
+
 def test_job_queue_claim_heartbeat_finish_and_expired_lease(store):
+    _drain(store)
     a = store.create_run("a")
     b = store.create_run("b")
     j1 = store.claim_job("w1", lease_seconds=60)
