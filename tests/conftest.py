@@ -8,6 +8,7 @@ def _seed():
     yield
 
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import uuid  # noqa: E402
 
@@ -63,3 +64,37 @@ def store(store_url):
     s = Store(store_url)
     yield s
     s.engine.dispose()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(cli_args: list[str], port: int, env: dict | None = None):
+    """Run ``ivon-diag <cli_args>`` (a server on ``port``) as a real process; yield its base URL once it answers."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *cli_args], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(base + "/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"server {cli_args} did not answer on port {port}")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -106,33 +106,17 @@ def test_reads_can_require_a_token_and_errors_hide_internals(store):
 
 
 def test_serve_command_answers_over_http(tmp_path):
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
     from app.store import make_engine, upgrade
+    from tests.conftest import free_port, serving
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     upgrade(make_engine(url))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "serve", "--port", str(port)])
-    try:
-        for _ in range(100):
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        assert r.json() == {"status": "ready"}
-        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs").json() == []
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    port = free_port()
+    with serving(["--db", url, "serve", "--port", str(port)], port) as base:
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+        assert httpx.get(f"{base}/api/v1/runs").json() == []
 
 
 def test_hooks_endpoints_and_exports(api):

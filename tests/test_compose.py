@@ -3,17 +3,15 @@ PostgreSQL (no Docker engine runs here)."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import yaml
 
 from app.store import Store
-from tests.conftest import drop_pg_database, new_pg_database
+from tests.conftest import drop_pg_database, free_port, new_pg_database, serving
 
 ROOT = Path(__file__).parents[1]
 
@@ -53,23 +51,10 @@ def test_each_service_command_runs_against_local_postgres(tmp_path):
         assert out.returncode == 0, out.stderr
         assert store.get_run(run.id).status == "done"
         api = c["services"]["api"]["command"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        args = [a if a != "8000" else str(port) for a in api[1:]]
-        proc = subprocess.Popen([*cli, *args], env=env)
-        try:
-            for _ in range(100):
-                try:
-                    r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            assert r.json() == {"status": "ready"}
-            assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs/{run.id}").json()["status"] == "done"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        port = free_port()
+        with serving([a if a != "8000" else str(port) for a in api[1:]], port, env) as base:
+            assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+            assert httpx.get(f"{base}/api/v1/runs/{run.id}").json()["status"] == "done"
         store.engine.dispose()
     finally:
         drop_pg_database(url)

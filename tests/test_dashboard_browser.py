@@ -1,16 +1,12 @@
 """The dashboard in real headless Chromium (Debian's chromium driven by playwright)."""
 
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
 
 from app.store import Store, make_engine, upgrade
+from tests.conftest import free_port, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
@@ -20,20 +16,9 @@ pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's c
 def server(tmp_path):
     url = f"sqlite:///{tmp_path / 'd.db'}"
     upgrade(make_engine(url))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "serve", "--port", str(port)])
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(base + "/healthz", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield base, Store(url)
-    proc.terminate()
-    proc.wait(timeout=10)
+    port = free_port()
+    with serving(["--db", url, "serve", "--port", str(port)], port) as base:
+        yield base, Store(url)
 
 
 def _write(store, run_id, step, n=200):

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from worker.config import DataConfig, LabelNoiseConfig
-from worker.validation.setups import PAIRS
+
+PAIRS = ((1, 7), (3, 8), (4, 9))  # digit pairs that look alike, for class-pair label noise
 
 
 @dataclass
@@ -90,27 +91,34 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
                    torch.zeros(len(t), dtype=torch.bool))
 
 
-def inject_label_noise(data: Dataset, cfg: LabelNoiseConfig) -> Dataset:
-    """Flip ``cfg.fraction`` of the training labels (uniformly to another class, or within digit pairs)."""
-    if cfg.fraction == 0:
-        return data
-    rng = np.random.default_rng(cfg.seed)
-    y = data.ytr.clone()
-    k = int(round(cfg.fraction * len(y)))
-    if cfg.mode == "pairs":
+def flip(y: Tensor, num_classes: int, fraction: float, mode: str, seed: int) -> tuple[Tensor, Tensor]:
+    """Flip ``fraction`` of the labels, uniformly to another class or within the class pairs (1↔7, 3↔8, 4↔9).
+
+    Returns the new labels and the mask of flipped examples.
+    """
+    rng = np.random.default_rng(seed)
+    y = y.clone()
+    k = int(round(fraction * len(y)))
+    if mode == "pairs":
         partner = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
-        eligible = np.array([i for i in range(len(y))
-                             if int(y[i]) in partner and partner[int(y[i])] < data.num_classes])
+        eligible = np.array([i for i in range(len(y)) if partner.get(int(y[i]), num_classes) < num_classes])
         idx = rng.choice(eligible, size=min(k, len(eligible)), replace=False)
         for i in idx:
             y[i] = partner[int(y[i])]
     else:
         idx = rng.choice(len(y), size=k, replace=False)
         for i in idx:
-            y[i] = (int(y[i]) + int(rng.integers(1, data.num_classes))) % data.num_classes
-    flipped = torch.zeros(len(y), dtype=torch.bool)
-    flipped[torch.as_tensor(idx, dtype=torch.long)] = True
-    data.ytr, data.flipped = y, flipped
+            y[i] = (int(y[i]) + int(rng.integers(1, num_classes))) % num_classes
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[torch.as_tensor(idx, dtype=torch.long)] = True
+    return y, mask
+
+
+def inject_label_noise(data: Dataset, cfg: LabelNoiseConfig) -> Dataset:
+    """Flip ``cfg.fraction`` of the training labels; which ones is kept in ``data.flipped``."""
+    if cfg.fraction == 0:
+        return data
+    data.ytr, data.flipped = flip(data.ytr, data.num_classes, cfg.fraction, cfg.mode, cfg.seed)
     return data
 
 

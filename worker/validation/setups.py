@@ -5,16 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from ivon_core import IVON
+from worker.data import flip
 from worker.models import mlp, small_cnn
-
-PAIRS = ((1, 7), (3, 8), (4, 9))
 
 
 @dataclass
@@ -56,20 +54,7 @@ def breast_cancer(n_train: int | None = None, seed: int = 0, dtype=torch.float32
 
 def flip_labels(split: Split, fraction: float, mode: str, seed: int) -> Split:
     """Flip ``fraction`` of the training labels: uniformly to another class, or within the class pairs."""
-    rng = np.random.default_rng(seed)
-    y = split.ytr.clone()
-    if mode == "pairs":
-        partner = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
-        eligible = np.array([i for i in range(len(y)) if int(y[i]) in partner])
-        idx = rng.choice(eligible, size=min(len(eligible), int(round(fraction * len(y)))), replace=False)
-        for i in idx:
-            y[i] = partner[int(y[i])]
-    else:
-        idx = rng.choice(len(y), size=int(round(fraction * len(y))), replace=False)
-        for i in idx:
-            y[i] = (int(y[i]) + int(rng.integers(1, 10))) % 10
-    mask = torch.zeros(len(y), dtype=torch.bool)
-    mask[torch.as_tensor(idx, dtype=torch.long)] = True
+    y, mask = flip(split.ytr, 10, fraction, mode, seed)
     return Split(split.xtr, y, split.xte, split.yte, mask)
 
 
