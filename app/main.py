@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -12,7 +13,7 @@ from app.api.routes import router
 from app.dashboard import router as dashboard_router
 from app.metrics import install as install_metrics
 from app.settings import Settings
-from app.store import NotFound, SchemaOutdated, Store, StoreError, ensure_current
+from app.store import NotFound, SchemaOutdated, Store, StoreError, WriteRefused, ensure_current
 
 log = logging.getLogger("ivon_diag.app")
 
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app = FastAPI(title="ivon-diag", version="0.1.0",
                   description="Generalization and data-sensitivity diagnostics during training.")
     app.state.settings = settings
+    app.state.draining = threading.Event()  # set on SIGTERM: live streams end, /readyz says so, requests finish
     app.state.store = store or Store(settings.db)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -37,6 +39,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @app.exception_handler(StoreError)
     async def store_error(_: Request, err: StoreError):
         log.error("store error: %s", err)
+        if isinstance(err, WriteRefused):  # reads still work: say why writes do not
+            return JSONResponse({"detail": str(err).split(":")[0]}, status_code=503)
         return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
 
     @app.exception_handler(Exception)
@@ -50,6 +54,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @app.get("/readyz", include_in_schema=False)
     def readyz():
+        if app.state.draining.is_set():
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             ensure_current(app.state.store.engine)
         except SchemaOutdated as err:

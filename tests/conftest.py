@@ -74,9 +74,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def serving(cli_args: list[str], port: int, env: dict | None = None):
-    """Run ``ivon-diag <cli_args>`` (a server on ``port``) as a real process; yield its base URL once it answers."""
+def start_server(cli_args: list[str], port: int, env: dict | None = None):
+    """Start ``ivon-diag <cli_args>`` (a server on ``port``) as a real process; return it and its base URL once it
+    answers."""
     import subprocess
     import sys
     import time
@@ -85,15 +85,22 @@ def serving(cli_args: list[str], port: int, env: dict | None = None):
 
     proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *cli_args], env=env)
     base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(base + "/healthz", timeout=1)
+            return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.terminate()
+    proc.wait(timeout=10)
+    raise RuntimeError(f"server {cli_args} did not answer on port {port}")
+
+
+@contextlib.contextmanager
+def serving(cli_args: list[str], port: int, env: dict | None = None):
+    """``start_server`` as a context: the server is terminated on exit; yields its base URL."""
+    proc, base = start_server(cli_args, port, env)
     try:
-        for _ in range(200):
-            try:
-                httpx.get(base + "/healthz", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError(f"server {cli_args} did not answer on port {port}")
         yield base
     finally:
         proc.terminate()

@@ -1,13 +1,17 @@
 """Faults: SIGTERM releases the job after a checkpoint; repeated SIGKILLs still end at the uninterrupted weights;
 every write route refuses requests without a valid token."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -15,6 +19,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from app.store import Store, make_engine, upgrade
+from tests.conftest import free_port, start_server
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -90,3 +95,53 @@ def test_every_write_route_refuses_without_a_valid_token(tmp_path, method, path,
     r = client.request(method, path, json=body, headers=headers)
     assert r.status_code == (403 if auth == "Bearer wrong" else 401)
     assert len(store.list_runs()) == 1 and store.hooks_for(None) == []  # nothing written
+
+
+def test_sigterm_drains_the_api(tmp_path):
+    """A request in flight when SIGTERM arrives completes and its write lands; live streams end; no new
+    connection is accepted; the process exits promptly and cleanly."""
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    token = store.create_token("t")
+    live = store.create_run("live", JOB, enqueue=False)
+    port = free_port()
+    proc, base = start_server(["--db", url, "serve", "--port", str(port)], port, ENV)
+    try:
+        stream_lines: list[str] = []
+        stream_ended = threading.Event()
+
+        def follow():
+            with httpx.stream("GET", f"{base}/api/v1/runs/{live.id}/events", timeout=30) as r:
+                for line in r.iter_lines():
+                    stream_lines.append(line)
+            stream_ended.set()
+
+        threading.Thread(target=follow, daemon=True).start()
+        body = json.dumps({"config": {**JOB, "name": "in-flight"}}).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(f"POST /api/v1/runs HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:20])
+        deadline = time.time() + 10
+        while time.time() < deadline and not stream_lines:
+            time.sleep(0.05)
+        assert stream_lines, "the event stream did not start"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(base + "/healthz", timeout=2)  # no longer accepting
+        sock.sendall(body[20:])  # the rest of the request in flight
+        sock.settimeout(10)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 201"), reply[:200]
+        assert stream_ended.wait(5), "the event stream kept the server from draining"
+        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        assert [r.name for r in store.list_runs()].count("in-flight") == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -84,7 +84,19 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(db=args.db) if args.db else Settings()
     store = Store(settings.db)
     ensure_current(store.engine)
-    uvicorn.run(create_app(settings, store), host=args.host, port=args.port, log_level="warning")
+    app = create_app(settings, store)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: stop accepting, let requests in flight finish, end live event streams (clients
+        reconnect elsewhere), and give up on stragglers after ``--graceful-seconds``."""
+
+        def handle_exit(self, sig, frame):
+            app.state.draining.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.graceful_seconds)
+    DrainingServer(config).run()
     return 0
 
 
@@ -106,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--terminal", action="store_true", help="print the diagnostics instead of serving them")
     demo.set_defaults(func=_demo)
-    sv = sub.add_parser("serve", help="the REST API (and, later, the dashboard)")
+    sv = sub.add_parser("serve", help="the REST API and the dashboard")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--graceful-seconds", type=float, default=30.0,
+                    help="on SIGTERM, how long requests in flight may take to finish")
     sv.set_defaults(func=_serve)
     tr = sub.add_parser("train", help="run one job in the foreground from a JSON, YAML or TOML config")
     tr.add_argument("config")

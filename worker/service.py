@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
-from app.store import DatabaseUnavailable, Store
+from app.store import DatabaseUnavailable, Store, StoreError, WriteRefused
 from worker.config import ConfigError, parse_config
 from worker.hooks import HookDispatcher
 from worker.resilient import ResilientStore
@@ -31,6 +31,8 @@ def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: t
                           should_stop=lambda: stop_event.is_set() or store.get_run(run_id).stop_requested, log=log,
                           hooks=hooks)
         outcome = trainer.run()
+    except WriteRefused:  # the database's fault, not the run's: nothing to mark failed (and no way to)
+        raise
     except (ConfigError, JobFailed) as err:
         return _fail(store, run_id, str(err), log, hooks)
     except Exception as err:  # a user factory or data that raises: the worker goes on with other jobs
@@ -66,8 +68,10 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
     while not stop.is_set():
         try:
             job = store.claim_job(worker_id, lease_seconds)
-        except (OperationalError, DatabaseUnavailable) as err:  # still down after the retries: keep serving
+        except (OperationalError, DatabaseUnavailable, WriteRefused) as err:  # down or read-only: keep serving
             log(f"worker {worker_id}: cannot claim jobs: {str(err).splitlines()[0][:200]}")
+            if once and isinstance(err, WriteRefused):
+                raise
             stop.wait(poll_seconds * 5)
             continue
         if job is None:
@@ -80,7 +84,12 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
 
         def heartbeat(job_id=job.id, beating=beating):
             while not beating.wait(lease_seconds / 3):
-                if not store.heartbeat(job_id, worker_id, lease_seconds):
+                try:
+                    kept = store.heartbeat(job_id, worker_id, lease_seconds)
+                except (StoreError, OperationalError) as err:  # the run's next write will meet the same fault
+                    log(f"worker {worker_id}: heartbeat of job {job_id} failed: {str(err).splitlines()[0][:200]}")
+                    continue
+                if not kept:
                     log(f"worker {worker_id}: lost the lease of job {job_id}")
                     stop.set()
 
@@ -88,9 +97,22 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
         hb.start()
         try:
             state = run_job(store, job.run_id, checkpoint_dir, stop, log)
+        except WriteRefused as err:
+            log(f"worker {worker_id}: run {job.run_id} interrupted: {err}. Its job goes back to the queue and "
+                "resumes from its last checkpoint once the database accepts writes")
+            state = None
         finally:
             beating.set()
             hb.join()
+        if state is None:
+            try:
+                store.finish_job(job.id, "queued")
+            except (StoreError, OperationalError):  # still refused: the lease expires instead
+                pass
+            if once:
+                raise WriteRefused(f"run {job.run_id} interrupted: the database refuses writes")
+            stop.wait(poll_seconds * 5)
+            continue
         store.finish_job(job.id, state, error=store.get_run(job.run_id).error if state == "failed" else None)
         if state == "queued":
             return

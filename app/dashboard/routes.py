@@ -83,7 +83,8 @@ async def events(request: Request, run_id: RunId, since_step: int = Query(-1, ge
     async def stream():
         last = since_step
         yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
+        draining = request.app.state.draining
+        while not draining.is_set() and not await request.is_disconnected():
             evs = await asyncio.to_thread(store.evaluations, run_id, last, 100)
             for ev in evs:
                 last = ev.step
@@ -93,6 +94,9 @@ async def events(request: Request, run_id: RunId, since_step: int = Query(-1, ge
             if run.status in ("done", "failed", "cancelled") and not evs:
                 yield f"event: status\ndata: {json.dumps({'status': run.status})}\n\n"
                 return
-            await asyncio.sleep(1.0)
+            for _ in range(10):  # wake often enough to end promptly when the server drains
+                if draining.is_set():
+                    return
+                await asyncio.sleep(0.1)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

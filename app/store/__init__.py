@@ -1,8 +1,16 @@
 """The store: SQLAlchemy models, engines, migrations and the repository (the only code that speaks SQL)."""
 
-from app.store.engine import DatabaseUnavailable, SchemaOutdated, StoreError, database_url, make_engine, redact
+from app.store.engine import (
+    DatabaseUnavailable,
+    SchemaOutdated,
+    StoreError,
+    WriteRefused,
+    database_url,
+    make_engine,
+    redact,
+)
 from app.store.migrate import ensure_current, upgrade
 from app.store.repository import NotFound, ScoreRow, Store, finite
 
-__all__ = ["Store", "NotFound", "ScoreRow", "StoreError", "DatabaseUnavailable", "SchemaOutdated", "make_engine",
-           "database_url", "redact", "upgrade", "ensure_current", "finite"]
+__all__ = ["Store", "NotFound", "ScoreRow", "StoreError", "DatabaseUnavailable", "SchemaOutdated", "WriteRefused",
+           "make_engine", "database_url", "redact", "upgrade", "ensure_current", "finite"]

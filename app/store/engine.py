@@ -20,6 +20,11 @@ class DatabaseUnavailable(StoreError):
     """The database URL is invalid or the server cannot be reached (the message never shows the password)."""
 
 
+class WriteRefused(StoreError):
+    """The database accepts reads but refuses writes: read-only (a replica, a read-only file or transaction),
+    no privilege, or a full disk. Not the job's fault and not fixed by an immediate retry."""
+
+
 class SchemaOutdated(StoreError):
     """The database schema is older (or newer) than this code."""
 
@@ -47,7 +52,7 @@ def make_engine(url: str | None = None, **kwargs) -> Engine:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 30}, **kwargs)
         _sqlite_settings(engine)
@@ -57,7 +62,24 @@ def make_engine(url: str | None = None, **kwargs) -> Engine:
     else:
         raise DatabaseUnavailable(f"unsupported database {parsed.get_backend_name()!r} in {redact(url)!r}: "
                                   "use sqlite or postgresql")
+    event.listen(engine, "handle_error", _refused_writes)
     return engine
+
+
+# SQLite result codes READONLY and FULL (extended codes keep the primary code in the low byte); PostgreSQL
+# SQLSTATEs read_only_sql_transaction, insufficient_privilege, disk_full.
+_SQLITE_REFUSED = {8: "the database is read-only", 13: "the disk is full"}
+_PG_REFUSED = {"25006": "the database is read-only", "42501": "permission denied", "53100": "the disk is full"}
+
+
+def _refused_writes(ctx) -> None:
+    orig = ctx.original_exception
+    reason = _SQLITE_REFUSED.get(getattr(orig, "sqlite_errorcode", -1) & 0xFF)
+    if reason is None:
+        reason = _PG_REFUSED.get(getattr(orig, "sqlstate", None) or "")
+    if reason is not None:
+        detail = str(orig).strip().splitlines()[0][:200]
+        raise WriteRefused(f"the database refuses writes ({reason}): {detail}") from orig
 
 
 def _sqlite_settings(engine: Engine) -> None:

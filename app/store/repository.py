@@ -221,6 +221,7 @@ class Store:
             s.execute(delete(Example).where(Example.run_id == run_id))
             if rows:
                 s.execute(Example.__table__.insert(), rows)
+            s.execute(update(Run).where(Run.id == run_id).values(n_examples=len(rows)))
 
     def write_evaluation(self, run_id: int, step: int, *, loo: float | None, metrics: dict[str, float],
                          idx: np.ndarray | None = None, scores: np.ndarray | None = None,
