@@ -26,6 +26,9 @@ def test_compose_file_is_complete_and_has_no_default_secrets():
     assert "healthcheck" in c["services"]["postgres"] and "pgdata" in c["volumes"]
     assert c["services"]["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert c["services"]["worker"]["deploy"]["replicas"] >= 2
+    api = c["services"]["api"]
+    grace = float(api["command"][api["command"].index("--graceful-seconds") + 1])
+    assert grace < float(api["stop_grace_period"].rstrip("s"))  # draining ends before Docker's SIGKILL
     text = (ROOT / "docker-compose.yml").read_text()
     assert re.search(r"POSTGRES_PASSWORD:\s*\$\{POSTGRES_PASSWORD:\?", text)  # required, never defaulted
     docker = (ROOT / "Dockerfile").read_text()
