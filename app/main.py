@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from app.api.routes import router
+from app.cache import ResponseCache
 from app.dashboard import router as dashboard_router
 from app.metrics import install as install_metrics
 from app.settings import Settings
@@ -20,11 +24,20 @@ log = logging.getLogger("ivon_diag.app")
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="ivon-diag", version="0.1.0",
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        # Store reads are CPU-bound on SQLite: anyio's 40 threads would only fight over the GIL.
+        threads = settings.threads or 2 * (os.cpu_count() or 1)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(title="ivon-diag", version="0.1.0", lifespan=lifespan,
                   description="Generalization and data-sensitivity diagnostics during training.")
     app.state.settings = settings
     app.state.draining = threading.Event()  # set on SIGTERM: live streams end, /readyz says so, requests finish
     app.state.store = store or Store(settings.db)
+    app.add_middleware(ResponseCache, ttl=settings.cache_seconds)  # inside CORS: its headers depend on Origin
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

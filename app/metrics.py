@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -32,20 +32,37 @@ class StoreCollector:
         yield beats
 
 
+class Timing:
+    """Request latency by method, route template and status (pure ASGI: no per-request task or body copy)."""
+
+    def __init__(self, app, latency: Histogram):
+        self.app, self.latency = app, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t, status = time.perf_counter(), [500]
+
+        async def timed(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.latency.labels(scope["method"], route, str(status[0])).observe(time.perf_counter() - t)
+
+
 def install(app: FastAPI, store: Store) -> None:
+    """Add the latency middleware (outermost: call it after every other ``add_middleware``) and /metrics."""
     registry = CollectorRegistry()
     latency = Histogram("ivon_diag_request_seconds", "request latency", ["method", "route", "status"],
                         registry=registry)
     registry.register(StoreCollector(store))
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next):
-        t = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        latency.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
-            time.perf_counter() - t)
-        return response
+    app.add_middleware(Timing, latency=latency)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics():

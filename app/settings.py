@@ -12,3 +12,5 @@ class Settings(BaseSettings):
     read_requires_token: bool = False  # IVON_DIAG_READ_REQUIRES_TOKEN
     cors_origins: list[str] = []  # IVON_DIAG_CORS_ORIGINS='["https://…"]'; CORS is off when empty
     max_limit: int = 1000
+    threads: int | None = None  # IVON_DIAG_THREADS: blocking reads in parallel (default: 2 per CPU core)
+    cache_seconds: float = 1.0  # IVON_DIAG_CACHE_SECONDS: how stale an API read may be (0: no cache)

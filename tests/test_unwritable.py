@@ -80,10 +80,10 @@ def test_postgres_turned_read_only_mid_run(tmp_path):
         assert len(store.evaluations(run.id)) >= 2
         _read_only(url, True)
         deadline = time.time() + 60
-        while time.time() < deadline and "refuses writes" not in log.read_text():
+        while time.time() < deadline and "goes back to the queue" not in log.read_text():
             time.sleep(0.2)
         text = log.read_text()
-        assert "refuses writes (the database is read-only)" in text and "goes back to the queue" in text
+        assert "refuses writes (the database is read-only)" in text and "goes back to the queue" in text, text
         assert p.poll() is None  # the worker keeps serving
         assert store.get_run(run.id).status == "running"  # not marked failed: it was not the run's fault
         time.sleep(3)  # the lease expires meanwhile

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import Depends, Header, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from app.store import Store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:  # async: no thread-pool hop for an attribute read
     return request.app.state.store
 
 
@@ -27,7 +28,8 @@ def require_write(authorization: str | None = Header(default=None), store: Store
         raise HTTPException(403, "invalid or revoked API token")
 
 
-def require_read(request: Request, authorization: str | None = Header(default=None),
-                 store: Store = Depends(get_store)) -> None:
+async def require_read(request: Request, authorization: str | None = Header(default=None),
+                       store: Store = Depends(get_store)) -> None:
+    """Open reads cost no thread-pool hop; token-protected ones check the token in the pool."""
     if request.app.state.settings.read_requires_token:
-        require_write(authorization, store)
+        await run_in_threadpool(require_write, authorization, store)
