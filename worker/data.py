@@ -1,4 +1,5 @@
-"""Data sources for jobs: sklearn's digits (the offline default), synthetic data, and local .npz files.
+"""Data sets for jobs: sklearn's digits (the offline default), synthetic data, and users' local data
+(`worker.sources`: .npz, CSV, an image folder, MNIST, CIFAR-10, a ``module:function`` factory).
 
 Every example keeps a stable index (its row in the training split); image examples get a PNG thumbnail.
 """
@@ -7,12 +8,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from worker import sources
 from worker.config import DataConfig, LabelNoiseConfig
 
 PAIRS = ((1, 7), (3, 8), (4, 9))  # digit pairs that look alike, for class-pair label noise
@@ -28,6 +29,7 @@ class Dataset:
     image_shape: tuple[int, ...] | None
     original: Tensor  # training labels before label noise
     flipped: Tensor  # bool per training example
+    model: torch.nn.Module | None = None  # a factory's own model
 
     @property
     def n(self) -> int:
@@ -40,8 +42,22 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
 
 
+def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
+    if cfg.name == "npz":
+        return sources.read_npz(cfg.path)
+    if cfg.name == "csv":
+        return sources.read_csv(cfg.path, cfg.label_column, cfg.test_path)
+    if cfg.name == "image_folder":
+        return sources.read_image_folder(cfg.path, cfg.test_path, cfg.image_size)
+    if cfg.name == "mnist":
+        return sources.read_mnist(cfg.path)
+    if cfg.name == "cifar10":
+        return sources.read_cifar10(cfg.path)
+    return sources.load_factory(cfg.factory, seed)
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    image_shape = None
+    image_shape, model = None, None
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
 
@@ -56,24 +72,15 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         x = centers[y] + g.normal(size=(cfg.n_synthetic, 16))
         xtr, xte, ytr, yte = _split(x, y, cfg.test_fraction, seed)
     else:
-        path = Path(cfg.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except Exception as err:
-            raise ValueError(f"cannot read {path} as .npz: {err}") from None
-        if "x_train" not in arrays or "y_train" not in arrays:
-            raise ValueError(f"{path} must contain x_train and y_train (has {sorted(arrays)})")
-        if "x_test" in arrays and "y_test" in arrays:
-            xtr, ytr, xte, yte = arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+        src = _read_source(cfg, seed)
+        model, image_shape = src.model, src.image_shape
+        if src.x_test is not None and src.y_test is not None:
+            xtr, ytr, xte, yte = src.x_train, src.y_train, src.x_test, src.y_test
         else:
-            xtr, xte, ytr, yte = _split(arrays["x_train"], arrays["y_train"], cfg.test_fraction, seed)
-        if xtr.ndim == 4:
-            image_shape = tuple(xtr.shape[1:])
+            xtr, xte, ytr, yte = _split(src.x_train, src.y_train, cfg.test_fraction, seed)
     ytr, yte = np.asarray(ytr), np.asarray(yte)
-    if not np.issubdtype(ytr.dtype, np.integer) or ytr.min() < 0:
+    if not np.issubdtype(ytr.dtype, np.integer) or not np.issubdtype(yte.dtype, np.integer) \
+            or min(ytr.min(initial=0), yte.min(initial=0)) < 0:
         raise ValueError("labels must be non-negative integers")
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise ValueError(f"inputs and labels differ in length: {len(xtr)} vs {len(ytr)}, {len(xte)} vs {len(yte)}")
@@ -81,14 +88,18 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         from sklearn.model_selection import train_test_split
 
         xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=cfg.n_train, stratify=ytr, random_state=seed)
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    num_classes = cfg.num_classes or int(max(ytr.max(), yte.max())) + 1
+    for labels, split in ((ytr, "training"), (yte, "test")):
+        if len(labels) and labels.max() >= num_classes:
+            i = int(np.argmax(labels >= num_classes))
+            raise ValueError(f"label {int(labels[i])} of {split} example {i} is outside the {num_classes} classes")
     if not np.isfinite(xtr).all():
         bad = int(np.flatnonzero(~np.isfinite(xtr.reshape(len(xtr), -1)).all(1))[0])
         raise ValueError(f"non-finite input values in training example {bad}")
     t = torch.tensor(ytr, dtype=torch.long)
     return Dataset(torch.tensor(xtr, dtype=torch.float32), t.clone(), torch.tensor(xte, dtype=torch.float32),
                    torch.tensor(yte, dtype=torch.long), num_classes, image_shape, t,
-                   torch.zeros(len(t), dtype=torch.bool))
+                   torch.zeros(len(t), dtype=torch.bool), model)
 
 
 def flip(y: Tensor, num_classes: int, fraction: float, mode: str, seed: int) -> tuple[Tensor, Tensor]:

@@ -15,16 +15,26 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    name: Literal["digits", "synthetic", "npz"] = "digits"
-    path: str | None = Field(None, description="a local .npz with x_train, y_train[, x_test, y_test]")
+    name: Literal["digits", "synthetic", "npz", "csv", "image_folder", "mnist", "cifar10", "factory"] = "digits"
+    path: str | None = Field(None, description="npz: a .npz with x_train, y_train[, x_test, y_test]; csv: a file "
+                             "with a header; image_folder: path/<class>/<image>; mnist: the folder of its 4 idx "
+                             "files; cifar10: the cifar-10-batches-py folder")
+    test_path: str | None = Field(None, description="csv, image_folder: the test set (default: a split)")
+    label_column: str = Field("label", description="csv: the column of labels (integers or class names)")
+    image_size: int | None = Field(None, ge=4, le=512, description="image_folder: resize to squares of this side")
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                                description="factory: 'module:function' returning (model, (x, y), (x_test, y_test))")
+    num_classes: int | None = Field(None, ge=2, description="labels must lie in [0, num_classes) (default: max + 1)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     n_train: int | None = Field(None, ge=2, description="a stratified subset of the training split")
     n_synthetic: int = Field(512, ge=8)
 
     @model_validator(mode="after")
     def _path_for_files(self):
-        if self.name == "npz" and not self.path:
-            raise ValueError("data.path is required for name 'npz'")
+        if self.name in ("npz", "csv", "image_folder", "mnist", "cifar10") and not self.path:
+            raise ValueError(f"data.path is required for name {self.name!r}")
+        if self.name == "factory" and not self.factory:
+            raise ValueError("data.factory ('module:function') is required for name 'factory'")
         return self
 
 

@@ -1,0 +1,242 @@
+"""Users' local data: CSV, image folders, MNIST idx, CIFAR-10 batches and factories, each read from real files
+made here; every bad file gives a message that names the file and the fault."""
+
+import gzip
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.store import Store
+from worker.config import ConfigError, parse_config
+from worker.data import load_dataset, thumbnails
+from worker.trainer import build_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def _data(**kw):
+    return parse_config({"data": kw}).data
+
+
+def _load(**kw):
+    return load_dataset(_data(**kw), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+def _write_csv(path, rows, header=("a", "b", "label")):
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+    return path
+
+
+def test_csv_with_class_names_and_a_test_file(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(rng.normal(), rng.normal(), ["cat", "dog", "emu"][i % 3]) for i in range(60)]
+    train = _write_csv(tmp_path / "train.csv", rows)
+    test = _write_csv(tmp_path / "test.csv", rows[:12])
+    d = _load(name="csv", path=str(train), test_path=str(test))
+    assert d.n == 60 and len(d.xte) == 12 and d.num_classes == 3 and d.xtr.shape == (60, 2)
+    assert d.ytr[:3].tolist() == [0, 1, 2]  # names numbered in sorted order
+    assert d.image_shape is None and thumbnails(d) == [None] * 60
+    split = _load(name="csv", path=str(train), test_fraction=0.25)
+    assert split.n == 45 and len(split.xte) == 15
+
+
+def test_bad_csv_files_name_the_fault(tmp_path):
+    with pytest.raises(ValueError, match="no column 'label'"):
+        _load(name="csv", path=str(_write_csv(tmp_path / "a.csv", [(1, 2, 0)], header=("a", "b", "y"))))
+    with pytest.raises(ValueError, match=r"line 3, column 'b': not a number: 'oops'"):
+        _load(name="csv", path=str(_write_csv(tmp_path / "b.csv", [(1, 2, 0), (1, "oops", 1)])))
+    with pytest.raises(ValueError, match="line 2: 2 fields, expected 3"):
+        _load(name="csv", path=str(_write_csv(tmp_path / "c.csv", [(1, 2)])))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        _load(name="csv", path=str(tmp_path / "none.csv"))
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        _load(name="csv", path=str(tmp_path / "e.csv"))
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path):
+    path = _write_csv(tmp_path / "l.csv", [(i, i, i % 5) for i in range(40)])
+    with pytest.raises(ValueError, match="label 3 of training example .* is outside the 3 classes"):
+        _load(name="csv", path=str(path), num_classes=3)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def _image_folder(root, classes=("ant", "bee"), per_class=6, size=12, mode="L"):
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (size, size) if mode == "L" else (size, size, 3)
+            arr = (rng.random(shape) * 100 + 150 * c).astype(np.uint8)
+            Image.fromarray(arr, mode).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_resized_with_thumbnails(tmp_path):
+    train = _image_folder(tmp_path / "train", mode="RGB")
+    test = _image_folder(tmp_path / "test", per_class=2, mode="RGB")
+    d = _load(name="image_folder", path=str(train), test_path=str(test), image_size=8)
+    assert d.xtr.shape == (12, 3, 8, 8) and d.xte.shape == (4, 3, 8, 8) and d.image_shape == (3, 8, 8)
+    assert d.ytr.tolist() == [0] * 6 + [1] * 6 and 0 <= float(d.xtr.min()) and float(d.xtr.max()) <= 1
+    png = thumbnails(d)[0]
+    assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (32, 32)
+    gray = _load(name="image_folder", path=str(_image_folder(tmp_path / "g")), test_fraction=0.5)
+    assert gray.image_shape == (1, 12, 12)
+
+
+def test_bad_image_folders_name_the_fault(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class subfolders"):
+        _load(name="image_folder", path=str(tmp_path / "empty"))
+    root = _image_folder(tmp_path / "broken")
+    (root / "bee" / "9.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read image .*9\.png"):
+        _load(name="image_folder", path=str(root))
+    train, test = _image_folder(tmp_path / "tr"), _image_folder(tmp_path / "te", classes=("ant", "cow"))
+    with pytest.raises(ValueError, match=r"classes \['cow'\] are not in the training folder"):
+        _load(name="image_folder", path=str(train), test_path=str(test))
+
+
+# ------------------------------------------------------------------------------------------------ MNIST
+def _idx(path, arr, gz=True):
+    head = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = head + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def _mnist(root, n=30, side=10):
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    for split, m in (("train", n), ("t10k", n // 3)):
+        _idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (m, side, side)))
+        _idx(root / f"{split}-labels-idx1-ubyte", np.arange(m) % 10, gz=False)
+    return root
+
+
+def test_mnist_idx_files(tmp_path):
+    d = _load(name="mnist", path=str(_mnist(tmp_path / "mnist")))
+    assert d.xtr.shape == (30, 1, 10, 10) and d.xte.shape == (10, 1, 10, 10) and d.num_classes == 10
+    assert d.ytr.tolist() == [i % 10 for i in range(30)] and float(d.xtr.max()) <= 1
+
+
+def test_corrupt_mnist_files_name_the_fault(tmp_path):
+    root = _mnist(tmp_path / "m")
+    f = root / "train-labels-idx1-ubyte"
+    f.write_bytes(f.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte: 25 data bytes, the header says 30"):
+        _load(name="mnist", path=str(root))
+    f.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an idx file of unsigned bytes"):
+        _load(name="mnist", path=str(root))
+    (root / "t10k-images-idx3-ubyte.gz").unlink()
+    _idx(f, np.arange(30) % 10, gz=False)
+    with pytest.raises(FileNotFoundError, match="missing t10k-images-idx3-ubyte"):
+        _load(name="mnist", path=str(root))
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR-10
+def _cifar(root, batches=2, n=8):
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for name in [f"data_batch_{i + 1}" for i in range(batches)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"labels": list(range(n))}
+        (root / name).write_bytes(pickle.dumps(d, protocol=2))
+    return root
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_cifar10_batches_and_no_code_from_pickles(tmp_path):
+    d = _load(name="cifar10", path=str(_cifar(tmp_path / "c")))
+    assert d.xtr.shape == (16, 3, 32, 32) and d.xte.shape == (8, 3, 32, 32) and d.image_shape == (3, 32, 32)
+    bad = _cifar(tmp_path / "evil")
+    _Evil.marker = tmp_path / "pwned"
+    (bad / "data_batch_1").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}))
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch .*refusing to load"):
+        _load(name="cifar10", path=str(bad))
+    assert not _Evil.marker.exists()
+    (bad / "data_batch_1").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="data_batch_1: not a CIFAR-10 python batch"):
+        _load(name="cifar10", path=str(bad))
+
+
+# ------------------------------------------------------------------------------------------------ factory
+FACTORY = textwrap.dedent("""
+    import torch
+
+    def make(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(120, 6, generator=g)
+        y = (x[:, 0] > 0).long()
+        model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+        return model, (x[:90], y[:90]), (x[90:], y[90:])
+
+    def broken(seed):
+        raise RuntimeError("no data today")
+
+    def wrong(seed):
+        return 42
+""")
+
+
+def test_factory_returns_the_model_and_the_data(tmp_path, monkeypatch):
+    (tmp_path / "userfactory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = parse_config({"data": {"name": "factory", "factory": "userfactory:make"}})
+    d = load_dataset(cfg.data, seed=0)
+    assert d.n == 90 and len(d.xte) == 30 and build_model(cfg, d) is d.model and d.model[0].out_features == 7
+    with pytest.raises(ValueError, match="'userfactory:broken' raised RuntimeError: no data today"):
+        _load(name="factory", factory="userfactory:broken")
+    with pytest.raises(ValueError, match="must return"):
+        _load(name="factory", factory="userfactory:wrong")
+    with pytest.raises(ValueError, match="cannot import it"):
+        _load(name="factory", factory="nosuchmodule:make")
+
+
+def test_config_names_what_a_source_needs():
+    for name in ("csv", "image_folder", "mnist", "cifar10"):
+        with pytest.raises(ConfigError, match=f"data.path is required for name '{name}'"):
+            parse_config({"data": {"name": name}})
+    with pytest.raises(ConfigError, match="data.factory"):
+        parse_config({"data": {"name": "factory"}})
+    with pytest.raises(ConfigError, match="data.factory"):
+        parse_config({"data": {"name": "factory", "factory": "os.system('x')"}})
+
+
+def test_train_command_on_an_image_folder_and_a_factory(tmp_path):
+    """End to end with the real CLI: images get thumbnails in the store; a factory's model is trained."""
+    (tmp_path / "userfactory.py").write_text(FACTORY)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    jobs = {"images": {"data": {"name": "image_folder", "path": str(_image_folder(tmp_path / "imgs", per_class=10))},
+                       "model": {"name": "cnn"}},
+            "factory": {"data": {"name": "factory", "factory": "userfactory:make"}}}
+    for name, job in jobs.items():
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps({"name": name, **job, "epochs": 2, "batch_size": 8, "eval_every": 3,
+                                   "early_stopping": {"enabled": False}}))
+        out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
+                              str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    store = Store(url)
+    images, factory = sorted(store.list_runs(), key=lambda r: r.name)[::-1][:2]
+    assert images.name == "images" and images.status == "done" and factory.status == "done"
+    assert store.get_example(images.id, 0).thumbnail.startswith(b"\x89PNG")
+    assert len(store.evaluations(factory.id)) >= 2
+    import torch
+
+    final = torch.load(tmp_path / "ck" / f"run_{factory.id}_final.pt")["model"]
+    assert final["0.weight"].shape == (7, 6)  # the factory's own architecture

@@ -1,0 +1,256 @@
+"""Readers of users' local data: .npz, CSV, an image folder, MNIST idx files, CIFAR-10 python batches, and a
+``module:function`` factory. Each returns ``Arrays``; a bad file raises ValueError (or FileNotFoundError) with a
+message that names the file and what is wrong, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Arrays:
+    """Training (and, when the source has one, test) inputs and integer labels; images as N×C×H×W in [0, 1]."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    image_shape: tuple[int, ...] | None = None
+    model: Any = None  # a factory's own model (a torch.nn.Module), else None
+
+
+def _existing(path: str | Path, kind: str = "file") -> Path:
+    p = Path(path)
+    ok = p.is_file() if kind == "file" else p.is_dir()
+    if not ok:
+        raise FileNotFoundError(f"data {kind} not found: {p}")
+    return p
+
+
+def read_npz(path: str) -> Arrays:
+    p = _existing(path)
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as err:
+        raise ValueError(f"cannot read {p} as .npz: {err}") from None
+    if "x_train" not in arrays or "y_train" not in arrays:
+        raise ValueError(f"{p} must contain x_train and y_train (has {sorted(arrays)})")
+    x = arrays["x_train"]
+    return Arrays(x, arrays["y_train"], arrays.get("x_test"), arrays.get("y_test"),
+                  tuple(x.shape[1:]) if x.ndim == 4 else None)
+
+
+def _labels(values: list[str], where: str) -> np.ndarray:
+    """Integer labels as given; other labels (class names) numbered in sorted order."""
+    try:
+        return np.array([int(v) for v in values], dtype=np.int64)
+    except ValueError:
+        names = sorted(set(values))
+        if len(names) > 10_000:
+            raise ValueError(f"{where}: {len(names)} distinct non-integer labels; is the label column right?") from None
+        index = {n: i for i, n in enumerate(names)}
+        return np.array([index[v] for v in values], dtype=np.int64)
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if label_column not in header:
+        raise ValueError(f"{path} has no column {label_column!r} (columns: {', '.join(header[:20])})")
+    j = header.index(label_column)
+    feats = [i for i in range(len(header)) if i != j]
+    x = np.empty((len(body), len(feats)), dtype=np.float32)
+    for r, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {r + 2}: {len(row)} fields, expected {len(header)}")
+        try:
+            x[r] = [float(row[i]) for i in feats]
+        except ValueError:
+            bad = next(i for i in feats if not _is_float(row[i]))
+            raise ValueError(f"{path}, line {r + 2}, column {header[bad]!r}: not a number: {row[bad][:50]!r}") from None
+    return x, [row[j] for row in body]
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def read_csv(path: str, label_column: str = "label", test_path: str | None = None) -> Arrays:
+    """A header row; one column of labels (integers or class names), every other column a number."""
+    x, labels = _read_csv(_existing(path), label_column)
+    if test_path is None:
+        return Arrays(x, _labels(labels, path))
+    xt, labels_t = _read_csv(_existing(test_path), label_column)
+    y = _labels(labels + labels_t, path)
+    return Arrays(x, y[: len(x)], xt, y[len(x):])
+
+
+def _read_images(root: Path, size: int | None, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = classes or found
+    if not classes:
+        raise ValueError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
+    if unknown := sorted(set(found) - set(classes)):
+        raise ValueError(f"{root}: classes {unknown} are not in the training folder")
+    xs, ys, mode = [], [], None
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (root / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) \
+            if (root / name).is_dir() else []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    mode = mode or ("L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB")
+                    size = size or im.width
+                    img = im.convert(mode).resize((size, size), Image.BILINEAR)
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"cannot read image {f}: {err}") from None
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class subfolders")
+    return np.stack(xs), np.array(ys, dtype=np.int64), classes
+
+
+def read_image_folder(path: str, test_path: str | None = None, image_size: int | None = None) -> Arrays:
+    """``path/<class>/<image>``; classes numbered in sorted order; images resized to ``image_size`` squares
+    (default: the first image's width), grayscale or RGB as the first image is."""
+    x, y, classes = _read_images(_existing(path, "folder"), image_size, None)
+    xt = yt = None
+    if test_path is not None:
+        xt, yt, _ = _read_images(_existing(test_path, "folder"), x.shape[-1], classes)
+        if xt.shape[1] != x.shape[1]:
+            xt = xt.mean(1, keepdims=True) if x.shape[1] == 1 else np.repeat(xt, 3, axis=1)
+    return Arrays(x, y, xt, yt, tuple(x.shape[1:]))
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{path}: corrupt gzip: {err}") from None
+    return data
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST's format): magic 0x0000 + type 0x08 (unsigned bytes) + ndim, big-endian sizes, data."""
+    data = _open_maybe_gz(path)
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex() or 'missing'})")
+    ndim = data[3]
+    if not 1 <= ndim <= 4 or len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: bad idx header")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    need = int(np.prod(shape))
+    body = data[4 + 4 * ndim :]
+    if len(body) != need:
+        raise ValueError(f"{path}: {len(body)} data bytes, the header says {need} (truncated or corrupt)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"{root}: missing {stem}[.gz]")
+
+
+def read_mnist(path: str) -> Arrays:
+    """A folder with MNIST's four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-…; .gz too)."""
+    root = _existing(path, "folder")
+    parts = [read_idx(_find(root, f"{split}-{kind}")) for split in ("train", "t10k")
+             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    (x, y), (xt, yt) = parts[:2], parts[2:]
+    for imgs, labels, split in ((x, y, "train"), (xt, yt, "t10k")):
+        if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
+            raise ValueError(f"{root}: {split} images {imgs.shape} and labels {labels.shape} do not match")
+    scale = np.float32(1 / 255)
+    return Arrays(x[:, None] * scale, y.astype(np.int64), xt[:, None] * scale, yt.astype(np.int64),
+                  (1, *x.shape[1:]))
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles: allow the numpy array reconstructors and nothing else (no code runs)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _ArraysOnly(f, encoding="bytes").load()
+        data, labels = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise ValueError(f"{path}: expected N×3072 bytes and N labels, got {data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(path: str) -> Arrays:
+    """The ``cifar-10-batches-py`` folder: data_batch_1…5 (those present) and test_batch."""
+    root = _existing(path, "folder")
+    train = sorted(root.glob("data_batch_*"))
+    if not train:
+        raise FileNotFoundError(f"{root}: no data_batch_* files (expected the cifar-10-batches-py folder)")
+    parts = [_cifar_batch(p) for p in train]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    xt, yt = _cifar_batch(_existing(root / "test_batch"))
+    scale = np.float32(1 / 255)
+    return Arrays(x * scale, y, xt * scale, yt, (3, 32, 32))
+
+
+def load_factory(spec: str, seed: int) -> Arrays:
+    """``module:function``, called as ``function(seed=seed)``; it returns ``(model, (x_train, y_train),
+    (x_test, y_test))`` with arrays or tensors (model None: the configured model; test None: a split)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"data.factory {spec!r}: cannot import it ({type(err).__name__}: {err})") from None
+    try:
+        out = fn(seed=seed)
+    except Exception as err:  # the user's code: say whose error it is
+        raise ValueError(f"data.factory {spec!r} raised {type(err).__name__}: {err}") from None
+    try:
+        model, (x, y), test = out
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"data.factory {spec!r} must return (model, (x_train, y_train), (x_test, y_test) or None): "
+                         f"{type(err).__name__}: {err}") from None
+    arr = [np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for v in (x, y)]
+    xt = yt = None
+    if test is not None:
+        xt, yt = (np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for v in test)
+    return Arrays(arr[0], arr[1], xt, yt, tuple(arr[0].shape[1:]) if arr[0].ndim == 4 else None, model)
