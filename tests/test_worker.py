@@ -122,3 +122,49 @@ def test_micro_batches_accumulate_into_one_step(tmp_path, opt_name):
     assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "done"
     evs = store.evaluations(run.id)
     assert [e.step for e in evs] == [4, 8] and all(e.loo is not None for e in evs)
+
+
+def _train_job(tmp_path):
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps({"name": "logs", "data": {"name": "synthetic", "n_synthetic": 200},
+                               "model": {"name": "logreg"}, "epochs": 2, "eval_every": 2,
+                               "early_stopping": {"enabled": False}}))
+    return [sys.executable, "-m", "worker.cli", "--db", f"sqlite:///{tmp_path / 'l.db'}", "train", str(cfg),
+            "--checkpoint-dir", str(tmp_path / "ck")]
+
+
+def test_structured_logs_when_not_on_a_terminal(tmp_path):
+    out = subprocess.run(_train_job(tmp_path), env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]  # every line is one JSON object
+    evals = [e for e in lines if e.get("event") == "evaluation"]
+    assert len(evals) >= 2 and all({"time", "msg", "run", "step", "loo", "test_nll", "seconds"} <= e.keys()
+                                   for e in evals)
+    assert [e["step"] for e in evals] == sorted(e["step"] for e in evals)
+    assert lines[-1]["event"] == "ended" and lines[-1]["status"] == "done"
+    assert "step/s" not in out.stderr  # no progress bar without a terminal
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a 120-column terminal
+    p = subprocess.Popen(_train_job(tmp_path), env=ENV, stdout=slave, stderr=slave)
+    os.close(slave)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        text += chunk
+    assert p.wait(timeout=120) == 0
+    screen = text.decode(errors="replace")
+    assert "run 1:" in screen and "100%" in screen and "step" in screen and "loo=" in screen
+    assert '"msg"' not in screen  # plain lines for people

@@ -47,6 +47,7 @@ def _token_create(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current, make_engine, upgrade
     from worker.config import load_config
+    from worker.progress import console_log
     from worker.service import run_job
 
     cfg = load_config(args.config)
@@ -55,22 +56,25 @@ def _train(args: argparse.Namespace) -> int:
     store = Store(engine)
     ensure_current(store.engine)
     run = store.create_run(cfg.name, cfg.model_dump(mode="json"), enqueue=False)
-    print(f"run {run.id}: {cfg.name}")
+    log = console_log()
+    log(f"run {run.id}: {cfg.name}", event="started", run=run.id)
     store.set_run_status(run.id, "running")
-    state = run_job(store, run.id, args.checkpoint_dir)
+    state = run_job(store, run.id, args.checkpoint_dir, log=log, progress=sys.stderr.isatty())
     if state != "failed":
         store.set_run_status(run.id, state)
-    print(f"run {run.id}: {state}")
+    log(f"run {run.id}: {state}", event="ended", run=run.id, status=state)
     return 0 if state == "done" else 1
 
 
 def _worker(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current
+    from worker.progress import console_log
     from worker.service import serve
 
     store = Store(args.db)
     ensure_current(store.engine)
-    serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once)
+    serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once,
+          log=console_log(), progress=sys.stderr.isatty())
     return 0
 
 

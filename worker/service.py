@@ -20,7 +20,7 @@ from worker.trainer import JobFailed, Trainer
 
 
 def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: threading.Event | None = None,
-            log=print, callbacks=None) -> str:
+            log=print, callbacks=None, progress: bool = False) -> str:
     """Run one run's job in this process; returns the final state ("done", "failed", "cancelled", "queued")."""
     stop_event = stop_event or threading.Event()
     run = store.get_run(run_id)
@@ -29,7 +29,7 @@ def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: t
         cfg = parse_config(run.config)
         trainer = Trainer(cfg, store, run_id, checkpoint_dir,
                           should_stop=lambda: stop_event.is_set() or store.get_run(run_id).stop_requested, log=log,
-                          hooks=hooks)
+                          hooks=hooks, progress=progress)
         outcome = trainer.run()
     except WriteRefused:  # the database's fault, not the run's: nothing to mark failed (and no way to)
         raise
@@ -53,7 +53,7 @@ def _fail(store: Store, run_id: int, reason: str, log, hooks: HookDispatcher) ->
 
 
 def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None, lease_seconds: float = 60.0,
-          once: bool = False, poll_seconds: float = 1.0, log=print) -> None:
+          once: bool = False, poll_seconds: float = 1.0, log=print, progress: bool = False) -> None:
     """Claim and run jobs until SIGTERM/SIGINT (or, with ``once``, until the queue is empty)."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     stop = threading.Event()
@@ -96,7 +96,7 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
         hb = threading.Thread(target=heartbeat, daemon=True)
         hb.start()
         try:
-            state = run_job(store, job.run_id, checkpoint_dir, stop, log)
+            state = run_job(store, job.run_id, checkpoint_dir, stop, log, progress=progress)
         except WriteRefused as err:
             log(f"worker {worker_id}: run {job.run_id} interrupted: {err}. Its job goes back to the queue and "
                 "resumes from its last checkpoint once the database accepts writes")

@@ -20,6 +20,7 @@ from worker.config import JobConfig
 from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
 from worker.early_stopping import EarlyStopping
 from worker.hooks import HookDispatcher
+from worker.progress import StepBar
 
 
 class JobFailed(RuntimeError):
@@ -46,12 +47,13 @@ def build_model(cfg: JobConfig, data: Dataset) -> nn.Module:
 class Trainer:
     def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path,
                  should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print,
-                 hooks: HookDispatcher | None = None):
+                 hooks: HookDispatcher | None = None, progress: bool = False):
         self.cfg, self.store, self.run_id = cfg, store, run_id
         self.hooks = hooks or HookDispatcher()
         self.ckpt = Path(checkpoint_dir) / f"run_{run_id}.pt"
         self.final = Path(checkpoint_dir) / f"run_{run_id}_final.pt"
         self.should_stop, self.log = should_stop, log
+        self.progress, self.bar = progress, StepBar(False, 0, 0, "")
 
     def _setup(self):
         cfg = self.cfg
@@ -85,6 +87,12 @@ class Trainer:
 
     def run(self) -> str:
         """Train to the end, an early stop or a stop request; returns "done", "stopped" or "released"."""
+        try:
+            return self._run()
+        finally:
+            self.bar.close()
+
+    def _run(self) -> str:
         cfg = self.cfg
         data, model, opt, sched, spe, total = self._setup()
         es = EarlyStopping(**cfg.early_stopping.model_dump(exclude={"enabled"}))
@@ -103,6 +111,7 @@ class Trainer:
         else:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
                                     data.original.tolist(), thumbnails(data))
+        self.bar = StepBar(self.progress, total, step, f"run {self.run_id}")
         sub = None
         if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
             sub = torch.randperm(data.n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:cfg.sensitivity.subset]
@@ -117,6 +126,7 @@ class Trainer:
                 raise JobFailed(f"non-finite training loss ({loss}) at step {step + 1}")
             sched.step()
             step += 1
+            self.bar.update()
             if step % cfg.eval_every and step != total:
                 continue
             metrics = self._evaluate(model, opt, data, sub, step, spe)
@@ -202,8 +212,14 @@ class Trainer:
                                     prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
                                     epoch=step / spe, wall_time=time.perf_counter() - t)
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
-        self.log(f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
-                 f"test_nll {metrics['test_nll']:.4f}")
+        msg = (f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
+               f"test_nll {metrics['test_nll']:.4f}")
+        if getattr(self.log, "structured", False):
+            self.log(msg, event="evaluation", run=self.run_id, step=step, epoch=round(step / spe, 4), loo=loo,
+                     seconds=round(time.perf_counter() - t, 3), **metrics)
+        else:
+            self.log(msg)
+        self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
 
     def _checkpoint(self, model, opt, sched, gen, step, perm, es) -> None:
