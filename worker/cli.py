@@ -46,24 +46,49 @@ def _token_create(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current, make_engine, upgrade
+    from worker import distributed
     from worker.config import load_config
     from worker.progress import console_log
     from worker.service import run_job
 
     cfg = load_config(args.config)
-    engine = make_engine(args.db)
-    upgrade(engine)
-    store = Store(engine)
-    ensure_current(store.engine)
-    run = store.create_run(cfg.name, cfg.model_dump(mode="json"), enqueue=False)
-    log = console_log()
-    log(f"run {run.id}: {cfg.name}", event="started", run=run.id)
-    store.set_run_status(run.id, "running")
-    state = run_job(store, run.id, args.checkpoint_dir, log=log, progress=sys.stderr.isatty())
-    if state != "failed":
-        store.set_run_status(run.id, state)
-    log(f"run {run.id}: {state}", event="ended", run=run.id, status=state)
-    return 0 if state == "done" else 1
+    distributed.init_from_env()  # under torchrun: data-parallel, rank 0 alone writes
+    try:
+        if distributed.rank() != 0:
+            return _train_follower(cfg, distributed.broadcast(None), args.checkpoint_dir)
+        try:
+            engine = make_engine(args.db)
+            upgrade(engine)
+            store = Store(engine)
+            ensure_current(store.engine)
+            run = store.create_run(cfg.name, cfg.model_dump(mode="json"), enqueue=False)
+        except BaseException:
+            distributed.broadcast(None)  # the other ranks give up too
+            raise
+        distributed.broadcast(run.id)
+        log = console_log()
+        log(f"run {run.id}: {cfg.name}", event="started", run=run.id, ranks=distributed.world())
+        store.set_run_status(run.id, "running")
+        state = run_job(store, run.id, args.checkpoint_dir, log=log, progress=sys.stderr.isatty())
+        if state != "failed":
+            store.set_run_status(run.id, state)
+        log(f"run {run.id}: {state}", event="ended", run=run.id, status=state)
+        return 0 if state == "done" else 1
+    finally:
+        distributed.shutdown()
+
+
+def _train_follower(cfg, run_id: int, checkpoint_dir: str) -> int:
+    """A rank other than 0: train its share, write nothing; rank 0 reports the outcome."""
+    from worker.trainer import JobFailed, Trainer
+
+    if run_id is None:  # rank 0 could not create the run
+        return 1
+    try:
+        Trainer(cfg, None, run_id, checkpoint_dir, log=lambda *a, **k: None).run()
+    except JobFailed:
+        return 1
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:

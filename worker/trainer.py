@@ -15,6 +15,7 @@ from torch import nn
 from app.store import Store
 from ivon_core import IVON, all_metrics, matched_beta2, predict
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
+from worker import distributed as D
 from worker import models
 from worker.config import JobConfig
 from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
@@ -54,6 +55,7 @@ class Trainer:
         self.final = Path(checkpoint_dir) / f"run_{run_id}_final.pt"
         self.should_stop, self.log = should_stop, log
         self.progress, self.bar = progress, StepBar(False, 0, 0, "")
+        self.writer = D.rank() == 0  # under torchrun, rank 0 alone writes the store, checkpoints and hooks
 
     def _setup(self):
         cfg = self.cfg
@@ -70,7 +72,7 @@ class Trainer:
             beta2 = matched_beta2(total) if o.beta2 == "matched" else float(o.beta2)
             opt = IVON(model.parameters(), lr=o.lr, ess=o.ess or data.n, hess_init=o.hess_init, beta2=beta2,
                        weight_decay=o.weight_decay, mc_samples=o.mc_samples,
-                       clip_radius=o.clip_radius or float("inf"))
+                       clip_radius=o.clip_radius or float("inf"), sync=D.active())
         elif o.name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         else:
@@ -99,19 +101,11 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         step, perm = 0, None
         if self.ckpt.exists():
-            ck = torch.load(self.ckpt, weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["rng"])
-            gen.set_state(ck["gen"])
-            step, perm = ck["step"], ck["perm"]
-            es.load_state_dict(ck["early_stopping"])
-            self.log(f"run {self.run_id}: resumed at step {step}")
-        else:
+            step, perm = self._resume(model, opt, sched, gen, es)
+        elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
                                     data.original.tolist(), thumbnails(data))
-        self.bar = StepBar(self.progress, total, step, f"run {self.run_id}")
+        self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")
         sub = None
         if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
             sub = torch.randperm(data.n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:cfg.sensitivity.subset]
@@ -121,7 +115,9 @@ class Trainer:
             if pos == 0 or perm is None:
                 perm = torch.randperm(data.n, generator=gen)
             idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-            loss = self._train_step(model, opt, data.xtr[idx], data.ytr[idx])
+            if len(idx) >= D.world():  # this rank's share (a last batch smaller than the world goes to all)
+                idx = D.shard(idx)
+            loss = D.mean(self._train_step(model, opt, data.xtr[idx], data.ytr[idx]))
             if not math.isfinite(loss):
                 raise JobFailed(f"non-finite training loss ({loss}) at step {step + 1}")
             sched.step()
@@ -129,7 +125,30 @@ class Trainer:
             self.bar.update()
             if step % cfg.eval_every and step != total:
                 continue
+            decision = D.broadcast(self._evaluate_and_decide(model, opt, data, sub, step, spe, es))
+            if decision["fail"]:
+                raise JobFailed(decision["fail"])
+            if decision["stop"]:
+                if es.restore_best_weights and self.writer:
+                    es.restore(model)
+                status = "stopped"
+                break
+            self._checkpoint(model, opt, sched, gen, step, perm, es)
+            if decision["release"]:
+                return "released"
+        if self.writer:
+            torch.save({"model": model.state_dict(), "step": step}, self.final)
+            self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
+        return status
+
+    def _evaluate_and_decide(self, model, opt, data, sub, step, spe, es) -> dict | None:
+        """Every rank evaluates its shard; rank 0 writes and returns what all ranks do next (None elsewhere)."""
+        decision = {"fail": None, "stop": False, "release": False}
+        try:
             metrics = self._evaluate(model, opt, data, sub, step, spe)
+            if not self.writer:
+                return None
+            cfg = self.cfg
             if cfg.early_stopping.enabled and es.step(metrics, step, model):
                 self.store.save_early_stop(self.run_id, monitor=es.monitor, mode=es.mode, best=es.best,
                                            best_step=es.best_step, wait=es.wait, stopped_step=es.stopped_step,
@@ -139,19 +158,32 @@ class Trainer:
                 self.log(f"run {self.run_id}: early stop at step {step}: {es.reason}")
                 self.hooks.emit("early_stop", {"run_id": self.run_id, "step": step, "reason": es.reason,
                                                "best": es.best, "best_step": es.best_step})
-                if es.restore_best_weights:
-                    es.restore(model)
-                status = "stopped"
-                break
+                decision["stop"] = True
+                return decision
             if cfg.early_stopping.enabled:
                 self.store.save_early_stop(self.run_id, monitor=es.monitor, mode=es.mode, best=es.best,
                                            best_step=es.best_step, wait=es.wait)
-            self._checkpoint(model, opt, sched, gen, step, perm, es)
-            if self.should_stop():
-                return "released"
-        torch.save({"model": model.state_dict(), "step": step}, self.final)
-        self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
-        return status
+            decision["release"] = bool(self.should_stop())
+            return decision
+        except Exception as err:
+            if D.active() and self.writer:  # tell the other ranks before failing, or they wait for ever
+                D.broadcast({**decision, "fail": f"{type(err).__name__}: {err}"})
+            raise
+
+    def _resume(self, model, opt, sched, gen, es) -> tuple[int, torch.Tensor | None]:
+        ck = torch.load(self.ckpt, weights_only=False)
+        model.load_state_dict(ck["model"])
+        sd = ck["optimizer"]
+        ranks = ck.get("ranks")
+        if ranks is not None and len(ranks) == D.world() and isinstance(opt, IVON):
+            sd = {**sd, "ivon": {**sd["ivon"], "generators": ranks[D.rank()]["generators"]}}  # this rank's noise
+        opt.load_state_dict(sd)
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"] if ranks is None else ranks[D.rank()]["rng"])
+        gen.set_state(ck["gen"])
+        es.load_state_dict(ck["early_stopping"])
+        self.log(f"run {self.run_id}: resumed at step {ck['step']}")
+        return ck["step"], ck["perm"]
 
     def _train_step(self, model, opt, x, y) -> float:
         """One optimizer step over the batch, in ``micro_batches`` pieces (IVON: one weighted MC sample each)."""
@@ -174,6 +206,7 @@ class Trainer:
             loss = nn.functional.cross_entropy(model(xb), yb) * (len(xb) / len(x))
             loss.backward()
             total += loss.item()
+        D.average_gradients(model)
         opt.step()
         return total
 
@@ -185,12 +218,14 @@ class Trainer:
         prior = data.n * self.cfg.optimizer.weight_decay or 1.0
         return sgd_variance(model, (data.xtr, data.ytr), prior_precision=prior)
 
-    def _evaluate(self, model, opt, data: Dataset, sub, step: int, spe: int) -> dict[str, float]:
+    def _evaluate(self, model, opt, data: Dataset, sub, step: int, spe: int) -> dict[str, float] | None:
         t = time.perf_counter()
-        x, y = (data.xtr, data.ytr) if sub is None else (data.xtr[sub], data.ytr[sub])
-        ids = torch.arange(data.n) if sub is None else sub
-        res = compute_sensitivities(model, (x, y, ids), self._variance(model, opt, data),
+        ids = D.shard(torch.arange(data.n) if sub is None else sub)  # under torchrun, this rank's examples
+        res = compute_sensitivities(model, (data.xtr[ids], data.ytr[ids], ids), self._variance(model, opt, data),
                                     form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size)
+        res = D.gather_result(res)
+        if res is None:  # not rank 0: its shard was sent there
+            return None
         model.eval()
         with torch.no_grad():
             test_mean = model(data.xte).softmax(-1)
@@ -223,9 +258,14 @@ class Trainer:
         return {**metrics, "loo": loo}
 
     def _checkpoint(self, model, opt, sched, gen, step, perm, es) -> None:
+        mine = {"rng": torch.get_rng_state(),
+                "generators": opt.state_dict()["ivon"]["generators"] if isinstance(opt, IVON) else {}}
+        ranks = D.gather(mine) if D.active() else None
+        if not self.writer:
+            return
         tmp = self.ckpt.with_suffix(".tmp")
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": torch.get_rng_state(), "gen": gen.get_state(), "step": step, "perm": perm,
-                    "early_stopping": es.state_dict()}, tmp)
+                    "early_stopping": es.state_dict(), "ranks": ranks}, tmp)
         os.replace(tmp, self.ckpt)  # atomic: a kill leaves the old or the new checkpoint, never half of one

@@ -1,0 +1,114 @@
+"""Data-parallel jobs under ``torchrun`` (gloo on CPU, nccl on GPUs).
+
+Every rank holds the whole model and data set and takes its share of each batch; IVON averages gradients and
+Hessian estimates over ranks (``sync=True``) while each rank draws its own noise, so W ranks act as W Monte Carlo
+samples per step. The sensitivity pass is sharded by example and gathered on rank 0, which alone touches the
+store, the checkpoint files and the hooks, and tells the other ranks whether to go on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sensitivity import SensitivityResult
+
+
+def init_from_env() -> bool:
+    """Join the process group that torchrun's environment describes; True when there is more than one rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def shutdown() -> None:
+    if active():
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
+
+
+def broadcast(obj=None):
+    """Rank 0's ``obj`` on every rank (picklable objects; the identity without torch.distributed)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(idx: Tensor) -> Tensor:
+    """This rank's share of ``idx`` (every world-th element)."""
+    return idx[rank() :: world()] if active() else idx
+
+
+def mean(value: float) -> float:
+    """The mean of a scalar over ranks."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world()
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average .grad over ranks (what IVON's ``sync`` does for itself; needed for AdamW and SGD)."""
+    if not active():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def gather(obj) -> list | None:
+    """Every rank's ``obj`` on rank 0 (in rank order), None elsewhere."""
+    if not active():
+        return [obj]
+    out = [None] * world() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gather_result(res: SensitivityResult) -> SensitivityResult | None:
+    """The ranks' sensitivity shards joined on rank 0, in order of example index; None on other ranks."""
+    if not active():
+        return res
+    parts = gather({f.name: getattr(res, f.name) for f in fields(res)})
+    if parts is None:
+        return None
+    joined = {}
+    for name, value in parts[0].items():
+        if isinstance(value, Tensor):
+            joined[name] = torch.cat([p[name] for p in parts])
+        elif value is None or name in ("form",):
+            joined[name] = value
+        else:
+            joined[name] = {k: v for p in parts for k, v in (p[name] or {}).items()}
+    order = torch.argsort(joined["indices"])
+    for name, value in joined.items():
+        if isinstance(value, Tensor) and len(value) == len(order):
+            joined[name] = value[order]
+    return SensitivityResult(**joined)
