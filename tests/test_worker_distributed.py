@@ -58,3 +58,24 @@ def test_two_ranks_agree_with_one_process_within_noise(tmp_path):
     ck = torch.load(tmp_path / "ck" / f"run_{runs['ranks-2'].id}.pt", weights_only=False)
     gens = [r["generators"]["cpu"] for r in ck["ranks"]]
     assert len(gens) == 2 and not torch.equal(gens[0], gens[1])  # each rank's own noise, saved for a resume
+
+
+@pytest.mark.slow
+def test_queue_worker_under_torchrun(tmp_path):
+    """`torchrun … -m worker worker --once`: rank 0 claims the queued runs and both ranks train each."""
+    from app.store import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    runs = [store.create_run(f"queued-{i}", {**JOB, "name": f"queued-{i}", "epochs": 2}) for i in range(2)]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "worker", "--db", url, "worker", "--once",
+                          "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for run in runs:
+        assert store.get_run(run.id).status == "done"
+        evs = store.evaluations(run.id)
+        assert evs and all(e.n_examples == 400 for e in evs)
+    assert len(store.list_runs()) == 2

@@ -93,13 +93,19 @@ def _train_follower(cfg, run_id: int, checkpoint_dir: str) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current
+    from worker import distributed
     from worker.progress import console_log
     from worker.service import serve
 
-    store = Store(args.db)
-    ensure_current(store.engine)
-    serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once,
-          log=console_log(), progress=sys.stderr.isatty())
+    distributed.init_from_env()  # under torchrun: rank 0 claims, every rank trains its share
+    try:
+        store = Store(args.db) if distributed.rank() == 0 else None
+        if store is not None:
+            ensure_current(store.engine)
+        serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once,
+              log=console_log(), progress=sys.stderr.isatty())
+    finally:
+        distributed.shutdown()
     return 0
 
 

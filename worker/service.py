@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 
 from app.store import DatabaseUnavailable, Store, StoreError, WriteRefused
+from worker import distributed as D
 from worker.config import ConfigError, parse_config
 from worker.hooks import HookDispatcher
 from worker.resilient import ResilientStore
@@ -54,7 +55,31 @@ def _fail(store: Store, run_id: int, reason: str, log, hooks: HookDispatcher) ->
 
 def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None, lease_seconds: float = 60.0,
           once: bool = False, poll_seconds: float = 1.0, log=print, progress: bool = False) -> None:
-    """Claim and run jobs until SIGTERM/SIGINT (or, with ``once``, until the queue is empty)."""
+    """Claim and run jobs until SIGTERM/SIGINT (or, with ``once``, until the queue is empty).
+
+    Under torchrun, rank 0 claims the jobs and tells the other ranks which run to train with it."""
+    if D.rank() != 0:
+        return _follow(checkpoint_dir)
+    try:
+        _serve(store, checkpoint_dir, worker_id, lease_seconds, once, poll_seconds, log, progress)
+    finally:
+        D.broadcast({"exit": True})
+
+
+def _follow(checkpoint_dir: str | Path) -> None:
+    """A rank other than 0: train the runs rank 0 names, write nothing; rank 0 handles signals and outcomes."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    while not (msg := D.broadcast(None)).get("exit"):
+        if "run_id" in msg:
+            try:
+                Trainer(parse_config(msg["config"]), None, msg["run_id"], checkpoint_dir,
+                        log=lambda *a, **k: None).run()
+            except Exception:  # noqa: BLE001 - rank 0 met the same fault and stored it
+                pass
+
+
+def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_seconds, log, progress) -> None:
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     stop = threading.Event()
     store = ResilientStore(store, log=log)
@@ -72,14 +97,17 @@ def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None
             log(f"worker {worker_id}: cannot claim jobs: {str(err).splitlines()[0][:200]}")
             if once and isinstance(err, WriteRefused):
                 raise
+            D.broadcast({"idle": True})
             stop.wait(poll_seconds * 5)
             continue
         if job is None:
             if once:
                 return
+            D.broadcast({"idle": True})
             stop.wait(poll_seconds)
             continue
         log(f"worker {worker_id}: job {job.id} (run {job.run_id}, attempt {job.attempts})")
+        D.broadcast({"run_id": job.run_id, "config": store.get_run(job.run_id).config})
         beating = threading.Event()
 
         def heartbeat(job_id=job.id, beating=beating):
