@@ -240,3 +240,31 @@ def test_train_command_on_an_image_folder_and_a_factory(tmp_path):
 
     final = torch.load(tmp_path / "ck" / f"run_{factory.id}_final.pt")["model"]
     assert final["0.weight"].shape == (7, 6)  # the factory's own architecture
+
+
+def test_worker_stores_the_reason_and_goes_on(tmp_path):
+    """A raising factory, a corrupt file and labels outside the classes each fail their own run with the reason
+    stored; the worker then completes the good run queued after them."""
+    from app.store import make_engine, upgrade
+
+    (tmp_path / "userfactory.py").write_text(FACTORY)
+    root = _mnist(tmp_path / "m")
+    (root / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    labels = _write_csv(tmp_path / "l.csv", [(i, i, i % 5) for i in range(40)])
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    base = {"epochs": 1, "eval_every": 5, "early_stopping": {"enabled": False}}
+    bad = {"factory": ({"name": "factory", "factory": "userfactory:broken"}, "raised RuntimeError: no data today"),
+           "mnist": ({"name": "mnist", "path": str(root)}, "3 data bytes, the header says 9"),
+           "labels": ({"name": "csv", "path": str(labels), "num_classes": 3}, "outside the 3 classes")}
+    runs = {k: store.create_run(k, {**base, "name": k, "data": d}) for k, (d, _) in bad.items()}
+    good = store.create_run("good", {**base, "name": "good", "data": {"name": "synthetic", "n_synthetic": 100}})
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    p = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--once", "--checkpoint-dir",
+                        str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for k, (_, reason) in bad.items():
+        run = store.get_run(runs[k].id)
+        assert run.status == "failed" and reason in run.error, (k, run.error)
+    assert store.get_run(good.id).status == "done" and store.evaluations(good.id)

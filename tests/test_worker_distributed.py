@@ -48,7 +48,9 @@ def test_two_ranks_agree_with_one_process_within_noise(tmp_path):
     assert sorted(table["idx"]) == list(range(n))
     last = {name: e[-1] for name, e in ev.items()}
     for key in ("loo", "test_nll"):
-        get = (lambda e: e.loo) if key == "loo" else (lambda e: e.metrics[key])
+        def get(e, key=key):
+            return e.loo if key == "loo" else e.metrics[key]
+
         spread = abs(get(last["single-1"]) - get(last["single-0"]))
         gap = abs(get(last["ranks-2"]) - get(last["single-0"]))
         print(f"{key}: 2 ranks {get(last['ranks-2']):.4f}, seeds 0/1 {get(last['single-0']):.4f} / "
