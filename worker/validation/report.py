@@ -41,7 +41,9 @@ def optimizer_table(rows: list[dict]) -> list[str]:
 
 
 def tracking_table(res: dict) -> list[str]:
-    out = [f"{res['dataset']}: weight decay δ = {res['weight_decay']:g}, N = {res['n_train']}, "
+    noise = (f" with {res['label_noise']:.0%} of the labels flipped (test labels flipped alike, the LOO's target; "
+             "the model memorizes the flips, so the test NLL rises)") if res.get("label_noise") else ""
+    out = [f"{res['dataset']}{noise}: weight decay δ = {res['weight_decay']:g}, N = {res['n_train']}, "
            f"{res['epochs']} epochs; true LOO "
            f"(retraining {res['n_truth']} examples at the refined MAP) = {_f(res['true_loo'])}.", "",
            "| estimator | test-NLL range | Spearman (first order / corrected) | gap to test NLL | "
@@ -63,12 +65,14 @@ def tracking_plot(res: dict, path: Path) -> None:
             c = res["curves"][est]
             ax.plot(c["epoch"], c["test_nll"], "-", lw=2, label=f"test NLL, {label}")
     for est, c in res["curves"].items():
-        form = "corrected" if est == "dense_map" else "first_order"
-        ax.plot(c["epoch"], c[form], "--", label=f"LOO {est} ({form})")
+        forms = E.FORMS if est == DEFAULT[0] else ("corrected",) if est == "dense_map" else ("first_order",)
+        for form in forms:
+            ax.plot(c["epoch"], c[form], "--", label=f"LOO {est} ({form.replace('_', ' ')})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("NLL")
     ax.set_yscale("log")
-    ax.set_title(f"{res['dataset']}: LOO estimate vs test NLL, δ = {res['weight_decay']:g}")
+    noise = f", {res['label_noise']:.0%} labels flipped" if res.get("label_noise") else ""
+    ax.set_title(f"{res['dataset']}: LOO estimate vs test NLL, δ = {res['weight_decay']:g}{noise}")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -124,14 +128,16 @@ def verdict(track: list[dict], sel: dict) -> list[str]:
     """The default's goals (and the runner-up's), checked on this run's numbers: PASS or FAIL, never reworded."""
     out = ["| estimator | setting | Spearman with test NLL (goal ≥ 0.8) | ratio to true LOO (goal 0.75–1.25) | "
            "verdict |", "|---|---|---|---|---|"]
-    for est, form in (DEFAULT, ("kfac", "first_order")):
+    other = "first_order" if DEFAULT[1] == "corrected" else "corrected"
+    for est, form in (DEFAULT, (DEFAULT[0], other), ("kfac", "first_order")):
         for tr in track:
             s = tr["summary"].get(est)
             if s is None:
                 continue
             ok = s[f"spearman_{form}"] >= 0.8 and 0.75 <= s[f"ratio_{form}"] <= 1.25
-            label = "default" if (est, form) == DEFAULT else "runner-up"
-            out.append(f"| {est} ({label}) | {tr['dataset']}, δ = {tr['weight_decay']:g} | "
+            label = "default" if (est, form) == DEFAULT else f"{form.replace('_', ' ')} form"
+            noise = f", {tr['label_noise']:.0%} flipped" if tr.get("label_noise") else ""
+            out.append(f"| {est} ({label}) | {tr['dataset']}, δ = {tr['weight_decay']:g}{noise} | "
                        f"{_f(s[f'spearman_{form}'], 2)} | {_f(s[f'ratio_{form}'], 2)} | {'PASS' if ok else 'FAIL'} |")
     mlp = sel.get("mlp_tanh", {}).get("summary", {}).get("default (IVON, matched β2)")
     if mlp:
@@ -160,6 +166,8 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
     track = [E.tracking(wd, ests, epochs=int(100 * ep_scale) or 10, evals=evals, **truth) for wd in (1e-4, 3e-3)]
     track.append(E.tracking(3e-3, ("ivon", "ivon_b2", "kfac"), n_train=200, epochs=int(100 * ep_scale) or 10,
                             evals=evals, dataset="breast_cancer", **truth))
+    track.append(E.tracking(1e-3, ("ivon_b2", "kfac"), epochs=int(150 * ep_scale) or 10, evals=evals + 4,
+                            label_noise=0.2, **truth))
     stage("3/5 per-example faithfulness")
     faith = E.faithfulness(n_examples=10 if quick else 30)
     stage("4/5 flipped labels")
@@ -203,7 +211,9 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
            "The library's default (what the worker uses and the dashboard shows): IVON's σ² = 1/(N(h + δ)) with "
            "β2 = 1 − 1/steps (`ivon_core.matched_beta2`) so that h is learned within the run, the first-order "
            "deviation (`form=\"auto\"` resolves to it for diagonal covariances), evaluated at the mean. "
-           "Goals in the regularized regime; the weak-decay regime is reported above for what it is.", "",
+           "Goals in the regularized regime; the weak-decay regime is reported above for what it is. The "
+           "flipped-label setting is where the test NLL clearly rises (the model memorizes the flips): an estimate "
+           "that falls there would tell early stopping to go on while the model overfits.", "",
            *verdict(track, sel), "",
            "### Model selection without a validation set", "", *sel_lines, "",
            "![selection](validation_selection.png)", "",
