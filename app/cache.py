@@ -43,7 +43,9 @@ class ResponseCache:
         key = (scope["path"], scope["query_string"], auth)
         entry = self._fresh(key)
         if entry is None and key in self.inflight:
-            entry = await asyncio.shield(self.inflight[key])  # None: not cacheable, ask the app below
+            entry = await asyncio.shield(self.inflight[key])
+            if entry is None:  # not cacheable (an error, say): ask the app, without making others wait
+                return await self.app(scope, receive, send)
         if entry is not None:
             return await self._replay(entry, scope, send)
         fut = asyncio.get_running_loop().create_future()
@@ -53,7 +55,8 @@ class ResponseCache:
         finally:
             if not fut.done():
                 fut.set_result(None)
-            del self.inflight[key]
+            if self.inflight.get(key) is fut:
+                del self.inflight[key]
 
     def _fresh(self, key) -> _Entry | None:
         entry = self.entries.get(key)

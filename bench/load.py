@@ -23,7 +23,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.store import Store, make_engine, upgrade  # noqa: E402
-from bench.api import free_port, load, start_server  # noqa: E402
+from bench.api import free_port, hot_paths, load, start_server  # noqa: E402
 
 JOB = {"data": {"name": "synthetic", "n_synthetic": 800}, "model": {"name": "mlp", "hidden": [64]}, "epochs": 8,
        "batch_size": 32, "eval_every": 20, "early_stopping": {"enabled": False}}
@@ -38,7 +38,7 @@ def scenario(url: str, workers: int, jobs: int, seconds: float, tmp: str) -> Non
     procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--checkpoint-dir",
                                f"{tmp}/ck", "--lease", "30"], stdout=subprocess.DEVNULL) for _ in range(workers)]
     try:
-        lat, errors = asyncio.run(load(f"http://127.0.0.1:{port}", runs[0].id, 50, seconds))
+        lat, errors = asyncio.run(load(f"http://127.0.0.1:{port}", hot_paths(runs[0].id), 50, seconds))
         deadline = time.time() + 600
         while time.time() < deadline and any(store.get_run(r.id).status not in ("done", "failed") for r in runs):
             time.sleep(1)

@@ -101,3 +101,28 @@ def test_entries_and_sizes_are_bounded():
 
     keys = asyncio.run(go())
     assert [k[0] for k in keys] == ["/api/v1/b", "/api/v1/c"]  # oldest evicted; the big answer not kept
+
+
+def test_concurrent_requests_for_an_uncacheable_answer_all_get_it(store):
+    """Many clients asking for a run's examples before its first evaluation: every one gets the 404, none a 500
+    (found by bench/load.py)."""
+    run = store.create_run("r", enqueue=False)
+    app = create_app(Settings(cache_seconds=60), store)
+    original = store.examples_at
+
+    def slow_examples_at(*a, **k):
+        time.sleep(0.05)
+        return original(*a, **k)
+
+    store.examples_at = slow_examples_at
+
+    async def many():
+        transport = httpx.ASGITransport(app=app)  # an exception in the app fails the test
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*(c.get(f"/api/v1/runs/{run.id}/examples") for _ in range(30)))
+
+    try:
+        answers = asyncio.run(many())
+    finally:
+        store.examples_at = original
+    assert [a.status_code for a in answers] == [404] * 30
