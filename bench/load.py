@@ -1,7 +1,7 @@
 """Load: workers training queued jobs while 50 clients read the API, on PostgreSQL (2 workers) and SQLite (1).
 
-Reports requests, errors, p50/p99 and whether every job ran exactly once (goal: 0 errors, no lost or doubly-run
-job).
+Reports requests, errors (5xx or transport), exceptions in the server's log, p50/p99 and whether every job ran
+exactly once (goal: 0 errors, no lost or doubly-run job).
 
     python bench/load.py [--seconds 60] [--jobs 6]
 """
@@ -34,7 +34,8 @@ def scenario(url: str, workers: int, jobs: int, seconds: float, tmp: str) -> Non
     store = Store(url)
     runs = [store.create_run(f"load-{i}", {**JOB, "name": f"load-{i}", "seed": i}) for i in range(jobs)]
     port = free_port()
-    server = start_server(url, port)
+    server_log = open(f"{tmp}/server-{workers}.log", "w+")
+    server = start_server(url, port, stderr=server_log)
     procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--checkpoint-dir",
                                f"{tmp}/ck", "--lease", "30"], stdout=subprocess.DEVNULL) for _ in range(workers)]
     try:
@@ -48,12 +49,16 @@ def scenario(url: str, workers: int, jobs: int, seconds: float, tmp: str) -> Non
             p.wait(timeout=60)
         server.terminate()
         server.wait(timeout=10)
+    server_log.seek(0)
+    exceptions = server_log.read().count("Traceback")
+    server_log.close()
     states = [store.get_run(r.id).status for r in runs]
     attempts = [store.get_job_for_run(r.id).attempts for r in runs]
     lat_ms = sorted(x * 1e3 for x in lat)
     q = statistics.quantiles(lat_ms, n=100)
     print(f"{store.dialect}, {workers} worker(s), {jobs} jobs, 50 clients for {seconds:.0f} s: {len(lat_ms)} requests, "
-          f"errors {errors}, p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms; jobs done {states.count('done')}/{jobs}, "
+          f"errors {errors}, server exceptions {exceptions}, p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms; "
+          f"jobs done {states.count('done')}/{jobs}, "
           f"attempts {attempts} (each job ran once: {all(a == 1 for a in attempts)})")
     store.engine.dispose()
 
