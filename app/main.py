@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from app.api.routes import router
 from app.cache import ResponseCache
 from app.dashboard import router as dashboard_router
+from app.limits import BodyLimit
 from app.metrics import install as install_metrics
 from app.settings import Settings
 from app.store import NotFound, SchemaOutdated, Store, StoreError, WriteRefused, ensure_current
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_metrics(app, app.state.store)
     app.include_router(router)
     app.include_router(dashboard_router)

@@ -166,3 +166,39 @@ def test_huge_ids_are_refused_not_crashed(api):
     for path in (f"/api/v1/runs/{huge}", f"/api/v1/runs/1/examples/{huge}", f"/api/v1/runs/{huge}/metrics/loo"):
         assert client.get(path).status_code == 422
     assert client.get("/compare", params={"ids": f"{huge},abc"}).status_code == 200
+
+
+def test_oversized_bodies_are_refused_with_413_and_nothing_written(tmp_path):
+    import httpx
+
+    from app.store import Store, make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    token = store.create_token("big")
+    client = TestClient(create_app(Settings(max_body_bytes=10_000), store), raise_server_exceptions=False)
+    headers = {"Authorization": f"Bearer {token}"}
+    big = {"config": {"name": "x" * 50, "padding": "y" * 20_000}}
+    r = client.post("/api/v1/runs", json=big, headers=headers)
+    assert r.status_code == 413 and "over 10000 bytes" in r.json()["detail"]
+
+    async def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"config": {"name": "'
+        for _ in range(30):
+            yield b"z" * 1000
+        yield b'"}}'
+
+    transport = httpx.ASGITransport(app=client.app)
+
+    async def chunked():
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.post("/api/v1/runs", content=chunks(), headers={**headers,
+                                                                          "Content-Type": "application/json"})
+
+    import asyncio
+
+    assert asyncio.run(chunked()).status_code == 413
+    assert store.list_runs() == []
+    ok = client.post("/api/v1/runs", json={"config": {"name": "small"}}, headers=headers)
+    assert ok.status_code == 201
