@@ -75,7 +75,7 @@ def _follow(checkpoint_dir: str | Path) -> None:
             try:
                 Trainer(parse_config(msg["config"]), None, msg["run_id"], checkpoint_dir,
                         log=lambda *a, **k: None).run()
-            except Exception:  # noqa: BLE001 - rank 0 met the same fault and stored it
+            except Exception:  # rank 0 met the same fault and stored it
                 pass
 
 
