@@ -81,3 +81,29 @@ def test_queue_worker_under_torchrun(tmp_path):
         evs = store.evaluations(run.id)
         assert evs and all(e.n_examples == 400 for e in evs)
     assert len(store.list_runs()) == 2
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_start_fails_the_run_on_every_rank(tmp_path):
+    """Data that only one rank cannot load (a file missing on one node, say): the run fails with that rank's
+    reason stored, and no rank waits for ever."""
+    (tmp_path / "onerank.py").write_text(
+        "import os\nimport torch\n\n"
+        "def make(seed):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise FileNotFoundError('/data/shard-1 is not on this node')\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randn(64, 4, generator=g)\n"
+        "    return None, (x, (x[:, 0] > 0).long()), None\n")
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps({"name": "one-rank", "data": {"name": "factory", "factory": "onerank:make"},
+                               "model": {"name": "logreg"}, "epochs": 1, "early_stopping": {"enabled": False}}))
+    env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "worker", "--db", url, "train", str(cfg),
+                          "--checkpoint-dir", str(tmp_path / "ck")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    run = Store(url).list_runs()[0]
+    assert run.status == "failed" and "rank 1" in run.error and "not on this node" in run.error

@@ -83,6 +83,15 @@ def average_gradients(model: nn.Module) -> None:
             offset += g.numel()
 
 
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` on every rank (in rank order)."""
+    if not active():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather(obj) -> list | None:
     """Every rank's ``obj`` on rank 0 (in rank order), None elsewhere."""
     if not active():

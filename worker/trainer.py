@@ -96,7 +96,15 @@ class Trainer:
 
     def _run(self) -> str:
         cfg = self.cfg
-        data, model, opt, sched, spe, total = self._setup()
+        try:
+            data, model, opt, sched, spe, total = self._setup()
+            failure = None
+        except JobFailed as err:
+            failure = str(err)
+        failures = D.all_gather(failure)  # every rank learns if one could not start (its data, say)
+        if any(failures):
+            rank, reason = next((r, f) for r, f in enumerate(failures) if f)
+            raise JobFailed(reason if len(failures) == 1 else f"rank {rank}: {reason}")
         es = EarlyStopping(**cfg.early_stopping.model_dump(exclude={"enabled"}))
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         step, perm = 0, None
