@@ -107,3 +107,40 @@ def test_a_rank_that_cannot_start_fails_the_run_on_every_rank(tmp_path):
     assert out.returncode != 0
     run = Store(url).list_runs()[0]
     assert run.status == "failed" and "rank 1" in run.error and "not on this node" in run.error
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_releases_the_job_and_a_new_group_resumes_it(tmp_path):
+    """torchrun passes SIGTERM to every rank: rank 0 checkpoints (with each rank's noise) and releases the job, the
+    others follow; a new 2-rank worker resumes it and the run ends with every evaluation exactly once."""
+    import signal
+    import time
+
+    from app.store import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    job = {**JOB, "name": "term", "epochs": 12}
+    run = store.create_run("term", job)
+
+    def worker(*extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={free_port()}", "-m", "worker", "--db", url, "worker",
+                                 "--checkpoint-dir", str(tmp_path / "ck"), "--lease", "10", *extra], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    p = worker()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(store.evaluations(run.id)) < 2:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+    assert store.get_job_for_run(run.id).state == "queued"
+    ck = torch.load(tmp_path / "ck" / f"run_{run.id}.pt", weights_only=False)
+    assert len(ck["ranks"]) == 2
+    assert worker("--once").wait(timeout=300) == 0
+    assert store.get_run(run.id).status == "done"
+    steps = [e.step for e in store.evaluations(run.id)]
+    total = job["epochs"] * -(-400 // job["batch_size"])
+    assert steps == sorted({*range(job["eval_every"], total + 1, job["eval_every"]), total})
