@@ -51,25 +51,7 @@ def test_an_answer_for_one_token_is_never_served_without_it(store):
 def test_concurrent_misses_make_one_database_read_and_hits_are_measured(store):
     run = store.create_run("r", enqueue=False)
     app = create_app(Settings(cache_seconds=60), store)
-    calls = []
-    original = store.get_run
-
-    def slow_get_run(run_id):
-        calls.append(run_id)
-        time.sleep(0.2)
-        return original(run_id)
-
-    store.get_run = slow_get_run
-
-    async def many():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return await asyncio.gather(*(c.get(f"/api/v1/runs/{run.id}") for _ in range(20)))
-
-    try:
-        answers = asyncio.run(many())
-    finally:
-        store.get_run = original
+    answers, calls = _concurrent_gets(app, store, "get_run", 0.2, f"/api/v1/runs/{run.id}", 20)
     assert [a.status_code for a in answers] == [200] * 20 and len({a.text for a in answers}) == 1
     assert len(calls) == 1
     metrics = TestClient(app).get("/metrics").text
@@ -108,21 +90,26 @@ def test_concurrent_requests_for_an_uncacheable_answer_all_get_it(store):
     (found by bench/load.py)."""
     run = store.create_run("r", enqueue=False)
     app = create_app(Settings(cache_seconds=60), store)
-    original = store.examples_at
+    answers, _ = _concurrent_gets(app, store, "examples_at", 0.05, f"/api/v1/runs/{run.id}/examples", 30)
+    assert [a.status_code for a in answers] == [404] * 30
 
-    def slow_examples_at(*a, **k):
-        time.sleep(0.05)
+
+def _concurrent_gets(app, store, method: str, delay: float, path: str, n: int) -> tuple[list, list]:
+    """``n`` simultaneous GETs of ``path`` while ``store.<method>`` is slowed by ``delay`` s; returns the answers
+    and the arguments of each store call. An exception in the app fails the caller's test."""
+    calls, original = [], getattr(store, method)
+
+    def slow(*a, **k):
+        calls.append(a)
+        time.sleep(delay)
         return original(*a, **k)
 
-    store.examples_at = slow_examples_at
-
     async def many():
-        transport = httpx.ASGITransport(app=app)  # an exception in the app fails the test
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return await asyncio.gather(*(c.get(f"/api/v1/runs/{run.id}/examples") for _ in range(30)))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await asyncio.gather(*(c.get(path) for _ in range(n)))
 
+    setattr(store, method, slow)
     try:
-        answers = asyncio.run(many())
+        return asyncio.run(many()), calls
     finally:
-        store.examples_at = original
-    assert [a.status_code for a in answers] == [404] * 30
+        setattr(store, method, original)
