@@ -107,7 +107,8 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
             stop.wait(poll_seconds)
             continue
         log(f"worker {worker_id}: job {job.id} (run {job.run_id}, attempt {job.attempts})")
-        D.broadcast({"run_id": job.run_id, "config": store.get_run(job.run_id).config})
+        if D.active():  # the other ranks train it too (the extra read only under torchrun)
+            D.broadcast({"run_id": job.run_id, "config": store.get_run(job.run_id).config})
         beating = threading.Event()
 
         def heartbeat(job_id=job.id, beating=beating):
