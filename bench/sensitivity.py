@@ -70,11 +70,15 @@ def case(name, model, x, y, repeats, with_naive=True):
     t_first = timed(lambda: compute_sensitivities(model, (x, y), var, form="first_order", chunk_size=256), repeats)
     t_corr = timed(lambda: compute_sensitivities(model, (x, y), var, form="corrected", chunk_size=256), repeats)
     t_kfac = timed(lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256), repeats)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    t_reduce = timed(lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256, conv="reduce"),
+                     repeats) if has_conv else None
     k = int(model(x[:1]).shape[1])
     print(f"\n{name}: N={n}, K={k}, P={sum(p.numel() for p in model.parameters()):,}, epoch {t_epoch:.3f} s")
     print(f"   first order   {t_first / t_epoch:6.2f}x epoch")
     print(f"   corrected     {t_corr / t_epoch:6.2f}x epoch")
-    print(f"   K-FAC fit     {t_kfac / t_epoch:6.2f}x epoch")
+    print(f"   K-FAC fit     {t_kfac / t_epoch:6.2f}x epoch" + ("" if t_reduce is None else
+          f"; conv=\"reduce\" {t_reduce / t_epoch:.2f}x epoch"))
     if with_naive:
         t_naive = timed(lambda: naive(model, x, y, var, 64), max(1, repeats // 2))
         print(f"   naive (jacrev) {t_naive / t_epoch:5.2f}x epoch: first order is {t_naive / t_first:.1f}x faster, "

@@ -80,6 +80,25 @@ class DenseCovariance:
         ggn.diagonal().add_(prior_precision)
         return cls(model, torch.linalg.inv(0.5 * (ggn + ggn.T)), names)
 
+    @classmethod
+    def last_layer(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
+                   chunk_size: int = 256, noise_var: float = 1.0) -> DenseCovariance:
+        """Exact GGN Laplace over the last Linear layer, the rest of the network fixed (laplace-torch's default).
+
+        ((D+1)·K)² entries for D features and K outputs: cheap for classifier heads, not for wide output layers.
+        """
+        return cls.laplace(model, data, loss, prior_precision, last_layer_params(model), chunk_size, noise_var)
+
+
+def last_layer_params(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters of the model's last ``nn.Linear`` (in registration order)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("last_layer_params: the model has no nn.Linear layer")
+    name, mod = linears[-1]
+    prefix = f"{name}." if name else ""
+    return [prefix + k for k, p in mod.named_parameters(recurse=False) if p.requires_grad]
+
 
 class KFACCovariance:
     """Kronecker-factored GGN Laplace: per layer, precision ≈ A ⊗ G + prior_precision I.
@@ -87,21 +106,32 @@ class KFACCovariance:
     A = (1/(N T)) Σ_{i,t} a_it a_itᵀ over the layer's inputs (with a 1 for the bias, T spatial positions
     for convolutions), G = Σ_{i,t} b_it b_itᵀ over the output gradients of Λ_i^{1/2} directions: all K of
     them (``mc_samples=None``, exact GGN factors) or Monte Carlo Λ_i^{1/2} z, z ~ N(0, I) (one backward).
+
+    Convolutions: ``conv="expand"`` sums over positions as above (Grosse & Martens 2016); ``conv="reduce"``
+    (Eschenhagen et al. 2023) first averages a_it over positions and sums b_it over them, A = (1/N) Σ_i ā_i ā_iᵀ,
+    G = Σ_i b̄_i b̄_iᵀ: the two agree when T = 1; reduce avoids the (B·T) × (C·kh·kw) unfolded matrix product,
+    which costs about kh·kw times the convolution itself.
     """
+
+    CONV_MODES = ("expand", "reduce")
 
     def __init__(self) -> None:
         self.layers: dict[str, dict] = {}  # module name → factors
+        self.conv = "expand"
 
     @classmethod
     def fit(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
             mc_samples: int | None = 1, chunk_size: int = 256, noise_var: float = 1.0,
-            generator: torch.Generator | None = None) -> KFACCovariance:
+            generator: torch.Generator | None = None, conv: str = "expand") -> KFACCovariance:
         from sensitivity.deviations import _iter_chunks
 
         if not prior_precision > 0:
             raise ValueError(f"Invalid prior_precision: {prior_precision!r} (must be > 0)")
+        if conv not in cls.CONV_MODES:
+            raise ValueError(f"Invalid conv: {conv!r} (must be one of {cls.CONV_MODES})")
         lossf = get_loss(loss, noise_var)
         self = cls()
+        self.conv = conv
         mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                 and m.weight.requires_grad}
         acts: dict[str, Tensor] = {}
@@ -154,12 +184,11 @@ class KFACCovariance:
                               "prior": float(prior_precision)}
         return self
 
-    @staticmethod
-    def _inputs(mod: nn.Module, a: Tensor) -> Tensor:
-        """Rows a_it (with a trailing 1 when the layer has a bias)."""
+    def _inputs(self, mod: nn.Module, a: Tensor) -> Tensor:
+        """Rows a_it, or ā_i under conv="reduce" (with a trailing 1 when the layer has a bias)."""
         if isinstance(mod, nn.Conv2d):
             a = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C·kh·kw, T)
-            a = a.transpose(1, 2).reshape(-1, a.shape[1])
+            a = a.mean(2) if self.conv == "reduce" else a.transpose(1, 2).reshape(-1, a.shape[1])
         else:
             a = a.reshape(-1, a.shape[-1])
         if mod.bias is not None:
@@ -168,14 +197,16 @@ class KFACCovariance:
 
     def _accumulate_a(self, st: dict, mod: nn.Module, a: Tensor) -> None:
         rows = self._inputs(mod, a)
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, nn.Conv2d) and self.conv == "expand":
             st["T"] = rows.shape[0] // a.shape[0]
         aa = rows.T @ rows
         st["A"] = aa if st["A"] is None else st["A"] + aa
 
-    @staticmethod
-    def _accumulate_g(st: dict, mod: nn.Module, g: Tensor) -> None:
-        rows = g.transpose(1, -1).reshape(-1, g.shape[1]) if isinstance(mod, nn.Conv2d) else g.reshape(-1, g.shape[-1])
+    def _accumulate_g(self, st: dict, mod: nn.Module, g: Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            rows = g.sum((2, 3)) if self.conv == "reduce" else g.transpose(1, -1).reshape(-1, g.shape[1])
+        else:
+            rows = g.reshape(-1, g.shape[-1])
         gg = rows.T @ rows
         st["G"] = gg if st["G"] is None else st["G"] + gg
 

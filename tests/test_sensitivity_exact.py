@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from sensitivity import DiagonalCovariance, compute_sensitivities, iter_sensitivities
-from sensitivity.covariance import DenseCovariance, KFACCovariance
+from sensitivity.covariance import DenseCovariance, KFACCovariance, last_layer_params
 
 
 def _naive(model, x, y, sigma_dense):
@@ -78,6 +78,51 @@ def test_kfac_with_exact_factors_is_exact_for_one_example():
         a, b = kfac.apply(t), dense.apply(t)
         for n in t:
             assert torch.allclose(a[n], b[n], atol=1e-10), n
+
+
+def _kfac_precision(layer: dict) -> torch.Tensor:
+    """The layer's K-FAC precision A ⊗ G + prior I, ordered like vec of the (out, in [+ bias]) matrix, row-major."""
+    a = layer["qa"] @ torch.diag(layer["la"]) @ layer["qa"].T
+    g = layer["qg"] @ torch.diag(layer["lg"]) @ layer["qg"].T
+    return torch.kron(g, a) + layer["prior"] * torch.eye(len(a) * len(g), dtype=a.dtype)
+
+
+def test_kfac_reduce_equals_expand_at_one_position_and_is_exact_for_the_bias():
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).double()  # a 3×3 input: one output position
+    x1, y1 = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    exp = KFACCovariance.fit(one, (x1, y1), prior_precision=0.5, mc_samples=None)
+    red = KFACCovariance.fit(one, (x1, y1), prior_precision=0.5, mc_samples=None, conv="reduce")
+    assert torch.allclose(_kfac_precision(exp.layers["0"]), _kfac_precision(red.layers["0"]), atol=1e-10)
+
+    # Many positions, one example: the bias gradient is Σ_t b_t, which reduce keeps exactly and expand does not.
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    x, y = torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.tensor([1])
+    exact = torch.linalg.inv(DenseCovariance.laplace(conv, (x, y), prior_precision=0.5).sigma)
+    bias_exact = exact[-2:, -2:]  # parameters in order: weight (2·2·3·3), bias (2)
+    per_row = 2 * 3 * 3 + 1  # the bias is the last input column of each output row
+    rows = [per_row * k + per_row - 1 for k in range(2)]
+    fits = {m: KFACCovariance.fit(conv, (x, y), prior_precision=0.5, mc_samples=None, conv=m)
+            for m in ("reduce", "expand")}
+    bias = {m: _kfac_precision(f.layers["0"])[rows][:, rows] for m, f in fits.items()}
+    assert torch.allclose(bias["reduce"], bias_exact, atol=1e-10)
+    assert not torch.allclose(bias["expand"], bias_exact, atol=1e-6)
+    with pytest.raises(ValueError, match="conv"):
+        KFACCovariance.fit(conv, (x, y), conv="sideways")
+
+
+def test_last_layer_laplace_covers_the_head_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    assert last_layer_params(model) == ["2.weight", "2.bias"]
+    ll = DenseCovariance.last_layer(model, (x, y), prior_precision=2.0)
+    ref = DenseCovariance.laplace(model, (x, y), prior_precision=2.0, params=["2.weight", "2.bias"])
+    assert torch.allclose(ll.sigma, ref.sigma) and ll.sigma.shape == (21, 21)
+    res = compute_sensitivities(model, (x, y), ll)  # "auto": corrected, with the body fixed
+    assert res.form == "corrected" and torch.isfinite(res.loo_losses).all()
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        last_layer_params(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 
 def test_kfac_monte_carlo_factors_approach_exact_ones():

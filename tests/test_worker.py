@@ -168,3 +168,37 @@ def test_progress_bar_on_a_terminal(tmp_path):
     screen = text.decode(errors="replace")
     assert "run 1:" in screen and "100%" in screen and "step" in screen and "loo=" in screen
     assert '"msg"' not in screen  # plain lines for people
+
+
+def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
+    """covariance: last_layer on logistic regression is the exact Laplace (the head is the whole model): the stored
+    LOO equals one recomputed from the final weights; kfac runs to the end with finite values."""
+    from sensitivity import compute_sensitivities
+    from sensitivity.covariance import DenseCovariance
+    from worker.config import parse_config
+    from worker.data import inject_label_noise, load_dataset
+    from worker.trainer import build_model
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    base = {"data": {"name": "synthetic", "n_synthetic": 240}, "epochs": 3, "batch_size": 32, "eval_every": 4,
+            "early_stopping": {"enabled": False}}
+    ll = store.create_run("ll", {**base, "name": "ll", "model": {"name": "logreg"},
+                                 "sensitivity": {"covariance": "last_layer"}})
+    kf = store.create_run("kf", {**base, "name": "kf", "model": {"name": "mlp", "hidden": [16]},
+                                 "sensitivity": {"covariance": "kfac"}})
+    p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert p.wait(timeout=180) == 0
+    assert store.get_run(ll.id).status == "done" and store.get_run(kf.id).status == "done"
+    assert all(e.loo == e.loo and e.loo > 0 for r in (ll, kf) for e in store.evaluations(r.id))
+
+    cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})
+    data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)
+    model = build_model(cfg, data)
+    model.load_state_dict(torch.load(tmp_path / "ck" / f"run_{ll.id}_final.pt")["model"])
+    cov = DenseCovariance.laplace(model, (data.xtr, data.ytr), prior_precision=data.n * cfg.optimizer.weight_decay)
+    expected = compute_sensitivities(model, (data.xtr, data.ytr), cov).loo  # "auto": corrected with a dense Σ
+    assert abs(store.evaluations(ll.id)[-1].loo - expected) < 1e-4 * max(1.0, expected)
+    with pytest.raises(ConfigError, match="sensitivity.covariance"):
+        parse_config({"sensitivity": {"covariance": "full"}})

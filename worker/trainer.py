@@ -15,6 +15,7 @@ from torch import nn
 from app.store import Store
 from ivon_core import IVON, all_metrics, matched_beta2, predict
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
+from sensitivity.covariance import DenseCovariance, KFACCovariance
 from worker import distributed as D
 from worker import models
 from worker.config import JobConfig
@@ -219,6 +220,14 @@ class Trainer:
         return total
 
     def _variance(self, model, opt, data: Dataset):
+        kind = self.cfg.sensitivity.covariance
+        if kind != "optimizer":  # refitted over the whole training set (every rank holds it): same on each rank
+            prior = data.n * self.cfg.optimizer.weight_decay or 1.0
+            train = (data.xtr, data.ytr)
+            chunk = self.cfg.sensitivity.chunk_size
+            if kind == "last_layer":
+                return DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
+            return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
         if isinstance(opt, IVON):
             return ivon_variance(opt, model)
         if isinstance(opt, torch.optim.AdamW):

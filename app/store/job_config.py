@@ -64,6 +64,11 @@ class OptimizerConfig(_Strict):
 
 class SensitivityConfig(_Strict):
     form: Literal["auto", "first_order", "corrected", "diagonal"] = "auto"
+    covariance: Literal["optimizer", "last_layer", "kfac"] = Field(
+        "optimizer", description="optimizer: the optimizer's own σ² (IVON: 1/(N(h + δ))); last_layer: an exact GGN "
+        "Laplace over the last Linear layer, refitted at each evaluation (in docs/validation.md its LOO level is "
+        "0.6 to 0.9 of the retrained truth, where the default's is 0.02 to 0.8, but it follows the test NLL less "
+        "well on clean data); kfac: a K-FAC GGN Laplace over every Linear and Conv2d layer")
     chunk_size: int = Field(256, ge=1)
     subset: int | None = Field(None, ge=1, description="evaluate a fixed random subset of the training set")
 

@@ -17,6 +17,7 @@ from worker.validation.setups import Split
 ESTIMATORS = {
     "ivon": ("IVON σ² as trained (β2 = 0.99999)", "ivon"),
     "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h learned)", "ivon_b2"),
+    "last_layer": ("last-layer GGN Laplace (dense) at the mean of the matched-β2 IVON run", "ivon_b2"),
     "kfac": ("K-FAC GGN Laplace refreshed at the IVON mean", "ivon"),
     "kfac_map": ("K-FAC GGN Laplace at a refined MAP (L-BFGS from the IVON mean)", "ivon"),
     "dense_map": ("full GGN Laplace at a refined MAP (reference, small models only)", "ivon"),
@@ -45,6 +46,8 @@ def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay:
         var = adamw_variance(opt, split.n, model, weight_decay=weight_decay)
     elif name == "sgd":
         var = sgd_variance(model, data, prior_precision=prior)
+    elif name == "last_layer":
+        var = DenseCovariance.last_layer(model, data, prior_precision=prior)
     elif name == "kfac":
         var = KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None)
     elif name in ("kfac_map", "dense_map"):

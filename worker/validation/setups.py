@@ -54,7 +54,7 @@ def breast_cancer(n_train: int | None = None, seed: int = 0, dtype=torch.float32
 
 def flip_labels(split: Split, fraction: float, mode: str, seed: int) -> Split:
     """Flip ``fraction`` of the training labels: uniformly to another class, or within the class pairs."""
-    y, mask = flip(split.ytr, 10, fraction, mode, seed)
+    y, mask = flip(split.ytr, int(split.ytr.max()) + 1, fraction, mode, seed)
     return Split(split.xtr, y, split.xte, split.yte, mask)
 
 
