@@ -6,7 +6,9 @@ Prints ratios against baselines measured in the same run (absolute times on shar
   2. a full training step (forward, backward, optimizer) of ResNet-18 on 32×32 inputs at batch 128;
   3. peak extra memory in parameter copies, each optimizer in a fresh subprocess (peak RSS above the model).
 
-    python bench/optimizer.py [--quick]
+    python bench/optimizer.py [--quick] [--device cuda]
+
+On CUDA the clocks are read after a synchronize and memory is the peak of torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ try:
 except ImportError:  # the dev extra installs it
     ivon_opt = None
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def make_optimizer(name: str, params, n_train: int = 50_000):
     if name == "adamw":
@@ -49,20 +58,27 @@ def optimizer_work(model: nn.Module, opt, grads: list[torch.Tensor]) -> float:
     if isinstance(opt, torch.optim.AdamW):
         for p, g in zip(params, grads):
             p.grad = g.clone()
+        _sync()
         t = time.perf_counter()
         opt.step()
+        _sync()
         return time.perf_counter() - t
+    _sync()
     t = time.perf_counter()
     with opt.sampled_params(train=True):
+        _sync()
         pause = time.perf_counter()
         for p, g in zip(params, grads):
             p.grad = g.clone()
+        _sync()
         t += time.perf_counter() - pause
     opt.step()
+    _sync()
     return time.perf_counter() - t
 
 
 def train_step(model: nn.Module, opt, x, y) -> float:
+    _sync()
     t = time.perf_counter()
     if isinstance(opt, torch.optim.AdamW):
         opt.zero_grad(set_to_none=True)
@@ -72,6 +88,7 @@ def train_step(model: nn.Module, opt, x, y) -> float:
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -98,14 +115,19 @@ def _reset_peak() -> None:
 
 
 def memory_child(name: str) -> None:
-    """In a fresh process: peak RSS during 3 iterations above the model's, in parameter copies."""
+    """In a fresh process: peak RSS (CUDA: allocated memory) during 3 iterations above the model's, in copies."""
     torch.manual_seed(0)
-    model = resnet18()
+    model = resnet18().to(DEVICE)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]  # a stash; the clones below are the grads
     opt = make_optimizer(name, model.parameters())
-    _reset_peak()
-    base = _peak_rss_bytes()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak()
+        base = _peak_rss_bytes()
     for _ in range(3):
         for p in model.parameters():
             p.grad = None
@@ -118,12 +140,13 @@ def memory_child(name: str) -> None:
                 for p, g in zip(model.parameters(), grads):
                     p.grad = g.clone()
             opt.step()
-    print(json.dumps({"copies": (_peak_rss_bytes() - base) / nbytes}))
+    peak = torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else _peak_rss_bytes()
+    print(json.dumps({"copies": (peak - base) / nbytes}))
 
 
 def peak_copies(name: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, __file__, "--memory-child", name, "--device", str(DEVICE)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["copies"]
 
 
@@ -131,16 +154,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer rounds (for smoke tests)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.memory_child:
         memory_child(args.memory_child)
         return
     torch.manual_seed(0)
     names = ["adamw", "ivon"] + (["ivon-opt"] if ivon_opt is not None else [])
     rounds = 5 if args.quick else 21
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
 
-    models = {n: resnet18() for n in names}
+    models = {n: resnet18().to(DEVICE) for n in names}
     for m in models.values():
         m.load_state_dict(models["adamw"].state_dict())
     n_params = sum(p.numel() for p in models["adamw"].parameters())
@@ -156,7 +183,7 @@ def main() -> None:
         print(f"   IVON is {work['ivon-opt'] / work['ivon']:.1f}x faster than ivon-opt   (goals: <= 1.5x AdamW, >= 5x)")
 
     step_names = ["adamw", "ivon"]
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    x, y = torch.randn(128, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE)
     for n in step_names:
         train_step(models[n], opts[n], x, y)
     steps = interleaved(step_names, lambda n: train_step(models[n], opts[n], x, y), 3 if args.quick else 9)

@@ -11,15 +11,18 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-# Temporaries never exceed this fraction of the tensors being updated (the largest single tensor excepted).
-_CHUNK_FRACTION = 0.125
+# Temporaries never exceed this fraction of the tensors being updated (the largest single tensor excepted). On an
+# accelerator each chunk costs kernel launches, which dominate there: fewer, larger chunks.
+_CHUNK_FRACTION = {"cpu": 0.125}
+_CHUNK_FRACTION_ACCELERATOR = 0.2
 
 
 def chunks(lists: Sequence[list[Tensor]], *extra: list) -> Iterator[tuple[list, ...]]:
     """Yield aligned slices of ``lists`` (and of plain per-tensor lists ``extra``) with bounded total numel."""
     first = lists[0]
     total = sum(t.numel() for t in first)
-    budget = max(int(total * _CHUNK_FRACTION), 1)
+    fraction = _CHUNK_FRACTION.get(first[0].device.type, _CHUNK_FRACTION_ACCELERATOR) if first else 1.0
+    budget = max(int(total * fraction), 1)
     start, size = 0, 0
     for i, t in enumerate(first):
         size += t.numel()
@@ -39,6 +42,10 @@ class Scratch:
         self._flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def like(self, tensors: list[Tensor]) -> list[Tensor]:
+        return self.flat_like(tensors)[1]
+
+    def flat_like(self, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One flat region and its views shaped like ``tensors``."""
         key = (tensors[0].device, tensors[0].dtype)
         need = sum(t.numel() for t in tensors)
         flat = self._flat.get(key)
@@ -48,20 +55,32 @@ class Scratch:
         for t in tensors:
             out.append(flat[pos : pos + t.numel()].view(t.shape))
             pos += t.numel()
-        return out
+        return flat[:need], out
 
     def clear(self) -> None:
         self._flat.clear()
 
 
-def scale_noise(noise: list[Tensor], hess: list[Tensor], scratch: Scratch, *, ess: float, weight_decay: float) -> None:
-    """noise ← ε / sqrt(ess (h + δ)), in place, chunk by chunk."""
+def scale_noise(noise: list[Tensor], hess: list[Tensor], scratch: Scratch, *, ess: float, weight_decay: float,
+                draw: bool = False, generator: torch.Generator | None = None) -> None:
+    """noise ← ε / sqrt(ess (h + δ)), in place, chunk by chunk.
+
+    With ``draw``, ε ~ N(0, 1) is drawn here, one flat block per chunk from ``generator``: one kernel launch per
+    chunk instead of one per tensor (for accelerators); otherwise ``noise`` already holds ε.
+    """
     for eps, h in chunks([noise, hess]):
-        tmp = scratch.like(h)
-        torch._foreach_copy_(tmp, h)
-        torch._foreach_add_(tmp, weight_decay)
-        torch._foreach_rsqrt_(tmp)
-        torch._foreach_mul_(eps, tmp)
+        flat, tmp = scratch.flat_like(h)
+        if draw:
+            flat.normal_(generator=generator)
+            torch._foreach_copy_(eps, h)
+            torch._foreach_add_(eps, weight_decay)
+            torch._foreach_rsqrt_(eps)
+            torch._foreach_mul_(eps, tmp)
+        else:
+            torch._foreach_copy_(tmp, h)
+            torch._foreach_add_(tmp, weight_decay)
+            torch._foreach_rsqrt_(tmp)
+            torch._foreach_mul_(eps, tmp)
         torch._foreach_mul_(eps, ess**-0.5)
 
 

@@ -252,12 +252,14 @@ class IVON(torch.optim.Optimizer):
         by_device: dict[torch.device, list[Tensor]] = {}
         for _, _, noise in by_group:
             for n in noise:
-                by_device.setdefault(n.device, []).append(n)
+                if n.device.type == "cpu":  # accelerators draw inside scale_noise, one block per chunk
+                    by_device.setdefault(n.device, []).append(n)
         for device, noise in by_device.items():
             self._noise.fill_(noise, self._generator(device))
         for group, ps, noise in by_group:
+            dev = noise[0].device
             F.scale_noise(noise, [self.state[p]["hess"] for p in ps], self._scratch, ess=group["ess"],
-                          weight_decay=group["weight_decay"])
+                          weight_decay=group["weight_decay"], draw=dev.type != "cpu", generator=self._generator(dev))
             lean = [(p, n) for p, n in zip(ps, noise) if n.dtype == p.dtype]
             if lean:  # sample into the spare buffer itself: θ = m + σε
                 torch._foreach_add_([n for _, n in lean], [p.data for p, _ in lean])
@@ -293,6 +295,7 @@ class IVON(torch.optim.Optimizer):
 
     def _restore(self, swapped: list[Tensor], train: bool, weight: float) -> None:
         price = self.hess_approx == "price"
+        work, samples, means = [], [], []
         for p in swapped:
             buf = self._buf[p]
             sample, mean = p.data, buf.pop("mean")
@@ -304,10 +307,16 @@ class IVON(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("IVON does not support sparse gradients")
-            stat = sample.sub_(mean) if noise is None else noise  # σε
-            if price:
-                stat.mul_(grad)
-            else:
+            if noise is None:
+                samples.append(sample)
+                means.append(mean)
+            work.append((p, buf, sample if noise is None else noise, grad))
+        if samples:  # σε = θ − m, as one multi-tensor kernel rather than one per parameter
+            torch._foreach_sub_(samples, means)
+        if price and work:
+            torch._foreach_mul_([w[2] for w in work], [w[3] for w in work])
+        for p, buf, stat, grad in work:
+            if not price:
                 torch.mul(grad, grad, out=stat)
             total = buf.get("weight", 0.0) + weight
             buf["weight"] = total

@@ -90,6 +90,19 @@ class DenseCovariance:
         return cls.laplace(model, data, loss, prior_precision, last_layer_params(model), chunk_size, noise_var)
 
 
+def _patch_means(mod: nn.Conv2d, a: Tensor) -> Tensor:
+    """(B, C·kh·kw): each patch entry averaged over the output positions, as unfold(a).mean(2) without unfolding."""
+    if isinstance(mod.padding, str) or mod.padding_mode != "zeros" or mod.groups != 1:
+        return F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride).mean(2)
+    (kh, kw), (dh, dw), (sh, sw), (ph, pw) = mod.kernel_size, mod.dilation, mod.stride, mod.padding
+    a = F.pad(a, (pw, pw, ph, ph))
+    ho = (a.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (a.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = [a[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw].mean((2, 3))
+            for i in range(kh) for j in range(kw)]
+    return torch.stack(cols, 2).reshape(a.shape[0], -1)  # unfold's order: channel-major, then kernel row, column
+
+
 def last_layer_params(model: nn.Module) -> list[str]:
     """Names of the trainable parameters of the model's last ``nn.Linear`` (in registration order)."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -186,9 +199,11 @@ class KFACCovariance:
 
     def _inputs(self, mod: nn.Module, a: Tensor) -> Tensor:
         """Rows a_it, or ā_i under conv="reduce" (with a trailing 1 when the layer has a bias)."""
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, nn.Conv2d) and self.conv == "reduce":
+            a = _patch_means(mod, a)
+        elif isinstance(mod, nn.Conv2d):
             a = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C·kh·kw, T)
-            a = a.mean(2) if self.conv == "reduce" else a.transpose(1, 2).reshape(-1, a.shape[1])
+            a = a.transpose(1, 2).reshape(-1, a.shape[1])
         else:
             a = a.reshape(-1, a.shape[-1])
         if mod.bias is not None:

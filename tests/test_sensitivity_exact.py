@@ -41,15 +41,21 @@ def _cnn():
                          nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).double()
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))])
 @pytest.mark.parametrize("form", ["first_order", "corrected", "diagonal"])
-def test_forms_match_naive_jacobian_reference_in_float64(make, shape, form):
+def test_forms_match_naive_jacobian_reference_in_float64(make, shape, form, device):
     model = make()
     x = torch.randn(25, *shape, dtype=torch.float64)
     y = torch.randint(0, 4, (25,))
     var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
     ref = _naive(model, x, y, torch.diag(torch.cat([v.flatten() for v in var])))[form]
-    res = compute_sensitivities(model, (x, y), var, form=form, chunk_size=6, max_amplification=1e15)
+    model.to(device)  # the data stays on the CPU: chunks move to the model's device
+    res = compute_sensitivities(model, (x, y), [v.to(device) for v in var], form=form, chunk_size=6,
+                                max_amplification=1e15)
     assert (res.deviations - ref).abs().max() <= 1e-10
     assert torch.equal(res.indices, torch.arange(25))
 
@@ -66,15 +72,16 @@ def test_dense_covariance_matches_naive_with_correlations():
         assert (res.deviations - ref[form]).abs().max() <= 1e-10
 
 
-def test_kfac_with_exact_factors_is_exact_for_one_example():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kfac_with_exact_factors_is_exact_for_one_example(device):
     """With one example, A ⊗ G = a aᵀ ⊗ Σ_k b_k b_kᵀ is the exact GGN, for Linear and Conv2d layers."""
-    for model, x in [(nn.Sequential(nn.Linear(4, 3)).double(), torch.randn(1, 4, dtype=torch.float64)),
-                     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).double(),
+    for model, x in [(nn.Sequential(nn.Linear(4, 3)).double().to(device), torch.randn(1, 4, dtype=torch.float64)),
+                     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).double().to(device),
                       torch.randn(1, 2, 3, 3, dtype=torch.float64))]:
         y = torch.tensor([1])
         kfac = KFACCovariance.fit(model, (x, y), prior_precision=0.7, mc_samples=None)
         dense = DenseCovariance.laplace(model, (x, y), prior_precision=0.7)
-        t = {n: torch.randn(5, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+        t = {n: torch.randn(5, *p.shape, dtype=torch.float64, device=p.device) for n, p in model.named_parameters()}
         a, b = kfac.apply(t), dense.apply(t)
         for n in t:
             assert torch.allclose(a[n], b[n], atol=1e-10), n
@@ -109,6 +116,19 @@ def test_kfac_reduce_equals_expand_at_one_position_and_is_exact_for_the_bias():
     assert not torch.allclose(bias["expand"], bias_exact, atol=1e-6)
     with pytest.raises(ValueError, match="conv"):
         KFACCovariance.fit(conv, (x, y), conv="sideways")
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (5, 1, 2, 2),
+                                                             ((3, 1), (2, 1), (1, 0), 1)])
+def test_reduce_patch_means_equal_unfolded_means(kernel, stride, padding, dilation):
+    from torch.nn import functional as F
+
+    from sensitivity.covariance import _patch_means
+
+    conv = nn.Conv2d(4, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    a = torch.randn(3, 4, 11, 12, dtype=torch.float64)
+    ref = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride).mean(2)
+    assert torch.allclose(_patch_means(conv, a), ref, atol=1e-12)
 
 
 def test_last_layer_laplace_covers_the_head_only():
