@@ -1,6 +1,7 @@
 """Run by tests/test_ivon_distributed.py under torchrun: IVON with sync=True on 2 gloo ranks."""
 
 import json
+import os
 import sys
 
 import torch
@@ -45,6 +46,9 @@ def main(out_path: str) -> None:
             json.dump(report, f)
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip finalization: gloo's threads may still hold tensors (see worker.distributed.exit_rank)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 import sys
 
+from worker import distributed
 from worker.cli import main
 
-sys.exit(main())
+code = main()
+if distributed.under_torchrun():
+    distributed.exit_rank(code or 0)
+sys.exit(code)

@@ -8,8 +8,12 @@ store, the checkpoint files and the hooks, and tells the other ranks whether to 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from dataclasses import fields
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -43,6 +47,24 @@ def shutdown() -> None:
     if active():
         dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank without interpreter finalization, output flushed.
+
+    gloo's worker threads can still hold tensors after ``destroy_process_group``; releasing them while the
+    interpreter is torn down aborts the process now and then ("terminate called without an active exception",
+    SIGABRT; pytorch/pytorch#179291), which would turn a finished rank into a failed one.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def broadcast(obj=None):
