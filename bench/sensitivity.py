@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--n-cnn", type=int, default=None, help="examples for the ResNet-20 cases (default 512; quick 128)")
+    ap.add_argument("--cases", default="mlp10,mlp100,resnet10,resnet100", help="comma-separated subset to run")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -105,11 +106,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}; goals at K=10: first order <= 2.5x, "
           "corrected <= 4x an epoch, >= 5x faster than naive, K-FAC fit <= 1x")
     n_mlp = 1024 if args.quick else 4096
+    cases = set(args.cases.split(","))
     for k in (10, 100):
+        if f"mlp{k}" not in cases:
+            continue
         x, y = torch.randn(n_mlp, 64, device=DEVICE), torch.randint(0, k, (n_mlp,), device=DEVICE)
         case(f"MLP 64-256-256-{k}", mlp(64, k, (256, 256)).to(DEVICE), x, y, reps)
     n_cnn = args.n_cnn or (128 if args.quick else 512)
     for k in (10, 100):
+        if f"resnet{k}" not in cases:
+            continue
         x, y = torch.randn(n_cnn, 3, 32, 32, device=DEVICE), torch.randint(0, k, (n_cnn,), device=DEVICE)
         case(f"ResNet-20 (GroupNorm) {k} classes", resnet20(k).to(DEVICE), x, y, reps, with_naive=k == 10)
 

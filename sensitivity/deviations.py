@@ -40,8 +40,10 @@ def resolve_form(form: str, cov) -> str:
     if form not in FORMS:
         raise ValueError(f"Invalid form: {form!r} (must be 'auto' or one of {FORMS})")
     return form
-# Elements of per-example Jacobians (B·K·P) held at once by the corrected and diagonal forms.
-JACOBIAN_BUDGET = 2**25
+# Elements of per-example Jacobians (B·K·P) held at once by the corrected and diagonal forms: 128 MiB of float32
+# on a CPU; 1 GiB on an accelerator, where small parts leave it waiting on kernel launches.
+JACOBIAN_BUDGET = {"cpu": 2**25}
+JACOBIAN_BUDGET_ACCELERATOR = 2**28
 
 
 @dataclass
@@ -218,7 +220,9 @@ class _Plan:
 
     def rows_per_part(self, n_out: int) -> int:
         size = sum(p.numel() for p in self.rest.values())
-        return max(1, JACOBIAN_BUDGET // max(1, n_out * size))
+        device = next(iter(self.rest.values())).device.type
+        budget = JACOBIAN_BUDGET.get(device, JACOBIAN_BUDGET_ACCELERATOR)
+        return max(1, budget // max(1, n_out * size))
 
 
 def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):

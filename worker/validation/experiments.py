@@ -170,8 +170,8 @@ def _train_small(cfg, split, epochs, seed, weight_decay, batch, cb):
 def faithfulness(n_examples: int = 30, seed: int = 0) -> list[dict]:
     """E3: predicted vs true leave-one-out change of logits and loss, at the MAP, per covariance and form."""
     rows = []
-    for kind, n_train, wd in (("logreg", 1200, 1e-3), ("mlp_tanh", 300, 3e-3)):
-        split = digits(n_train, seed, torch.float64)
+    for kind, n_train, wd in (("logreg", 1200, 1e-3), ("mlp_tanh", 300, 3e-3), ("cnn_tanh", 300, 3e-3)):
+        split = digits(n_train, seed, torch.float64, images=kind.startswith("cnn"))
         model = make_model(kind, seed, torch.float64, hidden=32)
         prior = prior_from_weight_decay(wd, split.n)
         fit_map(model, split.xtr, split.ytr, prior_precision=prior, max_iter=1000)
@@ -183,6 +183,9 @@ def faithfulness(n_examples: int = 30, seed: int = 0) -> list[dict]:
         covs = {"dense": DenseCovariance.laplace(model, data, prior_precision=prior),
                 "kfac": KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None),
                 "diag_ggn": sgd_variance(model, data, prior_precision=prior)}
+        if kind.startswith("cnn"):  # convolutions: K-FAC's cheaper spatial reduction beside the expansion
+            covs["kfac_reduce"] = KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None,
+                                                     conv="reduce")
         for cname, cov in covs.items():
             for form in ("first_order", "corrected", "diagonal"):
                 res = compute_sensitivities(model, (split.xtr[pick], split.ytr[pick]), cov, form=form)
