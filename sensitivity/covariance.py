@@ -90,6 +90,30 @@ class DenseCovariance:
         return cls.laplace(model, data, loss, prior_precision, last_layer_params(model), chunk_size, noise_var)
 
 
+class BlockCovariance:
+    """Σ = blockdiag(Σ_1, …, Σ_k) over disjoint parameter sets: e.g. IVON's σ² for the body and an exact
+    last-layer Laplace for the head. Each block answers for the parameters it covers; ``covers[i]`` names them."""
+
+    def __init__(self, blocks: list, covers: list[list[str]]):
+        if len(blocks) != len(covers):
+            raise ValueError("BlockCovariance: one list of parameter names per block")
+        seen: set[str] = set()
+        for names in covers:
+            overlap = seen.intersection(names)
+            if overlap:
+                raise ValueError(f"BlockCovariance: parameters in two blocks: {sorted(overlap)[:5]}")
+            seen.update(names)
+        self.blocks, self.covers = list(blocks), [list(c) for c in covers]
+
+    def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {n: torch.zeros_like(t) for n, t in tangents.items()}
+        for block, names in zip(self.blocks, self.covers):
+            part = {n: tangents[n] for n in names if n in tangents}
+            if part:
+                out.update(block.apply(part))
+        return out
+
+
 def _patch_means(mod: nn.Conv2d, a: Tensor) -> Tensor:
     """(B, C·kh·kw): each patch entry averaged over the output positions, as unfold(a).mean(2) without unfolding."""
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros" or mod.groups != 1:

@@ -52,11 +52,11 @@ class SensitivityResult:
 
     How far the numbers hold (docs/validation.md, `ivon-diag validate`, truth: retraining without each of the N
     examples): the *ranking* of examples by LOO loss follows the retrained one on digits (per-example Spearman 0.73
-    to 1.00 across covariances) but weakly on breast cancer with 15% flipped labels (0.45 to 0.56); it flags flipped
+    to 1.00 across covariances) but weakly on breast cancer with 15% flipped labels (0.48 to 0.50); it flags flipped
     labels (AUROC 0.96 to 0.99 at 10 to 30% uniform flips). The *level* of ``loo`` is exact only with the full
     covariance and the corrected form at a converged MAP (1.08×); with IVON's diagonal σ² (first-order form) it
-    is 0.02× to 0.82× the retrained LOO, with the last-layer Laplace (``DenseCovariance.last_layer``, corrected)
-    0.61× to 0.92×. Its trend over training holds only in some settings: Spearman 0.90 with the test NLL on digits
+    is 0.02× to 0.66× the retrained LOO, with the last-layer Laplace (``DenseCovariance.last_layer``, corrected)
+    0.60× to 0.91×. Its trend over training holds only in some settings: Spearman 0.90 with the test NLL on digits
     with δ = 3e-3, but −0.79 when flipped labels are memorized (the estimate falls while the test NLL rises). It is
     not yet a reliable signal to stop training on.
     """

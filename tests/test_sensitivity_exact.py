@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from sensitivity import DiagonalCovariance, compute_sensitivities, iter_sensitivities
-from sensitivity.covariance import DenseCovariance, KFACCovariance, last_layer_params
+from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance, last_layer_params
 
 
 def _naive(model, x, y, sigma_dense):
@@ -143,6 +143,24 @@ def test_last_layer_laplace_covers_the_head_only():
     assert res.form == "corrected" and torch.isfinite(res.loo_losses).all()
     with pytest.raises(ValueError, match="no nn.Linear"):
         last_layer_params(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_block_covariance_equals_the_dense_block_diagonal():
+    model = _mlp()
+    x, y = torch.randn(15, 5, dtype=torch.float64), torch.randint(0, 4, (15,))
+    head = DenseCovariance.last_layer(model, (x, y), prior_precision=3.0)
+    body = [n for n, _ in model.named_parameters() if n not in head.names]
+    named = dict(model.named_parameters())
+    var = {n: torch.rand_like(named[n]) * 0.05 for n in body}
+    block = BlockCovariance([DiagonalCovariance(var), head], [body, head.names])
+    full = torch.block_diag(torch.diag(torch.cat([var[n].flatten() for n in body])), head.sigma)
+    dense = DenseCovariance(model, full)  # parameter order: body first, then the head
+    for form in ("first_order", "corrected"):
+        a = compute_sensitivities(model, (x, y), block, form=form)
+        b = compute_sensitivities(model, (x, y), dense, form=form)
+        assert (a.deviations - b.deviations).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="two blocks"):
+        BlockCovariance([head, head], [head.names, head.names])
 
 
 def test_kfac_monte_carlo_factors_approach_exact_ones():

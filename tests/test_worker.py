@@ -188,10 +188,18 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
                                  "sensitivity": {"covariance": "last_layer"}})
     kf = store.create_run("kf", {**base, "name": "kf", "model": {"name": "mlp", "hidden": [16]},
                                  "sensitivity": {"covariance": "kfac"}})
+    mlp = {**base, "model": {"name": "mlp", "hidden": [16]}}
+    plain = store.create_run("plain", {**mlp, "name": "plain"})
+    block = store.create_run("block", {**mlp, "name": "block",
+                                       "sensitivity": {"covariance": "optimizer_with_last_layer"}})
     p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))
-    assert p.wait(timeout=180) == 0
-    assert store.get_run(ll.id).status == "done" and store.get_run(kf.id).status == "done"
-    assert all(e.loo == e.loo and e.loo > 0 for r in (ll, kf) for e in store.evaluations(r.id))
+    assert p.wait(timeout=300) == 0
+    runs = (ll, kf, plain, block)
+    assert all(store.get_run(r.id).status == "done" for r in runs)
+    assert all(e.loo == e.loo and e.loo > 0 for r in runs for e in store.evaluations(r.id))
+    # the same training (same seed), a different covariance: the head's exact block changes every LOO
+    pairs = zip(store.evaluations(plain.id), store.evaluations(block.id))
+    assert all(a.step == b.step and a.loo != b.loo for a, b in pairs)
 
     cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})
     data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)

@@ -15,7 +15,8 @@ from torch import nn
 from app.store import Store
 from ivon_core import IVON, all_metrics, matched_beta2, predict
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
-from sensitivity.covariance import DenseCovariance, KFACCovariance
+from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
+from sensitivity.variance import as_covariance
 from worker import distributed as D
 from worker import models
 from worker.config import JobConfig
@@ -225,9 +226,17 @@ class Trainer:
             prior = data.n * self.cfg.optimizer.weight_decay or 1.0
             train = (data.xtr, data.ytr)
             chunk = self.cfg.sensitivity.chunk_size
+            if kind == "kfac":
+                return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
+            head = DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
             if kind == "last_layer":
-                return DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
-            return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
+                return head
+            body = [n for n, _ in model.named_parameters() if n not in head.names]
+            return BlockCovariance([as_covariance(model, self._optimizer_variance(model, opt, data)), head],
+                                   [body, head.names])
+        return self._optimizer_variance(model, opt, data)
+
+    def _optimizer_variance(self, model, opt, data: Dataset):
         if isinstance(opt, IVON):
             return ivon_variance(opt, model)
         if isinstance(opt, torch.optim.AdamW):

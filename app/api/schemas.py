@@ -44,7 +44,7 @@ class EvaluationOut(BaseModel):
     loo: float | None = Field(
         description=(
             "LOO estimate of the generalization NLL: (1/N) Σ ℓ(y_i, f_i + Δ_i). With the default estimator it "
-            "underestimates the loss of leave-one-out retraining (0.02× to 0.82× in docs/validation.md) and its "
+            "underestimates the loss of leave-one-out retraining (0.02× to 0.66× in docs/validation.md) and its "
             "trend is not reliable: Spearman with the test NLL over training 0.90 on digits with δ = 3e-3, but "
             "−0.79 and −0.31 when 20% (digits) or 15% (breast cancer) of the labels are flipped and memorized (it "
             "falls while the test NLL rises). Do not stop training on it alone: see docs/validation.md"

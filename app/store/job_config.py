@@ -64,11 +64,11 @@ class OptimizerConfig(_Strict):
 
 class SensitivityConfig(_Strict):
     form: Literal["auto", "first_order", "corrected", "diagonal"] = "auto"
-    covariance: Literal["optimizer", "last_layer", "kfac"] = Field(
-        "optimizer", description="optimizer: the optimizer's own σ² (IVON: 1/(N(h + δ))); last_layer: an exact GGN "
-        "Laplace over the last Linear layer, refitted at each evaluation (in docs/validation.md its LOO level is "
-        "0.6 to 0.9 of the retrained truth, where the default's is 0.02 to 0.8, but it follows the test NLL less "
-        "well on clean data); kfac: a K-FAC GGN Laplace over every Linear and Conv2d layer")
+    covariance: Literal["optimizer", "optimizer_with_last_layer", "last_layer", "kfac"] = Field(
+        "optimizer", description="optimizer: the optimizer's own σ² (IVON: 1/(N(h + δ))); optimizer_with_last_layer: "
+        "that σ² for the body and an exact GGN Laplace for the last Linear layer, refitted at each evaluation; "
+        "last_layer: that Laplace alone, the body fixed; kfac: a K-FAC GGN Laplace over every Linear and Conv2d "
+        "layer. How each tracks the retrained LOO and the test NLL: docs/validation.md")
     chunk_size: int = Field(256, ge=1)
     subset: int | None = Field(None, ge=1, description="evaluate a fixed random subset of the training set")
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from sensitivity import SensitivityResult, adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
-from sensitivity.covariance import DenseCovariance, KFACCovariance, prior_from_weight_decay
+from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance, prior_from_weight_decay
 from sensitivity.retrain import fit_map
+from sensitivity.variance import as_covariance
 from worker.validation.setups import Split
 
 # name → (what it is, which optimizer's run it reads)
@@ -18,7 +19,9 @@ ESTIMATORS = {
     "ivon": ("IVON σ² as trained (β2 = 0.99999)", "ivon"),
     "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h learned)", "ivon_b2"),
     "last_layer": ("last-layer GGN Laplace (dense) at the mean of the matched-β2 IVON run", "ivon_b2"),
+    "ivon_head": ("IVON σ² (matched β2) for the body, exact last-layer Laplace for the head", "ivon_b2"),
     "kfac": ("K-FAC GGN Laplace refreshed at the IVON mean", "ivon"),
+    "kfac_b2": ("K-FAC GGN Laplace refreshed at the mean of the matched-β2 IVON run", "ivon_b2"),
     "kfac_map": ("K-FAC GGN Laplace at a refined MAP (L-BFGS from the IVON mean)", "ivon"),
     "dense_map": ("full GGN Laplace at a refined MAP (reference, small models only)", "ivon"),
     "adamw": ("AdamW heuristic 1/(N√v + δ)", "adamw"),
@@ -46,9 +49,14 @@ def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay:
         var = adamw_variance(opt, split.n, model, weight_decay=weight_decay)
     elif name == "sgd":
         var = sgd_variance(model, data, prior_precision=prior)
+    elif name == "ivon_head":
+        head = DenseCovariance.last_layer(model, data, prior_precision=prior)
+        body = [n for n, _ in model.named_parameters() if n not in head.names]
+        diag = as_covariance(model, ivon_variance(opt, model))
+        var = BlockCovariance([diag, head], [body, head.names])
     elif name == "last_layer":
         var = DenseCovariance.last_layer(model, data, prior_precision=prior)
-    elif name == "kfac":
+    elif name in ("kfac", "kfac_b2"):
         var = KFACCovariance.fit(model, data, prior_precision=prior, mc_samples=None)
     elif name in ("kfac_map", "dense_map"):
         at = refine(model, split, weight_decay, refine_iters)
