@@ -161,6 +161,8 @@ def test_block_covariance_equals_the_dense_block_diagonal():
         assert (a.deviations - b.deviations).abs().max() <= 1e-10
     with pytest.raises(ValueError, match="two blocks"):
         BlockCovariance([head, head], [head.names, head.names])
+    with pytest.raises(ValueError, match="one list of parameter names per block"):
+        BlockCovariance([head], [])
 
 
 def test_kfac_monte_carlo_factors_approach_exact_ones():

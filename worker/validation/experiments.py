@@ -91,12 +91,13 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
     curves: dict[str, dict] = {}
     runs = {"ivon": {"opt": "ivon"}, "ivon_b2": {"opt": "ivon", "beta2": matched_beta2(steps)},
             "adamw": {"opt": "adamw"}, "sgd": {"opt": "sgd"}}
-    needed = {ESTIMATORS[e][1] if ESTIMATORS[e][1] in runs else "ivon" for e in estimators}
+    run_of = {e: ESTIMATORS[e][1] if ESTIMATORS[e][1] in runs else "ivon" for e in estimators}  # the run it reads
+    needed = set(run_of.values())
     final: dict[str, tuple] = {}
     run_final: dict[str, tuple] = {}  # run → (final mean, a result at it, for the ranked truth picks)
     for run_name in sorted(needed):
         cfg = runs[run_name]
-        users = [e for e in estimators if (ESTIMATORS[e][1] if ESTIMATORS[e][1] in runs else "ivon") == run_name]
+        users = [e for e in estimators if run_of[e] == run_name]
         epoch_s: list[float] = []
 
         def cb(ep, model, opt, dt, users=users, run_name=run_name, epoch_s=epoch_s):
@@ -122,7 +123,6 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
         _train_small(cfg, split, epochs, seed, weight_decay, batch, cb)
     # truth: leave-one-out retraining at the MAP refined from each IVON run's final mean (the MAP differs between
     # runs of a non-convex model); estimators on AdamW or SGD runs are compared with the first IVON run's truth
-    run_of = {est: ESTIMATORS[est][1] if ESTIMATORS[est][1] in runs else "ivon" for est in curves}
     truth_runs = [r for r in ("ivon_b2", "ivon") if r in run_final] or sorted(run_final)
     if n_truth is None:
         rand = list(range(split.n))
@@ -140,6 +140,10 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
                                 prior_from_weight_decay(weight_decay, split.n))
         truths[r] = {"true_loss": loss, "true_loo": float(loss[: len(rand)].mean()),
                      "test_nll_at_map": test_nll(base, split), "seconds": time.perf_counter() - t}
+
+    def truth_of(est: str) -> str:
+        return run_of[est] if run_of[est] in truths else truth_runs[0]
+
     summary = {}
     for est, c in curves.items():
         tn = np.array(c["test_nll"])
@@ -151,10 +155,10 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
                 if len(loo) > 2 else float("nan")
             row[f"gap_{f}"] = float(np.mean(np.abs(loo - tn) / tn))
             res = final[est][0][f]
-            truth = truths[run_of[est] if run_of[est] in truths else truth_runs[0]]
+            truth = truths[truth_of(est)]
             row[f"ratio_{f}"] = float(res.loo_losses[rand].mean()) / truth["true_loo"]
             row[f"rank_{f}"] = float(spearmanr(res.loo_losses[pick].numpy(), truth["true_loss"].numpy()).statistic)
-        row["truth_run"] = run_of[est] if run_of[est] in truths else truth_runs[0]
+        row["truth_run"] = truth_of(est)
         summary[est] = row
     return {"dataset": dataset, "weight_decay": weight_decay, "n_train": split.n, "epochs": epochs, "curves": curves,
             "label_noise": label_noise, "all_examples": n_truth is None, "summary": summary, "n_truth": len(pick),
