@@ -21,8 +21,12 @@ from torch.func import functional_call, jacrev, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivon_core import IVON  # noqa: E402
-from sensitivity import compute_sensitivities  # noqa: E402
-from sensitivity.covariance import KFACCovariance  # noqa: E402
+from sensitivity import (
+    compute_sensitivities,  # noqa: E402
+    ivon_variance,  # noqa: E402
+)
+from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance  # noqa: E402
+from sensitivity.variance import as_covariance  # noqa: E402
 from worker.models import mlp, resnet20  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -79,10 +83,21 @@ def case(name, model, x, y, repeats, with_naive=True):
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     t_reduce = timed(lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256, conv="reduce"),
                      repeats) if has_conv else None
+    t_head = timed(lambda: DenseCovariance.last_layer(model, (x, y), prior_precision=1.0), repeats)
+
+    def block_pass():  # sensitivity.covariance: optimizer_with_last_layer
+        head = DenseCovariance.last_layer(model, (x, y), prior_precision=1.0)
+        body = [n for n, _ in model.named_parameters() if n not in head.names]
+        cov = BlockCovariance([as_covariance(model, ivon_variance(opt, model)), head], [body, head.names])
+        compute_sensitivities(model, (x, y), cov, chunk_size=256)
+
+    t_block = timed(block_pass, repeats)
     k = int(model(x[:1]).shape[1])
     print(f"\n{name}: N={n}, K={k}, P={sum(p.numel() for p in model.parameters()):,}, epoch {t_epoch:.3f} s")
     print(f"   first order   {t_first / t_epoch:6.2f}x epoch")
     print(f"   corrected     {t_corr / t_epoch:6.2f}x epoch")
+    print(f"   last-layer Laplace fit {t_head / t_epoch:.2f}x epoch; IVON body + that head, whole first-order pass "
+          f"{t_block / t_epoch:.2f}x")
     print(f"   K-FAC fit     {t_kfac / t_epoch:6.2f}x epoch" + ("" if t_reduce is None else
           f"; conv=\"reduce\" {t_reduce / t_epoch:.2f}x epoch"))
     if with_naive:

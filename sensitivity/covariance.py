@@ -87,7 +87,52 @@ class DenseCovariance:
 
         ((D+1)·K)² entries for D features and K outputs: cheap for classifier heads, not for wide output layers.
         """
-        return cls.laplace(model, data, loss, prior_precision, last_layer_params(model), chunk_size, noise_var)
+        names = last_layer_params(model)
+        ggn = _linear_head_ggn(model, data, get_loss(loss, noise_var), chunk_size, names)
+        if ggn is None:  # something follows the head: per-example Jacobians
+            return cls.laplace(model, data, loss, prior_precision, names, chunk_size, noise_var)
+        ggn.diagonal().add_(prior_precision)
+        return cls(model, torch.linalg.inv(0.5 * (ggn + ggn.T)), names)
+
+
+def _linear_head_ggn(model: nn.Module, data, lossf: Loss, chunk_size: int, names: list[str]) -> Tensor | None:
+    """Σ_i Λ_i ⊗ φ_i φ_iᵀ over the last Linear's (weight, bias), when the model returns that layer's output tensor
+    itself: f_i's Jacobian with respect to the head is then I ⊗ φ_iᵀ and no per-example Jacobian is needed
+    (one matrix product over the examples). None when the head's output is not the model's."""
+    from sensitivity.deviations import _iter_chunks
+
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    if not names[0].endswith("weight"):
+        return None
+    has_bias = len(names) == 2
+    seen: dict[str, Tensor] = {}
+    hook = head.register_forward_hook(lambda mod, inp, out: seen.update(phi=inp[0], out=out))
+    was = model.training
+    model.eval()
+    ggn = None
+    try:
+        with torch.no_grad():
+            for x, _, _ in _iter_chunks(data, chunk_size, model):
+                out = model(x)
+                if out is not seen.get("out") or out.ndim != 2 or seen["phi"].ndim != 2:
+                    return None
+                phi = seen["phi"]
+                if has_bias:
+                    phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
+                term = torch.einsum("ikl,id,ie->kdle", lossf.hessian(out), phi, phi)  # over (k, d), (l, e)
+                ggn = term if ggn is None else ggn + term
+    finally:
+        hook.remove()
+        model.train(was)
+    if ggn is None:
+        return None
+    k, d = ggn.shape[0], ggn.shape[1]
+    ggn = ggn.reshape(k * d, k * d)
+    if has_bias:  # the parameters' order: the weight row by row (d < D), then the bias (d = D)
+        idx = torch.tensor([r * d + c for r in range(k) for c in range(d - 1)] + [r * d + d - 1 for r in range(k)],
+                           device=ggn.device)
+        ggn = ggn[idx][:, idx]
+    return ggn
 
 
 class BlockCovariance:

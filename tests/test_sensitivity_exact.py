@@ -145,6 +145,33 @@ def test_last_layer_laplace_covers_the_head_only():
         last_layer_params(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(5, 6), nn.Tanh()), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return 2.0 * self.head(self.body(x))  # an op after the head: the generic route
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)),
+                                  lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3, bias=False)),
+                                  _Scaled])
+def test_last_layer_shortcut_equals_per_example_jacobians(make):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    names = last_layer_params(model)
+    fast = DenseCovariance.last_layer(model, (x, y), prior_precision=2.0, chunk_size=16)
+    ref = DenseCovariance.laplace(model, (x, y), prior_precision=2.0, params=names)
+    assert fast.names == names and (fast.sigma - ref.sigma).abs().max() <= 1e-10
+    from sensitivity.covariance import _linear_head_ggn
+    from sensitivity.losses import get_loss
+
+    took_shortcut = _linear_head_ggn(model, (x, y), get_loss("cross_entropy"), 16, names) is not None
+    assert took_shortcut == (make is not _Scaled)
+
+
 def test_block_covariance_equals_the_dense_block_diagonal():
     model = _mlp()
     x, y = torch.randn(15, 5, dtype=torch.float64), torch.randint(0, 4, (15,))
