@@ -26,7 +26,6 @@ from sensitivity import (
     ivon_variance,  # noqa: E402
 )
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance  # noqa: E402
-from sensitivity.variance import as_covariance  # noqa: E402
 from worker.models import mlp, resnet20  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -87,8 +86,7 @@ def case(name, model, x, y, repeats, with_naive=True):
 
     def block_pass():  # sensitivity.covariance: optimizer_with_last_layer
         head = DenseCovariance.last_layer(model, (x, y), prior_precision=1.0)
-        body = [n for n, _ in model.named_parameters() if n not in head.names]
-        cov = BlockCovariance([as_covariance(model, ivon_variance(opt, model)), head], [body, head.names])
+        cov = BlockCovariance.with_last_layer(model, ivon_variance(opt, model), head)
         compute_sensitivities(model, (x, y), cov, chunk_size=256)
 
     t_block = timed(block_pass, repeats)

@@ -150,6 +150,14 @@ class BlockCovariance:
             seen.update(names)
         self.blocks, self.covers = list(blocks), [list(c) for c in covers]
 
+    @classmethod
+    def with_last_layer(cls, model: nn.Module, body_variance, head: DenseCovariance) -> BlockCovariance:
+        """``body_variance`` (σ² or a covariance) for every parameter but the head's, ``head`` for the head."""
+        from sensitivity.variance import as_covariance
+
+        body = [n for n, _ in model.named_parameters() if n not in head.names]
+        return cls([as_covariance(model, body_variance), head], [body, head.names])
+
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {n: torch.zeros_like(t) for n, t in tangents.items()}
         for block, names in zip(self.blocks, self.covers):

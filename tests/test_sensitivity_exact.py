@@ -180,6 +180,7 @@ def test_block_covariance_equals_the_dense_block_diagonal():
     named = dict(model.named_parameters())
     var = {n: torch.rand_like(named[n]) * 0.05 for n in body}
     block = BlockCovariance([DiagonalCovariance(var), head], [body, head.names])
+    assert block.covers == BlockCovariance.with_last_layer(model, DiagonalCovariance(var), head).covers
     full = torch.block_diag(torch.diag(torch.cat([var[n].flatten() for n in body])), head.sigma)
     dense = DenseCovariance(model, full)  # parameter order: body first, then the head
     for form in ("first_order", "corrected"):

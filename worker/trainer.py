@@ -16,7 +16,6 @@ from app.store import Store
 from ivon_core import IVON, all_metrics, matched_beta2, predict
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
-from sensitivity.variance import as_covariance
 from worker import distributed as D
 from worker import models
 from worker.config import JobConfig
@@ -231,9 +230,7 @@ class Trainer:
             head = DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
             if kind == "last_layer":
                 return head
-            body = [n for n, _ in model.named_parameters() if n not in head.names]
-            return BlockCovariance([as_covariance(model, self._optimizer_variance(model, opt, data)), head],
-                                   [body, head.names])
+            return BlockCovariance.with_last_layer(model, self._optimizer_variance(model, opt, data), head)
         return self._optimizer_variance(model, opt, data)
 
     def _optimizer_variance(self, model, opt, data: Dataset):

@@ -11,7 +11,6 @@ from torch import nn
 from sensitivity import SensitivityResult, adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance, prior_from_weight_decay
 from sensitivity.retrain import fit_map
-from sensitivity.variance import as_covariance
 from worker.validation.setups import Split
 
 # name → (what it is, which optimizer's run it reads)
@@ -51,9 +50,7 @@ def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay:
         var = sgd_variance(model, data, prior_precision=prior)
     elif name == "ivon_head":
         head = DenseCovariance.last_layer(model, data, prior_precision=prior)
-        body = [n for n, _ in model.named_parameters() if n not in head.names]
-        diag = as_covariance(model, ivon_variance(opt, model))
-        var = BlockCovariance([diag, head], [body, head.names])
+        var = BlockCovariance.with_last_layer(model, ivon_variance(opt, model), head)
     elif name == "last_layer":
         var = DenseCovariance.last_layer(model, data, prior_precision=prior)
     elif name in ("kfac", "kfac_b2"):
