@@ -1,0 +1,109 @@
+"""Compiled kernels for IVON's elementwise work on large CPU tensors (``IVON(fused=True)``).
+
+The multi-tensor path (``_functional``) makes one pass over memory per operation: about 25 passes per step where
+AdamW makes 20. Each kernel here does a whole stage in one pass (torch.compile / inductor, one graph with dynamic
+sizes per stage and dtype, compiled on a small dummy tensor at first use, then cached on disk by inductor).
+Small tensors stay on the multi-tensor path, where one launch serves many tensors. Where compilation fails (no
+C++ compiler, say) the optimizer warns once and keeps the multi-tensor path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+MIN_NUMEL = 1 << 16  # below this a kernel call's fixed cost (~0.1 ms) exceeds the passes it saves
+
+
+def _sample(noise: Tensor, param: Tensor, hess: Tensor, ess: Tensor, wd: Tensor) -> None:
+    # noise holds ε; it becomes the sample θ = m + ε / sqrt(ess (h + δ))
+    noise.mul_(torch.rsqrt((hess + wd) * ess)).add_(param)
+
+
+def _stat(sample: Tensor, mean: Tensor, grad: Tensor) -> None:
+    # σε ⊙ ĝ (the "price" statistic) in the sample's buffer
+    sample.sub_(mean).mul_(grad)
+
+
+def _update(p: Tensor, g: Tensor, s: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor, ess: Tensor,
+            beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor, price: bool) -> None:
+    # the same update as _functional.ivon_update, in one pass
+    mom.lerp_(g, 1.0 - beta1)
+    a = h + wd
+    d = (s * a if price else s) * ess - h  # ĥ − h
+    new_h = h + (1.0 - beta2) * d + 0.5 * (1.0 - beta2) ** 2 * d * d / a
+    h.copy_(new_h)
+    p.sub_(lr * ((mom / debias + wd * p) / (new_h + wd)).clamp(-radius, radius))
+
+
+def _flat(t: Tensor) -> Tensor:
+    # a flat alias that is not a view: views make dynamo guard on their base's shape (a recompile per rank)
+    return t.view(-1).detach()
+
+
+class FusedKernels:
+    """The compiled stages; ``usable(t)`` says which tensors they take."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, object] = {}
+        self._ready: set[tuple[torch.dtype, bool]] = set()
+        self.broken = False
+
+    def usable(self, t: Tensor) -> bool:
+        return (not self.broken and t.device.type == "cpu" and t.numel() >= MIN_NUMEL
+                and t.dtype in (torch.float32, torch.float64))
+
+    def ready(self, dtype: torch.dtype, price: bool) -> bool:
+        """Compile (once per dtype and statistic) on a dummy tensor; on failure warn and stay unfused."""
+        if self.broken:
+            return False
+        if (dtype, price) in self._ready:
+            return True
+        try:
+            if not self._compiled:
+                self._compiled = {f.__name__: torch.compile(f, dynamic=True) for f in (_sample, _stat, _update)}
+            x = [torch.ones(64, dtype=dtype) for _ in range(5)]
+            # distinct scalars: one tensor passed twice would compile an aliasing guard
+            c = [torch.tensor(v, dtype=dtype) for v in (1.0, 0.1, 64.0, 0.9, 0.99, 1e-3, 1.0)]
+            self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
+            self._compiled["_stat"](x[0], x[1], x[2])
+            self._compiled["_update"](*x, *c, price)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the multi-tensor path
+            self.broken = True
+            warnings.warn(f"IVON(fused=True): compiling the fused kernels failed ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); using the multi-tensor path", RuntimeWarning, stacklevel=3)
+            return False
+        self._ready.add((dtype, price))
+        return True
+
+    def sample_(self, noise: Sequence[Tensor], params: Sequence[Tensor], hess: Sequence[Tensor], *, ess: float,
+                weight_decay: float) -> None:
+        for n, p, h in zip(noise, params, hess):
+            ess_t, wd_t = (torch.tensor(v, dtype=n.dtype) for v in (ess, weight_decay))
+            self._compiled["_sample"](_flat(n), _flat(p), _flat(h), ess_t, wd_t)
+
+    def stat_(self, samples: Sequence[Tensor], means: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        for s, m, g in zip(samples, means, grads):
+            self._compiled["_stat"](_flat(s), _flat(m), _flat(g))
+
+    def update_(self, params: list[Tensor], grads: list[Tensor], stats: list[Tensor], momentum: list[Tensor],
+                hess: list[Tensor], debias: list[float], *, lr: float, ess: float, beta1: float, beta2: float,
+                weight_decay: float, hess_init: float, clip_radius: float, price: bool, rescale_lr: bool) -> None:
+        if not params:
+            return
+        lr_eff = lr * (hess_init + weight_decay) if rescale_lr else lr
+        dtype = hess[0].dtype
+        scalars = [torch.tensor(v, dtype=dtype) for v in (lr_eff, ess, beta1, beta2, weight_decay, clip_radius)]
+        for p, g, s, m, h, d in zip(params, grads, stats, momentum, hess, debias):
+            self._compiled["_update"](_flat(p), _flat(g), _flat(s), _flat(m), _flat(h),
+                                      torch.tensor(d, dtype=dtype), *scalars, price)
+
+
+def split(mask: Sequence[bool], *lists: Sequence) -> tuple[tuple[list, ...], tuple[list, ...]]:
+    """Aligned ``lists`` split into the items where ``mask`` holds and the rest."""
+    yes = tuple([x for x, m in zip(lst, mask) if m] for lst in lists)
+    no = tuple([x for x, m in zip(lst, mask) if not m] for lst in lists)
+    return yes, no
