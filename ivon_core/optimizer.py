@@ -64,7 +64,8 @@ class IVON(torch.optim.Optimizer):
     Beyond ivon-opt's arguments, ``noise_threads`` sets how many generators draw the CPU noise in parallel
     (default: torch's thread count, at most 8). With 1, noise comes from torch's default generator.
     ``fused=True`` runs each stage on large CPU tensors as one compiled kernel (torch.compile; about 15 s of
-    compilation at the first step, cached on disk after): optimizer work about 2x faster (bench/optimizer.py).
+    compilation at the first step, cached on disk after): a third less optimizer work on CPU (bench/optimizer.py);
+    other devices keep the multi-tensor path.
     """
 
     hessian_approx_methods = HESS_APPROX

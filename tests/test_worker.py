@@ -124,6 +124,27 @@ def test_micro_batches_accumulate_into_one_step(tmp_path, opt_name):
     assert [e.step for e in evs] == [4, 8] and all(e.loo is not None for e in evs)
 
 
+def test_fused_optimizer_option_trains_to_the_same_evaluations(tmp_path):
+    from worker.service import run_job
+
+    url = f"sqlite:///{tmp_path / 'fu.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    evals = {}
+    for fused in (False, True):  # the 512x160 weight takes the compiled kernels
+        cfg = {"name": "fused", "data": {"name": "synthetic", "n_synthetic": 96},
+               "model": {"name": "mlp", "hidden": [512, 160]}, "optimizer": {"fused": fused}, "epochs": 2,
+               "batch_size": 32, "eval_every": 3, "early_stopping": {"enabled": False}}
+        run = store.create_run("fused", cfg, enqueue=False)
+        assert run_job(store, run.id, tmp_path / f"ck{fused}", log=lambda *_: None) == "done"
+        evals[fused] = [(e.step, e.loo, e.metrics["train_nll"]) for e in store.evaluations(run.id)]
+    assert [e[0] for e in evals[True]] == [3, 6]
+    for a, b in zip(evals[True], evals[False]):
+        assert a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
+    with pytest.raises(ConfigError, match="fused"):
+        parse_config({"name": "x", "optimizer": {"fused": "sometimes"}})
+
+
 def _train_job(tmp_path):
     cfg = tmp_path / "job.json"
     cfg.write_text(json.dumps({"name": "logs", "data": {"name": "synthetic", "n_synthetic": 200},
