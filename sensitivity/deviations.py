@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from sensitivity import linear_fast as fast_linear
+from sensitivity import layerwise
 from sensitivity.losses import Loss, get_loss
 from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
 
@@ -187,7 +187,7 @@ class _Plan:
 
     def __init__(self, model: nn.Module, params: dict[str, Tensor], cov: Covariance, fast: bool):
         self.model, self.cov = model, cov
-        self.blocks = fast_linear.eligible_blocks(model, cov, params) if fast else []
+        self.blocks = layerwise.eligible_blocks(model, cov, params) if fast else []
         covered = {n for b in self.blocks for n in b.params()}
         self.rest = {n: p for n, p in params.items() if n not in covered}
         self.f_all = _functional(model, params)
@@ -198,13 +198,13 @@ class _Plan:
 
     def logits(self, x: Tensor):
         if self.blocks:
-            return fast_linear.forward(self.model, self.blocks, x)
+            return layerwise.forward(self.model, self.blocks, x)
         return vmap(lambda xi: self.f_all(self.rest, xi))(x), None
 
     def first_order(self, x, logits, seen, e) -> Tensor:
         dev = torch.zeros_like(logits)
         if self.blocks:
-            dev = dev + fast_linear.first_order(self.model, self.blocks, x, logits, seen, e)
+            dev = dev + layerwise.first_order(self.model, self.blocks, x, logits, seen, e)
         if self.rest:
             dev = dev + _generic_first_order(self.f_rest, self.rest, self.cov, x, e)
         return dev
@@ -212,7 +212,7 @@ class _Plan:
     def variance(self, x, logits, seen) -> Tensor:
         v = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[1], dtype=logits.dtype, device=logits.device)
         if self.blocks:
-            v = v + fast_linear.prediction_variance(self.blocks, logits, seen)
+            v = v + layerwise.prediction_variance(self.blocks, logits, seen)
         if self.rest:
             _, jac = _per_example_jacobians(self.model, self.rest, x)
             v = v + prediction_variance(self.cov, jac)
@@ -273,7 +273,7 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
                 offset = int(ids[0]) if len(ids) else 0
                 try:
                     out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
-                except fast_linear.Reused:
+                except layerwise.Reused:
                     plan.drop_fast(params)
                     out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
                 yield _result(lossf, form, ids, ys, *out)

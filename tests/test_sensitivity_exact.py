@@ -256,7 +256,7 @@ class _Shared(nn.Module):
 @pytest.mark.parametrize("form", ["first_order", "corrected", "diagonal"])
 @pytest.mark.parametrize("kind", ["diagonal", "kfac"])
 def test_rank_one_linear_route_equals_generic_route(make, shape, form, kind):
-    from sensitivity import linear_fast
+    from sensitivity import layerwise
 
     model = make()
     x, y = torch.randn(12, *shape, dtype=torch.float64), torch.randint(0, 4, (12,))
@@ -269,4 +269,48 @@ def test_rank_one_linear_route_equals_generic_route(make, shape, form, kind):
     assert (fast.deviations - slow.deviations).abs().max() <= 1e-10
     cov = var if kind == "kfac" else DiagonalCovariance(dict(zip([n for n, _ in model.named_parameters()], var)))
     params = {n: p for n, p in model.named_parameters()}
-    assert linear_fast.eligible_blocks(model, cov, params)  # the fast route had Linear layers to take
+    assert layerwise.eligible_blocks(model, cov, params)  # the fast route had Linear layers to take
+
+
+def _convs_bn():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 2, dilation=2, bias=False), nn.GroupNorm(3, 3), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(12, 4)).double()
+    bn = model[1]  # eval-mode statistics that are not the identity
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _resnet():
+    from worker.models import resnet20
+
+    torch.manual_seed(3)
+    return resnet20(num_classes=4, in_channels=2).double()
+
+
+@pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
+@pytest.mark.parametrize("form", ["first_order", "corrected"])
+@pytest.mark.parametrize("kind", ["diagonal", "kfac"])
+def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind):
+    from sensitivity import layerwise
+
+    model = make()
+    x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 4, (10,))
+    if kind == "kfac":
+        var = KFACCovariance.fit(model, (x, y), prior_precision=3.0, mc_samples=None)
+        cov = var
+    else:
+        var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
+        cov = DiagonalCovariance(dict(zip([n for n, _ in model.named_parameters()], var)))
+    params = dict(model.named_parameters())
+    covered = {n for b in layerwise.eligible_blocks(model, cov, params) for n in b.params()}
+    assert covered == set(params)  # every parameter on the per-layer route: no per-example vmap at all
+    fast = compute_sensitivities(model, (x, y), var, form=form, fast=True)
+    slow = compute_sensitivities(model, (x, y), var, form=form, fast=False)
+    scale = slow.deviations.abs().max()
+    assert scale > 0 and (fast.deviations - slow.deviations).abs().max() <= 1e-10 * max(1.0, float(scale))

@@ -1,0 +1,261 @@
+"""Exact deviations layer by layer, without per-example gradients of the whole network.
+
+For a layer with input a and output z, J_iᵀ v restricted to the layer's parameters is its per-example gradient
+for the output gradient δ = ∂(vᵀ f_i)/∂z, which needs only a and δ from one batched backward pass:
+    Linear (applied once per example)   g_W = δ aᵀ (rank one; never formed with a diagonal or K-FAC Σ)
+    Conv2d                              g_W = D_i U_iᵀ, U_i the unfolded input patches, D_i the δ per position
+    GroupNorm, BatchNorm2d (eval)       g_γ = Σ_t δ_t ⊙ x̂_t, g_β = Σ_t δ_t  (x̂ the normalized input)
+Σ applied to them is turned into the output perturbation u = ∂z/∂θ (Σ g) and all layers' u are pushed to the
+outputs by one forward-mode pass: the first-order deviation. The K×K V_i sums Σ_p g^k_p (Σ g^l)_p over layers
+from K batched backward passes. Covariances must be block diagonal by layer (diagonal, K-FAC); parameters of
+other layers go through the generic route.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+from torch.nn import functional as F
+
+from sensitivity.covariance import KFACCovariance
+from sensitivity.variance import DiagonalCovariance
+
+# Elements of per-example gradients (K·B·P of one layer) formed at once for V_i: 128 MiB of float32.
+_GRAD_BUDGET = 2**25
+
+
+class _Block:
+    """One Linear layer with its covariance block in a rank-one-friendly form."""
+
+    ndim = (2,)
+
+    def __init__(self, name: str, module: nn.Linear, cov):
+        self.name, self.module = name, module
+        prefix = f"{name}." if name else ""
+        self.wname, self.bname = prefix + "weight", prefix + "bias"
+        self.has_bias = module.bias is not None
+        if isinstance(cov, DiagonalCovariance):
+            self.kind = "diag"
+            self.sw = cov.variances.get(self.wname)
+            self.sb = cov.variances.get(self.bname) if self.has_bias else None
+        else:
+            self.kind = "kfac"
+            f = cov.layers[name]
+            self.qa, self.qg = f["qa"], f["qg"]
+            self.dinv = 1.0 / (f["lg"][:, None] * f["la"][None, :] + f["prior"])
+
+    def params(self) -> list[str]:
+        return [self.wname] + ([self.bname] if self.has_bias else [])
+
+    def weights(self, a: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per-example output weights w (B, out) and the output rotation (None for diagonal Σ)."""
+        if self.kind == "diag":
+            w = a.square() @ self.sw.to(a.dtype).T
+            if self.sb is not None:
+                w = w + self.sb.to(a.dtype)
+            return w, None
+        if self.has_bias:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        ap = a @ self.qa.to(a.dtype)
+        return ap.square() @ self.dinv.to(a.dtype).T, self.qg.to(a.dtype)
+
+    def tangent(self, a: Tensor, d: Tensor) -> Tensor:
+        w, rot = self.weights(a)
+        return d * w if rot is None else ((d @ rot) * w) @ rot.T
+
+    def variance(self, a: Tensor, d: Tensor) -> Tensor:
+        """This layer's part of V_i (B, K, K) from the K output gradients ``d`` (K, B, out)."""
+        w, rot = self.weights(a)
+        if rot is not None:
+            d = d @ rot
+        d = d.transpose(0, 1)  # (B, K, out)
+        return torch.bmm(d * w[:, None, :], d.transpose(1, 2))
+
+
+class _GradBlock:
+    """A layer whose per-example gradients are formed from (a, δ); Σ is applied by the covariance itself."""
+
+    ndim: tuple[int, ...] = ()
+
+    def __init__(self, name: str, module: nn.Module, cov):
+        self.name, self.module, self.cov = name, module, cov
+        prefix = f"{name}." if name else ""
+        self.wname, self.bname = prefix + "weight", prefix + "bias"
+        self.has_bias = module.bias is not None
+
+    def params(self) -> list[str]:
+        return [self.wname] + ([self.bname] if self.has_bias else [])
+
+    def grads(self, a: Tensor, d: Tensor) -> dict[str, Tensor]:  # d: (*lead, B, *z) → (*lead, B, *param)
+        raise NotImplementedError
+
+    def push(self, a: Tensor, sg: dict[str, Tensor]) -> Tensor:  # (B, *param) → output perturbation, z's numel
+        raise NotImplementedError
+
+    def tangent(self, a: Tensor, d: Tensor) -> Tensor:
+        return self.push(a, self.cov.apply(self.grads(a, d))).reshape(d.shape)
+
+    def variance(self, a: Tensor, d: Tensor) -> Tensor:
+        k, b = d.shape[:2]
+        size = sum(self.module.get_parameter(n.rpartition(".")[2]).numel() for n in self.params())
+        step = max(1, _GRAD_BUDGET // max(1, k * size))
+        parts = []
+        for s in range(0, b, step):
+            g = self.grads(a[s : s + step], d[:, s : s + step])
+            sg = self.cov.apply(g)
+            parts.append(sum(torch.einsum("kbp,lbp->bkl", g[n].flatten(2), sg[n].flatten(2)) for n in g))
+        return torch.cat(parts)
+
+
+class _ConvBlock(_GradBlock):
+    ndim = (4,)
+
+    def _patches(self, a: Tensor) -> Tensor:
+        m = self.module
+        return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, C·kh·kw, T)
+
+    def grads(self, a, d):
+        u = self._patches(a)
+        dd = d.flatten(-2)  # (*lead, B, out, T)
+        g = {self.wname: (dd @ u.transpose(1, 2)).reshape(*dd.shape[:-1], *self.module.weight.shape[1:])}
+        if self.has_bias:
+            g[self.bname] = dd.sum(-1)
+        return g
+
+    def push(self, a, sg):
+        out = sg[self.wname].flatten(2) @ self._patches(a)  # (B, out, T)
+        if self.has_bias:
+            out = out + sg[self.bname][..., None]
+        return out
+
+
+class _NormBlock(_GradBlock):
+    """Per-channel affine after GroupNorm or BatchNorm2d with running statistics (eval)."""
+
+    ndim = (2, 3, 4)
+
+    def _normalized(self, a: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(a, m.num_groups, None, None, m.eps)
+        return F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+
+    def grads(self, a, d):
+        spatial = tuple(range(d.ndim - a.ndim + 2, d.ndim))
+
+        def total(t: Tensor) -> Tensor:  # sum(()) would reduce every dimension
+            return t.sum(spatial) if spatial else t
+
+        g = {self.wname: total(d * self._normalized(a))}
+        if self.has_bias:
+            g[self.bname] = total(d)
+        return g
+
+    def push(self, a, sg):
+        extra = (1,) * (a.ndim - 2)
+        out = sg[self.wname].reshape(*sg[self.wname].shape, *extra) * self._normalized(a)
+        if self.has_bias:
+            out = out + sg[self.bname].reshape(*sg[self.bname].shape, *extra)
+        return out
+
+
+def _block_for(name: str, m: nn.Module, cov):
+    if type(m) is nn.Linear:
+        return _Block(name, m, cov)
+    if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        if isinstance(cov, KFACCovariance) and name not in cov.layers:
+            return None
+        return _ConvBlock(name, m, cov)
+    if type(m) is nn.GroupNorm and m.affine:
+        return _NormBlock(name, m, cov)
+    if type(m) is nn.BatchNorm2d and m.affine and m.running_mean is not None:
+        return _NormBlock(name, m, cov)
+    return None
+
+
+def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
+    """Linear, Conv2d and normalization layers whose parameters are all trainable, under a diagonal or K-FAC Σ."""
+    if not isinstance(cov, (DiagonalCovariance, KFACCovariance)):
+        return []
+    blocks = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if getattr(m, "weight", None) is None:
+            continue
+        names = [prefix + "weight"] + ([prefix + "bias"] if getattr(m, "bias", None) is not None else [])
+        if not all(n in params for n in names):
+            continue
+        if isinstance(cov, DiagonalCovariance) and prefix + "weight" not in cov.variances:
+            continue
+        if type(m) is nn.Linear and isinstance(cov, KFACCovariance) and name not in cov.layers:
+            continue
+        block = _block_for(name, m, cov)
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+@contextmanager
+def _capture(blocks: list, eps: dict[str, Tensor] | None = None):
+    """Record each block's input and output (and add ``eps`` to its output); refuse layers called twice."""
+    seen: dict[str, dict] = {}
+
+    def hook(block):
+        def fn(mod, inp, out):
+            if block.name in seen or inp[0].ndim not in block.ndim:
+                raise Reused(block.name)
+            if eps is not None:
+                out = out + eps[block.name]
+            seen[block.name] = {"a": inp[0].detach(), "z": out}
+            return out
+        return fn
+
+    handles = [b.module.register_forward_hook(hook(b)) for b in blocks]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Reused(Exception):
+    """A layer was applied more than once per example or to inputs of another rank: no per-layer route."""
+
+
+def forward(model: nn.Module, blocks: list, x: Tensor) -> tuple[Tensor, dict[str, dict]]:
+    with torch.enable_grad(), _capture(blocks) as seen:
+        logits = model(x)
+    return logits, seen
+
+
+def deltas(logits: Tensor, seen: dict[str, dict], blocks: list, v: Tensor) -> list[Tensor]:
+    """δ_l = ∂(Σ_i v_iᵀ f_i)/∂z_l for each block; ``v`` (B, K) or batched (R, B, K)."""
+    zs = [seen[b.name]["z"] for b in blocks]
+    batched = v.ndim == 3
+    return list(torch.autograd.grad(logits, zs, v, retain_graph=True, is_grads_batched=batched))
+
+
+def first_order(model: nn.Module, blocks: list, x: Tensor, logits: Tensor, seen, e: Tensor) -> Tensor:
+    """Σ_blocks J_{f←z} u with u the output perturbation of Σ J_iᵀ e_i (B, K)."""
+    tangents = {b.name: b.tangent(seen[b.name]["a"], d) for b, d in zip(blocks, deltas(logits, seen, blocks, e))}
+
+    def g(eps: dict[str, Tensor]) -> Tensor:
+        with _capture(blocks, eps):
+            return model(x)
+
+    zeros = {k: torch.zeros_like(t) for k, t in tangents.items()}
+    _, out = jvp(g, (zeros,), (tangents,))
+    return out.detach()
+
+
+def prediction_variance(blocks: list, logits: Tensor, seen) -> Tensor:
+    """Σ_blocks V_i (B, K, K) from K batched backward passes."""
+    b_, k = logits.shape
+    eye = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None, :].expand(k, b_, k)
+    v = torch.zeros(b_, k, k, dtype=logits.dtype, device=logits.device)
+    for b, d in zip(blocks, deltas(logits, seen, blocks, eye)):  # d: (K, B, *z)
+        v += b.variance(seen[b.name]["a"], d)
+    return v
