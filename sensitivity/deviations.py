@@ -183,18 +183,26 @@ def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification:
 
 
 class _Plan:
-    """How a chunk is computed: Linear blocks by the rank-one route, the remaining parameters generically."""
+    """How a chunk is computed: covered layers by the per-layer route (``sensitivity.layerwise``), the remaining
+    parameters generically. For V_i only Linear layers take the per-layer route: convolutions and norms are
+    faster through per-example Jacobians (ResNet-20, corrected form: 27.6x an epoch per layer vs 11x)."""
 
     def __init__(self, model: nn.Module, params: dict[str, Tensor], cov: Covariance, fast: bool):
-        self.model, self.cov = model, cov
+        self.model, self.cov, self.params = model, cov, params
         self.blocks = layerwise.eligible_blocks(model, cov, params) if fast else []
-        covered = {n for b in self.blocks for n in b.params()}
-        self.rest = {n: p for n, p in params.items() if n not in covered}
+        self.var_blocks = [b for b in self.blocks if layerwise.is_rank_one(b)]
+        self.rest = self._uncovered(self.blocks)
+        self.var_rest = self._uncovered(self.var_blocks)
         self.f_all = _functional(model, params)
         self.f_rest = _functional(model, self.rest) if self.rest else None
 
-    def drop_fast(self, params: dict[str, Tensor]) -> None:
-        self.blocks, self.rest, self.f_rest = [], dict(params), self.f_all
+    def _uncovered(self, blocks: list) -> dict[str, Tensor]:
+        covered = {n for b in blocks for n in b.params()}
+        return {n: p for n, p in self.params.items() if n not in covered}
+
+    def drop_fast(self) -> None:
+        self.blocks, self.var_blocks = [], []
+        self.rest, self.var_rest, self.f_rest = dict(self.params), dict(self.params), self.f_all
 
     def logits(self, x: Tensor):
         if self.blocks:
@@ -211,16 +219,16 @@ class _Plan:
 
     def variance(self, x, logits, seen) -> Tensor:
         v = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[1], dtype=logits.dtype, device=logits.device)
-        if self.blocks:
-            v = v + layerwise.prediction_variance(self.blocks, logits, seen)
-        if self.rest:
-            _, jac = _per_example_jacobians(self.model, self.rest, x)
+        if self.var_blocks:
+            v = v + layerwise.prediction_variance(self.var_blocks, logits, seen)
+        if self.var_rest:
+            _, jac = _per_example_jacobians(self.model, self.var_rest, x)
             v = v + prediction_variance(self.cov, jac)
         return 0.5 * (v + v.transpose(1, 2))
 
     def rows_per_part(self, n_out: int) -> int:
-        size = sum(p.numel() for p in self.rest.values())
-        device = next(iter(self.rest.values())).device.type
+        size = sum(p.numel() for p in self.var_rest.values())
+        device = next(iter(self.var_rest.values())).device.type
         budget = JACOBIAN_BUDGET.get(device, JACOBIAN_BUDGET_ACCELERATOR)
         return max(1, budget // max(1, n_out * size))
 
@@ -245,7 +253,8 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
                        max_amplification: float = 10.0, fast: bool = True) -> Iterator[SensitivityResult]:
     """Stream ``SensitivityResult`` chunks over the data source: memory bounded by ``chunk_size``, not by N.
 
-    ``fast`` computes Linear layers by the rank-one route (``sensitivity.linear_fast``); results are identical.
+    ``fast`` computes Linear, Conv2d and norm layers by the per-layer route (``sensitivity.layerwise``), which holds
+    one layer's per-example gradients at a time instead of the whole model's; results are identical.
     """
     if form != "auto" and form not in FORMS:
         raise ValueError(f"Invalid form: {form!r} (must be 'auto' or one of {FORMS})")
@@ -264,17 +273,17 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
     model.eval()  # normalization layers use their running statistics; dropout is off
     try:
         for x, y, idx in _iter_chunks(data, chunk_size, model):
-            if n_out is None and form != "first_order" and plan.rest:
+            if n_out is None and form != "first_order" and plan.var_rest:
                 with torch.no_grad():
                     n_out = plan.f_all(params, x[0]).numel()
-            per = len(x) if form == "first_order" or not plan.rest else plan.rows_per_part(n_out)
+            per = len(x) if form == "first_order" or not plan.var_rest else plan.rows_per_part(n_out)
             for s in range(0, len(x), per):
                 xs, ys, ids = x[s : s + per], y[s : s + per], idx[s : s + per]
                 offset = int(ids[0]) if len(ids) else 0
                 try:
                     out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
                 except layerwise.Reused:
-                    plan.drop_fast(params)
+                    plan.drop_fast()
                     out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
                 yield _result(lossf, form, ids, ys, *out)
     finally:
