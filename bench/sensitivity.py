@@ -3,7 +3,10 @@
 All ratios come from one run: an epoch (forward, backward and IVON step at batch 128 over the same N examples),
 the first-order and corrected passes, the naive vmap(jacrev) reference, and the K-FAC fit (one MC direction).
 
-    python bench/sensitivity.py [--quick] [--device cuda]
+    python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,layers]
+
+``--cases layers``: the first-order pass on ResNet-18 (11M parameters) by the per-layer route against the generic
+per-example route, time and peak memory, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -104,15 +107,50 @@ def case(name, model, x, y, repeats, with_naive=True):
               f"corrected {t_naive / t_corr:.1f}x")
 
 
+def layers_child(fast: bool, n: int) -> None:
+    import json
+    import resource
+
+    from worker.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).to(DEVICE)
+    x, y = torch.randn(n, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (n,), device=DEVICE)
+    var = [torch.rand_like(p) * 1e-4 for p in model.parameters()]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    compute_sensitivities(model, (x, y), var, form="first_order", fast=fast, chunk_size=n)
+    print(json.dumps({"s": time.perf_counter() - t,
+                      "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+
+
+def layers_case(n: int) -> None:
+    import json
+    import subprocess
+
+    out = {}
+    for fast in (True, False):
+        run = subprocess.run([sys.executable, __file__, "--layers-child", str(int(fast)), "--n-cnn", str(n)],
+                             capture_output=True, text=True, check=True)
+        out[fast] = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"\nResNet-18 first order, N = chunk = {n}: per-layer route {out[True]['s']:.1f} s, "
+          f"{out[True]['mb']:.0f} MB peak; generic {out[False]['s']:.1f} s, {out[False]['mb']:.0f} MB "
+          f"({out[False]['s'] / out[True]['s']:.2f}x the time, {out[False]['mb'] / out[True]['mb']:.2f}x the memory)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--n-cnn", type=int, default=None, help="examples for the ResNet-20 cases (default 512; quick 128)")
     ap.add_argument("--cases", default="mlp10,mlp100,resnet10,resnet100", help="comma-separated subset to run")
+    ap.add_argument("--layers-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.layers_child is not None:
+        layers_child(bool(args.layers_child), args.n_cnn or 64)
+        return
     reps = 1 if args.quick else 3
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -131,6 +169,8 @@ def main() -> None:
             continue
         x, y = torch.randn(n_cnn, 3, 32, 32, device=DEVICE), torch.randint(0, k, (n_cnn,), device=DEVICE)
         case(f"ResNet-20 (GroupNorm) {k} classes", resnet20(k).to(DEVICE), x, y, reps, with_naive=k == 10)
+    if "layers" in cases:
+        layers_case(32 if args.quick else 64)
 
 
 if __name__ == "__main__":
