@@ -20,7 +20,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sensitivity.covariance import KFACCovariance
+from sensitivity.covariance import BlockCovariance, KFACCovariance
 from sensitivity.variance import DiagonalCovariance
 
 
@@ -179,10 +179,19 @@ def _block_for(name: str, m: nn.Module, cov):
     return None
 
 
+def _sub_covariance(cov, names: list[str]):
+    """The diagonal or K-FAC covariance that answers for all of ``names`` (a block of a BlockCovariance), or None."""
+    if isinstance(cov, BlockCovariance):
+        for block, covers in zip(cov.blocks, cov.covers):
+            if set(names) <= set(covers):
+                return _sub_covariance(block, names)
+        return None
+    return cov if isinstance(cov, (DiagonalCovariance, KFACCovariance)) else None
+
+
 def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
-    """Linear, Conv2d and normalization layers whose parameters are all trainable, under a diagonal or K-FAC Σ."""
-    if not isinstance(cov, (DiagonalCovariance, KFACCovariance)):
-        return []
+    """Linear, Conv2d and normalization layers whose parameters are all trainable, under a diagonal or K-FAC Σ
+    (or such a block of a ``BlockCovariance``, e.g. the body under IVON's σ² beside a dense last-layer head)."""
     blocks = []
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -191,11 +200,12 @@ def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
         names = [prefix + "weight"] + ([prefix + "bias"] if getattr(m, "bias", None) is not None else [])
         if not all(n in params for n in names):
             continue
-        if isinstance(cov, DiagonalCovariance) and prefix + "weight" not in cov.variances:
+        sub = _sub_covariance(cov, names)
+        if sub is None or (isinstance(sub, DiagonalCovariance) and prefix + "weight" not in sub.variances):
             continue
-        if type(m) is nn.Linear and isinstance(cov, KFACCovariance) and name not in cov.layers:
+        if type(m) is nn.Linear and isinstance(sub, KFACCovariance) and name not in sub.layers:
             continue
-        block = _block_for(name, m, cov)
+        block = _block_for(name, m, sub)
         if block is not None:
             blocks.append(block)
     return blocks

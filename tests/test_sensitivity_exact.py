@@ -295,21 +295,25 @@ def _resnet():
 
 @pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
 @pytest.mark.parametrize("form", ["first_order", "corrected"])
-@pytest.mark.parametrize("kind", ["diagonal", "kfac"])
+@pytest.mark.parametrize("kind", ["diagonal", "kfac", "block"])
 def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind):
     from sensitivity import layerwise
 
     model = make()
     x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 4, (10,))
+    params = dict(model.named_parameters())
     if kind == "kfac":
         var = KFACCovariance.fit(model, (x, y), prior_precision=3.0, mc_samples=None)
         cov = var
     else:
         var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
-        cov = DiagonalCovariance(dict(zip([n for n, _ in model.named_parameters()], var)))
-    params = dict(model.named_parameters())
+        cov = DiagonalCovariance(dict(zip(params, var)))
+    generic = set()
+    if kind == "block":  # IVON-like σ² for the body, an exact last-layer Laplace for the head
+        var = cov = BlockCovariance.with_last_layer(model, cov, DenseCovariance.last_layer(model, (x, y), prior_precision=3.0))
+        generic = set(cov.covers[1])
     covered = {n for b in layerwise.eligible_blocks(model, cov, params) for n in b.params()}
-    assert covered == set(params)  # every parameter on the per-layer route: no per-example vmap at all
+    assert covered == set(params) - generic  # on the per-layer route: no per-example vmap over these
     fast = compute_sensitivities(model, (x, y), var, form=form, fast=True)
     slow = compute_sensitivities(model, (x, y), var, form=form, fast=False)
     scale = slow.deviations.abs().max()
