@@ -20,7 +20,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sensitivity.covariance import BlockCovariance, KFACCovariance
+from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
 from sensitivity.variance import DiagonalCovariance
 
 
@@ -130,6 +130,22 @@ class _ConvBlock(_GradBlock):
         return out
 
 
+class _DenseLinearBlock(_GradBlock):
+    """A Linear layer under a dense Σ of its own (e.g. an exact last-layer Laplace): g_W = δ aᵀ per example."""
+
+    ndim = (2,)
+
+    def grads(self, a, d):
+        g = {self.wname: d[..., :, None] * a[:, None, :]}
+        if self.has_bias:
+            g[self.bname] = d
+        return g
+
+    def push(self, a, sg):
+        out = (sg[self.wname] @ a[:, :, None])[..., 0]
+        return out + sg[self.bname] if self.has_bias else out
+
+
 class _NormBlock(_GradBlock):
     """Per-channel affine after GroupNorm or BatchNorm2d with running statistics (eval)."""
 
@@ -167,7 +183,7 @@ def is_rank_one(block) -> bool:
 
 def _block_for(name: str, m: nn.Module, cov):
     if type(m) is nn.Linear:
-        return _Block(name, m, cov)
+        return _DenseLinearBlock(name, m, cov) if isinstance(cov, DenseCovariance) else _Block(name, m, cov)
     if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         if isinstance(cov, KFACCovariance) and name not in cov.layers:
             return None
@@ -180,12 +196,15 @@ def _block_for(name: str, m: nn.Module, cov):
 
 
 def _sub_covariance(cov, names: list[str]):
-    """The diagonal or K-FAC covariance that answers for all of ``names`` (a block of a BlockCovariance), or None."""
+    """The covariance that answers for exactly this layer's ``names`` per layer (diagonal, K-FAC, or a dense Σ of
+    this layer alone, possibly as a block of a BlockCovariance), or None."""
     if isinstance(cov, BlockCovariance):
         for block, covers in zip(cov.blocks, cov.covers):
             if set(names) <= set(covers):
                 return _sub_covariance(block, names)
         return None
+    if isinstance(cov, DenseCovariance):  # only a block of one layer's own: no correlations across layers
+        return cov if set(cov.names) == set(names) else None
     return cov if isinstance(cov, (DiagonalCovariance, KFACCovariance)) else None
 
 
