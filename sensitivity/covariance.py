@@ -44,6 +44,8 @@ class DenseCovariance:
 
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {n: torch.zeros_like(t) for n, t in tangents.items() if n not in self.shapes}
+        if len(out) == len(tangents):  # none of Σ's parameters: zero covariance (e.g. the body beside a head)
+            return out
         flat, lead = _flat(tangents, self.names, self.shapes)
         res = flat @ self.sigma.to(flat.dtype).to(flat.device)
         pos = 0

@@ -295,7 +295,7 @@ def _resnet():
 
 @pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
 @pytest.mark.parametrize("form", ["first_order", "corrected"])
-@pytest.mark.parametrize("kind", ["diagonal", "kfac", "block"])
+@pytest.mark.parametrize("kind", ["diagonal", "kfac", "block", "head"])
 def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind):
     from sensitivity import layerwise
 
@@ -311,8 +311,11 @@ def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form
     if kind == "block":  # IVON-like σ² for the body, an exact last-layer Laplace (dense, own layer) for the head
         head = DenseCovariance.last_layer(model, (x, y), prior_precision=3.0)
         var = cov = BlockCovariance.with_last_layer(model, cov, head)
+    if kind == "head":  # the last-layer Laplace alone: the head per layer, the body (Σ = 0) generically
+        var = cov = DenseCovariance.last_layer(model, (x, y), prior_precision=3.0)
     covered = {n for b in layerwise.eligible_blocks(model, cov, params) for n in b.params()}
-    assert covered == set(params)  # every parameter on the per-layer route: no per-example vmap at all
+    # every parameter on the per-layer route (no per-example vmap at all), or just the head
+    assert covered == (set(cov.names) if kind == "head" else set(params))
     fast = compute_sensitivities(model, (x, y), var, form=form, fast=True)
     slow = compute_sensitivities(model, (x, y), var, form=form, fast=False)
     scale = slow.deviations.abs().max()
