@@ -24,16 +24,28 @@ from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovaria
 from sensitivity.variance import DiagonalCovariance
 
 
-class _Block:
+class _Layer:
+    """A layer's parameter names; ``ndim``: the input ranks it takes."""
+
+    ndim: tuple[int, ...] = ()
+
+    def __init__(self, name: str, module: nn.Module, cov):
+        self.name, self.module, self.cov = name, module, cov
+        prefix = f"{name}." if name else ""
+        self.wname, self.bname = prefix + "weight", prefix + "bias"
+        self.has_bias = module.bias is not None
+
+    def params(self) -> list[str]:
+        return [self.wname] + ([self.bname] if self.has_bias else [])
+
+
+class _Block(_Layer):
     """One Linear layer with its covariance block in a rank-one-friendly form."""
 
     ndim = (2,)
 
     def __init__(self, name: str, module: nn.Linear, cov):
-        self.name, self.module = name, module
-        prefix = f"{name}." if name else ""
-        self.wname, self.bname = prefix + "weight", prefix + "bias"
-        self.has_bias = module.bias is not None
+        super().__init__(name, module, cov)
         if isinstance(cov, DiagonalCovariance):
             self.kind = "diag"
             self.sw = cov.variances.get(self.wname)
@@ -43,9 +55,6 @@ class _Block:
             f = cov.layers[name]
             self.qa, self.qg = f["qa"], f["qg"]
             self.dinv = 1.0 / (f["lg"][:, None] * f["la"][None, :] + f["prior"])
-
-    def params(self) -> list[str]:
-        return [self.wname] + ([self.bname] if self.has_bias else [])
 
     def weights(self, a: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-example output weights w (B, out) and the output rotation (None for diagonal Σ)."""
@@ -72,19 +81,8 @@ class _Block:
         return torch.bmm(d * w[:, None, :], d.transpose(1, 2))
 
 
-class _GradBlock:
+class _GradBlock(_Layer):
     """A layer whose per-example gradients are formed from (a, δ); Σ is applied by the covariance itself."""
-
-    ndim: tuple[int, ...] = ()
-
-    def __init__(self, name: str, module: nn.Module, cov):
-        self.name, self.module, self.cov = name, module, cov
-        prefix = f"{name}." if name else ""
-        self.wname, self.bname = prefix + "weight", prefix + "bias"
-        self.has_bias = module.bias is not None
-
-    def params(self) -> list[str]:
-        return [self.wname] + ([self.bname] if self.has_bias else [])
 
     def grads(self, a: Tensor, d: Tensor) -> dict[str, Tensor]:  # d: (*lead, B, *z) → (*lead, B, *param)
         raise NotImplementedError
