@@ -8,7 +8,8 @@ Prints ratios against baselines measured in the same run (absolute times on shar
 
     python bench/optimizer.py [--quick] [--device cuda]
 
-On CPU ``IVON(fused=True)`` is measured beside the default (its compilation is in the untimed warm-up).
+On CPU ``IVON(fused=True)`` ("ivon-fused") and ``IVON(fused=True, noise="counter")`` ("ivon-fast") are measured
+beside the default (their compilation is in the untimed warm-up).
 
 On CUDA the clocks are read after a synchronize and memory is the peak of torch.cuda.max_memory_allocated.
 """
@@ -51,6 +52,8 @@ def make_optimizer(name: str, params, n_train: int = 50_000):
         return IVON(params, lr=0.1, ess=n_train, hess_init=0.5)
     if name == "ivon-fused":
         return IVON(params, lr=0.1, ess=n_train, hess_init=0.5, fused=True)
+    if name == "ivon-fast":
+        return IVON(params, lr=0.1, ess=n_train, hess_init=0.5, fused=True, noise="counter")
     if name == "ivon-opt":
         return ivon_opt.IVON(params, lr=0.1, ess=n_train, hess_init=0.5)
     raise ValueError(name)
@@ -125,7 +128,8 @@ def memory_child(name: str) -> None:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]  # a stash; the clones below are the grads
     opt = make_optimizer(name, model.parameters())
-    if name == "ivon-fused":  # compile on a small model first: the compiler's own memory does not scale with P
+    if name in ("ivon-fused", "ivon-fast"):  # compile on a small model first: the compiler's memory does not scale
+
         small = nn.Linear(512, 256)
         warm = make_optimizer(name, small.parameters())
         with warm.sampled_params(train=True):
@@ -172,7 +176,7 @@ def main() -> None:
         memory_child(args.memory_child)
         return
     torch.manual_seed(0)
-    fused = ["ivon-fused"] if DEVICE.type == "cpu" else []  # fused kernels are for CPU tensors
+    fused = ["ivon-fused", "ivon-fast"] if DEVICE.type == "cpu" else []  # fused kernels are for CPU tensors
     names = ["adamw", "ivon", *fused] + (["ivon-opt"] if ivon_opt is not None else [])
     rounds = 5 if args.quick else 21
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"

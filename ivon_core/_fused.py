@@ -15,12 +15,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ivon_core.noise import counter_normal
+
 MIN_NUMEL = 1 << 16  # below this a kernel call's fixed cost (~0.1 ms) exceeds the passes it saves
 
 
 def _sample(noise: Tensor, param: Tensor, hess: Tensor, ess: Tensor, wd: Tensor) -> None:
     # noise holds ε; it becomes the sample θ = m + ε / sqrt(ess (h + δ))
     noise.mul_(torch.rsqrt((hess + wd) * ess)).add_(param)
+
+
+def _sample_counter(out: Tensor, param: Tensor, hess: Tensor, ess: Tensor, wd: Tensor, k1: Tensor,
+                    k2: Tensor) -> None:
+    # θ = m + ε / sqrt(ess (h + δ)) with ε drawn in the kernel (noise="counter"): ε is never stored
+    eps = counter_normal(out.numel(), k1, k2, out.device).to(out.dtype)
+    out.copy_(param + eps * torch.rsqrt((hess + wd) * ess))
 
 
 def _stat(sample: Tensor, mean: Tensor, grad: Tensor) -> None:
@@ -49,26 +58,32 @@ class FusedKernels:
 
     def __init__(self) -> None:
         self._compiled: dict[str, object] = {}
-        self._ready: set[tuple[torch.dtype, bool]] = set()
+        self._ready: set[tuple[torch.dtype, bool, bool]] = set()
         self.broken = False
 
     def usable(self, t: Tensor) -> bool:
         return (not self.broken and t.device.type == "cpu" and t.numel() >= MIN_NUMEL
                 and t.dtype in (torch.float32, torch.float64))
 
-    def ready(self, dtype: torch.dtype, price: bool) -> bool:
-        """Compile (once per dtype and statistic) on a dummy tensor; on failure warn and stay unfused."""
+    def ready(self, dtype: torch.dtype, price: bool, counter: bool = False) -> bool:
+        """Compile (once per dtype, statistic and noise) on a dummy tensor; on failure warn and stay unfused."""
         if self.broken:
             return False
-        if (dtype, price) in self._ready:
+        if (dtype, price, counter) in self._ready:
             return True
         try:
             if not self._compiled:
-                self._compiled = {f.__name__: torch.compile(f, dynamic=True) for f in (_sample, _stat, _update)}
-            x = [torch.ones(64, dtype=dtype) for _ in range(5)]
+                self._compiled = {f.__name__: torch.compile(f, dynamic=True)
+                                  for f in (_sample, _sample_counter, _stat, _update)}
+            # at a realistic size: inductor sizes its threading to the example (64 elements: one thread)
+            x = [torch.ones(MIN_NUMEL * 4, dtype=dtype) for _ in range(5)]
             # distinct scalars: one tensor passed twice would compile an aliasing guard
             c = [torch.tensor(v, dtype=dtype) for v in (1.0, 0.1, 64.0, 0.9, 0.99, 1e-3, 1.0)]
-            self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
+            if counter:
+                keys = [torch.tensor(v, dtype=torch.int32) for v in (1, 2)]
+                self._compiled["_sample_counter"](x[0], x[1], x[2], c[2], c[5], *keys)
+            else:
+                self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
             self._compiled["_stat"](x[0], x[1], x[2])
             self._compiled["_update"](*x, *c, price)
         except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the multi-tensor path
@@ -76,7 +91,7 @@ class FusedKernels:
             warnings.warn(f"IVON(fused=True): compiling the fused kernels failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); using the multi-tensor path", RuntimeWarning, stacklevel=3)
             return False
-        self._ready.add((dtype, price))
+        self._ready.add((dtype, price, counter))
         return True
 
     def sample_(self, noise: Sequence[Tensor], params: Sequence[Tensor], hess: Sequence[Tensor], *, ess: float,
@@ -84,6 +99,12 @@ class FusedKernels:
         for n, p, h in zip(noise, params, hess):
             ess_t, wd_t = (torch.tensor(v, dtype=n.dtype) for v in (ess, weight_decay))
             self._compiled["_sample"](_flat(n), _flat(p), _flat(h), ess_t, wd_t)
+
+    def sample_counter_(self, out: Sequence[Tensor], params: Sequence[Tensor], hess: Sequence[Tensor],
+                        keys: Sequence[tuple[Tensor, Tensor]], *, ess: float, weight_decay: float) -> None:
+        for n, p, h, (k1, k2) in zip(out, params, hess, keys):
+            ess_t, wd_t = (torch.tensor(v, dtype=n.dtype) for v in (ess, weight_decay))
+            self._compiled["_sample_counter"](_flat(n), _flat(p), _flat(h), ess_t, wd_t, k1, k2)
 
     def stat_(self, samples: Sequence[Tensor], means: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         for s, m, g in zip(samples, means, grads):

@@ -8,11 +8,98 @@ thread the default generator (or the per-rank one) is used directly, drawing ten
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import Tensor
+
+KEY_LOW, KEY_HIGH = -(2**31), 2**31  # keys are int32 values
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - 2**32  # "lowbias32" multipliers (C. Wellons), as int32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    # int32 only (a logical shift is an arithmetic shift and a mask): 64-bit lanes would halve the vector width
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def counter_normal(n: int, key1: Tensor, key2: Tensor, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
+    """Draws ``offset`` to ``offset + n`` of the stream that the int32 keys define, as float32 N(0, 1) numbers
+    (eager, or inside a compiled kernel).
+
+    A keyed affine map of the index, two rounds of a 32-bit integer hash (the second keyed again), 23 bits of
+    uniform u in (0, 1), z = sqrt(2) erfinv(2u − 1); |z| <= 5.3.
+    """
+    if offset + n >= 2**31:
+        raise ValueError(f"counter_normal draws at most 2**31 - 1 numbers per key, asked for {offset + n}")
+    return _normal_at(torch.arange(offset, offset + n, dtype=torch.int32, device=device), key1, key2)
+
+
+def _normal_at(idx: Tensor, key1: Tensor, key2: Tensor) -> Tensor:
+    """Draw ``idx`` of the streams ``key1, key2`` (int32 tensors that broadcast together)."""
+    # an odd multiplier from key2 first: with idx ^ key1 alone, keys that differ in low bits permute one set
+    x = _hash32(_hash32(idx * (key2 | 1) + key1) ^ key2)
+    t = (((x >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * (2.0 / (1 << 23)) - 1.0  # 2u − 1, never ±1
+    # M. Giles' single-precision erfinv ("Approximating the erfinv function", GPU Computing Gems, 2011). The
+    # constants are literals here: as module globals torch.compile passes them as tensors (2x slower kernel).
+    w = -torch.log((1.0 - t) * (1.0 + t))
+    a = w - 2.5
+    p = 2.81022636e-08
+    for c in (3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087, -0.00125372503, -0.00417768164,
+              0.246640727, 1.50140941):
+        p = p * a + c
+    b = torch.sqrt(w) - 3.0
+    q = -0.000200214257
+    for c in (0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773, -0.0076224613, 0.00943887047,
+              1.00167406, 2.83297682):
+        q = q * b + c
+    return torch.where(w < 5.0, p, q) * t * math.sqrt(2.0)
+
+
+def fill_counter_(t: Tensor, key1: Tensor, key2: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``t`` ← the keys' counter draws, in chunks so that temporaries stay small (the unfused path)."""
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        part.copy_(counter_normal(part.numel(), key1, key2, t.device, offset=start))
+    return t
+
+
+def fill_counter_many_(tensors: list[Tensor], keys: list[tuple[Tensor, Tensor]], block: int = 1 << 20) -> None:
+    """Fill same-device tensors, each with its keys' stream (as ``fill_counter_`` would, and as the fused kernel
+    does): tensors under ``block`` elements in one draw per block instead of one per tensor."""
+    small: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []
+    for t, k in zip(tensors, keys):
+        if t.numel() >= block:
+            fill_counter_(t, *k)
+        else:
+            small.append((t, k))
+    while small:
+        take, size = 0, 0
+        while take < len(small) and size + small[take][0].numel() <= block:
+            size += small[take][0].numel()
+            take += 1
+        batch, small = small[:take], small[take:]
+        dev = batch[0][0].device
+        sizes = torch.tensor([t.numel() for t, _ in batch], device=dev)
+        starts = torch.cumsum(sizes, 0) - sizes
+        idx = torch.arange(size, dtype=torch.int32, device=dev) - torch.repeat_interleave(starts, sizes).int()
+        k1, k2 = (torch.repeat_interleave(torch.stack([k[j] for _, k in batch]).to(dev), sizes) for j in (0, 1))
+        flat = _normal_at(idx, k1, k2)
+        torch._foreach_copy_([t for t, _ in batch],
+                             [v.view(t.shape) for v, (t, _) in zip(flat.split(sizes.tolist()), batch)])
+
+
+def counter_keys(count: int, generator: torch.Generator | None) -> list[tuple[Tensor, Tensor]]:
+    """Two int32 keys per tensor, drawn from ``generator`` (torch's seed and state govern the counter noise)."""
+    keys = torch.randint(KEY_LOW, KEY_HIGH, (count, 2), dtype=torch.int64, generator=generator).tolist()
+    # separate tensors, not views of one: a compiled kernel would guard on the views' base
+    return [(torch.tensor(a, dtype=torch.int32), torch.tensor(b, dtype=torch.int32)) for a, b in keys]
 
 
 def _segments(tensors: list[Tensor], parts: int) -> list[list[Tensor]]:

@@ -21,9 +21,10 @@ from torch import Tensor
 
 from ivon_core import _functional as F
 from ivon_core._fused import FusedKernels, split
-from ivon_core.noise import NoiseSource
+from ivon_core.noise import NoiseSource, counter_keys, fill_counter_many_
 
 HESS_APPROX = ("price", "gradsq")
+NOISE = ("torch", "counter")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -65,7 +66,10 @@ class IVON(torch.optim.Optimizer):
     (default: torch's thread count, at most 8). With 1, noise comes from torch's default generator.
     ``fused=True`` runs each stage on large CPU tensors as one compiled kernel (torch.compile; about 15 s of
     compilation at the first step, cached on disk after): a third less optimizer work on CPU (bench/optimizer.py);
-    other devices keep the multi-tensor path.
+    other devices keep the multi-tensor path. ``noise="counter"`` draws ε from a counter-based generator keyed by
+    torch's generator (``ivon_core.noise.counter_normal``) instead of ``normal_``: as reproducible and resumable, not
+    the same numbers; with ``fused=True`` ε is computed inside the sampling kernel (bench/optimizer.py: the draw was
+    over half of the fused step's time). Without ``fused`` it is slower than the default; use the two together.
     """
 
     hessian_approx_methods = HESS_APPROX
@@ -87,6 +91,7 @@ class IVON(torch.optim.Optimizer):
         rescale_lr: bool = True,
         noise_threads: int | None = None,
         fused: bool = False,
+        noise: str = "torch",
     ):
         _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0.0, ">= 0")
         _check("ess", ess, isinstance(ess, (int, float)) and ess > 0.0, "> 0")
@@ -98,6 +103,7 @@ class IVON(torch.optim.Optimizer):
         _check("hess_approx", hess_approx, hess_approx in HESS_APPROX, f"one of {HESS_APPROX}")
         _check("clip_radius", clip_radius, clip_radius > 0.0, "> 0")
         _check("fused", fused, isinstance(fused, bool), "a bool")
+        _check("noise", noise, noise in NOISE, f"one of {NOISE}")
         defaults = dict(
             lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
             clip_radius=clip_radius,
@@ -118,11 +124,12 @@ class IVON(torch.optim.Optimizer):
         self._scratch = F.Scratch()
         self._noise = NoiseSource(min(torch.get_num_threads(), 8) if noise_threads is None else noise_threads)
         self._fused = FusedKernels() if fused else None
+        self.noise = noise
 
     def _fusable(self, tensors: list[Tensor], partners: list[Tensor]) -> list[bool]:
         """Which tensors the compiled kernels take (large CPU float tensors whose partner has their dtype)."""
-        k, price = self._fused, self.hess_approx == "price"
-        return [k is not None and k.usable(t) and q.dtype == t.dtype and k.ready(t.dtype, price)
+        k, price, counter = self._fused, self.hess_approx == "price", self.noise == "counter"
+        return [k is not None and k.usable(t) and q.dtype == t.dtype and k.ready(t.dtype, price, counter)
                 for t, q in zip(tensors, partners)]
 
     # ----------------------------------------------------------------------------------------- state
@@ -167,7 +174,7 @@ class IVON(torch.optim.Optimizer):
             "hess_approx": self.hess_approx, "mc_samples": self.mc_samples, "debias": self.debias,
             "rescale_lr": self.rescale_lr,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
-            "noise": self._noise.state(),
+            "noise": self._noise.state(), "noise_kind": self.noise,
         }
         return sd
 
@@ -253,7 +260,8 @@ class IVON(torch.optim.Optimizer):
         self._sampling = False
 
     def _sample(self, swapped: list[Tensor]) -> None:
-        by_group: list[tuple[dict, list[Tensor], list[Tensor]]] = []
+        counter = self.noise == "counter"
+        by_group: list[tuple[dict, list[Tensor], list[Tensor], list[bool]]] = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.requires_grad]
             for p in ps:
@@ -261,24 +269,35 @@ class IVON(torch.optim.Optimizer):
                 self._claim_grad(p)
             if ps:
                 noise = [self._take_spare(self._buf.setdefault(p, {}), p, _state_dtype(p)) for p in ps]
-                by_group.append((group, ps, noise))
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for _, _, noise in by_group:
-            for n in noise:
-                if n.device.type == "cpu":  # accelerators draw inside scale_noise, one block per chunk
-                    by_device.setdefault(n.device, []).append(n)
-        for device, noise in by_device.items():
-            self._noise.fill_(noise, self._generator(device))
-        for group, ps, noise in by_group:
+                by_group.append((group, ps, noise, self._fusable(noise, ps)))
+        # noise="counter": one key pair per tensor (whether fused or not, so that fused and unfused runs agree)
+        keys = iter(counter_keys(sum(len(g[1]) for g in by_group), self._generator(torch.device("cpu")))
+                    if counter else [])
+        group_keys = [[next(keys) if counter else None for _ in g[1]] for g in by_group]
+        by_device: dict[torch.device, tuple[list[Tensor], list]] = {}
+        for (_, _, noise, fused), ks in zip(by_group, group_keys):
+            for n, f, k in zip(noise, fused, ks):
+                if (counter and not f) or (not counter and n.device.type == "cpu"):
+                    # fused kernels draw their own counter noise; accelerators draw in scale_noise, a block a chunk
+                    by_device.setdefault(n.device, ([], []))[0].append(n)
+                    by_device[n.device][1].append(k)
+        for device, (noise, ks) in by_device.items():
+            if counter:
+                fill_counter_many_(noise, ks)
+            else:
+                self._noise.fill_(noise, self._generator(device))
+        for (group, ps, noise, fused), ks in zip(by_group, group_keys):
             dev = noise[0].device
             hess = [self.state[p]["hess"] for p in ps]
-            (fast_p, fast_n, fast_h), (ps_, noise_, hess_) = split(self._fusable(noise, ps), ps, noise, hess)
-            if fast_p:  # sample into the spare buffer itself: θ = m + σε
-                self._fused.sample_(fast_n, [p.data for p in fast_p], fast_h, ess=group["ess"],
-                                    weight_decay=group["weight_decay"])
+            (fast_p, fast_n, fast_h, fast_k), (ps_, noise_, hess_, _) = split(fused, ps, noise, hess, ks)
+            hyper = dict(ess=group["ess"], weight_decay=group["weight_decay"])
+            if fast_p and counter:  # sample into the spare buffer itself: θ = m + σε
+                self._fused.sample_counter_(fast_n, [p.data for p in fast_p], fast_h, fast_k, **hyper)
+            elif fast_p:
+                self._fused.sample_(fast_n, [p.data for p in fast_p], fast_h, **hyper)
             if ps_:
-                F.scale_noise(noise_, hess_, self._scratch, ess=group["ess"], weight_decay=group["weight_decay"],
-                              draw=dev.type != "cpu", generator=self._generator(dev))
+                F.scale_noise(noise_, hess_, self._scratch, **hyper, draw=dev.type != "cpu" and not counter,
+                              generator=self._generator(dev))
                 lean = [(p, n) for p, n in zip(ps_, noise_) if n.dtype == p.dtype]
                 if lean:
                     torch._foreach_add_([n for _, n in lean], [p.data for p, _ in lean])

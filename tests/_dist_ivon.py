@@ -11,12 +11,12 @@ from torch import nn
 from ivon_core import IVON
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, noise: str = "torch") -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # same seed everywhere: the optimizer must still draw per-rank noise
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
-    opt = IVON(model.parameters(), lr=0.05, ess=64, beta2=0.9, sync=True)
+    opt = IVON(model.parameters(), lr=0.05, ess=64, beta2=0.9, sync=True, noise=noise)
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(16, 5, generator=g), torch.randint(0, 2, (16,), generator=g)
     report = {}
@@ -52,4 +52,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -4,12 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_two_gloo_ranks_draw_different_noise_and_average_statistics(tmp_path):
+
+@pytest.mark.parametrize("noise", ["torch", "counter"])
+def test_two_gloo_ranks_draw_different_noise_and_average_statistics(tmp_path, noise):
     out = tmp_path / "report.json"
     script = Path(__file__).with_name("_dist_ivon.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out),
+           noise]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -45,13 +45,17 @@ def _max_rel(a, b):
     {"clip_radius": 1e-3, "weight_decay": 1e-2},
     {"mc_samples": 2, "debias": False, "rescale_lr": False},
     {"dtype": torch.float64},
+    {"noise": "counter"},
+    {"noise": "counter", "hess_approx": "gradsq", "mc_samples": 2},
+    {"noise": "counter", "dtype": torch.float64},
 ])
 def test_fused_matches_the_multi_tensor_path(kw):
     assert _model()[2].weight.numel() >= MIN_NUMEL
     ref_model, ref = _train(False, **kw)
     model, opt = _train(True, **kw)
     assert opt._fused is not None and not opt._fused.broken
-    tol = 1e-10 if kw.get("dtype") == torch.float64 else 2e-5
+    # counter noise: the kernel's float32 draws may differ from the eager ones in the last bit (vectorized log)
+    tol = 1e-10 if kw.get("dtype") == torch.float64 and "noise" not in kw else 2e-5
     assert _max_rel(list(model.parameters()), list(ref_model.parameters())) < tol
     hess = [opt.state[p]["hess"] for p in model.parameters()]
     ref_hess = [ref.state[p]["hess"] for p in ref_model.parameters()]

@@ -131,18 +131,23 @@ def test_fused_optimizer_option_trains_to_the_same_evaluations(tmp_path):
     upgrade(make_engine(url))
     store = Store(url)
     evals = {}
-    for fused in (False, True):  # the 512x160 weight takes the compiled kernels
-        cfg = {"name": "fused", "data": {"name": "synthetic", "n_synthetic": 96},
-               "model": {"name": "mlp", "hidden": [512, 160]}, "optimizer": {"fused": fused}, "epochs": 2,
-               "batch_size": 32, "eval_every": 3, "early_stopping": {"enabled": False}}
-        run = store.create_run("fused", cfg, enqueue=False)
-        assert run_job(store, run.id, tmp_path / f"ck{fused}", log=lambda *_: None) == "done"
-        evals[fused] = [(e.step, e.loo, e.metrics["train_nll"]) for e in store.evaluations(run.id)]
-    assert [e[0] for e in evals[True]] == [3, 6]
-    for a, b in zip(evals[True], evals[False]):
-        assert a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
+    for noise in ("torch", "counter"):
+        for fused in (False, True):  # the 512x160 weight takes the compiled kernels
+            cfg = {"name": "fused", "data": {"name": "synthetic", "n_synthetic": 96},
+                   "model": {"name": "mlp", "hidden": [512, 160]}, "optimizer": {"fused": fused, "noise": noise},
+                   "epochs": 2, "batch_size": 32, "eval_every": 3, "early_stopping": {"enabled": False}}
+            run = store.create_run("fused", cfg, enqueue=False)
+            assert run_job(store, run.id, tmp_path / f"ck{fused}{noise}", log=lambda *_: None) == "done"
+            evals[fused, noise] = [(e.step, e.loo, e.metrics["train_nll"]) for e in store.evaluations(run.id)]
+    for noise in ("torch", "counter"):
+        assert [e[0] for e in evals[True, noise]] == [3, 6]
+        for a, b in zip(evals[True, noise], evals[False, noise]):
+            assert a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
+    assert evals[False, "counter"] != evals[False, "torch"]  # the option reached the optimizer
     with pytest.raises(ConfigError, match="fused"):
         parse_config({"name": "x", "optimizer": {"fused": "sometimes"}})
+    with pytest.raises(ConfigError, match="noise"):
+        parse_config({"name": "x", "optimizer": {"noise": "philox"}})
 
 
 def _train_job(tmp_path):

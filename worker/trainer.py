@@ -73,7 +73,8 @@ class Trainer:
             beta2 = matched_beta2(total) if o.beta2 == "matched" else float(o.beta2)
             opt = IVON(model.parameters(), lr=o.lr, ess=o.ess or data.n, hess_init=o.hess_init, beta2=beta2,
                        weight_decay=o.weight_decay, mc_samples=o.mc_samples,
-                       clip_radius=o.clip_radius or float("inf"), sync=D.active(), fused=o.fused)
+                       clip_radius=o.clip_radius or float("inf"), sync=D.active(), fused=o.fused,
+                       noise=o.noise)
         elif o.name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         else:

@@ -55,6 +55,9 @@ class OptimizerConfig(_Strict):
     clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
     warmup_steps: int = Field(0, ge=0)
     fused: bool = Field(False, description="IVON: compiled kernels for large CPU tensors (~15 s to compile once)")
+    noise: Literal["torch", "counter"] = Field(
+        "torch", description="IVON: 'counter' draws the Gaussian noise from a counter-based generator (inside the "
+        "sampling kernel with fused: the fastest CPU step); 'torch': torch's generator, as ivon-opt")
 
     @model_validator(mode="after")
     def _beta2_range(self):
