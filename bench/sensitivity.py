@@ -1,7 +1,8 @@
 """Benchmark a full sensitivity pass against one training epoch and against the naive Jacobian route.
 
 All ratios come from one run: an epoch (forward, backward and IVON step at batch 128 over the same N examples),
-the first-order and corrected passes, the naive vmap(jacrev) reference, and the K-FAC fit (one MC direction).
+the first-order and corrected passes (the library's default chunking), the naive vmap(jacrev) reference, and the
+K-FAC fit (one MC direction); they take turns, median of the rounds.
 
     python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,layers]
 
@@ -74,25 +75,42 @@ def naive(model, x, y, var, chunk):
         _ = v @ e[..., None]
 
 
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per name after a warm-up, the names taking turns so that machine noise hits them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(_once(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def case(name, model, x, y, repeats, with_naive=True):
     n = len(x)
     opt = IVON(model.parameters(), lr=0.1, ess=n, hess_init=0.5)
     var = [v for v in opt.variances()]
-    t_epoch = timed(lambda: epoch(model, opt, x, y), repeats)
-    t_first = timed(lambda: compute_sensitivities(model, (x, y), var, form="first_order", chunk_size=256), repeats)
-    t_corr = timed(lambda: compute_sensitivities(model, (x, y), var, form="corrected", chunk_size=256), repeats)
-    t_kfac = timed(lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256), repeats)
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    t_reduce = timed(lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256, conv="reduce"),
-                     repeats) if has_conv else None
-    t_head = timed(lambda: DenseCovariance.last_layer(model, (x, y), prior_precision=1.0), repeats)
 
     def block_pass():  # sensitivity.covariance: optimizer_with_last_layer
         head = DenseCovariance.last_layer(model, (x, y), prior_precision=1.0)
         cov = BlockCovariance.with_last_layer(model, ivon_variance(opt, model), head)
-        compute_sensitivities(model, (x, y), cov, chunk_size=256)
+        compute_sensitivities(model, (x, y), cov)
 
-    t_block = timed(block_pass, repeats)
+    fns = {
+        "epoch": lambda: epoch(model, opt, x, y),
+        "first": lambda: compute_sensitivities(model, (x, y), var, form="first_order"),
+        "corr": lambda: compute_sensitivities(model, (x, y), var, form="corrected"),
+        "kfac": lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256),
+        "head": lambda: DenseCovariance.last_layer(model, (x, y), prior_precision=1.0),
+        "block": block_pass,
+    }
+    if has_conv:
+        fns["reduce"] = lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256, conv="reduce")
+    t = interleaved(fns, repeats)
+    t_epoch, t_first, t_corr, t_kfac, t_head, t_block = (t[k] for k in ("epoch", "first", "corr", "kfac", "head",
+                                                                         "block"))
+    t_reduce = t.get("reduce")
     k = int(model(x[:1]).shape[1])
     print(f"\n{name}: N={n}, K={k}, P={sum(p.numel() for p in model.parameters()):,}, epoch {t_epoch:.3f} s")
     print(f"   first order   {t_first / t_epoch:6.2f}x epoch")

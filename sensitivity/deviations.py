@@ -44,6 +44,11 @@ def resolve_form(form: str, cov) -> str:
 # on a CPU; 1 GiB on an accelerator, where small parts leave it waiting on kernel launches.
 JACOBIAN_BUDGET = {"cpu": 2**25}
 JACOBIAN_BUDGET_ACCELERATOR = 2**28
+# Examples per part of a first-order per-layer pass on a CPU: the largest layer input or output of the part holds
+# at most this many elements (8 MiB of float32). Larger parts spill the caches and page-fault on every temporary:
+# ResNet-20 (16K elements a layer) took 4.1x an epoch in parts of 256, 2.7x in parts of 128 (bench/sensitivity.py);
+# ResNet-18 (65K) 10.8 s in parts of 64, 8.4 s in parts of 32.
+ACTIVATION_BUDGET = {"cpu": 2**21}
 
 
 @dataclass
@@ -195,6 +200,20 @@ class _Plan:
         self.var_rest = self._uncovered(self.var_blocks)
         self.f_all = _functional(model, params)
         self.f_rest = _functional(model, self.rest) if self.rest else None
+        self._widest: int | None = None  # elements of the largest layer input/output per example
+
+    def first_order_rows(self, x: Tensor) -> int:
+        """Examples per part of the first-order pass (all of ``x`` off the CPU or off the per-layer route)."""
+        budget = ACTIVATION_BUDGET.get(x.device.type)
+        if budget is None or not self.blocks or len(x) == 0:
+            return max(1, len(x))
+        if self._widest is None:
+            try:
+                _, seen = layerwise.forward(self.model, self.blocks, x[:1])
+            except layerwise.Reused:
+                return len(x)
+            self._widest = max(max(s["a"].numel(), s["z"].numel()) for s in seen.values())
+        return max(1, min(len(x), budget // self._widest))
 
     def _uncovered(self, blocks: list) -> dict[str, Tensor]:
         covered = {n for b in blocks for n in b.params()}
@@ -276,7 +295,10 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
             if n_out is None and form != "first_order" and plan.var_rest:
                 with torch.no_grad():
                     n_out = plan.f_all(params, x[0]).numel()
-            per = len(x) if form == "first_order" or not plan.var_rest else plan.rows_per_part(n_out)
+            if form == "first_order":
+                per = plan.first_order_rows(x)
+            else:
+                per = len(x) if not plan.var_rest else plan.rows_per_part(n_out)
             for s in range(0, len(x), per):
                 xs, ys, ids = x[s : s + per], y[s : s + per], idx[s : s + per]
                 offset = int(ids[0]) if len(ids) else 0

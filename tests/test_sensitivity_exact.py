@@ -320,3 +320,25 @@ def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form
     slow = compute_sensitivities(model, (x, y), var, form=form, fast=False)
     scale = slow.deviations.abs().max()
     assert scale > 0 and (fast.deviations - slow.deviations).abs().max() <= 1e-10 * max(1.0, float(scale))
+
+
+def test_first_order_parts_on_a_cpu_follow_the_activation_budget_and_change_nothing(monkeypatch):
+    import sensitivity.deviations as D
+
+    model = _cnn()
+    x, y = torch.randn(10, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
+    whole = compute_sensitivities(model, (x, y), var, form="first_order", chunk_size=10)
+    seen = []
+    real = D._chunk
+
+    def spy(plan, lossf, xs, *a):
+        seen.append(len(xs))
+        return real(plan, lossf, xs, *a)
+
+    monkeypatch.setattr(D, "_chunk", spy)
+    monkeypatch.setitem(D.ACTIVATION_BUDGET, "cpu", 3 * 3 * 6 * 6)  # 3 examples of the widest layer output (3x6x6)
+    parts = compute_sensitivities(model, (x, y), var, form="first_order", chunk_size=10)
+    assert seen == [3, 3, 3, 1]
+    assert torch.allclose(parts.deviations, whole.deviations, rtol=0, atol=1e-12)
+    assert torch.equal(parts.indices, whole.indices)
