@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ivon_core import _functional as F
 from ivon_core._fused import FusedKernels, split
+from ivon_core._state import all_reduce_mean, check_layout
 from ivon_core.noise import NoiseSource, counter_keys, fill_counter_many_
 
 HESS_APPROX = ("price", "gradsq")
@@ -181,24 +182,7 @@ class IVON(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("ivon", {})
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
-            )
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"parameter group {gi}: state_dict has {len(saved['params'])} parameters, "
-                    f"this optimizer has {len(group['params'])}"
-                )
-            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                st = state_dict["state"].get(pid)
-                if st is not None and "hess" in st and tuple(st["hess"].shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"parameter group {gi}, parameter {pi}: state_dict shape {tuple(st['hess'].shape)} "
-                        f"differs from the parameter's {tuple(p.shape)}"
-                    )
+        check_layout(state_dict, self.param_groups)
         if extra.get("hess_approx", self.hess_approx) != self.hess_approx:
             raise ValueError(
                 f"state_dict was saved with hess_approx={extra['hess_approx']!r}, this optimizer uses "
@@ -413,7 +397,7 @@ class IVON(torch.optim.Optimizer):
                     raise RuntimeError("a parameter's gradient was changed in place after its sample was collected")
                 grads[p] = ref if ref.dtype == _state_dtype(p) else ref.to(_state_dtype(p))
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._all_reduce([grads[p] for _, p in collected] + [self._buf[p]["stat"] for _, p in collected])
+            all_reduce_mean([grads[p] for _, p in collected] + [self._buf[p]["stat"] for _, p in collected])
         for group in self.param_groups:
             ps = [p for g, p in collected if g is group]
             if not ps:
@@ -437,17 +421,3 @@ class IVON(torch.optim.Optimizer):
                 buf.pop("weight", None)
                 buf["spare"] = s
         return loss
-
-    @staticmethod
-    def _all_reduce(tensors: list[Tensor]) -> None:
-        """Average tensors over ranks through one flat buffer per dtype."""
-        world = dist.get_world_size()
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for ts in by_dtype.values():
-            flat = torch._utils._flatten_dense_tensors(ts)
-            dist.all_reduce(flat)
-            flat.div_(world)
-            for t, f in zip(ts, torch._utils._unflatten_dense_tensors(flat, ts)):
-                t.copy_(f)
