@@ -48,6 +48,12 @@ def _update(p: Tensor, g: Tensor, s: Tensor, mom: Tensor, h: Tensor, debias: Ten
     p.sub_(lr * ((mom / debias + wd * p) / (new_h + wd)).clamp(-radius, radius))
 
 
+def _update_theta(p: Tensor, g: Tensor, theta: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor,
+                  ess: Tensor, beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor) -> None:
+    # the "price" statistic (θ − m) ⊙ ĝ formed here from the kept sample θ: one pass less than _stat + _update
+    _update(p, g, (theta - p) * g, mom, h, debias, lr, ess, beta1, beta2, wd, radius, True)
+
+
 def _flat(t: Tensor) -> Tensor:
     # a flat alias that is not a view: views make dynamo guard on their base's shape (a recompile per rank)
     return t.view(-1).detach()
@@ -74,7 +80,7 @@ class FusedKernels:
         try:
             if not self._compiled:
                 self._compiled = {f.__name__: torch.compile(f, dynamic=True)
-                                  for f in (_sample, _sample_counter, _stat, _update)}
+                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta)}
             # at a realistic size: inductor sizes its threading to the example (64 elements: one thread)
             x = [torch.ones(MIN_NUMEL * 4, dtype=dtype) for _ in range(5)]
             # distinct scalars: one tensor passed twice would compile an aliasing guard
@@ -86,6 +92,8 @@ class FusedKernels:
                 self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
             self._compiled["_stat"](x[0], x[1], x[2])
             self._compiled["_update"](*x, *c, price)
+            if price:
+                self._compiled["_update_theta"](*x, *c)
         except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the multi-tensor path
             self.broken = True
             warnings.warn(f"IVON(fused=True): compiling the fused kernels failed ({type(exc).__name__}: "
@@ -111,16 +119,21 @@ class FusedKernels:
             self._compiled["_stat"](_flat(s), _flat(m), _flat(g))
 
     def update_(self, params: list[Tensor], grads: list[Tensor], stats: list[Tensor], momentum: list[Tensor],
-                hess: list[Tensor], debias: list[float], *, lr: float, ess: float, beta1: float, beta2: float,
-                weight_decay: float, hess_init: float, clip_radius: float, price: bool, rescale_lr: bool) -> None:
+                hess: list[Tensor], debias: list[float], theta: list[bool], *, lr: float, ess: float, beta1: float,
+                beta2: float, weight_decay: float, hess_init: float, clip_radius: float, price: bool,
+                rescale_lr: bool) -> None:
+        """``theta[i]``: ``stats[i]`` holds the sample θ, not yet the statistic (see ``IVON._restore``)."""
         if not params:
             return
         lr_eff = lr * (hess_init + weight_decay) if rescale_lr else lr
         dtype = hess[0].dtype
         scalars = [torch.tensor(v, dtype=dtype) for v in (lr_eff, ess, beta1, beta2, weight_decay, clip_radius)]
-        for p, g, s, m, h, d in zip(params, grads, stats, momentum, hess, debias):
-            self._compiled["_update"](_flat(p), _flat(g), _flat(s), _flat(m), _flat(h),
-                                      torch.tensor(d, dtype=dtype), *scalars, price)
+        for p, g, s, m, h, d, th in zip(params, grads, stats, momentum, hess, debias, theta):
+            args = (_flat(p), _flat(g), _flat(s), _flat(m), _flat(h), torch.tensor(d, dtype=dtype), *scalars)
+            if th:
+                self._compiled["_update_theta"](*args)
+            else:
+                self._compiled["_update"](*args, price)
 
 
 def split(mask: Sequence[bool], *lists: Sequence) -> tuple[tuple[list, ...], tuple[list, ...]]:

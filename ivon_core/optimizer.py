@@ -337,8 +337,14 @@ class IVON(torch.optim.Optimizer):
             stats, grads = [w[2] for w in work], [w[3] for w in work]
             fast = self._fusable([stats[i] for i in lean], [grads[i] for i in lean])
             (fast_i, fast_m), (slow_i, slow_m) = split(fast, lean, means)
-            if fast_i:
-                self._fused.stat_([stats[i] for i in fast_i], fast_m, [grads[i] for i in fast_i])
+            if fast_i:  # a step's only sample: keep θ, the update kernel forms the statistic (one pass less)
+                keep = [self.mc_samples == 1 and "stat" not in work[i][1] for i in fast_i]
+                for i, m, k in zip(fast_i, fast_m, keep):
+                    if k:
+                        work[i][1]["theta"] = work[i][0]._version
+                (now_i, now_m), _ = split([not k for k in keep], fast_i, fast_m)
+                if now_i:
+                    self._fused.stat_([stats[i] for i in now_i], now_m, [grads[i] for i in now_i])
             if slow_i:
                 torch._foreach_sub_([stats[i] for i in slow_i], slow_m)
             rest = sorted(set(range(len(work))) - set(fast_i))
@@ -356,11 +362,21 @@ class IVON(torch.optim.Optimizer):
                 else:
                     buf["grad_ref"] = (grad, grad._version)
                 continue
-            buf["stat"].lerp_(stat, weight / total)
-            buf["spare"] = stat
             if "grad_acc" not in buf:
                 self._claim_grad(p)
+            self._settle(p, buf, buf["grad_acc"])
+            buf["stat"].lerp_(stat, weight / total)
+            buf["spare"] = stat
             buf["grad_acc"].lerp_(grad.to(buf["grad_acc"].dtype), weight / total)
+
+    def _settle(self, p: Tensor, buf: dict, grad: Tensor) -> None:
+        """Turn a kept sample θ (``buf["theta"]``) into the statistic (θ − m) ⊙ ĝ before it is combined."""
+        version = buf.pop("theta", None)
+        if version is None:
+            return
+        if p._version != version:
+            raise RuntimeError("a parameter's mean was changed in place between its sample and step()")
+        self._fused.stat_([buf["stat"]], [p.data], [grad])
 
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -397,6 +413,8 @@ class IVON(torch.optim.Optimizer):
                     raise RuntimeError("a parameter's gradient was changed in place after its sample was collected")
                 grads[p] = ref if ref.dtype == _state_dtype(p) else ref.to(_state_dtype(p))
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for _, p in collected:
+                self._settle(p, self._buf[p], grads[p])
             all_reduce_mean([grads[p] for _, p in collected] + [self._buf[p]["stat"] for _, p in collected])
         for group in self.param_groups:
             ps = [p for g, p in collected if g is group]
@@ -404,10 +422,17 @@ class IVON(torch.optim.Optimizer):
                 continue
             steps = [self.state[p]["step"].add_(1.0) for p in ps]
             debias = [1.0 - group["beta1"] ** float(s) if self.debias else 1.0 for s in steps]
+            fused = self._fusable([p.data for p in ps], [self.state[p]["hess"] for p in ps])
+            for p, f in zip(ps, fused):
+                if not f:  # θ is kept only for tensors that the update kernel takes too; settle any other
+                    self._settle(p, self._buf[p], grads[p])
             stats = [self._buf[p].pop("stat") for p in ps]
+            theta = [self._buf[p].pop("theta", None) for p in ps]
+            if any(v is not None and p._version != v for p, v in zip(ps, theta)):
+                raise RuntimeError("a parameter's mean was changed in place between its sample and step()")
             lists = ([p.data for p in ps], [grads[p] for p in ps], stats, [self.state[p]["momentum"] for p in ps],
-                     [self.state[p]["hess"] for p in ps], debias)
-            fast, rest = split(self._fusable(lists[0], lists[4]), *lists)
+                     [self.state[p]["hess"] for p in ps], debias, [v is not None for v in theta])
+            fast, rest = split(fused, *lists)
             hyper = dict(lr=group["lr"], ess=group["ess"], beta1=group["beta1"], beta2=group["beta2"],
                          weight_decay=group["weight_decay"], hess_init=group["hess_init"],
                          clip_radius=group["clip_radius"], price=self.hess_approx == "price",

@@ -106,3 +106,39 @@ def test_a_failed_compilation_warns_and_falls_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FELL BACK" in out.stdout
+
+
+def _accumulate(fused, steps=6):
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, fused=fused)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 20, generator=g), torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(11)
+    for _ in range(steps):
+        for part, w in ((slice(0, 40), 40.0), (slice(40, 64), 24.0)):  # two micro-batches, weighted by size
+            with opt.sampled_params(train=True, weight=w):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+        with opt.sampled_params():  # an evaluation sample between the last backward and step()
+            model(x)
+        opt.step()
+    return model, opt
+
+
+def test_a_kept_sample_is_settled_when_micro_batches_accumulate():
+    # the fused path keeps θ of a step's first sample for the update kernel; a second one must settle it first
+    ref_model, _ = _accumulate(False)
+    model, opt = _accumulate(True)
+    assert _max_rel(list(model.parameters()), list(ref_model.parameters())) < 2e-5
+
+
+def test_changing_the_mean_between_sample_and_step_is_refused():
+    model, opt = _train(True, steps=1)
+    x = torch.randn(8, 20)
+    with opt.sampled_params(train=True):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+    with torch.no_grad():
+        model[2].weight.mul_(0.5)  # the fused path kept θ and reads the mean at step()
+    with pytest.raises(RuntimeError, match="mean was changed"):
+        opt.step()
