@@ -339,7 +339,7 @@ class IVON(torch.optim.Optimizer):
             (fast_i, fast_m), (slow_i, slow_m) = split(fast, lean, means)
             if fast_i:  # a step's only sample: keep θ, the update kernel forms the statistic (one pass less)
                 keep = [self.mc_samples == 1 and "stat" not in work[i][1] for i in fast_i]
-                for i, m, k in zip(fast_i, fast_m, keep):
+                for i, k in zip(fast_i, keep):
                     if k:
                         work[i][1]["theta"] = work[i][0]._version
                 (now_i, now_m), _ = split([not k for k in keep], fast_i, fast_m)
