@@ -45,9 +45,9 @@ def resolve_form(form: str, cov) -> str:
 JACOBIAN_BUDGET = {"cpu": 2**25}
 JACOBIAN_BUDGET_ACCELERATOR = 2**28
 # Examples per part of a first-order per-layer pass on a CPU: the largest layer input or output of the part holds
-# at most this many elements (8 MiB of float32). Larger parts spill the caches and page-fault on every temporary:
-# ResNet-20 (16K elements a layer) took 4.1x an epoch in parts of 256, 2.7x in parts of 128 (bench/sensitivity.py);
-# ResNet-18 (65K) 10.8 s in parts of 64, 8.4 s in parts of 32.
+# at most this many elements (8 MiB of float32). Larger parts spill the caches and page-fault on their temporaries:
+# ResNet-20 (16K elements a layer) took 4.25x an epoch unsplit in chunks of 256, 3.13x in parts of 128
+# (bench/sensitivity.py --cases resnet10); ResNet-18 (65K) 10.8 s in parts of 64, 8.4 s in parts of 32.
 ACTIVATION_BUDGET = {"cpu": 2**21}
 
 
