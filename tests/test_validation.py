@@ -45,3 +45,28 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
     assert flips["cleanlab, 5-fold CV"]["cost"] > 3 * flips["LOO self-confidence (IVON σ²)"]["cost"]
 
     assert raw["selection"]["logreg"]["summary"]["dense"]["pearson"] > 0.9
+
+
+def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):
+    import torch
+
+    from sensitivity import compute_sensitivities, ivon_variance
+    from worker.validation import setups
+    from worker.validation.caps import main as caps_main
+    from worker.validation.estimators import estimate
+
+    split = setups.digits(120, 0, torch.float64)
+    model = setups.make_model("mlp_tanh", 0, torch.float64, hidden=16)
+    opt = setups.make_optimizer("ivon", model, split.n, 40, 1e-3, 0.9)
+    for _ in range(10):
+        setups.train_epoch(model, opt, split, 32, torch.Generator().manual_seed(0))
+    res, secs, at = estimate("ivon_b2", model, opt, split, 1e-3, ("corrected", "corrected@1.5"))
+    var = ivon_variance(opt, model)
+    capped = compute_sensitivities(model, (split.xtr, split.ytr), var, form="corrected", max_amplification=1.5)
+    assert torch.equal(res["corrected@1.5"].deviations, capped.deviations)
+    assert res["corrected@1.5"].guarded.sum() >= res["corrected"].guarded.sum()  # a lower cap guards more examples
+    assert not torch.equal(res["corrected@1.5"].deviations, res["corrected"].deviations)
+    for bad in ("x", "0.5"):
+        with pytest.raises(SystemExit):
+            caps_main(["--caps", bad])
+        assert "--caps" in capsys.readouterr().err

@@ -71,9 +71,11 @@ def estimate(name: str, model: nn.Module, opt, split: Split, weight_decay: float
     """Sensitivities over the training set per form, seconds per form (fit included), and the model used."""
     var, at, fit_s = covariance_for(name, model, opt, split, weight_decay, refine_iters)
     results, seconds = {}, {}
-    for form in forms:
+    for form in forms:  # "corrected@2": the corrected form with max_amplification=2
         t = time.perf_counter()
-        results[form] = compute_sensitivities(at, (split.xtr, split.ytr), var, form=form)
+        kind, _, cap = form.partition("@")
+        kw = {"max_amplification": float(cap)} if cap else {}
+        results[form] = compute_sensitivities(at, (split.xtr, split.ytr), var, form=kind, **kw)
         seconds[form] = fit_s + time.perf_counter() - t
     return results, seconds, at
 

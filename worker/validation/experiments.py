@@ -67,9 +67,20 @@ def optimizers(seeds=(0, 1, 2), epochs: int = 30, samples: int = 20) -> list[dic
     return rows
 
 
+def tracking_settings(ep_scale: float = 1.0, evals: int = 8) -> list[tuple[dict, bool]]:
+    """The report's tracking set-ups as (``tracking`` arguments, has memorized label noise): digits with a weak and a
+    regularizing weight decay, breast cancer with 15% and digits with 20% of the labels flipped."""
+    weak_and_regularized = [({"weight_decay": wd, "epochs": int(100 * ep_scale) or 10, "evals": evals}, False)
+                            for wd in (1e-4, 3e-3)]
+    return weak_and_regularized + [
+        ({"weight_decay": 1e-3, "n_train": 200, "epochs": int(150 * ep_scale) or 10, "evals": evals + 2,
+          "dataset": "breast_cancer", "label_noise": 0.15}, True),
+        ({"weight_decay": 1e-3, "epochs": int(150 * ep_scale) or 10, "evals": evals + 4, "label_noise": 0.2}, True)]
+
+
 def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 300, epochs: int = 150,
              evals: int = 10, n_truth: int | None = None, top_truth: int = 10, seed: int = 0,
-             dataset: str = "digits", label_noise: float = 0.0) -> dict:
+             dataset: str = "digits", label_noise: float = 0.0, forms: tuple[str, ...] = FORMS) -> dict:
     """E2: LOO estimates against the test NLL over training on an overfitting subset, and against retraining.
 
     The truth retrains without every training example (``n_truth=None``); a sample of LOO losses is too noisy for
@@ -105,15 +116,15 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
             if ep % every and ep != epochs:
                 return
             for est in users:
-                res, secs, at = estimate(est, model, opt, split, weight_decay, FORMS)
+                res, secs, at = estimate(est, model, opt, split, weight_decay, forms)
                 c = curves.setdefault(est, {"epoch": [], "test_nll": [], "clean_test_nll": [], "train_nll": [],
-                                            "seconds": []} | {f: [] for f in FORMS})
+                                            "seconds": []} | {f: [] for f in forms})
                 c["epoch"].append(ep)
                 c["test_nll"].append(test_nll(at, split))
                 c["clean_test_nll"].append(test_nll(at, Split(split.xtr, split.ytr, split.xte, clean_yte)))
-                c["train_nll"].append(float(res[FORMS[0]].losses.mean()))
-                c["seconds"].append(secs[FORMS[-1]] / max(np.mean(epoch_s), 1e-9))
-                for f in FORMS:
+                c["train_nll"].append(float(res[forms[0]].losses.mean()))
+                c["seconds"].append(secs[forms[-1]] / max(np.mean(epoch_s), 1e-9))
+                for f in forms:
                     c[f].append(res[f].loo)
                 if ep == epochs:
                     final[est] = (res, at)
@@ -148,7 +159,7 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
     for est, c in curves.items():
         tn = np.array(c["test_nll"])
         row = {"test_range": float(tn.max() - tn.min()), "cost": float(np.median(c["seconds"]))}
-        for f in FORMS:
+        for f in forms:
             loo = np.array(c[f])
             row[f"spearman_{f}"] = float(spearmanr(loo, tn).statistic) if len(loo) > 2 else float("nan")
             row[f"spearman_clean_{f}"] = float(spearmanr(loo, c["clean_test_nll"]).statistic) \

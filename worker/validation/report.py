@@ -173,12 +173,9 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
     ests = ("ivon", "ivon_b2", "ivon_head", "last_layer", "kfac", "kfac_map", "dense_map", "adamw", "sgd")
     evals = 8 if not quick else 4
     truth = {"n_truth": 8, "top_truth": 4} if quick else {}
-    track = [E.tracking(wd, ests, epochs=int(100 * ep_scale) or 10, evals=evals, **truth) for wd in (1e-4, 3e-3)]
     noisy = ("ivon_b2", "ivon_head", "last_layer", "kfac_b2")  # one run: one truth to retrain
-    track.append(E.tracking(1e-3, noisy, n_train=200, epochs=int(150 * ep_scale) or 10, evals=evals + 2,
-                            dataset="breast_cancer", label_noise=0.15, **truth))
-    track.append(E.tracking(1e-3, noisy, epochs=int(150 * ep_scale) or 10,
-                            evals=evals + 4, label_noise=0.2, **truth))
+    track = [E.tracking(estimators=noisy if has_noise else ests, **kw, **truth)
+             for kw, has_noise in E.tracking_settings(ep_scale, evals)]
     stage("3/5 per-example faithfulness")
     faith = E.faithfulness(n_examples=10 if quick else 30)
     stage("4/5 flipped labels")
