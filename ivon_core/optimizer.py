@@ -263,8 +263,9 @@ class IVON(torch.optim.Optimizer):
             for n, f, k in zip(noise, fused, ks):
                 if (counter and not f) or (not counter and n.device.type == "cpu"):
                     # fused kernels draw their own counter noise; accelerators draw in scale_noise, a block a chunk
-                    by_device.setdefault(n.device, ([], []))[0].append(n)
-                    by_device[n.device][1].append(k)
+                    tensors, tensor_keys = by_device.setdefault(n.device, ([], []))
+                    tensors.append(n)
+                    tensor_keys.append(k)
         for device, (noise, ks) in by_device.items():
             if counter:
                 fill_counter_many_(noise, ks)

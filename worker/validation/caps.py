@@ -1,6 +1,6 @@
 """The corrected form's amplification cap for IVON's σ², on the report's four tracking set-ups.
 
-    python -m worker.validation.caps [--caps 1.5,2,3,5] [--quick]
+    python -m worker.validation.caps [--caps 1.5,2,3,5] [--seed 0] [--quick]
 
 For the matched-β2 IVON run only: Spearman of the LOO estimate with the test NLL over training and its ratio to the
 leave-one-out truth (retraining without every example) at the end, for the first-order form, the corrected form
@@ -28,6 +28,7 @@ def _caps(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--caps", type=_caps, default="1.5,2,3,5")
+    ap.add_argument("--seed", type=int, default=0, help="another seed: another training subset and initialization")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     forms = E.FORMS + tuple(f"corrected@{c:g}" for c in args.caps)
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| setting | test-NLL range | " + " | ".join(f"{f} (Spearman / ratio)" for f in forms) + " |")
     print("|---|---|" + "---|" * len(forms))
     for kw, _ in E.tracking_settings(0.3 if args.quick else 1.0, 4 if args.quick else 8):
-        r = E.tracking(estimators=("ivon_b2",), forms=forms, **kw, **truth)
+        r = E.tracking(estimators=("ivon_b2",), forms=forms, seed=args.seed, **kw, **truth)
         s = r["summary"]["ivon_b2"]
         name = f"{r['dataset']}, δ = {r['weight_decay']:g}" + (f", {r['label_noise']:.0%} flipped"
                                                                   if r["label_noise"] else "")
