@@ -65,7 +65,7 @@ class IVON(torch.optim.Optimizer):
 
     Beyond ivon-opt's arguments, ``noise_threads`` sets how many generators draw the CPU noise in parallel
     (default: torch's thread count, at most 8). With 1, noise comes from torch's default generator.
-    ``fused=True`` runs each stage on large CPU tensors as one compiled kernel (torch.compile; about 15 s of
+    ``fused=True`` runs each stage on large CPU tensors as one compiled kernel (torch.compile; about 25 s of
     compilation at the first step, cached on disk after): a third less optimizer work on CPU (bench/optimizer.py);
     other devices keep the multi-tensor path. ``noise="counter"`` draws ε from a counter-based generator keyed by
     torch's generator (``ivon_core.noise.counter_normal``) instead of ``normal_``: as reproducible and resumable, not

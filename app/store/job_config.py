@@ -54,7 +54,7 @@ class OptimizerConfig(_Strict):
     mc_samples: int = Field(1, ge=1)
     clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
     warmup_steps: int = Field(0, ge=0)
-    fused: bool = Field(False, description="IVON: compiled kernels for large CPU tensors (~15 s to compile once)")
+    fused: bool = Field(False, description="IVON: compiled kernels for large CPU tensors (~25 s to compile once)")
     noise: Literal["torch", "counter"] = Field(
         "torch", description="IVON: 'counter' draws the Gaussian noise from a counter-based generator (inside the "
         "sampling kernel with fused: the fastest CPU step); 'torch': torch's generator, as ivon-opt")
