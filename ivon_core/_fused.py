@@ -37,21 +37,39 @@ def _stat(sample: Tensor, mean: Tensor, grad: Tensor) -> None:
     sample.sub_(mean).mul_(grad)
 
 
-def _update(p: Tensor, g: Tensor, s: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor, ess: Tensor,
-            beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor, price: bool) -> None:
-    # the same update as _functional.ivon_update, in one pass
+def _step(p: Tensor, g: Tensor, s: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor, ess: Tensor,
+          beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor, price: bool) -> tuple[Tensor, Tensor]:
+    # the same update as _functional.ivon_update, in one pass; returns the new mean and h
     mom.lerp_(g, 1.0 - beta1)
     a = h + wd
     d = (s * a if price else s) * ess - h  # ĥ − h
     new_h = h + (1.0 - beta2) * d + 0.5 * (1.0 - beta2) ** 2 * d * d / a
     h.copy_(new_h)
-    p.sub_(lr * ((mom / debias + wd * p) / (new_h + wd)).clamp(-radius, radius))
+    new_p = p - lr * ((mom / debias + wd * p) / (new_h + wd)).clamp(-radius, radius)
+    p.copy_(new_p)
+    return new_p, new_h
+
+
+def _update(p: Tensor, g: Tensor, s: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor, ess: Tensor,
+            beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor, price: bool) -> None:
+    _step(p, g, s, mom, h, debias, lr, ess, beta1, beta2, wd, radius, price)
 
 
 def _update_theta(p: Tensor, g: Tensor, theta: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor,
                   ess: Tensor, beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor) -> None:
     # the "price" statistic (θ − m) ⊙ ĝ formed here from the kept sample θ: one pass less than _stat + _update
-    _update(p, g, (theta - p) * g, mom, h, debias, lr, ess, beta1, beta2, wd, radius, True)
+    _step(p, g, (theta - p) * g, mom, h, debias, lr, ess, beta1, beta2, wd, radius, True)
+
+
+def _update_next(p: Tensor, g: Tensor, s: Tensor, mom: Tensor, h: Tensor, debias: Tensor, lr: Tensor, ess: Tensor,
+                 beta1: Tensor, beta2: Tensor, wd: Tensor, radius: Tensor, price: bool, theta: bool, k1: Tensor,
+                 k2: Tensor) -> None:
+    # _update or _update_theta, then the next sample θ = m + ε σ into s (noise="counter"): the sampling kernel's
+    # read of m and h is saved, and its expression is the same, so the sample is bitwise the one it would draw
+    stat = (s - p) * g if theta else s
+    new_p, new_h = _step(p, g, stat, mom, h, debias, lr, ess, beta1, beta2, wd, radius, price)
+    eps = counter_normal(s.numel(), k1, k2, s.device).to(s.dtype)
+    s.copy_(new_p + eps * torch.rsqrt((new_h + wd) * ess))
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -80,20 +98,22 @@ class FusedKernels:
         try:
             if not self._compiled:
                 self._compiled = {f.__name__: torch.compile(f, dynamic=True)
-                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta)}
+                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta, _update_next)}
             # at a realistic size: inductor sizes its threading to the example (64 elements: one thread)
             x = [torch.ones(MIN_NUMEL * 4, dtype=dtype) for _ in range(5)]
             # distinct scalars: one tensor passed twice would compile an aliasing guard
             c = [torch.tensor(v, dtype=dtype) for v in (1.0, 0.1, 64.0, 0.9, 0.99, 1e-3, 1.0)]
-            if counter:
+            self._compiled["_stat"](x[0], x[1], x[2])
+            if counter:  # the update kernels draw the next sample (the sampling kernel serves the first one)
                 keys = [torch.tensor(v, dtype=torch.int32) for v in (1, 2)]
                 self._compiled["_sample_counter"](x[0], x[1], x[2], c[2], c[5], *keys)
+                for theta in (True, False) if price else (False,):
+                    self._compiled["_update_next"](*x, *c, price, theta, *keys)
             else:
                 self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
-            self._compiled["_stat"](x[0], x[1], x[2])
-            self._compiled["_update"](*x, *c, price)
-            if price:
-                self._compiled["_update_theta"](*x, *c)
+                self._compiled["_update"](*x, *c, price)
+                if price:
+                    self._compiled["_update_theta"](*x, *c)
         except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the multi-tensor path
             self.broken = True
             warnings.warn(f"IVON(fused=True): compiling the fused kernels failed ({type(exc).__name__}: "
@@ -121,16 +141,19 @@ class FusedKernels:
     def update_(self, params: list[Tensor], grads: list[Tensor], stats: list[Tensor], momentum: list[Tensor],
                 hess: list[Tensor], debias: list[float], theta: list[bool], *, lr: float, ess: float, beta1: float,
                 beta2: float, weight_decay: float, hess_init: float, clip_radius: float, price: bool,
-                rescale_lr: bool) -> None:
-        """``theta[i]``: ``stats[i]`` holds the sample θ, not yet the statistic (see ``IVON._restore``)."""
+                rescale_lr: bool, keys: Sequence[tuple[Tensor, Tensor]] | None = None) -> None:
+        """``theta[i]``: ``stats[i]`` holds the sample θ, not yet the statistic (see ``IVON._restore``). With
+        ``keys`` (noise="counter") each ``stats[i]`` is left holding the next sample, drawn with ``keys[i]``."""
         if not params:
             return
         lr_eff = lr * (hess_init + weight_decay) if rescale_lr else lr
         dtype = hess[0].dtype
         scalars = [torch.tensor(v, dtype=dtype) for v in (lr_eff, ess, beta1, beta2, weight_decay, clip_radius)]
-        for p, g, s, m, h, d, th in zip(params, grads, stats, momentum, hess, debias, theta):
+        for i, (p, g, s, m, h, d, th) in enumerate(zip(params, grads, stats, momentum, hess, debias, theta)):
             args = (_flat(p), _flat(g), _flat(s), _flat(m), _flat(h), torch.tensor(d, dtype=dtype), *scalars)
-            if th:
+            if keys is not None:
+                self._compiled["_update_next"](*args, price, th, *keys[i])
+            elif th:
                 self._compiled["_update_theta"](*args)
             else:
                 self._compiled["_update"](*args, price)

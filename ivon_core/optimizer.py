@@ -21,12 +21,12 @@ from torch import Tensor
 
 from ivon_core import _functional as F
 from ivon_core._fused import FusedKernels, split
+from ivon_core._sampling import SamplingStage, state_dtype
 from ivon_core._state import all_reduce_mean, check_layout
-from ivon_core.noise import NoiseSource, counter_keys, fill_counter_many_
+from ivon_core.noise import NoiseSource, counter_keys
 
 HESS_APPROX = ("price", "gradsq")
 NOISE = ("torch", "counter")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def matched_beta2(total_steps: int, c: float = 1.0) -> float:
@@ -37,16 +37,12 @@ def matched_beta2(total_steps: int, c: float = 1.0) -> float:
     return min(0.99999, max(0.0, 1.0 - c / total_steps))
 
 
-def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-
-
 def _check(name: str, value: Any, ok: bool, rule: str) -> None:
     if not ok:
         raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
 
 
-class IVON(torch.optim.Optimizer):
+class IVON(SamplingStage, torch.optim.Optimizer):
     """Variational learning with the IVON update; constructor and defaults as in ``ivon-opt`` 0.1.3.
 
     Usage (as with ivon-opt)::
@@ -126,6 +122,9 @@ class IVON(torch.optim.Optimizer):
         self._noise = NoiseSource(min(torch.get_num_threads(), 8) if noise_threads is None else noise_threads)
         self._fused = FusedKernels() if fused else None
         self.noise = noise
+        # noise="counter": the keys of the next sample, drawn at step() so that the fused update kernels can write
+        # that sample (saved with the state: a resumed run draws the same sample)
+        self._next_keys: list[list[int]] | None = None
 
     def _fusable(self, tensors: list[Tensor], partners: list[Tensor]) -> list[bool]:
         """Which tensors the compiled kernels take (large CPU float tensors whose partner has their dtype)."""
@@ -142,7 +141,7 @@ class IVON(torch.optim.Optimizer):
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         st = self.state[p]
-        dtype = _state_dtype(p)
+        dtype = state_dtype(p)
         if not st:
             st["step"] = torch.zeros((), dtype=torch.float32)
             st["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
@@ -175,7 +174,7 @@ class IVON(torch.optim.Optimizer):
             "hess_approx": self.hess_approx, "mc_samples": self.mc_samples, "debias": self.debias,
             "rescale_lr": self.rescale_lr,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
-            "noise": self._noise.state(), "noise_kind": self.noise,
+            "noise": self._noise.state(), "noise_kind": self.noise, "next_keys": self._next_keys,
         }
         return sd
 
@@ -192,13 +191,14 @@ class IVON(torch.optim.Optimizer):
         for _, p in self._trainable():  # torch casts state to the param dtype; keep float32 for bf16/fp16
             if self.state.get(p):
                 st = self.state[p]
-                st["momentum"] = st["momentum"].to(p.device, _state_dtype(p))
-                st["hess"] = st["hess"].to(p.device, _state_dtype(p))
+                st["momentum"] = st["momentum"].to(p.device, state_dtype(p))
+                st["hess"] = st["hess"].to(p.device, state_dtype(p))
                 st["step"] = st["step"].to("cpu", torch.float32)
         self._buf.clear()
         self._generators.clear()
         if "noise" in extra:
             self._noise.load(extra["noise"])
+        self._next_keys = extra.get("next_keys")
         for dev, gstate in extra.get("generators", {}).items():
             gen = torch.Generator(device=torch.device(dev))
             gen.set_state(gstate)
@@ -211,7 +211,7 @@ class IVON(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
-                    out.append(torch.zeros(p.shape, dtype=_state_dtype(p), device=p.device))
+                    out.append(torch.zeros(p.shape, dtype=state_dtype(p), device=p.device))
                     continue
                 h = self._init_state(group, p)["hess"]
                 out.append(torch.reciprocal((h + group["weight_decay"]) * group["ess"]))
@@ -242,142 +242,6 @@ class IVON(torch.optim.Optimizer):
         with torch.no_grad():
             self._restore(swapped, train=train, weight=weight)
         self._sampling = False
-
-    def _sample(self, swapped: list[Tensor]) -> None:
-        counter = self.noise == "counter"
-        by_group: list[tuple[dict, list[Tensor], list[Tensor], list[bool]]] = []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.requires_grad]
-            for p in ps:
-                self._init_state(group, p)
-                self._claim_grad(p)
-            if ps:
-                noise = [self._take_spare(self._buf.setdefault(p, {}), p, _state_dtype(p)) for p in ps]
-                by_group.append((group, ps, noise, self._fusable(noise, ps)))
-        # noise="counter": one key pair per tensor (whether fused or not, so that fused and unfused runs agree)
-        keys = iter(counter_keys(sum(len(g[1]) for g in by_group), self._generator(torch.device("cpu")))
-                    if counter else [])
-        group_keys = [[next(keys) if counter else None for _ in g[1]] for g in by_group]
-        by_device: dict[torch.device, tuple[list[Tensor], list]] = {}
-        for (_, _, noise, fused), ks in zip(by_group, group_keys):
-            for n, f, k in zip(noise, fused, ks):
-                if (counter and not f) or (not counter and n.device.type == "cpu"):
-                    # fused kernels draw their own counter noise; accelerators draw in scale_noise, a block a chunk
-                    tensors, tensor_keys = by_device.setdefault(n.device, ([], []))
-                    tensors.append(n)
-                    tensor_keys.append(k)
-        for device, (noise, ks) in by_device.items():
-            if counter:
-                fill_counter_many_(noise, ks)
-            else:
-                self._noise.fill_(noise, self._generator(device))
-        for (group, ps, noise, fused), ks in zip(by_group, group_keys):
-            dev = noise[0].device
-            hess = [self.state[p]["hess"] for p in ps]
-            (fast_p, fast_n, fast_h, fast_k), (ps_, noise_, hess_, _) = split(fused, ps, noise, hess, ks)
-            hyper = dict(ess=group["ess"], weight_decay=group["weight_decay"])
-            if fast_p and counter:  # sample into the spare buffer itself: θ = m + σε
-                self._fused.sample_counter_(fast_n, [p.data for p in fast_p], fast_h, fast_k, **hyper)
-            elif fast_p:
-                self._fused.sample_(fast_n, [p.data for p in fast_p], fast_h, **hyper)
-            if ps_:
-                F.scale_noise(noise_, hess_, self._scratch, **hyper, draw=dev.type != "cpu" and not counter,
-                              generator=self._generator(dev))
-                lean = [(p, n) for p, n in zip(ps_, noise_) if n.dtype == p.dtype]
-                if lean:
-                    torch._foreach_add_([n for _, n in lean], [p.data for p, _ in lean])
-            for p, n in zip(ps, noise):
-                buf = self._buf[p]
-                buf["mean"] = p.data
-                if n.dtype == p.dtype:
-                    p.data = n
-                else:  # low precision: keep the exact float32 noise for the statistic
-                    buf["noise"] = n
-                    p.data = (p.data.to(n.dtype) + n).to(p.dtype)
-                swapped.append(p)
-
-    @staticmethod
-    def _take_spare(buf: dict, p: Tensor, dtype: torch.dtype) -> Tensor:
-        spare = buf.pop("spare", None)
-        if spare is None or spare.shape != p.shape or spare.dtype != dtype or spare.device != p.device:
-            spare = torch.empty(p.shape, dtype=dtype, device=p.device)
-        return spare
-
-    def _claim_grad(self, p: Tensor) -> None:
-        """Before a further sample, own the previous sample's gradient (it was only referenced)."""
-        buf = self._buf.get(p)
-        if not buf or "grad_ref" not in buf:
-            return
-        ref, version = buf.pop("grad_ref")
-        if ref._version != version:
-            raise RuntimeError(
-                "a parameter's gradient was changed in place between two samples before it was collected; "
-                "zero gradients inside `sampled_params` or with `zero_grad(set_to_none=True)`"
-            )
-        buf["grad_acc"] = ref.to(_state_dtype(p), copy=p.grad is ref)
-
-    def _restore(self, swapped: list[Tensor], train: bool, weight: float) -> None:
-        price = self.hess_approx == "price"
-        work, lean, means = [], [], []  # lean: the work items whose buffer holds θ (σε = θ − m still to take)
-        for p in swapped:
-            buf = self._buf[p]
-            sample, mean = p.data, buf.pop("mean")
-            p.data = mean
-            noise = buf.pop("noise", None)
-            grad = p.grad if train else None
-            if grad is None:
-                buf["spare"] = sample if noise is None else noise
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("IVON does not support sparse gradients")
-            if noise is None:
-                lean.append(len(work))
-                means.append(mean)
-            work.append((p, buf, sample if noise is None else noise, grad))
-        if price and work:  # σε ⊙ ĝ, as multi-tensor kernels (or one fused kernel per large tensor)
-            stats, grads = [w[2] for w in work], [w[3] for w in work]
-            fast = self._fusable([stats[i] for i in lean], [grads[i] for i in lean])
-            (fast_i, fast_m), (slow_i, slow_m) = split(fast, lean, means)
-            if fast_i:  # a step's only sample: keep θ, the update kernel forms the statistic (one pass less)
-                keep = [self.mc_samples == 1 and "stat" not in work[i][1] for i in fast_i]
-                for i, k in zip(fast_i, keep):
-                    if k:
-                        work[i][1]["theta"] = work[i][0]._version
-                (now_i, now_m), _ = split([not k for k in keep], fast_i, fast_m)
-                if now_i:
-                    self._fused.stat_([stats[i] for i in now_i], now_m, [grads[i] for i in now_i])
-            if slow_i:
-                torch._foreach_sub_([stats[i] for i in slow_i], slow_m)
-            rest = sorted(set(range(len(work))) - set(fast_i))
-            if rest:
-                torch._foreach_mul_([stats[i] for i in rest], [grads[i] for i in rest])
-        for p, buf, stat, grad in work:
-            if not price:
-                torch.mul(grad, grad, out=stat)
-            total = buf.get("weight", 0.0) + weight
-            buf["weight"] = total
-            if "stat" not in buf:
-                buf["stat"] = stat
-                if self.mc_samples > 1:
-                    buf["grad_acc"] = grad.to(_state_dtype(p), copy=True)
-                else:
-                    buf["grad_ref"] = (grad, grad._version)
-                continue
-            if "grad_acc" not in buf:
-                self._claim_grad(p)
-            self._settle(p, buf, buf["grad_acc"])
-            buf["stat"].lerp_(stat, weight / total)
-            buf["spare"] = stat
-            buf["grad_acc"].lerp_(grad.to(buf["grad_acc"].dtype), weight / total)
-
-    def _settle(self, p: Tensor, buf: dict, grad: Tensor) -> None:
-        """Turn a kept sample θ (``buf["theta"]``) into the statistic (θ − m) ⊙ ĝ before it is combined."""
-        version = buf.pop("theta", None)
-        if version is None:
-            return
-        if p._version != version:
-            raise RuntimeError("a parameter's mean was changed in place between its sample and step()")
-        self._fused.stat_([buf["stat"]], [p.data], [grad])
 
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -412,7 +276,12 @@ class IVON(torch.optim.Optimizer):
                 ref, version = buf.pop("grad_ref")
                 if ref._version != version:
                     raise RuntimeError("a parameter's gradient was changed in place after its sample was collected")
-                grads[p] = ref if ref.dtype == _state_dtype(p) else ref.to(_state_dtype(p))
+                grads[p] = ref if ref.dtype == state_dtype(p) else ref.to(state_dtype(p))
+        nxt = None
+        if self.noise == "counter":  # the next sample's keys, now: the fused update kernels write that sample
+            trainable = [p for _, p in self._trainable()]
+            nxt = dict(zip(trainable, counter_keys(len(trainable), self._generator(torch.device("cpu")))))
+            self._next_keys = [[int(a), int(b)] for a, b in nxt.values()]
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for _, p in collected:
                 self._settle(p, self._buf[p], grads[p])
@@ -439,7 +308,11 @@ class IVON(torch.optim.Optimizer):
                          clip_radius=group["clip_radius"], price=self.hess_approx == "price",
                          rescale_lr=self.rescale_lr)
             if fast[0]:
-                self._fused.update_(*fast, **hyper)
+                fast_ps = [p for p, f in zip(ps, fused) if f]
+                keys = None if nxt is None else [nxt[p] for p in fast_ps]
+                self._fused.update_(*fast, **hyper, keys=keys)
+                for i, p in enumerate(fast_ps if keys else []):  # the stat buffer now holds the next sample
+                    self._buf[p]["prepared"] = self._token(p, fast[2][i], fast[4][i], keys[i], group)
             if rest[0]:
                 F.ivon_update(*rest[:5], rest[5], self._scratch, **hyper)
             for p, s in zip(ps, stats):

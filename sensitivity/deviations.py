@@ -3,6 +3,9 @@
 For example i with outputs f_i at the mean, residual e_i = ∂ℓ/∂f and Λ_i = ∂²ℓ/∂f²:
   first_order  Δ_i = V_i e_i = J_i Σ ∇_θ ℓ_i            (one per-example VJP and one JVP; J_i never formed)
   corrected    Δ_i = V_i (I − Λ_i V_i)^{-1} e_i        (V_i = J_i Σ J_iᵀ from K VJPs, K×K per example)
+  second_order Δ_i = V_i (e_i + c_i), c_i = Λ_i V_i e_i  (the corrected form's series to two terms: two
+                                                        first-order passes whatever K; ‖c_i‖ capped at
+                                                        (max_amplification − 1) ‖e_i‖)
   diagonal     Δ_i = diag(V_i) ⊙ e_i                    (the MPE authors' form)
 LOO estimate = (1/N) Σ_i ℓ(y_i, f_i + Δ_i); sensitivity score ‖Δ_i‖_1 (diagonal: Σ_k |e_ik p_ik(1−p_ik) v_ikk|).
 
@@ -24,7 +27,7 @@ from sensitivity import layerwise
 from sensitivity.losses import Loss, get_loss
 from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
 
-FORMS = ("corrected", "first_order", "diagonal")
+FORMS = ("corrected", "first_order", "second_order", "diagonal")
 # "auto": corrected with a dense covariance, first order with diagonal or Kronecker-factored ones. docs/validation.md:
 # the correction is exact with the full covariance (LOO 1.08× the retrained truth) but amplifies the errors of
 # diagonal and K-FAC covariances (13× and 43× the truth) where their first-order form lands at 0.86× and 1.17×.
@@ -187,6 +190,20 @@ def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification:
     return (v @ u)[:, :, 0], guarded
 
 
+def series_correction(factor: Tensor, ve: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
+    """c = Λ V e (Λ = L Lᵀ, ``factor`` = L), scaled down where ‖c‖ > (max_amplification − 1)‖e‖; returns (c, guarded).
+
+    Along an eigenvector of ΛV with eigenvalue d the two-term series amplifies e by 1 + d (the exact correction by
+    1 / (1 − d)); the cap keeps d's effect at most max_amplification − 1, as the corrected form's cap does.
+    """
+    c = (factor @ (factor.transpose(1, 2) @ ve[:, :, None]))[:, :, 0]
+    room = (max_amplification - 1.0) * torch.linalg.vector_norm(e, dim=1)
+    norm = torch.linalg.vector_norm(c, dim=1)
+    guarded = norm > room
+    scale = torch.where(guarded, room / norm.clamp_min(torch.finfo(c.dtype).tiny), torch.ones_like(norm))
+    return c * scale[:, None], guarded
+
+
 class _Plan:
     """How a chunk is computed: covered layers by the per-layer route (``sensitivity.layerwise``), the remaining
     parameters generically. For V_i only Linear layers take the per-layer route: convolutions and norms are
@@ -260,6 +277,10 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
     none_guarded = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     if form == "first_order":
         return logits_d, e, plan.first_order(x, logits, seen, e), none_guarded, None
+    if form == "second_order":
+        ve = plan.first_order(x, logits, seen, e)
+        c, guarded = series_correction(lossf.hessian_factor(logits_d), ve, e, max_amplification)
+        return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None
     v = plan.variance(x, logits, seen)
     if form == "diagonal":
         return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v
@@ -292,10 +313,11 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
     model.eval()  # normalization layers use their running statistics; dropout is off
     try:
         for x, y, idx in _iter_chunks(data, chunk_size, model):
-            if n_out is None and form != "first_order" and plan.var_rest:
+            first = form in ("first_order", "second_order")  # no V_i: parts by activations, not Jacobians
+            if n_out is None and not first and plan.var_rest:
                 with torch.no_grad():
                     n_out = plan.f_all(params, x[0]).numel()
-            if form == "first_order":
+            if first:
                 per = plan.first_order_rows(x)
             else:
                 per = len(x) if not plan.var_rest else plan.rows_per_part(n_out)

@@ -142,3 +142,79 @@ def test_changing_the_mean_between_sample_and_step_is_refused():
         model[2].weight.mul_(0.5)  # the fused path kept θ and reads the mean at step()
     with pytest.raises(RuntimeError, match="mean was changed"):
         opt.step()
+
+
+def _counter_run(steps, opt=None, model=None, edit=None):
+    """Fused counter-noise training of _model(); ``edit(opt, model, step)`` runs between a step and the next sample."""
+    if model is None:
+        model = _model()
+        opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, fused=True, noise="counter")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 20, generator=g), torch.randint(0, 3, (64,), generator=g)
+    samples = []
+    for i in range(steps):
+        if edit is not None:
+            edit(opt, model, i)
+        with opt.sampled_params(train=True):
+            samples.append(model[2].weight.detach().clone())
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt, samples
+
+
+def test_the_update_kernel_writes_the_next_sample_and_it_is_the_one_the_sampling_kernel_draws(monkeypatch):
+    from ivon_core._fused import FusedKernels
+
+    torch.manual_seed(5)
+    model, opt, ahead = _counter_run(6)
+    big = model[2].weight
+    assert "prepared" in opt._buf[big]  # the last step wrote the next sample
+    calls = []
+    real = FusedKernels.sample_counter_
+    monkeypatch.setattr(FusedKernels, "sample_counter_", lambda self, out, *a, **k: (calls.append(len(out)),
+                                                                                     real(self, out, *a, **k)))
+    # the same run with every sample drawn by the sampling kernel (the written one discarded): bitwise equal
+    torch.manual_seed(5)
+    drop = lambda opt, model, i: [b.pop("prepared", None) for b in opt._buf.values()]  # noqa: E731
+    model2, _, fresh = _counter_run(6, edit=drop)
+    assert calls and all(n == 1 for n in calls)  # the one large tensor, each step
+    assert all(torch.equal(a, b) for a, b in zip(ahead, fresh))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_written_sample_is_redrawn_when_the_mean_or_ess_changed():
+    def edit(opt, model, i):
+        if i == 3:
+            with torch.no_grad():
+                model[2].weight.mul_(0.5)  # e.g. a user's weight surgery between steps
+        if i == 4:
+            opt.param_groups[0]["ess"] = 640.0
+
+    torch.manual_seed(5)
+    model, opt, samples = _counter_run(6, edit=edit)
+    # each sample is m + σε with the mean and ess of its own step: its spread around the mean follows ess
+    torch.manual_seed(5)
+    ref, _, ref_samples = _counter_run(6, edit=lambda o, m, i: (edit(o, m, i),
+                                                                [b.pop("prepared", None) for b in o._buf.values()]))
+    assert all(torch.equal(a, b) for a, b in zip(samples, ref_samples))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_fused_counter_noise_resumes_bitwise_across_the_written_sample(tmp_path):
+    torch.manual_seed(7)
+    ref, _, ref_samples = _counter_run(8)
+    torch.manual_seed(7)
+    model, opt, first = _counter_run(4)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()},
+               tmp_path / "ckpt.pt")
+    torch.manual_seed(999)  # the resumed run must not depend on the process's generator
+    ck = torch.load(tmp_path / "ckpt.pt")
+    model2 = _model()
+    model2.load_state_dict(ck["model"])
+    opt2 = IVON(model2.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, fused=True, noise="counter")
+    opt2.load_state_dict(ck["opt"])
+    torch.set_rng_state(ck["rng"])
+    _, _, rest = _counter_run(4, opt2, model2)
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, ref_samples))
+    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))

@@ -1,4 +1,4 @@
-"""Both deviation forms against a naive vmap(jacrev) reference, float64, MLP and CNN; covariances."""
+"""The deviation forms against a naive vmap(jacrev) reference, float64, MLP and CNN; covariances."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovaria
 
 
 def _naive(model, x, y, sigma_dense):
-    """V_i = J_i Σ J_iᵀ from materialized Jacobians; Δ in the three forms."""
+    """V_i = J_i Σ J_iᵀ from materialized Jacobians; Δ in the four forms (second order unguarded)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
@@ -28,6 +28,7 @@ def _naive(model, x, y, sigma_dense):
     return {
         "first_order": (v @ e[:, :, None])[:, :, 0],
         "corrected": (v @ torch.linalg.solve(eye - lam @ v, e[:, :, None]))[:, :, 0],
+        "second_order": (v @ (e[:, :, None] + lam @ v @ e[:, :, None]))[:, :, 0],
         "diagonal": torch.diagonal(v, dim1=1, dim2=2) * e,
     }
 
@@ -46,7 +47,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))])
-@pytest.mark.parametrize("form", ["first_order", "corrected", "diagonal"])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "diagonal"])
 def test_forms_match_naive_jacobian_reference_in_float64(make, shape, form, device):
     model = make()
     x = torch.randn(25, *shape, dtype=torch.float64)
@@ -67,7 +68,7 @@ def test_dense_covariance_matches_naive_with_correlations():
     a = torch.randn(p, p, dtype=torch.float64) * 0.02
     sigma = a @ a.T + 0.01 * torch.eye(p, dtype=torch.float64)
     ref = _naive(model, x, y, sigma)
-    for form in ("first_order", "corrected"):
+    for form in ("first_order", "corrected", "second_order"):
         res = compute_sensitivities(model, (x, y), DenseCovariance(model, sigma), form=form, max_amplification=1e15)
         assert (res.deviations - ref[form]).abs().max() <= 1e-10
 
@@ -240,6 +241,29 @@ def test_guard_flags_exactly_the_examples_whose_spectrum_reaches_the_cap():
     assert torch.allclose(res.deviations[ok], exact.deviations[ok], atol=1e-10)
 
 
+def test_second_order_guard_caps_the_correction_at_the_amplification_and_flags_those_examples():
+    model = _mlp()
+    x, y = torch.randn(40, 5, dtype=torch.float64) * 3, torch.randint(0, 4, (40,))
+    var = [torch.full_like(p, 0.5) for p in model.parameters()]
+    ref = _naive(model, x, y, 0.5 * torch.eye(sum(p.numel() for p in model.parameters()), dtype=torch.float64))
+    first = compute_sensitivities(model, (x, y), var, form="first_order")
+    e = first.residuals
+    # c = ΛVe, recovered from the unguarded second-order and first-order deviations' inputs
+    p = model(x).detach().softmax(-1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    c = (lam @ first.deviations[:, :, None])[:, :, 0]
+    ratio = c.norm(dim=1) / e.norm(dim=1)
+    cap = float(ratio.median()) + 1.0  # about half of the examples need the guard
+    res = compute_sensitivities(model, (x, y), var, form="second_order", max_amplification=cap)
+    assert torch.equal(res.guarded, ratio > cap - 1.0) and res.guarded.any() and not res.guarded.all()
+    ok = ~res.guarded
+    assert (res.deviations[ok] - ref["second_order"][ok]).abs().max() <= 1e-10
+    # guarded: Δ = V e + V c·s with s = (cap − 1)‖e‖ / ‖c‖, i.e. between the first order and the unguarded form
+    s = ((cap - 1.0) / ratio[res.guarded])[:, None]
+    want = first.deviations[res.guarded] + s * (ref["second_order"][res.guarded] - first.deviations[res.guarded])
+    assert (res.deviations[res.guarded] - want).abs().max() <= 1e-10
+
+
 class _Shared(nn.Module):
     """One Linear layer applied twice: not rank one, must fall back to the generic route."""
 
@@ -253,7 +277,7 @@ class _Shared(nn.Module):
 
 
 @pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6)), (lambda: _Shared().double(), (5,))])
-@pytest.mark.parametrize("form", ["first_order", "corrected", "diagonal"])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "diagonal"])
 @pytest.mark.parametrize("kind", ["diagonal", "kfac"])
 def test_rank_one_linear_route_equals_generic_route(make, shape, form, kind):
     from sensitivity import layerwise
@@ -294,7 +318,7 @@ def _resnet():
 
 
 @pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
-@pytest.mark.parametrize("form", ["first_order", "corrected"])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order"])
 @pytest.mark.parametrize("kind", ["diagonal", "kfac", "block", "head"])
 def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind):
     from sensitivity import layerwise

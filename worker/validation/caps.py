@@ -1,11 +1,12 @@
 """The corrected form's amplification cap for IVON's σ², on the report's four tracking set-ups.
 
-    python -m worker.validation.caps [--caps 1.5,2,3,5] [--seed 0] [--quick]
+    python -m worker.validation.caps [--caps 1.5,2,3,5] [--forms second_order@2,...] [--seed 0] [--quick]
 
 For the matched-β2 IVON run only: Spearman of the LOO estimate with the test NLL over training and its ratio to the
 leave-one-out truth (retraining without every example) at the end, for the first-order form, the corrected form
-with the library's cap and with each cap given. Prints one table (about 10 minutes on 2 cores; --quick: a reduced
-run, 8 + 4 retrained examples, for smoke checks only).
+with the library's cap and with each cap given, and any further forms (``--forms``, the names that
+``estimators.estimate`` takes: ``second_order@2`` is the two-term series capped at 2). Prints one table (about 10
+minutes on 2 cores; --quick: a reduced run, 8 + 4 retrained examples, for smoke checks only).
 """
 
 from __future__ import annotations
@@ -25,13 +26,25 @@ def _caps(text: str) -> list[float]:
     return caps
 
 
+def _forms(text: str) -> list[str]:
+    from sensitivity.deviations import FORMS
+
+    forms = [f for f in text.split(",") if f]
+    for f in forms:
+        kind, _, cap = f.partition("@")
+        if kind not in FORMS or (cap and not _caps(cap)):
+            raise argparse.ArgumentTypeError(f"unknown form {f!r} (forms: {FORMS}, optionally '@<cap>')")
+    return forms
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--caps", type=_caps, default="1.5,2,3,5")
+    ap.add_argument("--forms", type=_forms, default="", help="further forms, e.g. second_order@2")
     ap.add_argument("--seed", type=int, default=0, help="another seed: another training subset and initialization")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    forms = E.FORMS + tuple(f"corrected@{c:g}" for c in args.caps)
+    forms = E.FORMS + tuple(f"corrected@{c:g}" for c in args.caps) + tuple(args.forms)
     truth = {"n_truth": 8, "top_truth": 4} if args.quick else {}
     print("| setting | test-NLL range | " + " | ".join(f"{f} (Spearman / ratio)" for f in forms) + " |")
     print("|---|---|" + "---|" * len(forms))
