@@ -65,8 +65,11 @@ class IVON(SamplingStage, torch.optim.Optimizer):
     compilation at the first step, cached on disk after): a third less optimizer work on CPU (bench/optimizer.py);
     other devices keep the multi-tensor path. ``noise="counter"`` draws ε from a counter-based generator keyed by
     torch's generator (``ivon_core.noise.counter_normal``) instead of ``normal_``: as reproducible and resumable, not
-    the same numbers; with ``fused=True`` ε is computed inside the sampling kernel (bench/optimizer.py: the draw was
-    over half of the fused step's time). Without ``fused`` it is slower than the default; use the two together.
+    the same numbers; with ``fused=True`` ε is computed inside the kernels (bench/optimizer.py: the draw was over half
+    of the fused step's time), and each ``step()`` writes the next sample in its update kernel (the keys of the next
+    sample are drawn at ``step()`` and saved with the state; if the mean, h, ess or δ change before the next
+    ``sampled_params``, the sample is drawn again, bitwise the same as it would have been). Without ``fused`` it is
+    slower than the default; use the two together.
     """
 
     hessian_approx_methods = HESS_APPROX
