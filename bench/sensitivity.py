@@ -1,8 +1,8 @@
 """Benchmark a full sensitivity pass against one training epoch and against the naive Jacobian route.
 
 All ratios come from one run: an epoch (forward, backward and IVON step at batch 128 over the same N examples),
-the first-order and corrected passes (the library's default chunking), the naive vmap(jacrev) reference, and the
-K-FAC fit (one MC direction); they take turns, median of the rounds.
+the first-order, corrected and second-order passes (the library's default chunking), the naive vmap(jacrev)
+reference, and the K-FAC fit (one MC direction); they take turns, median of the rounds.
 
     python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,layers]
 
@@ -117,6 +117,7 @@ def case(name, model, x, y, repeats, with_naive=True):
         "epoch": lambda: epoch(model, opt, x, y),
         "first": lambda: compute_sensitivities(model, (x, y), var, form="first_order"),
         "corr": lambda: compute_sensitivities(model, (x, y), var, form="corrected"),
+        "second": lambda: compute_sensitivities(model, (x, y), var, form="second_order"),
         "kfac": lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256),
     }
     params = dict(model.named_parameters())
@@ -134,6 +135,7 @@ def case(name, model, x, y, repeats, with_naive=True):
     print(f"   first order   {t_first / t_epoch:6.2f}x epoch" + ("" if "whole" not in t else
           f" (without the CPU's activation-bounded parts: {t['whole'] / t_epoch:.2f}x)"))
     print(f"   corrected     {t_corr / t_epoch:6.2f}x epoch")
+    print(f"   second order  {t['second'] / t_epoch:6.2f}x epoch (the corrected form's series to two terms)")
     if "head" in t:
         print(f"   last-layer Laplace fit {t['head'] / t_epoch:.2f}x epoch; IVON body + that head, whole first-order "
               f"pass {t['block'] / t_epoch:.2f}x")
