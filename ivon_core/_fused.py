@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ivon_core.noise import counter_normal
+from ivon_core.noise import counter_normal, draw_segments
 
 MIN_NUMEL = 1 << 16  # below this a kernel call's fixed cost (~0.1 ms) exceeds the passes it saves
 
@@ -77,6 +77,13 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1).detach()
 
 
+def _scalars(cache: dict[torch.dtype, list[Tensor]], dtype: torch.dtype, *values: float) -> list[Tensor]:
+    # one 0-dim tensor per value and dtype per call, not per tensor
+    if dtype not in cache:
+        cache[dtype] = [torch.tensor(v, dtype=dtype) for v in values]
+    return cache[dtype]
+
+
 class FusedKernels:
     """The compiled stages; ``usable(t)`` says which tensors they take."""
 
@@ -98,7 +105,8 @@ class FusedKernels:
         try:
             if not self._compiled:
                 self._compiled = {f.__name__: torch.compile(f, dynamic=True)
-                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta, _update_next)}
+                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta, _update_next,
+                                            draw_segments)}
             # at a realistic size: inductor sizes its threading to the example (64 elements: one thread)
             x = [torch.ones(MIN_NUMEL * 4, dtype=dtype) for _ in range(5)]
             # distinct scalars: one tensor passed twice would compile an aliasing guard
@@ -109,6 +117,9 @@ class FusedKernels:
                 self._compiled["_sample_counter"](x[0], x[1], x[2], c[2], c[5], *keys)
                 for theta in (True, False) if price else (False,):
                     self._compiled["_update_next"](*x, *c, price, theta, *keys)
+                seg = torch.arange(len(x[0]), dtype=torch.int64) % 3
+                self._compiled["draw_segments"](x[0].int(), seg, *(torch.tensor([v, 5, 6], dtype=torch.int32)
+                                                                    for v in (1, 2)))
             else:
                 self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
                 self._compiled["_update"](*x, *c, price)
@@ -122,16 +133,22 @@ class FusedKernels:
         self._ready.add((dtype, price, counter))
         return True
 
+    def draw_segments(self, idx: Tensor, seg: Tensor, key1: Tensor, key2: Tensor) -> Tensor:
+        """The counter draws of small tensors, many at once (``noise.fill_counter_many_``'s ``draw``)."""
+        return self._compiled["draw_segments"](idx, seg, key1, key2)
+
     def sample_(self, noise: Sequence[Tensor], params: Sequence[Tensor], hess: Sequence[Tensor], *, ess: float,
                 weight_decay: float) -> None:
+        scalars: dict[torch.dtype, list[Tensor]] = {}
         for n, p, h in zip(noise, params, hess):
-            ess_t, wd_t = (torch.tensor(v, dtype=n.dtype) for v in (ess, weight_decay))
+            ess_t, wd_t = _scalars(scalars, n.dtype, ess, weight_decay)
             self._compiled["_sample"](_flat(n), _flat(p), _flat(h), ess_t, wd_t)
 
     def sample_counter_(self, out: Sequence[Tensor], params: Sequence[Tensor], hess: Sequence[Tensor],
                         keys: Sequence[tuple[Tensor, Tensor]], *, ess: float, weight_decay: float) -> None:
+        scalars: dict[torch.dtype, list[Tensor]] = {}
         for n, p, h, (k1, k2) in zip(out, params, hess, keys):
-            ess_t, wd_t = (torch.tensor(v, dtype=n.dtype) for v in (ess, weight_decay))
+            ess_t, wd_t = _scalars(scalars, n.dtype, ess, weight_decay)
             self._compiled["_sample_counter"](_flat(n), _flat(p), _flat(h), ess_t, wd_t, k1, k2)
 
     def stat_(self, samples: Sequence[Tensor], means: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -149,8 +166,9 @@ class FusedKernels:
         lr_eff = lr * (hess_init + weight_decay) if rescale_lr else lr
         dtype = hess[0].dtype
         scalars = [torch.tensor(v, dtype=dtype) for v in (lr_eff, ess, beta1, beta2, weight_decay, clip_radius)]
+        debias_t = {d: torch.tensor(d, dtype=dtype) for d in set(debias)}
         for i, (p, g, s, m, h, d, th) in enumerate(zip(params, grads, stats, momentum, hess, debias, theta)):
-            args = (_flat(p), _flat(g), _flat(s), _flat(m), _flat(h), torch.tensor(d, dtype=dtype), *scalars)
+            args = (_flat(p), _flat(g), _flat(s), _flat(m), _flat(h), debias_t[d], *scalars)
             if keys is not None:
                 self._compiled["_update_next"](*args, price, th, *keys[i])
             elif th:

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from ivon_core import _functional as F
-from ivon_core._fused import split
-from ivon_core.noise import counter_keys, fill_counter_many_
+from ivon_core._fused import MIN_NUMEL, split
+from ivon_core.noise import counter_keys, draw_segments, fill_counter_many_
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -33,7 +33,8 @@ class SamplingStage:
                 by_group.append((group, ps, noise, self._fusable(noise, ps)))
         # noise="counter": one key pair per tensor (whether fused or not, so that fused and unfused runs agree), those
         # that the last step drew if they are for these tensors
-        keys = iter(self._counter_keys(sum(len(g[1]) for g in by_group)) if counter else [])
+        keys, reused = self._counter_keys(sum(len(g[1]) for g in by_group)) if counter else ([], False)
+        keys = iter(keys)
         group_keys = [[next(keys) if counter else None for _ in g[1]] for g in by_group]
         by_device: dict[torch.device, tuple[list[Tensor], list]] = {}
         for (_, _, noise, fused), ks in zip(by_group, group_keys):
@@ -45,7 +46,11 @@ class SamplingStage:
                     tensor_keys.append(k)
         for device, (noise, ks) in by_device.items():
             if counter:
-                fill_counter_many_(noise, ks)
+                draw = draw_segments  # compiled where the fused kernels are (and the draw is large enough to gain)
+                if (self._fused is not None and device.type == "cpu" and sum(n.numel() for n in noise) >= MIN_NUMEL
+                        and self._fused.ready(torch.float32, self.hess_approx == "price", True)):
+                    draw = self._fused.draw_segments
+                fill_counter_many_(noise, ks, draw=draw)
             else:
                 self._noise.fill_(noise, self._generator(device))
         for (group, ps, noise, fused), ks in zip(by_group, group_keys):
@@ -54,8 +59,8 @@ class SamplingStage:
             (fast_p, fast_n, fast_h, fast_k), (ps_, noise_, hess_, _) = split(fused, ps, noise, hess, ks)
             hyper = dict(ess=group["ess"], weight_decay=group["weight_decay"])
             if fast_p and counter:  # sample into the spare buffer itself: θ = m + σε, unless the last step did
-                todo = [self._buf[p].pop("prepared", None) != self._token(p, n, h, k, group)
-                        for p, n, h, k in zip(fast_p, fast_n, fast_h, fast_k)]
+                todo = [self._buf[p].pop("prepared", None) != self._token(p, n, h, group) or not reused
+                        for p, n, h in zip(fast_p, fast_n, fast_h)]
                 (fast_p, fast_n, fast_h, fast_k), _ = split(todo, fast_p, fast_n, fast_h, fast_k)
                 self._fused.sample_counter_(fast_n, [p.data for p in fast_p], fast_h, fast_k, **hyper)
             elif fast_p:
@@ -76,18 +81,19 @@ class SamplingStage:
                     p.data = (p.data.to(n.dtype) + n).to(p.dtype)
                 swapped.append(p)
 
-    def _counter_keys(self, count: int) -> list[tuple[Tensor, Tensor]]:
-        """Key pairs for ``count`` tensors: those drawn by the last step when it drew them for as many."""
+    def _counter_keys(self, count: int) -> tuple[list[tuple[Tensor, Tensor]], bool]:
+        """Key pairs for ``count`` tensors, and whether they are those the last step drew (and wrote samples with)."""
         pending, self._next_keys = self._next_keys, None
         if pending is None or len(pending) != count:
-            return counter_keys(count, self._generator(torch.device("cpu")))
-        return [(torch.tensor(a, dtype=torch.int32), torch.tensor(b, dtype=torch.int32)) for a, b in pending]
+            return counter_keys(count, self._generator(torch.device("cpu"))), False
+        return pending, True
 
     @staticmethod
-    def _token(p: Tensor, spare: Tensor, hess: Tensor, keys: tuple[Tensor, Tensor], group: dict) -> tuple:
-        """What a sample written ahead by the update kernel depends on; any change and it is drawn again."""
-        return (spare.data_ptr(), p.data_ptr(), p._version, hess.data_ptr(), hess._version, int(keys[0]),
-                int(keys[1]), group["ess"], group["weight_decay"])
+    def _token(p: Tensor, spare: Tensor, hess: Tensor, group: dict) -> tuple:
+        """What a sample written ahead by the update kernel depends on (besides its keys); any change and it is drawn
+        again."""
+        return (spare.data_ptr(), p.data_ptr(), p._version, hess.data_ptr(), hess._version, group["ess"],
+                group["weight_decay"])
 
     @staticmethod
     def _take_spare(buf: dict, p: Tensor, dtype: torch.dtype) -> Tensor:

@@ -8,7 +8,9 @@ thread the default generator (or the per-rank one) is used directly, drawing ten
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,9 +72,26 @@ def fill_counter_(t: Tensor, key1: Tensor, key2: Tensor, chunk: int = 1 << 20) -
     return t
 
 
-def fill_counter_many_(tensors: list[Tensor], keys: list[tuple[Tensor, Tensor]], block: int = 1 << 20) -> None:
+def draw_segments(idx: Tensor, seg: Tensor, key1: Tensor, key2: Tensor) -> Tensor:
+    """Element j draws number ``idx[j]`` of the stream ``key1[seg[j]], key2[seg[j]]`` (many tensors in one draw)."""
+    return _normal_at(idx, key1[seg], key2[seg])
+
+
+@functools.lru_cache(maxsize=16)
+def _segment_index(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    # fixed for a model's tensors: built once, not at every sample
+    sizes_t = torch.tensor(sizes, device=device)
+    starts = torch.cumsum(sizes_t, 0) - sizes_t
+    seg = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
+    idx = (torch.arange(sum(sizes), device=device) - starts[seg]).to(torch.int32)
+    return idx, seg
+
+
+def fill_counter_many_(tensors: list[Tensor], keys: list[tuple[Tensor, Tensor]], block: int = 1 << 20,
+                       draw: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = draw_segments) -> None:
     """Fill same-device tensors, each with its keys' stream (as ``fill_counter_`` would, and as the fused kernel
-    does): tensors under ``block`` elements in one draw per block instead of one per tensor."""
+    does): tensors under ``block`` elements in one draw per block instead of one per tensor (``draw``: a compiled
+    ``draw_segments``, say)."""
     small: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []
     for t, k in zip(tensors, keys):
         if t.numel() >= block:
@@ -86,13 +105,11 @@ def fill_counter_many_(tensors: list[Tensor], keys: list[tuple[Tensor, Tensor]],
             take += 1
         batch, small = small[:take], small[take:]
         dev = batch[0][0].device
-        sizes = torch.tensor([t.numel() for t, _ in batch], device=dev)
-        starts = torch.cumsum(sizes, 0) - sizes
-        idx = torch.arange(size, dtype=torch.int32, device=dev) - torch.repeat_interleave(starts, sizes).int()
-        k1, k2 = (torch.repeat_interleave(torch.stack([k[j] for _, k in batch]).to(dev), sizes) for j in (0, 1))
-        flat = _normal_at(idx, k1, k2)
-        torch._foreach_copy_([t for t, _ in batch],
-                             [v.view(t.shape) for v, (t, _) in zip(flat.split(sizes.tolist()), batch)])
+        sizes = [t.numel() for t, _ in batch]
+        idx, seg = _segment_index(tuple(sizes), dev)
+        k1, k2 = (torch.stack([k[j] for _, k in batch]).to(dev) for j in (0, 1))
+        flat = draw(idx, seg, k1, k2)
+        torch._foreach_copy_([t for t, _ in batch], [v.view(t.shape) for v, (t, _) in zip(flat.split(sizes), batch)])
 
 
 def counter_keys(count: int, generator: torch.Generator | None) -> list[tuple[Tensor, Tensor]]:

@@ -127,7 +127,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         self.noise = noise
         # noise="counter": the keys of the next sample, drawn at step() so that the fused update kernels can write
         # that sample (saved with the state: a resumed run draws the same sample)
-        self._next_keys: list[list[int]] | None = None
+        self._next_keys: list[tuple[Tensor, Tensor]] | None = None
 
     def _fusable(self, tensors: list[Tensor], partners: list[Tensor]) -> list[bool]:
         """Which tensors the compiled kernels take (large CPU float tensors whose partner has their dtype)."""
@@ -177,7 +177,8 @@ class IVON(SamplingStage, torch.optim.Optimizer):
             "hess_approx": self.hess_approx, "mc_samples": self.mc_samples, "debias": self.debias,
             "rescale_lr": self.rescale_lr,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
-            "noise": self._noise.state(), "noise_kind": self.noise, "next_keys": self._next_keys,
+            "noise": self._noise.state(), "noise_kind": self.noise,
+            "next_keys": None if self._next_keys is None else [[int(a), int(b)] for a, b in self._next_keys],
         }
         return sd
 
@@ -201,7 +202,9 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         self._generators.clear()
         if "noise" in extra:
             self._noise.load(extra["noise"])
-        self._next_keys = extra.get("next_keys")
+        pending = extra.get("next_keys")
+        self._next_keys = None if pending is None else [
+            (torch.tensor(a, dtype=torch.int32), torch.tensor(b, dtype=torch.int32)) for a, b in pending]
         for dev, gstate in extra.get("generators", {}).items():
             gen = torch.Generator(device=torch.device(dev))
             gen.set_state(gstate)
@@ -283,8 +286,8 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         nxt = None
         if self.noise == "counter":  # the next sample's keys, now: the fused update kernels write that sample
             trainable = [p for _, p in self._trainable()]
-            nxt = dict(zip(trainable, counter_keys(len(trainable), self._generator(torch.device("cpu")))))
-            self._next_keys = [[int(a), int(b)] for a, b in nxt.values()]
+            self._next_keys = counter_keys(len(trainable), self._generator(torch.device("cpu")))
+            nxt = dict(zip(trainable, self._next_keys))
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for _, p in collected:
                 self._settle(p, self._buf[p], grads[p])
@@ -315,7 +318,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                 keys = None if nxt is None else [nxt[p] for p in fast_ps]
                 self._fused.update_(*fast, **hyper, keys=keys)
                 for i, p in enumerate(fast_ps if keys else []):  # the stat buffer now holds the next sample
-                    self._buf[p]["prepared"] = self._token(p, fast[2][i], fast[4][i], keys[i], group)
+                    self._buf[p]["prepared"] = self._token(p, fast[2][i], fast[4][i], group)
             if rest[0]:
                 F.ivon_update(*rest[:5], rest[5], self._scratch, **hyper)
             for p, s in zip(ps, stats):

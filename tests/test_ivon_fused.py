@@ -13,14 +13,17 @@ from ivon_core import IVON
 from ivon_core._fused import MIN_NUMEL
 
 
-def _model(dtype=torch.float32):
+def _model(dtype=torch.float32, deep=0):
     torch.manual_seed(0)
-    # the 512x160 weight is above MIN_NUMEL (fused); the rest stay on the multi-tensor path
-    return nn.Sequential(nn.Linear(20, 512), nn.Tanh(), nn.Linear(512, 160), nn.Tanh(), nn.Linear(160, 3)).to(dtype)
+    # the 512x160 weight is above MIN_NUMEL (fused); the rest stay on the multi-tensor path (deep=3: small tensors of
+    # more than MIN_NUMEL elements together, drawn by the compiled draw)
+    hidden = [m for _ in range(deep) for m in (nn.Linear(160, 160), nn.Tanh())]
+    return nn.Sequential(nn.Linear(20, 512), nn.Tanh(), nn.Linear(512, 160), nn.Tanh(), *hidden,
+                         nn.Linear(160, 3)).to(dtype)
 
 
-def _train(fused, steps=25, dtype=torch.float32, mc_samples=1, **kw):
-    model = _model(dtype)
+def _train(fused, steps=25, dtype=torch.float32, mc_samples=1, deep=0, **kw):
+    model = _model(dtype, deep)
     opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, mc_samples=mc_samples,
                fused=fused, **kw)
     g = torch.Generator().manual_seed(3)
@@ -48,12 +51,15 @@ def _max_rel(a, b):
     {"noise": "counter"},
     {"noise": "counter", "hess_approx": "gradsq", "mc_samples": 2},
     {"noise": "counter", "dtype": torch.float64},
+    {"noise": "counter", "deep": 3},
 ])
 def test_fused_matches_the_multi_tensor_path(kw):
     assert _model()[2].weight.numel() >= MIN_NUMEL
     ref_model, ref = _train(False, **kw)
     model, opt = _train(True, **kw)
     assert opt._fused is not None and not opt._fused.broken
+    small = sum(p.numel() for p in model.parameters() if p.numel() < MIN_NUMEL)
+    assert (small >= MIN_NUMEL) == (kw.get("deep", 0) == 3)
     # counter noise: the kernel's float32 draws may differ from the eager ones in the last bit (vectorized log)
     tol = 1e-10 if kw.get("dtype") == torch.float64 and "noise" not in kw else 2e-5
     assert _max_rel(list(model.parameters()), list(ref_model.parameters())) < tol
@@ -218,3 +224,23 @@ def test_fused_counter_noise_resumes_bitwise_across_the_written_sample(tmp_path)
     _, _, rest = _counter_run(4, opt2, model2)
     assert all(torch.equal(a, b) for a, b in zip(first + rest, ref_samples))
     assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))
+
+
+def test_the_compiled_draw_of_small_tensors_gives_each_tensor_its_own_stream():
+    from ivon_core._fused import FusedKernels
+    from ivon_core.noise import counter_keys, counter_normal, fill_counter_many_
+
+    k = FusedKernels()
+    assert k.ready(torch.float32, True, counter=True)
+    sizes = [40_000, 3, 25_000, 7_000, 1]  # more than MIN_NUMEL together, each below it
+    tensors = [torch.empty(n) for n in sizes]
+    keys = counter_keys(len(sizes), torch.Generator().manual_seed(4))
+    fill_counter_many_(tensors, keys, draw=k.draw_segments)
+    for t, (k1, k2) in zip(tensors, keys):
+        # the compiled kernel's vectorized log may differ from the eager one in the last bit
+        assert torch.allclose(t, counter_normal(t.numel(), k1, k2), rtol=1e-5, atol=1e-6)
+    again = [torch.empty(n) for n in sizes]
+    fill_counter_many_(again, keys, draw=k.draw_segments)  # the cached index serves the next draw
+    assert all(torch.equal(a, b) for a, b in zip(tensors, again))
+    fill_counter_many_(again, counter_keys(len(sizes), torch.Generator().manual_seed(5)), draw=k.draw_segments)
+    assert not any(torch.equal(a, b) for a, b in zip(tensors[:1], again[:1]))
