@@ -218,14 +218,19 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     plain = store.create_run("plain", {**mlp, "name": "plain"})
     block = store.create_run("block", {**mlp, "name": "block",
                                        "sensitivity": {"covariance": "optimizer_with_last_layer"}})
+    second = store.create_run("second", {**mlp, "name": "second",
+                                         "sensitivity": {"form": "second_order", "max_amplification": 2}})
     p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))
     assert p.wait(timeout=300) == 0
-    runs = (ll, kf, plain, block)
+    runs = (ll, kf, plain, block, second)
     assert all(store.get_run(r.id).status == "done" for r in runs)
     assert all(e.loo == e.loo and e.loo > 0 for r in runs for e in store.evaluations(r.id))
     # the same training (same seed), a different covariance: the head's exact block changes every LOO
     pairs = zip(store.evaluations(plain.id), store.evaluations(block.id))
     assert all(a.step == b.step and a.loo != b.loo for a, b in pairs)
+    # the second-order form adds a correction to the first-order deviation: a higher LOO at every evaluation
+    pairs = list(zip(store.evaluations(plain.id), store.evaluations(second.id)))
+    assert pairs and all(a.step == b.step and b.loo > a.loo for a, b in pairs)
 
     cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})
     data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)
@@ -236,3 +241,5 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     assert abs(store.evaluations(ll.id)[-1].loo - expected) < 1e-4 * max(1.0, expected)
     with pytest.raises(ConfigError, match="sensitivity.covariance"):
         parse_config({"sensitivity": {"covariance": "full"}})
+    with pytest.raises(ConfigError, match="sensitivity.max_amplification"):
+        parse_config({"sensitivity": {"form": "second_order", "max_amplification": 1.0}})

@@ -246,7 +246,8 @@ class Trainer:
         t = time.perf_counter()
         ids = D.shard(torch.arange(data.n) if sub is None else sub)  # under torchrun, this rank's examples
         res = compute_sensitivities(model, (data.xtr[ids], data.ytr[ids], ids), self._variance(model, opt, data),
-                                    form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size)
+                                    form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size,
+                                    max_amplification=self.cfg.sensitivity.max_amplification)
         res = D.gather_result(res)
         if res is None:  # not rank 0: its shard was sent there
             return None
