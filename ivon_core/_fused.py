@@ -90,6 +90,7 @@ class FusedKernels:
     def __init__(self) -> None:
         self._compiled: dict[str, object] = {}
         self._ready: set[tuple[torch.dtype, bool, bool]] = set()
+        self._draw = None
         self.broken = False
 
     def usable(self, t: Tensor) -> bool:
@@ -105,8 +106,7 @@ class FusedKernels:
         try:
             if not self._compiled:
                 self._compiled = {f.__name__: torch.compile(f, dynamic=True)
-                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta, _update_next,
-                                            draw_segments)}
+                                  for f in (_sample, _sample_counter, _stat, _update, _update_theta, _update_next)}
             # at a realistic size: inductor sizes its threading to the example (64 elements: one thread)
             x = [torch.ones(MIN_NUMEL * 4, dtype=dtype) for _ in range(5)]
             # distinct scalars: one tensor passed twice would compile an aliasing guard
@@ -117,9 +117,6 @@ class FusedKernels:
                 self._compiled["_sample_counter"](x[0], x[1], x[2], c[2], c[5], *keys)
                 for theta in (True, False) if price else (False,):
                     self._compiled["_update_next"](*x, *c, price, theta, *keys)
-                seg = torch.arange(len(x[0]), dtype=torch.int64) % 3
-                self._compiled["draw_segments"](x[0].int(), seg, *(torch.tensor([v, 5, 6], dtype=torch.int32)
-                                                                    for v in (1, 2)))
             else:
                 self._compiled["_sample"](x[0], x[1], x[2], c[2], c[5])
                 self._compiled["_update"](*x, *c, price)
@@ -134,8 +131,18 @@ class FusedKernels:
         return True
 
     def draw_segments(self, idx: Tensor, seg: Tensor, key1: Tensor, key2: Tensor) -> Tensor:
-        """The counter draws of small tensors, many at once (``noise.fill_counter_many_``'s ``draw``)."""
-        return self._compiled["draw_segments"](idx, seg, key1, key2)
+        """The counter draws of small tensors, many at once (``noise.fill_counter_many_``'s ``draw``), compiled at the
+        first call (at its real size); where that fails, warn once and draw eagerly."""
+        if self._draw is None:
+            self._draw = torch.compile(draw_segments, dynamic=True)
+        if self._draw is not draw_segments:
+            try:
+                return self._draw(idx, seg, key1, key2)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager draw
+                self._draw = draw_segments
+                warnings.warn(f"IVON(fused=True): compiling the noise draw failed ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); drawing eagerly", RuntimeWarning, stacklevel=3)
+        return draw_segments(idx, seg, key1, key2)
 
     def sample_(self, noise: Sequence[Tensor], params: Sequence[Tensor], hess: Sequence[Tensor], *, ess: float,
                 weight_decay: float) -> None:

@@ -46,9 +46,8 @@ class SamplingStage:
                     tensor_keys.append(k)
         for device, (noise, ks) in by_device.items():
             if counter:
-                draw = draw_segments  # compiled where the fused kernels are (and the draw is large enough to gain)
-                if (self._fused is not None and device.type == "cpu" and sum(n.numel() for n in noise) >= MIN_NUMEL
-                        and self._fused.ready(torch.float32, self.hess_approx == "price", True)):
+                draw = draw_segments  # compiled with the fused kernels, where the draw is large enough to gain
+                if self._fused is not None and device.type == "cpu" and sum(n.numel() for n in noise) >= MIN_NUMEL:
                     draw = self._fused.draw_segments
                 fill_counter_many_(noise, ks, draw=draw)
             else:

@@ -85,15 +85,17 @@ def test_fused_rejects_a_non_bool():
         IVON(_model().parameters(), lr=0.1, ess=10, fused="yes")
 
 
-def test_a_failed_compilation_warns_and_falls_back(tmp_path):
-    # a C++ compiler that does not exist: inductor cannot build, the optimizer must still train
+@pytest.mark.parametrize("noise", ["torch", "counter"])
+def test_a_failed_compilation_warns_and_falls_back(tmp_path, noise):
+    # a C++ compiler that does not exist: inductor cannot build, the optimizer must still train (counter: the
+    # small tensors' compiled draw fails over to the eager one as well)
     script = textwrap.dedent("""
         import warnings, torch
         from torch import nn
         from ivon_core import IVON
         torch.manual_seed(0)
-        model = nn.Linear(512, 256)
-        opt = IVON(model.parameters(), lr=0.05, ess=64, fused=True)
+        model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 200), nn.Linear(200, 100))
+        opt = IVON(model.parameters(), lr=0.05, ess=64, fused=True, noise=NOISE)
         x = torch.randn(8, 512)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -103,10 +105,12 @@ def test_a_failed_compilation_warns_and_falls_back(tmp_path):
                     model(x).square().mean().backward()
                 opt.step()
         assert opt._fused.broken
-        assert any("fused" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        said = [str(w.message) for w in caught]
+        assert any("fused kernels failed" in m for m in said), said
+        assert (NOISE == "counter") == any("noise draw failed" in m for m in said), said
         assert all(torch.isfinite(p).all() for p in model.parameters())
         print("FELL BACK")
-    """)
+    """).replace("NOISE", repr(noise))
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "CC": str(tmp_path / "no-such-compiler"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -228,10 +232,9 @@ def test_fused_counter_noise_resumes_bitwise_across_the_written_sample(tmp_path)
 
 def test_the_compiled_draw_of_small_tensors_gives_each_tensor_its_own_stream():
     from ivon_core._fused import FusedKernels
-    from ivon_core.noise import counter_keys, counter_normal, fill_counter_many_
+    from ivon_core.noise import counter_keys, counter_normal, draw_segments, fill_counter_many_
 
     k = FusedKernels()
-    assert k.ready(torch.float32, True, counter=True)
     sizes = [40_000, 3, 25_000, 7_000, 1]  # more than MIN_NUMEL together, each below it
     tensors = [torch.empty(n) for n in sizes]
     keys = counter_keys(len(sizes), torch.Generator().manual_seed(4))
@@ -242,5 +245,6 @@ def test_the_compiled_draw_of_small_tensors_gives_each_tensor_its_own_stream():
     again = [torch.empty(n) for n in sizes]
     fill_counter_many_(again, keys, draw=k.draw_segments)  # the cached index serves the next draw
     assert all(torch.equal(a, b) for a, b in zip(tensors, again))
+    assert k._draw is not None and k._draw is not draw_segments  # drawn by the compiled kernel
     fill_counter_many_(again, counter_keys(len(sizes), torch.Generator().manual_seed(5)), draw=k.draw_segments)
     assert not any(torch.equal(a, b) for a, b in zip(tensors[:1], again[:1]))
