@@ -377,6 +377,8 @@ def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "
     ``data``: (inputs, targets) tensors, or a DataLoader yielding (inputs, targets[, indices]).
     ``variance``: σ² per parameter (sequence in ``model.parameters()`` order, or mapping by name), or a
     covariance object (``DiagonalCovariance``, ``DenseCovariance``, ``KFACCovariance``).
+    ``form``: "auto", "first_order", "corrected", "second_order" or "diagonal" (module docstring);
+    ``max_amplification`` caps the corrected and second-order forms' correction.
     """
     parts = list(iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
                                     noise_var=noise_var, max_amplification=max_amplification, fast=fast))
