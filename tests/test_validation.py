@@ -70,3 +70,11 @@ def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):
         with pytest.raises(SystemExit):
             caps_main(["--caps", bad])
         assert "--caps" in capsys.readouterr().err
+    # the second-order form by name, with its cap
+    res, _, _ = estimate("ivon_b2", model, opt, split, 1e-3, ("second_order@1.5",))
+    second = compute_sensitivities(model, (split.xtr, split.ytr), var, form="second_order", max_amplification=1.5)
+    assert torch.equal(res["second_order@1.5"].deviations, second.deviations)
+    for flag, bad in (("--forms", "third_order"), ("--forms", "second_order@1"), ("--estimator", "kfac")):
+        with pytest.raises(SystemExit):
+            caps_main([flag, bad])
+        assert flag in capsys.readouterr().err
