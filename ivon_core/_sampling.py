@@ -58,8 +58,8 @@ class SamplingStage:
             (fast_p, fast_n, fast_h, fast_k), (ps_, noise_, hess_, _) = split(fused, ps, noise, hess, ks)
             hyper = dict(ess=group["ess"], weight_decay=group["weight_decay"])
             if fast_p and counter:  # sample into the spare buffer itself: θ = m + σε, unless the last step did
-                todo = [self._buf[p].pop("prepared", None) != self._token(p, n, h, group) or not reused
-                        for p, n, h in zip(fast_p, fast_n, fast_h)]
+                todo = [self._buf[p].pop("prepared", None) != self._token(p, n, h, k, group) or not reused
+                        for p, n, h, k in zip(fast_p, fast_n, fast_h, fast_k)]
                 (fast_p, fast_n, fast_h, fast_k), _ = split(todo, fast_p, fast_n, fast_h, fast_k)
                 self._fused.sample_counter_(fast_n, [p.data for p in fast_p], fast_h, fast_k, **hyper)
             elif fast_p:
@@ -88,11 +88,12 @@ class SamplingStage:
         return pending, True
 
     @staticmethod
-    def _token(p: Tensor, spare: Tensor, hess: Tensor, group: dict) -> tuple:
-        """What a sample written ahead by the update kernel depends on (besides its keys); any change and it is drawn
-        again."""
-        return (spare.data_ptr(), p.data_ptr(), p._version, hess.data_ptr(), hess._version, group["ess"],
-                group["weight_decay"])
+    def _token(p: Tensor, spare: Tensor, hess: Tensor, keys: tuple[Tensor, Tensor], group: dict) -> tuple:
+        """What a sample written ahead by the update kernel depends on; any change and it is drawn again. The keys
+        by identity: the pending key tensors live from the step to the sample (a tensor frozen or unfrozen in
+        between shifts which tensor gets which pair)."""
+        return (spare.data_ptr(), p.data_ptr(), p._version, hess.data_ptr(), hess._version, id(keys[0]),
+                group["ess"], group["weight_decay"])
 
     @staticmethod
     def _take_spare(buf: dict, p: Tensor, dtype: torch.dtype) -> Tensor:

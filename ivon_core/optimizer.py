@@ -318,7 +318,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                 keys = None if nxt is None else [nxt[p] for p in fast_ps]
                 self._fused.update_(*fast, **hyper, keys=keys)
                 for i, p in enumerate(fast_ps if keys else []):  # the stat buffer now holds the next sample
-                    self._buf[p]["prepared"] = self._token(p, fast[2][i], fast[4][i], group)
+                    self._buf[p]["prepared"] = self._token(p, fast[2][i], fast[4][i], keys[i], group)
             if rest[0]:
                 F.ivon_update(*rest[:5], rest[5], self._scratch, **hyper)
             for p, s in zip(ps, stats):

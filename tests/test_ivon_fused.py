@@ -193,8 +193,13 @@ def test_the_update_kernel_writes_the_next_sample_and_it_is_the_one_the_sampling
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
 
 
-def test_a_written_sample_is_redrawn_when_the_mean_or_ess_changed():
+def test_a_written_sample_is_redrawn_when_its_keys_mean_or_ess_changed():
     def edit(opt, model, i):
+        if i == 0:
+            model[4].bias.requires_grad_(False)
+        if i == 2:  # as many trainable tensors, but the large weight now takes the pending keys of another tensor
+            model[0].bias.requires_grad_(False)
+            model[4].bias.requires_grad_(True)
         if i == 3:
             with torch.no_grad():
                 model[2].weight.mul_(0.5)  # e.g. a user's weight surgery between steps
