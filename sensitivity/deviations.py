@@ -6,9 +6,6 @@ For example i with outputs f_i at the mean, residual e_i = ∂ℓ/∂f and Λ_i 
   second_order Δ_i = V_i (e_i + c_i), c_i = Λ_i V_i e_i  (the corrected form's series to two terms: two
                                                         first-order passes whatever K; ‖c_i‖ capped at
                                                         (max_amplification − 1) ‖e_i‖)
-  krylov       Δ_i = V_i x_i, x_i the least-squares solution of (I − Λ_i V_i) x = e_i in span{e_i, Λ_i V_i e_i}
-               (GMRES(2) on the corrected form's system, from the same two passes as second_order: exact for
-               K ≤ 3, where that span holds the solution; ‖x_i − e_i‖ capped at (max_amplification − 1) ‖e_i‖)
   diagonal     Δ_i = diag(V_i) ⊙ e_i                    (the MPE authors' form)
 LOO estimate = (1/N) Σ_i ℓ(y_i, f_i + Δ_i); sensitivity score ‖Δ_i‖_1 (diagonal: Σ_k |e_ik p_ik(1−p_ik) v_ikk|).
 
@@ -30,7 +27,7 @@ from sensitivity import layerwise
 from sensitivity.losses import Loss, get_loss
 from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
 
-FORMS = ("corrected", "first_order", "second_order", "krylov", "diagonal")
+FORMS = ("corrected", "first_order", "second_order", "diagonal")
 # "auto": corrected with a dense covariance, first order with diagonal or Kronecker-factored ones. docs/validation.md:
 # the correction is exact with the full covariance (LOO 1.08× the retrained truth) but amplifies the errors of
 # diagonal and K-FAC covariances (13× and 43× the truth) where their first-order form lands at 0.86× and 1.17×.
@@ -207,25 +204,6 @@ def series_correction(factor: Tensor, ve: Tensor, e: Tensor, max_amplification: 
     return c * scale[:, None], guarded
 
 
-def krylov_solution(factor: Tensor, e: Tensor, ve: Tensor, vu: Tensor, max_amplification: float
-                    ) -> tuple[Tensor, Tensor]:
-    """Δ = V x for x = a e + b u (u = ΛVe) minimizing ‖(I − ΛV) x − e‖, given Ve and Vu; returns (Δ, guarded).
-
-    The correction x − e is scaled down where ‖x − e‖ > (max_amplification − 1)‖e‖ (then ‖x‖ ≤ max_amplification
-    ‖e‖, as the corrected form's cap bounds it along each eigendirection).
-    """
-    lam = lambda v: (factor @ (factor.transpose(1, 2) @ v[:, :, None]))[:, :, 0]  # noqa: E731
-    u = lam(ve)
-    w = torch.stack([e - u, u - lam(vu)], 2)  # (I − ΛV) applied to e and u: (B, K, 2)
-    coef = (torch.linalg.pinv(w) @ e[:, :, None])[:, :, 0]  # rank-deficient where e and u are parallel
-    a, b = coef[:, :1], coef[:, 1:]
-    room = (max_amplification - 1.0) * torch.linalg.vector_norm(e, dim=1, keepdim=True)
-    excess = torch.linalg.vector_norm((a - 1.0) * e + b * u, dim=1, keepdim=True)
-    guarded = (excess > room)[:, 0]
-    s = torch.where(excess > room, room / excess.clamp_min(torch.finfo(e.dtype).tiny), torch.ones_like(excess))
-    return (1.0 + s * (a - 1.0)) * ve + s * b * vu, guarded
-
-
 class _Plan:
     """How a chunk is computed: covered layers by the per-layer route (``sensitivity.layerwise``), the remaining
     parameters generically. For V_i only Linear layers take the per-layer route: convolutions and norms are
@@ -303,12 +281,6 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
         ve = plan.first_order(x, logits, seen, e)
         c, guarded = series_correction(lossf.hessian_factor(logits_d), ve, e, max_amplification)
         return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None
-    if form == "krylov":
-        factor = lossf.hessian_factor(logits_d)
-        ve = plan.first_order(x, logits, seen, e)
-        vu = plan.first_order(x, logits, seen, (factor @ (factor.transpose(1, 2) @ ve[:, :, None]))[:, :, 0])
-        dev, guarded = krylov_solution(factor, e, ve, vu, max_amplification)
-        return logits_d, e, dev, guarded, None
     v = plan.variance(x, logits, seen)
     if form == "diagonal":
         return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v
@@ -341,7 +313,7 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
     model.eval()  # normalization layers use their running statistics; dropout is off
     try:
         for x, y, idx in _iter_chunks(data, chunk_size, model):
-            first = form in ("first_order", "second_order", "krylov")  # no V_i: parts by activations
+            first = form in ("first_order", "second_order")  # no V_i: parts by activations, not Jacobians
             if n_out is None and not first and plan.var_rest:
                 with torch.no_grad():
                     n_out = plan.f_all(params, x[0]).numel()
@@ -405,8 +377,8 @@ def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "
     ``data``: (inputs, targets) tensors, or a DataLoader yielding (inputs, targets[, indices]).
     ``variance``: σ² per parameter (sequence in ``model.parameters()`` order, or mapping by name), or a
     covariance object (``DiagonalCovariance``, ``DenseCovariance``, ``KFACCovariance``).
-    ``form``: "auto", "first_order", "corrected", "second_order", "krylov" or "diagonal" (module docstring);
-    ``max_amplification`` caps the corrected, second-order and Krylov forms' correction.
+    ``form``: "auto", "first_order", "corrected", "second_order" or "diagonal" (module docstring);
+    ``max_amplification`` caps the corrected and second-order forms' correction.
     """
     parts = list(iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
                                     noise_var=noise_var, max_amplification=max_amplification, fast=fast))
