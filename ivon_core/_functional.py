@@ -40,6 +40,9 @@ class Scratch:
 
     def __init__(self) -> None:
         self._flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # views per (device, dtype, shapes): slicing and viewing every tensor on every call costs more host time
+        # than the kernels on small models and on accelerators
+        self._views: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
 
     def like(self, tensors: list[Tensor]) -> list[Tensor]:
         return self.flat_like(tensors)[1]
@@ -47,18 +50,27 @@ class Scratch:
     def flat_like(self, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """One flat region and its views shaped like ``tensors``."""
         key = (tensors[0].device, tensors[0].dtype)
+        shapes = tuple(t.shape for t in tensors)
+        cached = self._views.get((key, shapes))
+        if cached is not None and cached[0]._base is self._flat.get(key):
+            return cached
         need = sum(t.numel() for t in tensors)
         flat = self._flat.get(key)
         if flat is None or flat.numel() < need:
             flat = self._flat[key] = torch.empty(need, device=key[0], dtype=key[1])
+            self._views = {k: v for k, v in self._views.items() if k[0] != key}
         out, pos = [], 0
         for t in tensors:
             out.append(flat[pos : pos + t.numel()].view(t.shape))
             pos += t.numel()
+        if len(self._views) >= 64:  # a bound for layouts that keep changing (parameters frozen and unfrozen)
+            self._views.clear()
+        self._views[(key, shapes)] = flat[:need], out
         return flat[:need], out
 
     def clear(self) -> None:
         self._flat.clear()
+        self._views.clear()
 
 
 def scale_noise(noise: list[Tensor], hess: list[Tensor], scratch: Scratch, *, ess: float, weight_decay: float,

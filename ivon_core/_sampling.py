@@ -22,22 +22,26 @@ def state_dtype(p: Tensor) -> torch.dtype:
 class SamplingStage:
     def _sample(self, swapped: list[Tensor]) -> None:
         counter = self.noise == "counter"
-        by_group: list[tuple[dict, list[Tensor], list[Tensor], list[bool]]] = []
+        by_group: list[tuple[dict, list[Tensor], list[Tensor], list[bool], list[dict], list[Tensor]]] = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.requires_grad]
+            if not ps:
+                continue
+            hess, bufs = [], []  # looked up once: tensor-keyed lookups are a visible share of host time
             for p in ps:
-                self._init_state(group, p)
-                self._claim_grad(p)
-            if ps:
-                noise = [self._take_spare(self._buf.setdefault(p, {}), p, state_dtype(p)) for p in ps]
-                by_group.append((group, ps, noise, self._fusable(noise, ps)))
+                hess.append(self._init_state(group, p)["hess"])
+                buf = self._buf.setdefault(p, {})
+                self._claim_grad(p, buf)
+                bufs.append(buf)
+            noise = [self._take_spare(buf, p, state_dtype(p)) for buf, p in zip(bufs, ps)]
+            by_group.append((group, ps, noise, self._fusable(noise, ps), bufs, hess))
         # noise="counter": one key pair per tensor (whether fused or not, so that fused and unfused runs agree), those
         # that the last step drew if they are for these tensors
         keys, reused = self._counter_keys(sum(len(g[1]) for g in by_group)) if counter else ([], False)
         keys = iter(keys)
         group_keys = [[next(keys) if counter else None for _ in g[1]] for g in by_group]
         by_device: dict[torch.device, tuple[list[Tensor], list]] = {}
-        for (_, _, noise, fused), ks in zip(by_group, group_keys):
+        for (_, _, noise, fused, _, _), ks in zip(by_group, group_keys):
             for n, f, k in zip(noise, fused, ks):
                 if (counter and not f) or (not counter and n.device.type == "cpu"):
                     # fused kernels draw their own counter noise; accelerators draw in scale_noise, a block a chunk
@@ -52,9 +56,8 @@ class SamplingStage:
                 fill_counter_many_(noise, ks, draw=draw)
             else:
                 self._noise.fill_(noise, self._generator(device))
-        for (group, ps, noise, fused), ks in zip(by_group, group_keys):
+        for (group, ps, noise, fused, bufs, hess), ks in zip(by_group, group_keys):
             dev = noise[0].device
-            hess = [self.state[p]["hess"] for p in ps]
             (fast_p, fast_n, fast_h, fast_k), (ps_, noise_, hess_, _) = split(fused, ps, noise, hess, ks)
             hyper = dict(ess=group["ess"], weight_decay=group["weight_decay"])
             if fast_p and counter:  # sample into the spare buffer itself: θ = m + σε, unless the last step did
@@ -70,8 +73,7 @@ class SamplingStage:
                 lean = [(p, n) for p, n in zip(ps_, noise_) if n.dtype == p.dtype]
                 if lean:
                     torch._foreach_add_([n for _, n in lean], [p.data for p, _ in lean])
-            for p, n in zip(ps, noise):
-                buf = self._buf[p]
+            for p, n, buf in zip(ps, noise, bufs):
                 buf["mean"] = p.data
                 if n.dtype == p.dtype:
                     p.data = n
@@ -102,9 +104,9 @@ class SamplingStage:
             spare = torch.empty(p.shape, dtype=dtype, device=p.device)
         return spare
 
-    def _claim_grad(self, p: Tensor) -> None:
+    def _claim_grad(self, p: Tensor, buf: dict | None = None) -> None:
         """Before a further sample, own the previous sample's gradient (it was only referenced)."""
-        buf = self._buf.get(p)
+        buf = self._buf.get(p) if buf is None else buf
         if not buf or "grad_ref" not in buf:
             return
         ref, version = buf.pop("grad_ref")

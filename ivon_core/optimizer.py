@@ -267,47 +267,53 @@ class IVON(SamplingStage, torch.optim.Optimizer):
             loss = torch.stack(losses).mean()
         if self._sampling:
             raise RuntimeError("step() called inside sampled_params; call it after the block")
-        collected = [(g, p) for g, p in self._trainable() if "stat" in self._buf.get(p, {})]
+        # (group, p, state, buffer) once per parameter: tensor-keyed lookups are a visible share of host time
+        collected = [(g, p, self.state[p], buf) for g, p in self._trainable()
+                     if "stat" in (buf := self._buf.get(p, {}))]
         if not collected:
             raise RuntimeError(
                 "step() found no sampled gradient: run forward and backward inside "
                 "`with optimizer.sampled_params(train=True):` before calling step(), or pass a closure"
             )
-        grads = {}
-        for _, p in collected:
-            buf = self._buf[p]
+        grads = []
+        for _, p, _, buf in collected:
             if "grad_acc" in buf:
-                grads[p] = buf.pop("grad_acc")
+                grads.append(buf.pop("grad_acc"))
             else:
                 ref, version = buf.pop("grad_ref")
                 if ref._version != version:
                     raise RuntimeError("a parameter's gradient was changed in place after its sample was collected")
-                grads[p] = ref if ref.dtype == state_dtype(p) else ref.to(state_dtype(p))
+                grads.append(ref if ref.dtype == state_dtype(p) else ref.to(state_dtype(p)))
         nxt = None
         if self.noise == "counter":  # the next sample's keys, now: the fused update kernels write that sample
             trainable = [p for _, p in self._trainable()]
             self._next_keys = counter_keys(len(trainable), self._generator(torch.device("cpu")))
             nxt = dict(zip(trainable, self._next_keys))
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for _, p in collected:
-                self._settle(p, self._buf[p], grads[p])
-            all_reduce_mean([grads[p] for _, p in collected] + [self._buf[p]["stat"] for _, p in collected])
+            for (_, p, _, buf), g in zip(collected, grads):
+                self._settle(p, buf, g)
+            all_reduce_mean(grads + [buf["stat"] for *_, buf in collected])
         for group in self.param_groups:
-            ps = [p for g, p in collected if g is group]
-            if not ps:
+            mine = [(c, g) for c, g in zip(collected, grads) if c[0] is group]
+            if not mine:
                 continue
-            steps = [self.state[p]["step"].add_(1.0) for p in ps]
+            ps = [c[1] for c, _ in mine]
+            sts = [c[2] for c, _ in mine]
+            bufs = [c[3] for c, _ in mine]
+            gs = [g for _, g in mine]
+            steps = [st["step"].add_(1.0) for st in sts]
             debias = [1.0 - group["beta1"] ** float(s) if self.debias else 1.0 for s in steps]
-            fused = self._fusable([p.data for p in ps], [self.state[p]["hess"] for p in ps])
-            for p, f in zip(ps, fused):
+            hess = [st["hess"] for st in sts]
+            fused = self._fusable([p.data for p in ps], hess)
+            for p, buf, g, f in zip(ps, bufs, gs, fused):
                 if not f:  # θ is kept only for tensors that the update kernel takes too; settle any other
-                    self._settle(p, self._buf[p], grads[p])
-            stats = [self._buf[p].pop("stat") for p in ps]
-            theta = [self._buf[p].pop("theta", None) for p in ps]
+                    self._settle(p, buf, g)
+            stats = [buf.pop("stat") for buf in bufs]
+            theta = [buf.pop("theta", None) for buf in bufs]
             if any(v is not None and p._version != v for p, v in zip(ps, theta)):
                 raise RuntimeError("a parameter's mean was changed in place between its sample and step()")
-            lists = ([p.data for p in ps], [grads[p] for p in ps], stats, [self.state[p]["momentum"] for p in ps],
-                     [self.state[p]["hess"] for p in ps], debias, [v is not None for v in theta])
+            lists = ([p.data for p in ps], gs, stats, [st["momentum"] for st in sts], hess, debias,
+                     [v is not None for v in theta])
             fast, rest = split(fused, *lists)
             hyper = dict(lr=group["lr"], ess=group["ess"], beta1=group["beta1"], beta2=group["beta2"],
                          weight_decay=group["weight_decay"], hess_init=group["hess_init"],
@@ -321,8 +327,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                     self._buf[p]["prepared"] = self._token(p, fast[2][i], fast[4][i], keys[i], group)
             if rest[0]:
                 F.ivon_update(*rest[:5], rest[5], self._scratch, **hyper)
-            for p, s in zip(ps, stats):
-                buf = self._buf[p]
+            for buf, s in zip(bufs, stats):
                 buf.pop("weight", None)
                 buf["spare"] = s
         return loss
