@@ -12,17 +12,24 @@ import torch
 from torch import Tensor
 
 # Temporaries never exceed this fraction of the tensors being updated (the largest single tensor excepted). On an
-# accelerator each chunk costs kernel launches, which dominate there: fewer, larger chunks.
+# accelerator each chunk costs ~20 multi-tensor launches, whose host time dominates below tens of millions of
+# parameters, so a chunk there is also allowed _CHUNK_MIN_ACCELERATOR elements: ResNet-18 (11.2M) on an H200 took
+# 2.14 ms per iteration in one chunk, 3.00 ms in chunks of 0.2 (AdamW: 1.08 ms), for 0.66 parameter copies more.
 _CHUNK_FRACTION = {"cpu": 0.125}
 _CHUNK_FRACTION_ACCELERATOR = 0.2
+_CHUNK_MIN_ACCELERATOR = 1 << 25
 
 
 def chunks(lists: Sequence[list[Tensor]], *extra: list) -> Iterator[tuple[list, ...]]:
     """Yield aligned slices of ``lists`` (and of plain per-tensor lists ``extra``) with bounded total numel."""
     first = lists[0]
     total = sum(t.numel() for t in first)
-    fraction = _CHUNK_FRACTION.get(first[0].device.type, _CHUNK_FRACTION_ACCELERATOR) if first else 1.0
-    budget = max(int(total * fraction), 1)
+    if not first:
+        return
+    device = first[0].device.type
+    budget = max(int(total * _CHUNK_FRACTION.get(device, _CHUNK_FRACTION_ACCELERATOR)), 1)
+    if device not in _CHUNK_FRACTION:
+        budget = max(budget, _CHUNK_MIN_ACCELERATOR)
     start, size = 0, 0
     for i, t in enumerate(first):
         size += t.numel()

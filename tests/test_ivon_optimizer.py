@@ -307,3 +307,17 @@ def test_parallel_noise_is_reproducible_and_standard_normal():
     assert float(a.mean()) == pytest.approx(0.0, abs=0.01) and float(a.std()) == pytest.approx(1.0, rel=0.01)
     with pytest.raises(ValueError, match="noise_threads"):
         IVON(nn.Linear(2, 2).parameters(), lr=0.1, ess=1.0, noise_threads=0)
+
+
+def test_chunks_bound_temporaries_by_a_fraction_with_a_floor_on_accelerators():
+    from ivon_core import _functional as F
+
+    def sizes(device, n, tensors):
+        ts = [torch.empty(n, device=device) for _ in range(tensors)]
+        return [sum(t.numel() for t in c[0]) for c in F.chunks([ts])]
+
+    assert sizes("cpu", 1000, 16) == [2000] * 8  # chunks of 0.125 of 16k elements
+    small = sizes("meta", 1 << 20, 11)  # ResNet-18-size on an accelerator: one chunk (launches dominate)
+    assert small == [11 << 20]
+    large = sizes("meta", 1 << 26, 40)  # 2.7G elements: chunks of about 0.2 of them
+    assert len(large) == 5 and sum(large) == 40 << 26 and max(large) <= 0.2 * (40 << 26) + (1 << 26)
