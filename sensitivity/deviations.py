@@ -6,6 +6,10 @@ For example i with outputs f_i at the mean, residual e_i = ∂ℓ/∂f and Λ_i 
   second_order Δ_i = V_i (e_i + c_i), c_i = Λ_i V_i e_i  (the corrected form's series to two terms: two
                                                         first-order passes whatever K; ‖c_i‖ capped at
                                                         (max_amplification − 1) ‖e_i‖)
+  rayleigh     Δ_i = V_i e_i + V_i u_i / (1 − d_i),     (the corrected form's series summed as a geometric series
+               u_i = Λ_i V_i e_i,                        along u_i, whose ratio is ΛV's Rayleigh quotient there:
+               d_i = u_iᵀ V_i u_i / u_iᵀ V_i e_i          the cost of second_order, exact where Λ_i has rank one,
+                                                         i.e. K = 2 or a binary loss; d_i capped at 1 − 1/A)
   diagonal     Δ_i = diag(V_i) ⊙ e_i                    (the MPE authors' form)
 LOO estimate = (1/N) Σ_i ℓ(y_i, f_i + Δ_i); sensitivity score ‖Δ_i‖_1 (diagonal: Σ_k |e_ik p_ik(1−p_ik) v_ikk|).
 
@@ -27,7 +31,8 @@ from sensitivity import layerwise
 from sensitivity.losses import Loss, get_loss
 from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
 
-FORMS = ("corrected", "first_order", "second_order", "diagonal")
+FORMS = ("corrected", "first_order", "second_order", "rayleigh", "diagonal")
+TWO_PASS_FORMS = ("second_order", "rayleigh")  # two first-order passes, no V_i
 # "auto": corrected with a dense covariance, first order with diagonal or Kronecker-factored ones. docs/validation.md:
 # the correction is exact with the full covariance (LOO 1.08× the retrained truth) but amplifies the errors of
 # diagonal and K-FAC covariances (13× and 43× the truth) where their first-order form lands at 0.86× and 1.17×.
@@ -204,6 +209,24 @@ def series_correction(factor: Tensor, ve: Tensor, e: Tensor, max_amplification: 
     return c * scale[:, None], guarded
 
 
+def rayleigh_ratio(factor: Tensor, ve: Tensor, vu: Tensor, max_amplification: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, d, guarded) for ``rayleigh``: u = Λ V e, d = uᵀVu / uᵀVe capped at 1 − 1/max_amplification.
+
+    With Λ = L Lᵀ, uᵀVe = ‖Lᵀ V e‖² ≥ 0 and uᵀVu ≥ 0, so d ≥ 0; where uᵀVe vanishes so does u (d = 0).
+    ``vu`` is V u from the second pass; pass ``None`` to get u alone (d and guarded are then empty).
+    """
+    lt_ve = factor.transpose(1, 2) @ ve[:, :, None]
+    u = (factor @ lt_ve)[:, :, 0]
+    if vu is None:
+        return u, u.new_empty(0), u.new_empty(0, dtype=torch.bool)
+    den = (lt_ve[:, :, 0] ** 2).sum(1)
+    num = (u * vu).sum(1)
+    tiny = torch.finfo(u.dtype).tiny
+    d = torch.where(den > tiny, num / den.clamp_min(tiny), torch.zeros_like(den)).clamp_min(0.0)
+    cap = 1.0 - 1.0 / max_amplification
+    return u, d.clamp(max=cap), d > cap
+
+
 class _Plan:
     """How a chunk is computed: covered layers by the per-layer route (``sensitivity.layerwise``), the remaining
     parameters generically. For V_i only Linear layers take the per-layer route: convolutions and norms are
@@ -281,6 +304,13 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
         ve = plan.first_order(x, logits, seen, e)
         c, guarded = series_correction(lossf.hessian_factor(logits_d), ve, e, max_amplification)
         return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None
+    if form == "rayleigh":
+        factor = lossf.hessian_factor(logits_d)
+        ve = plan.first_order(x, logits, seen, e)
+        u, _, _ = rayleigh_ratio(factor, ve, None, max_amplification)
+        vu = plan.first_order(x, logits, seen, u)
+        _, d, guarded = rayleigh_ratio(factor, ve, vu, max_amplification)
+        return logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None
     v = plan.variance(x, logits, seen)
     if form == "diagonal":
         return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v
@@ -313,7 +343,7 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
     model.eval()  # normalization layers use their running statistics; dropout is off
     try:
         for x, y, idx in _iter_chunks(data, chunk_size, model):
-            first = form in ("first_order", "second_order")  # no V_i: parts by activations, not Jacobians
+            first = form == "first_order" or form in TWO_PASS_FORMS  # no V_i: parts by activations, not Jacobians
             if n_out is None and not first and plan.var_rest:
                 with torch.no_grad():
                     n_out = plan.f_all(params, x[0]).numel()
@@ -377,8 +407,8 @@ def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "
     ``data``: (inputs, targets) tensors, or a DataLoader yielding (inputs, targets[, indices]).
     ``variance``: σ² per parameter (sequence in ``model.parameters()`` order, or mapping by name), or a
     covariance object (``DiagonalCovariance``, ``DenseCovariance``, ``KFACCovariance``).
-    ``form``: "auto", "first_order", "corrected", "second_order" or "diagonal" (module docstring);
-    ``max_amplification`` caps the corrected and second-order forms' correction.
+    ``form``: "auto", "first_order", "corrected", "second_order", "rayleigh" or "diagonal" (module docstring);
+    ``max_amplification`` caps the corrected, second-order and Rayleigh forms' correction.
     """
     parts = list(iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
                                     noise_var=noise_var, max_amplification=max_amplification, fast=fast))

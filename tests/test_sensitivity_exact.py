@@ -10,7 +10,7 @@ from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovaria
 
 
 def _naive(model, x, y, sigma_dense):
-    """V_i = J_i Σ J_iᵀ from materialized Jacobians; Δ in the four forms (second order unguarded)."""
+    """V_i = J_i Σ J_iᵀ from materialized Jacobians; Δ in each form (unguarded)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
@@ -25,7 +25,12 @@ def _naive(model, x, y, sigma_dense):
     e = p - nn.functional.one_hot(y, p.shape[1])
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     eye = torch.eye(p.shape[1], dtype=v.dtype)
+    ve = v @ e[:, :, None]
+    u = lam @ ve
+    vu = v @ u
+    d = (u.transpose(1, 2) @ vu) / (u.transpose(1, 2) @ ve)
     return {
+        "rayleigh": (ve + vu / (1.0 - d))[:, :, 0],
         "first_order": (v @ e[:, :, None])[:, :, 0],
         "corrected": (v @ torch.linalg.solve(eye - lam @ v, e[:, :, None]))[:, :, 0],
         "second_order": (v @ (e[:, :, None] + lam @ v @ e[:, :, None]))[:, :, 0],
@@ -47,7 +52,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))])
-@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "diagonal"])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "rayleigh", "diagonal"])
 def test_forms_match_naive_jacobian_reference_in_float64(make, shape, form, device):
     model = make()
     x = torch.randn(25, *shape, dtype=torch.float64)
@@ -68,7 +73,7 @@ def test_dense_covariance_matches_naive_with_correlations():
     a = torch.randn(p, p, dtype=torch.float64) * 0.02
     sigma = a @ a.T + 0.01 * torch.eye(p, dtype=torch.float64)
     ref = _naive(model, x, y, sigma)
-    for form in ("first_order", "corrected", "second_order"):
+    for form in ("first_order", "corrected", "second_order", "rayleigh"):
         res = compute_sensitivities(model, (x, y), DenseCovariance(model, sigma), form=form, max_amplification=1e15)
         assert (res.deviations - ref[form]).abs().max() <= 1e-10
 
@@ -264,6 +269,33 @@ def test_second_order_guard_caps_the_correction_at_the_amplification_and_flags_t
     assert (res.deviations[res.guarded] - want).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("loss,k", [("cross_entropy", 2), ("binary_logistic", 1)])
+@pytest.mark.parametrize("var,cap", [(0.05, 1e15), (0.3, 3.0)])
+def test_rayleigh_equals_the_corrected_form_where_the_hessian_has_rank_one(loss, k, var, cap):
+    # Λ of rank one: ΛV has one nonzero eigenvalue, u lies along its eigenvector, and the series is geometric
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, k)).double()
+    x = torch.randn(60, 5, dtype=torch.float64) * 2
+    y = torch.randint(0, 2, (60,)) if loss == "cross_entropy" else torch.randint(0, 2, (60,)).double()
+    var = [torch.full_like(p, var) for p in model.parameters()]
+    ray = compute_sensitivities(model, (x, y), var, loss, form="rayleigh", max_amplification=cap)
+    cor = compute_sensitivities(model, (x, y), var, loss, form="corrected", max_amplification=cap)
+    assert (ray.deviations - cor.deviations).abs().max() <= 1e-10 * max(1.0, float(cor.deviations.abs().max()))
+    assert torch.equal(ray.guarded, cor.guarded)
+    # unguarded at the huge cap; at cap 3 the large variance makes the cap bind for some examples, not all
+    assert not ray.guarded.any() if cap > 10 else (ray.guarded.any() and not ray.guarded.all())
+
+
+def test_rayleigh_lies_between_the_first_order_and_the_corrected_form_along_u():
+    # with K = 4 the Rayleigh quotient d ≤ λ_max(ΛV): the geometric tail is a lower estimate of the exact one here
+    model = _mlp()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 4, (40,))
+    var = [torch.full_like(p, 0.2) for p in model.parameters()]
+    forms = {f: compute_sensitivities(model, (x, y), var, form=f, max_amplification=1e15).loo
+             for f in ("first_order", "second_order", "rayleigh", "corrected")}
+    assert forms["first_order"] < forms["second_order"] <= forms["rayleigh"] <= forms["corrected"]
+
+
 class _Shared(nn.Module):
     """One Linear layer applied twice: not rank one, must fall back to the generic route."""
 
@@ -277,7 +309,7 @@ class _Shared(nn.Module):
 
 
 @pytest.mark.parametrize("make,shape", [(_mlp, (5,)), (_cnn, (2, 6, 6)), (lambda: _Shared().double(), (5,))])
-@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "diagonal"])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "rayleigh", "diagonal"])
 @pytest.mark.parametrize("kind", ["diagonal", "kfac"])
 def test_rank_one_linear_route_equals_generic_route(make, shape, form, kind):
     from sensitivity import layerwise
@@ -318,7 +350,7 @@ def _resnet():
 
 
 @pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
-@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order"])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "rayleigh"])
 @pytest.mark.parametrize("kind", ["diagonal", "kfac", "block", "head"])
 def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind):
     from sensitivity import layerwise
