@@ -180,3 +180,23 @@ def test_memory_does_not_grow_with_n_over_a_large_stream():
         out = subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True)
         rss[n] = int(out.stdout.strip())
     assert rss[1_300_000] <= 1.1 * rss[130_000] + 20_000, rss
+
+
+def test_auto_form_and_cap_follow_the_covariance_and_bad_caps_are_refused():
+    from sensitivity.covariance import DenseCovariance
+
+    model = _model().double()
+    x, y = torch.randn(30, 4, dtype=torch.float64) * 3, torch.randint(0, 3, (30,))
+    var = _var(model, 0.5)  # large: the caps bind for some examples
+    auto = compute_sensitivities(model, (x, y), var)
+    assert auto.form == "rayleigh"
+    explicit = compute_sensitivities(model, (x, y), var, form="rayleigh", max_amplification=2.0)
+    assert torch.equal(auto.deviations, explicit.deviations) and auto.guarded.any()
+    dense = DenseCovariance(model, torch.diag(torch.cat([v.flatten() for v in var])))
+    auto = compute_sensitivities(model, (x, y), dense)
+    assert auto.form == "corrected"
+    explicit = compute_sensitivities(model, (x, y), dense, form="corrected", max_amplification=10.0)
+    assert torch.equal(auto.deviations, explicit.deviations)
+    for bad in (1.0, 0.5, "big", float("nan")):
+        with pytest.raises(ValueError, match="max_amplification"):
+            compute_sensitivities(model, (x, y), var, max_amplification=bad)

@@ -215,14 +215,15 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     kf = store.create_run("kf", {**base, "name": "kf", "model": {"name": "mlp", "hidden": [16]},
                                  "sensitivity": {"covariance": "kfac"}})
     mlp = {**base, "model": {"name": "mlp", "hidden": [16]}}
-    plain = store.create_run("plain", {**mlp, "name": "plain"})
+    plain = store.create_run("plain", {**mlp, "name": "plain", "sensitivity": {"form": "first_order"}})
     block = store.create_run("block", {**mlp, "name": "block",
                                        "sensitivity": {"covariance": "optimizer_with_last_layer"}})
     second = store.create_run("second", {**mlp, "name": "second",
                                          "sensitivity": {"form": "second_order", "max_amplification": 2}})
+    ray = store.create_run("ray", {**mlp, "name": "ray"})  # the default: rayleigh, capped at 2
     p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))
     assert p.wait(timeout=300) == 0
-    runs = (ll, kf, plain, block, second)
+    runs = (ll, kf, plain, block, second, ray)
     assert all(store.get_run(r.id).status == "done" for r in runs)
     assert all(e.loo == e.loo and e.loo > 0 for r in runs for e in store.evaluations(r.id))
     # the same training (same seed), a different covariance: the head's exact block changes every LOO
@@ -230,6 +231,9 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     assert all(a.step == b.step and a.loo != b.loo for a, b in pairs)
     # the second-order form adds a correction to the first-order deviation: a higher LOO at every evaluation
     pairs = list(zip(store.evaluations(plain.id), store.evaluations(second.id)))
+    assert pairs and all(a.step == b.step and b.loo > a.loo for a, b in pairs)
+    # the default Rayleigh form sums that correction's series: higher than the first order's at every evaluation
+    pairs = list(zip(store.evaluations(plain.id), store.evaluations(ray.id)))
     assert pairs and all(a.step == b.step and b.loo > a.loo for a, b in pairs)
 
     cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})

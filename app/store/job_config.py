@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -68,12 +68,15 @@ class OptimizerConfig(_Strict):
 
 class SensitivityConfig(_Strict):
     form: Literal["auto", "first_order", "corrected", "second_order", "rayleigh", "diagonal"] = Field(
-        "auto", description="auto: corrected with a dense covariance, first order otherwise; second_order: the "
+        "auto", description="auto: corrected with a dense covariance, rayleigh with the optimizer's σ², first order "
+        "otherwise; second_order: the "
         "corrected form's series to two terms (two first-order passes); rayleigh: that series summed as a geometric "
         "series at ΛV's Rayleigh quotient (the same two passes; exact for K = 2 and binary losses); how each tracks "
         "the retrained LOO: docs/validation.md and python -m worker.validation.caps")
-    max_amplification: float = Field(10.0, gt=1, description="the corrected, second-order and Rayleigh forms' cap on "
-                                     "how much the correction may amplify a residual")
+    max_amplification: Annotated[float, Field(gt=1)] | Literal["auto"] = Field(
+        "auto", description="the corrected, second-order and Rayleigh forms' cap on how much the correction may "
+        "amplify a residual; auto: 10 with a dense covariance (exact there), 2 otherwise (python -m "
+        "worker.validation.caps: 10 lets the errors of a diagonal σ² through)")
     covariance: Literal["optimizer", "optimizer_with_last_layer", "last_layer", "kfac"] = Field(
         "optimizer", description="optimizer: the optimizer's own σ² (IVON: 1/(N(h + δ))); optimizer_with_last_layer: "
         "that σ² for the body and an exact GGN Laplace for the last Linear layer, refitted at each evaluation; "
