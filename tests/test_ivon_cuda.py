@@ -6,6 +6,7 @@ from torch import nn
 
 from ivon_core import IVON, predict
 from ivon_core.noise import counter_normal
+from tests.test_ivon_optimizer import _train_steps as _train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,14 +20,6 @@ def _data(device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
     return x.to(device, dtype), y.to(device)
-
-
-def _train(model, opt, steps, x, y):
-    for _ in range(steps):
-        with opt.sampled_params(train=True):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def test_counter_noise_is_the_same_stream_on_cuda():
