@@ -1,7 +1,7 @@
 """Benchmark a full sensitivity pass against one training epoch and against the naive Jacobian route.
 
 All ratios come from one run: an epoch (forward, backward and IVON step at batch 128 over the same N examples),
-the first-order, corrected and second-order passes (the library's default chunking), the naive vmap(jacrev)
+the first-order, corrected, second-order and Rayleigh passes (the library's default chunking), the naive vmap(jacrev)
 reference, and the K-FAC fit (one MC direction); they take turns, median of the rounds.
 
     python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,layers]
@@ -118,6 +118,7 @@ def case(name, model, x, y, repeats, with_naive=True):
         "first": lambda: compute_sensitivities(model, (x, y), var, form="first_order"),
         "corr": lambda: compute_sensitivities(model, (x, y), var, form="corrected"),
         "second": lambda: compute_sensitivities(model, (x, y), var, form="second_order"),
+        "rayleigh": lambda: compute_sensitivities(model, (x, y), var, form="rayleigh"),
         "kfac": lambda: KFACCovariance.fit(model, (x, y), prior_precision=1.0, chunk_size=256),
     }
     params = dict(model.named_parameters())
@@ -136,6 +137,8 @@ def case(name, model, x, y, repeats, with_naive=True):
           f" (without the CPU's activation-bounded parts: {t['whole'] / t_epoch:.2f}x)"))
     print(f"   corrected     {t_corr / t_epoch:6.2f}x epoch")
     print(f"   second order  {t['second'] / t_epoch:6.2f}x epoch (the corrected form's series to two terms)")
+    print(f"   rayleigh      {t['rayleigh'] / t_epoch:6.2f}x epoch (that series summed geometrically; the default "
+          "with IVON's σ²)")
     if "head" in t:
         print(f"   last-layer Laplace fit {t['head'] / t_epoch:.2f}x epoch; IVON body + that head, whole first-order "
               f"pass {t['block'] / t_epoch:.2f}x")
