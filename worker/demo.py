@@ -32,7 +32,8 @@ def run_demo(epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, eval_e
     gen = torch.Generator().manual_seed(seed)
     n_flip = int(split.flipped.sum())
     out(f"digits: {split.n} training examples, {n_flip} labels flipped; MLP 64-128-10 with IVON "
-        f"(β2 = {opt.param_groups[0]['beta2']:.5f}); LOO estimate: IVON σ², first-order deviations")
+        f"(β2 = {opt.param_groups[0]['beta2']:.5f}); LOO estimate: IVON σ², the default deviation "
+        "(Rayleigh form, capped at 2)")
     out(f"{'epoch':>5} {'train NLL':>10} {'LOO est.':>9} {'test NLL':>9} {'test acc':>9} "
         f"{'flipped in top-' + str(n_flip):>18} {'eval s':>7}")
     history = []
