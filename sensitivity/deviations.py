@@ -64,7 +64,7 @@ def resolve_form(form: str, cov) -> str:
 
         if isinstance(cov, DenseCovariance):
             return "corrected"
-        return "rayleigh" if type(cov) is DiagonalCovariance else "first_order"
+        return "rayleigh" if isinstance(cov, DiagonalCovariance) else "first_order"
     if form not in FORMS:
         raise ValueError(f"Invalid form: {form!r} (must be 'auto' or one of {FORMS})")
     return form
@@ -215,13 +215,18 @@ def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification:
     return (v @ u)[:, :, 0], guarded
 
 
+def hessian_product(factor: Tensor, v: Tensor) -> Tensor:
+    """Λ v per example for Λ = L Lᵀ (``factor`` = L)."""
+    return (factor @ (factor.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
+
+
 def series_correction(factor: Tensor, ve: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
     """c = Λ V e (Λ = L Lᵀ, ``factor`` = L), scaled down where ‖c‖ > (max_amplification − 1)‖e‖; returns (c, guarded).
 
     Along an eigenvector of ΛV with eigenvalue d the two-term series amplifies e by 1 + d (the exact correction by
     1 / (1 − d)); the cap keeps d's effect at most max_amplification − 1, as the corrected form's cap does.
     """
-    c = (factor @ (factor.transpose(1, 2) @ ve[:, :, None]))[:, :, 0]
+    c = hessian_product(factor, ve)
     room = (max_amplification - 1.0) * torch.linalg.vector_norm(e, dim=1)
     norm = torch.linalg.vector_norm(c, dim=1)
     guarded = norm > room
@@ -229,22 +234,14 @@ def series_correction(factor: Tensor, ve: Tensor, e: Tensor, max_amplification: 
     return c * scale[:, None], guarded
 
 
-def rayleigh_ratio(factor: Tensor, ve: Tensor, vu: Tensor, max_amplification: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(u, d, guarded) for ``rayleigh``: u = Λ V e, d = uᵀVu / uᵀVe capped at 1 − 1/max_amplification.
-
-    With Λ = L Lᵀ, uᵀVe = ‖Lᵀ V e‖² ≥ 0 and uᵀVu ≥ 0, so d ≥ 0; where uᵀVe vanishes so does u (d = 0).
-    ``vu`` is V u from the second pass; pass ``None`` to get u alone (d and guarded are then empty).
-    """
-    lt_ve = factor.transpose(1, 2) @ ve[:, :, None]
-    u = (factor @ lt_ve)[:, :, 0]
-    if vu is None:
-        return u, u.new_empty(0), u.new_empty(0, dtype=torch.bool)
-    den = (lt_ve[:, :, 0] ** 2).sum(1)
-    num = (u * vu).sum(1)
+def rayleigh_quotient(u: Tensor, ve: Tensor, vu: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
+    """(d, guarded) for ``rayleigh``: d = uᵀVu / uᵀVe (u = Λ V e; ``ve``, ``vu`` = V e, V u), capped at
+    1 − 1/max_amplification. uᵀVe = ‖Lᵀ V e‖² ≥ 0 and uᵀVu ≥ 0, so d ≥ 0; where uᵀVe vanishes so does u (d = 0)."""
+    den, num = (u * ve).sum(1), (u * vu).sum(1)
     tiny = torch.finfo(u.dtype).tiny
     d = torch.where(den > tiny, num / den.clamp_min(tiny), torch.zeros_like(den)).clamp_min(0.0)
     cap = 1.0 - 1.0 / max_amplification
-    return u, d.clamp(max=cap), d > cap
+    return d.clamp(max=cap), d > cap
 
 
 class _Plan:
@@ -325,11 +322,10 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
         c, guarded = series_correction(lossf.hessian_factor(logits_d), ve, e, max_amplification)
         return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None
     if form == "rayleigh":
-        factor = lossf.hessian_factor(logits_d)
         ve = plan.first_order(x, logits, seen, e)
-        u, _, _ = rayleigh_ratio(factor, ve, None, max_amplification)
+        u = hessian_product(lossf.hessian_factor(logits_d), ve)
         vu = plan.first_order(x, logits, seen, u)
-        _, d, guarded = rayleigh_ratio(factor, ve, vu, max_amplification)
+        d, guarded = rayleigh_quotient(u, ve, vu, max_amplification)
         return logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None
     v = plan.variance(x, logits, seen)
     if form == "diagonal":
