@@ -235,6 +235,8 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     # the default Rayleigh form sums that correction's series: higher than the first order's at every evaluation
     pairs = list(zip(store.evaluations(plain.id), store.evaluations(ray.id)))
     assert pairs and all(a.step == b.step and b.loo > a.loo for a, b in pairs)
+    # each evaluation says what share of examples the cap bound (never, for the first order)
+    assert all(a.metrics["loo_capped"] == 0.0 and 0.0 <= b.metrics["loo_capped"] <= 1.0 for a, b in pairs)
 
     cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})
     data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)

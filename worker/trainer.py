@@ -262,6 +262,8 @@ class Trainer:
             metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})
             hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
+        # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
+        metrics["loo_capped"] = float(res.guarded.double().mean()) if len(res.guarded) else 0.0
         metrics["loo"] = res.loo
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
