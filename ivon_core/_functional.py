@@ -58,14 +58,14 @@ class Scratch:
         """One flat region and its views shaped like ``tensors``."""
         key = (tensors[0].device, tensors[0].dtype)
         shapes = tuple(t.shape for t in tensors)
-        cached = self._views.get((key, shapes))
-        if cached is not None and cached[0]._base is self._flat.get(key):
+        cached = self._views.get((key, shapes))  # entries of a key are dropped when its buffer grows
+        if cached is not None:
             return cached
         need = sum(t.numel() for t in tensors)
         flat = self._flat.get(key)
         if flat is None or flat.numel() < need:
             flat = self._flat[key] = torch.empty(need, device=key[0], dtype=key[1])
-            self._views = {k: v for k, v in self._views.items() if k[0] != key}
+            self._views = {k: v for k, v in self._views.items() if k[0] != key}  # they hold the old buffer
         out, pos = [], 0
         for t in tensors:
             out.append(flat[pos : pos + t.numel()].view(t.shape))
