@@ -5,6 +5,10 @@ the first-order, corrected, second-order and Rayleigh passes (the library's defa
 reference, and the K-FAC fit (one MC direction); they take turns, median of the rounds.
 
     python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,layers]
+                                [--system-malloc]
+
+The process keeps freed memory in its heap as the worker does (``worker.allocator``), for every arm alike;
+``--system-malloc`` measures with glibc's defaults instead.
 
 ``--cases layers``: the first-order pass on ResNet-18 (11M parameters) by the per-layer route against the generic
 per-example route, time and peak memory, each in a fresh process.
@@ -36,6 +40,7 @@ from sensitivity.covariance import (  # noqa: E402
     KFACCovariance,
     last_layer_params,
 )
+from worker.allocator import keep_heap  # noqa: E402
 from worker.models import mlp, resnet20  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -189,8 +194,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--n-cnn", type=int, default=None, help="examples for the ResNet-20 cases (default 512; quick 128)")
     ap.add_argument("--cases", default="mlp10,mlp100,resnet10,resnet100", help="comma-separated subset to run")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's defaults, not the worker's heap setting")
     ap.add_argument("--layers-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    heap = not args.system_malloc and keep_heap()
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.layers_child is not None:
@@ -199,7 +206,7 @@ def main() -> None:
     reps = 1 if args.quick else 3
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; goals at K=10: first order <= 2.5x, "
+    print(f"torch {torch.__version__}, {where}, {'heap kept' if heap else 'glibc malloc defaults'}; goals at K=10: first order <= 2.5x, "
           "corrected <= 4x an epoch, >= 5x faster than naive, K-FAC fit <= 1x")
     n_mlp = 1024 if args.quick else 4096
     cases = set(args.cases.split(","))

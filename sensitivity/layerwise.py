@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
+from sensitivity.forward_mode import fast_rules
 from sensitivity.variance import DiagonalCovariance
 
 
@@ -228,17 +229,24 @@ def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
     return blocks
 
 
+def _with_tangent(out: Tensor, t: Tensor) -> Tensor:
+    """``out`` with ``t`` added to its forward-mode tangent (no pass over the primal)."""
+    primal, tangent = fwAD.unpack_dual(out)
+    return fwAD.make_dual(primal, t if tangent is None else tangent + t)
+
+
 @contextmanager
-def _capture(blocks: list, eps: dict[str, Tensor] | None = None):
-    """Record each block's input and output (and add ``eps`` to its output); refuse layers called twice."""
+def _capture(blocks: list, tangents: dict[str, Tensor] | None = None):
+    """Record each block's input and output (and add ``tangents`` to its output's tangent, inside a dual level);
+    refuse layers called twice."""
     seen: dict[str, dict] = {}
 
     def hook(block):
         def fn(mod, inp, out):
             if block.name in seen or inp[0].ndim not in block.ndim:
                 raise Reused(block.name)
-            if eps is not None:
-                out = out + eps[block.name]
+            if tangents is not None:
+                out = _with_tangent(out, tangents[block.name])
             seen[block.name] = {"a": inp[0].detach(), "z": out}
             return out
         return fn
@@ -272,8 +280,7 @@ def first_order(model: nn.Module, blocks: list, x: Tensor, logits: Tensor, seen,
     """Σ_blocks J_{f←z} u with u the output perturbation of Σ J_iᵀ e_i (B, K), by one forward-mode pass."""
     tangents = {b.name: b.tangent(seen[b.name]["a"], d) for b, d in zip(blocks, deltas(logits, seen, blocks, e))}
     with fwAD.dual_level(), torch.no_grad():  # no autograd graph: torch.func.jvp here took 3x longer
-        eps = {k: fwAD.make_dual(torch.zeros_like(t), t) for k, t in tangents.items()}
-        with _capture(blocks, eps):
+        with _capture(blocks, tangents), fast_rules(model):
             out = fwAD.unpack_dual(model(x)).tangent
     return torch.zeros_like(logits).detach() if out is None else out
 

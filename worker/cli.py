@@ -178,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from app.store.engine import StoreError
+    from worker.allocator import keep_heap
 
     args = build_parser().parse_args(argv)
     try:
+        keep_heap()  # training and sensitivity passes reuse large buffers: keep them out of page faults
         return args.func(args)
     except (ValueError, FileNotFoundError, StoreError) as err:
         print(f"ivon-diag {args.command}: error: {err}", file=sys.stderr)

@@ -1,0 +1,156 @@
+"""Forward-mode rules faster than PyTorch's for the layers a sensitivity pass pushes tangents through.
+
+In a sensitivity pass only activations carry tangents, never parameters. PyTorch's rules still pay for parameter
+tangents as zero tensors: a convolution's JVP runs three convolutions (the primal, the input's tangent, and one
+with a zero weight), a Linear's two extra matrix products; its GroupNorm JVP is a composite of a dozen elementwise
+passes (42% of the forward-mode time of a GroupNorm ResNet-20). The rules here skip absent tangents and fuse the
+normalization's (exact: equal to PyTorch's in float64 to rounding, tested).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class _GroupNorm(torch.autograd.Function):
+    """y = γ x̂ + β; ẏ = γ r (ẋ − mean_g ẋ − x̂ mean_g(x̂ ẋ)) + γ̇ x̂ + β̇, r = 1/σ per example and group."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float) -> Tensor:
+        n, c = x.shape[:2]
+        xhat, _, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel() if n else 1, groups, eps)
+        ctx.set_materialize_grads(False)  # absent tangents come as None, not as zeros to multiply
+        ctx.save_for_forward(xhat, rstd, weight)
+        ctx.groups = groups
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        out = xhat if weight is None else xhat * weight.view(shape)
+        return out if bias is None else out + bias.view(shape)
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, *_) -> Tensor:
+        xhat, rstd, weight = ctx.saved_tensors
+        n, c, g = xhat.shape[0], xhat.shape[1], ctx.groups
+        shape = (1, c) + (1,) * (xhat.ndim - 2)
+        out = torch.zeros_like(xhat)
+        if dx is not None:
+            hw = math.prod(xhat.shape[2:])
+            t, xh = dx.reshape(n, g, c // g, hw), xhat.reshape(n, g, c // g, hw)
+            size = t.shape[2] * hw
+            m1 = t.sum((2, 3), keepdim=True) / size
+            m2 = torch.linalg.vecdot(t.flatten(2), xh.flatten(2))[..., None, None] / size
+            scale = rstd.view(n, g, 1, 1)
+            if weight is not None:
+                scale = scale * weight.view(1, g, c // g, 1)
+            out = torch.addcmul(-(m1 * scale), t, scale).addcmul_(xh, m2 * scale, value=-1).view_as(xhat)
+        if dw is not None:
+            out = out + xhat * dw.view(shape)
+        if db is not None:
+            out = out + db.view(shape)
+        return out
+
+
+class _Affine(torch.autograd.Function):
+    """A layer affine in its input and its parameters, y = L_W(x) + b: ẏ = L_W(ẋ) + L_Ẇ(x) + ḃ."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, op) -> Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(x, weight)
+        ctx.op = op
+        out = op(x, weight, bias)
+        ctx.out_shape = out.shape
+        return out
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _) -> Tensor:
+        x, weight = ctx.saved_tensors
+        out = None if dx is None else ctx.op(dx, weight, None)
+        if dw is not None:
+            part = ctx.op(x, dw, None)
+            out = part if out is None else out + part
+        if out is None:
+            out = x.new_zeros(ctx.out_shape)
+        return out if db is None else ctx.op.bias(out, db)
+
+
+class _LinearOp:
+    def __call__(self, x, w, b):
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def bias(out, b):
+        return out + b
+
+
+class _ConvOp:
+    def __init__(self, m: nn.Conv2d):
+        self.args = (m.stride, m.padding, m.dilation, m.groups)
+
+    def __call__(self, x, w, b):
+        return torch.nn.functional.conv2d(x, w, b, *self.args)
+
+    @staticmethod
+    def bias(out, b):
+        return out + b.view(1, -1, *([1] * (out.ndim - 2)))
+
+
+class _BatchNormEval(torch.autograd.Function):
+    """With running statistics: y = (x − μ) r γ + β, ẏ = ẋ r γ + (x − μ) r γ̇ + β̇."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(x, weight, mean, var)
+        ctx.eps = eps
+        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, *_) -> Tensor:
+        x, weight, mean, var = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        r = torch.rsqrt(var + ctx.eps)
+        out = torch.zeros_like(x)
+        if dx is not None:
+            out = dx * (r if weight is None else r * weight).view(shape)
+        if dw is not None:
+            out = out + (x - mean.view(shape)) * (r * dw).view(shape)
+        if db is not None:
+            out = out + db.view(shape)
+        return out
+
+
+def _rule(m: nn.Module):
+    """The faster forward for ``m``, or None where PyTorch's rules stay (other layers, training-mode norms)."""
+    t = type(m)
+    if t is nn.GroupNorm:
+        return lambda x: _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps)
+    if t is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        op = _ConvOp(m)
+        return lambda x: _Affine.apply(x, m.weight, m.bias, op)
+    if t is nn.Linear:
+        op = _LinearOp()
+        return lambda x: _Affine.apply(x, m.weight, m.bias, op)
+    if t is nn.BatchNorm2d and not m.training and m.running_mean is not None:
+        return lambda x: _BatchNormEval.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+    return None
+
+
+@contextmanager
+def fast_rules(model: nn.Module):
+    """Inside: the model's Conv2d, Linear, GroupNorm and eval BatchNorm2d layers push tangents by the rules above
+    (for a forward-mode pass only)."""
+    patched = []
+    for m in model.modules():
+        rule = None if "forward" in m.__dict__ else _rule(m)
+        if rule is not None:
+            m.forward = rule
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
