@@ -4,11 +4,14 @@ All ratios come from one run: an epoch (forward, backward and IVON step at batch
 the first-order, corrected, second-order and Rayleigh passes (the library's default chunking), the naive vmap(jacrev)
 reference, and the K-FAC fit (one MC direction); they take turns, median of the rounds.
 
-    python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,layers]
+    python bench/sensitivity.py [--quick] [--device cuda] [--cases mlp10,mlp100,resnet10,resnet100,malloc,layers]
                                 [--system-malloc]
 
 The process keeps freed memory in its heap as the worker does (``worker.allocator``), for every arm alike;
 ``--system-malloc`` measures with glibc's defaults instead.
+
+``--cases malloc``: the ResNet-20 epoch and first-order pass alone in a fresh process, with glibc's default malloc and
+with the worker's heap setting (other arms in one process warm glibc's heap and hide the difference).
 
 ``--cases layers``: the first-order pass on ResNet-18 (11M parameters) by the per-layer route against the generic
 per-example route, time and peak memory, each in a fresh process.
@@ -174,6 +177,36 @@ def layers_child(fast: bool, n: int) -> None:
                       "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
 
 
+def malloc_child(n: int) -> None:
+    import json
+
+    torch.manual_seed(0)
+    model = resnet20(10).to(DEVICE)
+    x, y = torch.randn(n, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (n,), device=DEVICE)
+    opt = IVON(model.parameters(), lr=0.1, ess=n, hess_init=0.5)
+    var = list(opt.variances())
+    t = interleaved({"epoch": lambda: epoch(model, opt, x, y),
+                     "first": lambda: compute_sensitivities(model, (x, y), var, form="first_order")}, 3)
+    print(json.dumps(t))
+
+
+def malloc_case(n: int) -> None:
+    import json
+    import os
+    import subprocess
+
+    out = {}
+    for choice in ("system", "heap"):
+        run = subprocess.run([sys.executable, __file__, "--malloc-child", "--n-cnn", str(n)], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, IVON_DIAG_MALLOC=choice))
+        out[choice] = json.loads(run.stdout.strip().splitlines()[-1])
+    s, h = out["system"], out["heap"]
+    print(f"\nResNet-20 K = 10, N = {n}, fresh process each: glibc's defaults: epoch {s['epoch']:.3f} s, first order "
+          f"{s['first']:.3f} s ({s['first'] / s['epoch']:.2f}x); heap kept: epoch {h['epoch']:.3f} s, first order "
+          f"{h['first']:.3f} s ({h['first'] / h['epoch']:.2f}x); first order {s['first'] / h['first']:.2f}x faster, "
+          f"epoch {s['epoch'] / h['epoch']:.2f}x")
+
+
 def layers_case(n: int) -> None:
     import json
     import subprocess
@@ -196,12 +229,16 @@ def main() -> None:
     ap.add_argument("--cases", default="mlp10,mlp100,resnet10,resnet100", help="comma-separated subset to run")
     ap.add_argument("--system-malloc", action="store_true", help="glibc's defaults, not the worker's heap setting")
     ap.add_argument("--layers-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--malloc-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     heap = not args.system_malloc and keep_heap()
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.layers_child is not None:
         layers_child(bool(args.layers_child), args.n_cnn or 64)
+        return
+    if args.malloc_child:
+        malloc_child(args.n_cnn or 512)
         return
     reps = 1 if args.quick else 3
     torch.manual_seed(0)
@@ -221,6 +258,8 @@ def main() -> None:
             continue
         x, y = torch.randn(n_cnn, 3, 32, 32, device=DEVICE), torch.randint(0, k, (n_cnn,), device=DEVICE)
         case(f"ResNet-20 (GroupNorm) {k} classes", resnet20(k).to(DEVICE), x, y, reps, with_naive=k == 10)
+    if "malloc" in cases:
+        malloc_case(n_cnn)
     if "layers" in cases:
         layers_case(32 if args.quick else 64)
 

@@ -18,3 +18,13 @@ def test_load_bench_runs_without_errors():
     lines = [line for line in out.stdout.splitlines() if "clients" in line]
     assert len(lines) == 2 and all("errors 0, server exceptions 0" in line for line in lines), out.stdout
     assert all("each job ran once: True" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_sensitivity_bench_runs_without_errors():
+    out = subprocess.run([sys.executable, "bench/sensitivity.py", "--quick", "--cases", "mlp10,malloc", "--n-cnn",
+                          "32"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "heap kept;" in out.stdout  # the process-wide setting the worker uses took effect
+    for line in ("first order", "rayleigh", "naive (jacrev)", "glibc's defaults: epoch"):
+        assert line in out.stdout, out.stdout

@@ -3,8 +3,8 @@
 A sensitivity pass allocates and frees the same activation-sized tensors part after part, and training does so
 batch after batch. glibc returns freed memory at the top of its heap once it exceeds a trim threshold (128 KiB to
 64 MiB, adapted on the fly), so the next part page-faults it in again, zero-filled by the kernel. Measured on the
-2-core CI machine (``python bench/sensitivity.py --cases resnet10``, see the README): the first-order pass of a
-ResNet-20 took 2.44 s with glibc's defaults and 1.51 s with the settings here; the epoch it is compared with 0.52 s
+2-core CI machine (``python bench/sensitivity.py --cases malloc``, see the README): the first-order pass of a
+ResNet-20 took 2.44 s with glibc's defaults and 1.43 s with the settings here; the epoch it is compared with 0.53 s
 either way. The price: the process keeps up to ``trim_bytes`` of freed memory (its RSS does not shrink after a
 pass), the same trade PyTorch's CPU tuning guide makes by recommending jemalloc or tcmalloc.
 
