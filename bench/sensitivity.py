@@ -243,7 +243,8 @@ def main() -> None:
     reps = 1 if args.quick else 3
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, {'heap kept' if heap else 'glibc malloc defaults'}; goals at K=10: first order <= 2.5x, "
+    malloc = "heap kept" if heap else "glibc malloc defaults"
+    print(f"torch {torch.__version__}, {where}, {malloc}; goals at K=10: first order <= 2.5x, "
           "corrected <= 4x an epoch, >= 5x faster than naive, K-FAC fit <= 1x")
     n_mlp = 1024 if args.quick else 4096
     cases = set(args.cases.split(","))
