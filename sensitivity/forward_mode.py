@@ -16,6 +16,14 @@ import torch
 from torch import Tensor, nn
 
 
+def _total(parts: list[Tensor], like: Tensor) -> Tensor:
+    """The sum of a rule's tangent parts (some broadcast per channel), shaped like the output."""
+    out = parts[0] if parts[0].shape == like.shape else parts[0].expand_as(like).clone()
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
 class _GroupNorm(torch.autograd.Function):
     """y = γ x̂ + β; ẏ = γ r (ẋ − mean_g ẋ − x̂ mean_g(x̂ ẋ)) + γ̇ x̂ + β̇, r = 1/σ per example and group."""
 
@@ -35,7 +43,7 @@ class _GroupNorm(torch.autograd.Function):
         xhat, rstd, weight = ctx.saved_tensors
         n, c, g = xhat.shape[0], xhat.shape[1], ctx.groups
         shape = (1, c) + (1,) * (xhat.ndim - 2)
-        out = torch.zeros_like(xhat)
+        parts = []
         if dx is not None:
             hw = math.prod(xhat.shape[2:])
             t, xh = dx.reshape(n, g, c // g, hw), xhat.reshape(n, g, c // g, hw)
@@ -45,12 +53,12 @@ class _GroupNorm(torch.autograd.Function):
             scale = rstd.view(n, g, 1, 1)
             if weight is not None:
                 scale = scale * weight.view(1, g, c // g, 1)
-            out = torch.addcmul(-(m1 * scale), t, scale).addcmul_(xh, m2 * scale, value=-1).view_as(xhat)
+            parts.append(torch.addcmul(-(m1 * scale), t, scale).addcmul_(xh, m2 * scale, value=-1).view_as(xhat))
         if dw is not None:
-            out = out + xhat * dw.view(shape)
+            parts.append(xhat * dw.view(shape))
         if db is not None:
-            out = out + db.view(shape)
-        return out
+            parts.append(db.view(shape))
+        return _total(parts, xhat)
 
 
 class _Affine(torch.autograd.Function):
@@ -113,14 +121,14 @@ class _BatchNormEval(torch.autograd.Function):
         x, weight, mean, var = ctx.saved_tensors
         shape = (1, -1) + (1,) * (x.ndim - 2)
         r = torch.rsqrt(var + ctx.eps)
-        out = torch.zeros_like(x)
+        parts = []
         if dx is not None:
-            out = dx * (r if weight is None else r * weight).view(shape)
+            parts.append(dx * (r if weight is None else r * weight).view(shape))
         if dw is not None:
-            out = out + (x - mean.view(shape)) * (r * dw).view(shape)
+            parts.append((x - mean.view(shape)) * (r * dw).view(shape))
         if db is not None:
-            out = out + db.view(shape)
-        return out
+            parts.append(db.view(shape))
+        return _total(parts, x)
 
 
 def _rule(m: nn.Module):
