@@ -215,18 +215,12 @@ def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification:
     return (v @ u)[:, :, 0], guarded
 
 
-def hessian_product(factor: Tensor, v: Tensor) -> Tensor:
-    """Λ v per example for Λ = L Lᵀ (``factor`` = L)."""
-    return (factor @ (factor.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
-
-
-def series_correction(factor: Tensor, ve: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
-    """c = Λ V e (Λ = L Lᵀ, ``factor`` = L), scaled down where ‖c‖ > (max_amplification − 1)‖e‖; returns (c, guarded).
+def series_correction(c: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
+    """c = Λ V e, scaled down where ‖c‖ > (max_amplification − 1)‖e‖; returns (c, guarded).
 
     Along an eigenvector of ΛV with eigenvalue d the two-term series amplifies e by 1 + d (the exact correction by
     1 / (1 − d)); the cap keeps d's effect at most max_amplification − 1, as the corrected form's cap does.
     """
-    c = hessian_product(factor, ve)
     room = (max_amplification - 1.0) * torch.linalg.vector_norm(e, dim=1)
     norm = torch.linalg.vector_norm(c, dim=1)
     guarded = norm > room
@@ -319,11 +313,11 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
         return logits_d, e, plan.first_order(x, logits, seen, e), none_guarded, None
     if form == "second_order":
         ve = plan.first_order(x, logits, seen, e)
-        c, guarded = series_correction(lossf.hessian_factor(logits_d), ve, e, max_amplification)
+        c, guarded = series_correction(lossf.hessian_product(logits_d, ve), e, max_amplification)
         return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None
     if form == "rayleigh":
         ve = plan.first_order(x, logits, seen, e)
-        u = hessian_product(lossf.hessian_factor(logits_d), ve)
+        u = lossf.hessian_product(logits_d, ve)
         vu = plan.first_order(x, logits, seen, u)
         d, guarded = rayleigh_quotient(u, ve, vu, max_amplification)
         return logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None

@@ -90,6 +90,17 @@ class Loss:
         eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
         return eye.expand(logits.shape[0], -1, -1) / self.noise_var**0.5
 
+    def hessian_product(self, logits: Tensor, v: Tensor) -> Tensor:
+        """Λ_i v_i (N, K) in O(K) per example: p ⊙ v − p (pᵀv) for softmax (forming L_i took O(K²): at K = 100
+        it cost more than a first-order pass of an MLP)."""
+        if self.name == "cross_entropy":
+            p = torch.softmax(logits, -1)
+            return p * (v - (p * v).sum(1, keepdim=True))
+        if self.name == "binary_logistic":
+            p = torch.sigmoid(logits)
+            return p * (1 - p) * v
+        return v / self.noise_var
+
     def probs(self, logits: Tensor) -> Tensor | None:
         """Predictive probabilities for classification losses (N, K'), None for regression."""
         if self.name == "cross_entropy":

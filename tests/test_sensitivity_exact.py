@@ -398,3 +398,15 @@ def test_first_order_parts_on_a_cpu_follow_the_activation_budget_and_change_noth
     assert seen == [3, 3, 3, 1]
     assert torch.allclose(parts.deviations, whole.deviations, rtol=0, atol=1e-12)
     assert torch.equal(parts.indices, whole.indices)
+
+
+@pytest.mark.parametrize(("loss", "k"), [("cross_entropy", 7), ("binary_logistic", 1), ("squared_error", 3)])
+def test_closed_form_hessian_product_equals_the_factor_route(loss, k):
+    from sensitivity.losses import get_loss
+
+    torch.manual_seed(0)
+    lossf = get_loss(loss, noise_var=0.3)
+    logits, v = torch.randn(11, k, dtype=torch.float64) * 3, torch.randn(11, k, dtype=torch.float64)
+    factor = lossf.hessian_factor(logits)
+    expected = (factor @ (factor.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
+    torch.testing.assert_close(lossf.hessian_product(logits, v), expected, rtol=0, atol=1e-13)
