@@ -169,6 +169,19 @@ class BlockCovariance:
         return out
 
 
+def _patch_gram(u: Tensor, budget: int = 1 << 22) -> Tensor:
+    """Σ_b U_b U_bᵀ for U (B, D, T) (unfolded patches, or output gradients per position), a few examples per
+    batched product: the single product over (B·T, D) rows needs a transposed copy of U, which cost as much memory
+    traffic as the unfolding itself (ResNet-20 K-FAC fit: 3.75 s → 2.97 s)."""
+    b, d, _ = u.shape
+    step = max(1, budget // (d * d))
+    out = u.new_zeros(d, d)
+    for s in range(0, b, step):
+        blk = u[s : s + step]
+        out += torch.bmm(blk, blk.transpose(1, 2)).sum(0)
+    return out
+
+
 def _patch_means(mod: nn.Conv2d, a: Tensor) -> Tensor:
     """(B, C·kh·kw): each patch entry averaged over the output positions, as unfold(a).mean(2) without unfolding."""
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros" or mod.groups != 1:
@@ -277,31 +290,32 @@ class KFACCovariance:
         return self
 
     def _inputs(self, mod: nn.Module, a: Tensor) -> Tensor:
-        """Rows a_it, or ā_i under conv="reduce" (with a trailing 1 when the layer has a bias)."""
-        if isinstance(mod, nn.Conv2d) and self.conv == "reduce":
-            a = _patch_means(mod, a)
-        elif isinstance(mod, nn.Conv2d):
-            a = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C·kh·kw, T)
-            a = a.transpose(1, 2).reshape(-1, a.shape[1])
-        else:
-            a = a.reshape(-1, a.shape[-1])
+        """Rows ā_i under conv="reduce", a's rows for a Linear layer (with a trailing 1 when it has a bias)."""
+        a = _patch_means(mod, a) if isinstance(mod, nn.Conv2d) else a.reshape(-1, a.shape[-1])
         if mod.bias is not None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         return a
 
     def _accumulate_a(self, st: dict, mod: nn.Module, a: Tensor) -> None:
-        rows = self._inputs(mod, a)
         if isinstance(mod, nn.Conv2d) and self.conv == "expand":
-            st["T"] = rows.shape[0] // a.shape[0]
-        aa = rows.T @ rows
+            u = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C·kh·kw, T)
+            st["T"] = u.shape[2]
+            aa = _patch_gram(u)
+            if mod.bias is not None:  # the rows' trailing 1: sums of the patches and their count
+                s = u.sum((0, 2))
+                count = s.new_full((1,), float(u.shape[0] * u.shape[2]))
+                aa = torch.cat([torch.cat([aa, s[:, None]], 1), torch.cat([s, count])[None]], 0)
+        else:
+            rows = self._inputs(mod, a)
+            aa = rows.T @ rows
         st["A"] = aa if st["A"] is None else st["A"] + aa
 
     def _accumulate_g(self, st: dict, mod: nn.Module, g: Tensor) -> None:
-        if isinstance(mod, nn.Conv2d):
-            rows = g.sum((2, 3)) if self.conv == "reduce" else g.transpose(1, -1).reshape(-1, g.shape[1])
+        if isinstance(mod, nn.Conv2d) and self.conv == "expand":
+            gg = _patch_gram(g.reshape(g.shape[0], g.shape[1], -1))
         else:
-            rows = g.reshape(-1, g.shape[-1])
-        gg = rows.T @ rows
+            rows = g.sum((2, 3)) if isinstance(mod, nn.Conv2d) else g.reshape(-1, g.shape[-1])
+            gg = rows.T @ rows
         st["G"] = gg if st["G"] is None else st["G"] + gg
 
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:

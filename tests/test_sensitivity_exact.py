@@ -410,3 +410,24 @@ def test_closed_form_hessian_product_equals_the_factor_route(loss, k):
     factor = lossf.hessian_factor(logits)
     expected = (factor @ (factor.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
     torch.testing.assert_close(lossf.hessian_product(logits, v), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_expand_input_factor_equals_the_unfolded_rows_gram(bias):
+    from torch.nn import functional as F
+
+    from sensitivity.covariance import _patch_gram
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=2, bias=bias).double()
+    a = torch.randn(9, 3, 8, 8, dtype=torch.float64)
+    u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    rows = u.transpose(1, 2).reshape(-1, u.shape[1])
+    if bias:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    st = {"A": None, "G": None, "T": 1}
+    KFACCovariance()._accumulate_a(st, conv, a)
+    torch.testing.assert_close(st["A"], rows.T @ rows, rtol=0, atol=1e-10)
+    assert st["T"] == u.shape[2]
+    torch.testing.assert_close(_patch_gram(u, budget=1), u.transpose(1, 2).reshape(-1, 27).T @
+                               u.transpose(1, 2).reshape(-1, 27), rtol=0, atol=1e-10)  # one example per product
