@@ -30,7 +30,7 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float) -> Tensor:
         n, c = x.shape[:2]
-        xhat, _, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel() if n else 1, groups, eps)
+        xhat, _, rstd = torch.native_group_norm(x, None, None, n, c, math.prod(x.shape[2:]), groups, eps)
         ctx.set_materialize_grads(False)  # absent tangents come as None, not as zeros to multiply
         ctx.save_for_forward(xhat, rstd, weight)
         ctx.groups = groups
