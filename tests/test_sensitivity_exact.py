@@ -129,12 +129,39 @@ def test_kfac_reduce_equals_expand_at_one_position_and_is_exact_for_the_bias():
 def test_reduce_patch_means_equal_unfolded_means(kernel, stride, padding, dilation):
     from torch.nn import functional as F
 
-    from sensitivity.covariance import _patch_means
+    from sensitivity.conv_factors import patch_means as _patch_means
 
     conv = nn.Conv2d(4, 5, kernel, stride=stride, padding=padding, dilation=dilation)
     a = torch.randn(3, 4, 11, 12, dtype=torch.float64)
     ref = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride).mean(2)
     assert torch.allclose(_patch_means(conv, a), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "same"])
+def test_kfac_factors_read_the_padding_the_layer_applies(mode):
+    """Padding modes and string padding: K-FAC's factors come from the patches the layer reads (zeros were used
+    before, for every mode), for both conv treatments."""
+    from torch.nn import functional as F
+
+    from sensitivity.conv_factors import patch_means
+
+    torch.manual_seed(0)
+    kw = dict(padding="same") if mode == "same" else dict(padding=(1, 2), padding_mode=mode)
+    conv = nn.Conv2d(2, 3, (3, 5), **kw).double()
+    a = torch.randn(4, 2, 6, 7, dtype=torch.float64)
+    padded = F.pad(a, (2, 2, 1, 1), mode="constant" if mode == "same" else mode)
+    u = F.unfold(padded, conv.kernel_size)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(a).flatten(2), conv.weight.flatten(1) @ u + conv.bias[:, None], rtol=0,
+                                   atol=1e-12)
+    torch.testing.assert_close(patch_means(conv, a), u.mean(2), rtol=0, atol=1e-12)
+    rows = torch.cat([u.transpose(1, 2).reshape(-1, u.shape[1]), torch.ones(u.shape[0] * u.shape[2], 1,
+                                                                             dtype=u.dtype)], 1)
+    fit = KFACCovariance.fit(nn.Sequential(conv, nn.Flatten()), (a, torch.zeros(4, dtype=torch.long)),
+                             prior_precision=1.0)
+    f = fit.layers["0"]
+    a_fit = f["qa"] @ torch.diag(f["la"]) @ f["qa"].T
+    torch.testing.assert_close(a_fit, rows.T @ rows / rows.shape[0], rtol=0, atol=1e-10)
 
 
 def test_last_layer_laplace_covers_the_head_only():
@@ -412,22 +439,52 @@ def test_closed_form_hessian_product_equals_the_factor_route(loss, k):
     torch.testing.assert_close(lossf.hessian_product(logits, v), expected, rtol=0, atol=1e-13)
 
 
+CONVS = [  # (kwargs, input H × W): stride 1 takes the shifted-correlation route, the rest unfolds
+    (dict(kernel_size=3, padding=1), (8, 8)),
+    (dict(kernel_size=3, padding=1), (2, 3)),  # every pixel a border pixel
+    (dict(kernel_size=3, padding=0, dilation=2), (7, 9)),
+    (dict(kernel_size=(3, 2), padding=(2, 0), dilation=(1, 3)), (6, 8)),
+    (dict(kernel_size=5, padding=2), (5, 6)),
+    (dict(kernel_size=3, padding=4), (4, 4)),  # padding beyond the kernel: rows no offset reads
+    (dict(kernel_size=1), (5, 4)),
+    (dict(kernel_size=3, stride=2, padding=1, dilation=2), (8, 8)),
+    (dict(kernel_size=3, padding=1, groups=3), (6, 6)),
+    (dict(kernel_size=3, padding="same"), (6, 5)),
+    (dict(kernel_size=3, padding=1, padding_mode="reflect"), (6, 5)),
+]
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_kfac_expand_input_factor_equals_the_unfolded_rows_gram(bias):
+@pytest.mark.parametrize("kwargs,hw", CONVS)
+def test_kfac_expand_input_factor_equals_the_unfolded_rows_gram(bias, kwargs, hw):
     from torch.nn import functional as F
 
-    from sensitivity.covariance import _patch_gram
+    from sensitivity.conv_factors import patch_gram
 
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=2, bias=bias).double()
-    a = torch.randn(9, 3, 8, 8, dtype=torch.float64)
-    u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    conv = nn.Conv2d(3, 6, bias=bias, **kwargs).double()
+    a = torch.randn(9, 3, *hw, dtype=torch.float64)
+    st = {"A": None, "G": None, "T": 1}
+    cov = KFACCovariance()
+    cov.conv = "expand"
+    if conv.groups != 1:  # factors per group: refused with the layer named
+        with pytest.raises(ValueError, match="'0' is a grouped convolution"):
+            KFACCovariance.fit(nn.Sequential(conv, nn.Flatten()), (a, torch.zeros(9, dtype=torch.long)))
+        return
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):  # these test cases pad by 1
+        padded = F.pad(a, (1, 1, 1, 1), mode=conv.padding_mode if conv.padding_mode != "zeros" else "constant")
+        u = F.unfold(padded, conv.kernel_size, conv.dilation, 0, conv.stride)
+    else:
+        u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    with torch.no_grad():  # the reference patches are the ones the layer reads
+        out = conv(a).flatten(2)
+        ref = conv.weight.flatten(1) @ u + (conv.bias[:, None] if bias else 0)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     rows = u.transpose(1, 2).reshape(-1, u.shape[1])
     if bias:
         rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
-    st = {"A": None, "G": None, "T": 1}
-    KFACCovariance()._accumulate_a(st, conv, a)
+    cov._accumulate_a(st, conv, a)
     torch.testing.assert_close(st["A"], rows.T @ rows, rtol=0, atol=1e-10)
     assert st["T"] == u.shape[2]
-    torch.testing.assert_close(_patch_gram(u, budget=1), u.transpose(1, 2).reshape(-1, 27).T @
-                               u.transpose(1, 2).reshape(-1, 27), rtol=0, atol=1e-10)  # one example per product
+    d = u.shape[1]
+    torch.testing.assert_close(patch_gram(u, budget=1), rows[:, :d].T @ rows[:, :d], rtol=0, atol=1e-10)
