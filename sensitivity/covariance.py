@@ -221,10 +221,17 @@ class KFACCovariance:
         outs: dict[str, Tensor] = {}
         stats = {n: {"A": None, "G": None, "T": 1} for n in mods}
 
+        versions: dict[str, tuple[int, int]] = {}
+        copy = [False]  # set where the model changes a layer's input or output in place: it goes on with copies
+
         def fwd_hook(name):
             def hook(mod, inp, out):
-                acts[name] = inp[0].detach()
-                outs[name] = out
+                acts[name], outs[name] = inp[0].detach(), out
+                versions[name] = (acts[name]._version, out._version)
+                if copy[0]:
+                    acts[name] = acts[name].clone()
+                    return out.clone()
+                return None
             return hook
 
         handles = [m.register_forward_hook(fwd_hook(n)) for n, m in mods.items()]
@@ -236,6 +243,9 @@ class KFACCovariance:
                 n_total += x.shape[0]
                 with torch.enable_grad():
                     logits = model(x)
+                    if not copy[0] and any((acts[n]._version, outs[n]._version) != versions[n] for n in acts):
+                        copy[0] = True
+                        logits = model(x)
                     root = lossf.hessian_factor(logits.detach())  # columns r_k: Σ_k r_k r_kᵀ = Λ
                     if mc_samples is None:
                         dirs = [root[:, :, k] for k in range(root.shape[2])]

@@ -236,9 +236,10 @@ def _with_tangent(out: Tensor, t: Tensor) -> Tensor:
 
 
 @contextmanager
-def _capture(blocks: list, tangents: dict[str, Tensor] | None = None):
+def _capture(blocks: list, tangents: dict[str, Tensor] | None = None, copy: bool = False):
     """Record each block's input and output (and add ``tangents`` to its output's tangent, inside a dual level);
-    refuse layers called twice."""
+    refuse layers called twice. ``copy``: the model goes on with copies, so that its in-place operations
+    (``ReLU(inplace=True)`` after a layer) leave the recorded tensors as the layer saw and made them."""
     seen: dict[str, dict] = {}
 
     def hook(block):
@@ -247,8 +248,9 @@ def _capture(blocks: list, tangents: dict[str, Tensor] | None = None):
                 raise Reused(block.name)
             if tangents is not None:
                 out = _with_tangent(out, tangents[block.name])
-            seen[block.name] = {"a": inp[0].detach(), "z": out}
-            return out
+            a = inp[0].detach()
+            seen[block.name] = {"a": a.clone() if copy else a, "z": out, "versions": (a._version, out._version)}
+            return out.clone() if copy else out
         return fn
 
     handles = [b.module.register_forward_hook(hook(b)) for b in blocks]
@@ -264,8 +266,13 @@ class Reused(Exception):
 
 
 def forward(model: nn.Module, blocks: list, x: Tensor) -> tuple[Tensor, dict[str, dict]]:
+    """The logits and each block's input and output, as the layer saw and made them: where the model changed one
+    in place afterwards (seen by its version counter), the pass runs again recording copies."""
     with torch.enable_grad(), _capture(blocks) as seen:
         logits = model(x)
+    if any((s["a"]._version, s["z"]._version) != s["versions"] for s in seen.values()):
+        with torch.enable_grad(), _capture(blocks, copy=True) as seen:
+            logits = model(x)
     return logits, seen
 
 

@@ -405,6 +405,62 @@ def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form
     assert scale > 0 and (fast.deviations - slow.deviations).abs().max() <= 1e-10 * max(1.0, float(scale))
 
 
+class _InPlaceBlock(nn.Module):
+    """A residual block that changes layer outputs in place, as torchvision's ResNets do."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.conv1, self.norm1 = nn.Conv2d(3, 3, 3, padding=1), nn.GroupNorm(3, 3)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.conv2, self.norm2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.GroupNorm(1, 3)
+        self.head = nn.Linear(3 * 16, 4)
+
+    def forward(self, x):
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        if self.inplace:
+            out += x
+            out = torch.relu_(out)
+        else:
+            out = torch.relu(out + x)
+        return self.head(out.flatten(1))
+
+
+@pytest.mark.parametrize("form", ["first_order", "corrected", "rayleigh"])
+@pytest.mark.parametrize("kind", ["diagonal", "kfac"])
+def test_in_place_operations_after_a_layer_change_nothing(form, kind):
+    torch.manual_seed(4)
+    x, y = torch.randn(7, 3, 4, 4, dtype=torch.float64), torch.randint(0, 4, (7,))
+    out = {}
+    for inplace in (False, True):
+        torch.manual_seed(5)
+        model = _InPlaceBlock(inplace).double()
+        if kind == "kfac":
+            var = KFACCovariance.fit(model, (x, y), prior_precision=3.0, mc_samples=None)
+        else:
+            var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
+        out[inplace] = [compute_sensitivities(model, (x, y), var, form=form, fast=fast).deviations for fast in
+                        (True, False)]
+    ref = out[False][1]
+    assert ref.abs().max() > 0
+    for dev in (*out[True], out[False][0]):
+        torch.testing.assert_close(dev, ref, rtol=0, atol=1e-10)
+
+
+def test_kfac_fit_reads_layer_outputs_before_in_place_changes():
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fits = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(4, 4, 3, padding=1),
+                              nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(100, 3)).double()
+        fits.append(KFACCovariance.fit(model, (x, y), prior_precision=1.0, mc_samples=None, chunk_size=4))
+    for name, layer in fits[0].layers.items():
+        for key in ("la", "lg"):
+            torch.testing.assert_close(fits[1].layers[name][key], layer[key], rtol=0, atol=1e-12)
+
+
 def test_first_order_parts_on_a_cpu_follow_the_activation_budget_and_change_nothing(monkeypatch):
     import sensitivity.deviations as D
 
