@@ -28,12 +28,15 @@ class _GroupNorm(torch.autograd.Function):
     """y = γ x̂ + β; ẏ = γ r (ẋ − mean_g ẋ − x̂ mean_g(x̂ ẋ)) + γ̇ x̂ + β̇, r = 1/σ per example and group."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+                primal: Tensor | None = None) -> Tensor:
         n, c = x.shape[:2]
         xhat, _, rstd = torch.native_group_norm(x, None, None, n, c, math.prod(x.shape[2:]), groups, eps)
         ctx.set_materialize_grads(False)  # absent tangents come as None, not as zeros to multiply
         ctx.save_for_forward(xhat, rstd, weight)
         ctx.groups = groups
+        if primal is not None:
+            return primal.detach()
         shape = (1, c) + (1,) * (x.ndim - 2)
         out = xhat if weight is None else xhat * weight.view(shape)
         return out if bias is None else out + bias.view(shape)
@@ -65,16 +68,16 @@ class _Affine(torch.autograd.Function):
     """A layer affine in its input and its parameters, y = L_W(x) + b: ẏ = L_W(ẋ) + L_Ẇ(x) + ḃ."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, op) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, op, primal: Tensor | None = None) -> Tensor:
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, weight)
         ctx.op = op
-        out = op(x, weight, bias)
+        out = op(x, weight, bias) if primal is None else primal.detach()
         ctx.out_shape = out.shape
         return out
 
     @staticmethod
-    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _) -> Tensor:
+    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, *_) -> Tensor:
         x, weight = ctx.saved_tensors
         out = None if dx is None else ctx.op(dx, weight, None)
         if dw is not None:
@@ -110,10 +113,13 @@ class _BatchNormEval(torch.autograd.Function):
     """With running statistics: y = (x − μ) r γ + β, ẏ = ẋ r γ + (x − μ) r γ̇ + β̇."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float,
+                primal: Tensor | None = None) -> Tensor:
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, weight, mean, var)
         ctx.eps = eps
+        if primal is not None:
+            return primal.detach()
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
@@ -131,29 +137,32 @@ class _BatchNormEval(torch.autograd.Function):
         return _total(parts, x)
 
 
-def _rule(m: nn.Module):
-    """The faster forward for ``m``, or None where PyTorch's rules stay (other layers, training-mode norms)."""
+def _rule(m: nn.Module, primal: Tensor | None = None):
+    """The faster forward for ``m``, or None where PyTorch's rules stay (other layers, training-mode norms).
+    ``primal``: the layer's output, known from an earlier pass on the same input; returned, not recomputed."""
     t = type(m)
     if t is nn.GroupNorm:
-        return lambda x: _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps)
+        return lambda x: _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps, primal)
     if t is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         op = _ConvOp(m)
-        return lambda x: _Affine.apply(x, m.weight, m.bias, op)
+        return lambda x: _Affine.apply(x, m.weight, m.bias, op, primal)
     if t is nn.Linear:
         op = _LinearOp()
-        return lambda x: _Affine.apply(x, m.weight, m.bias, op)
+        return lambda x: _Affine.apply(x, m.weight, m.bias, op, primal)
     if t is nn.BatchNorm2d and not m.training and m.running_mean is not None:
-        return lambda x: _BatchNormEval.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+        return lambda x: _BatchNormEval.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, primal)
     return None
 
 
 @contextmanager
-def fast_rules(model: nn.Module):
+def fast_rules(model: nn.Module, primals: dict[nn.Module, Tensor] | None = None):
     """Inside: the model's Conv2d, Linear, GroupNorm and eval BatchNorm2d layers push tangents by the rules above
-    (for a forward-mode pass only)."""
+    (for a forward-mode pass only). ``primals``: outputs of layers called once per pass, from an earlier pass on the
+    same input (the layer's primal work is skipped: ResNet-20, a third of the forward-mode pass)."""
+    primals = primals or {}
     patched = []
     for m in model.modules():
-        rule = None if "forward" in m.__dict__ else _rule(m)
+        rule = None if "forward" in m.__dict__ else _rule(m, primals.get(m))
         if rule is not None:
             m.forward = rule
             patched.append(m)

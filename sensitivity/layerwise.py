@@ -156,23 +156,28 @@ class _NormBlock(_GradBlock):
             return F.group_norm(a, m.num_groups, None, None, m.eps)
         return F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
 
-    def grads(self, a, d):
+    def grads(self, a, d, xhat: Tensor | None = None):
         spatial = tuple(range(d.ndim - a.ndim + 2, d.ndim))
 
         def total(t: Tensor) -> Tensor:  # sum(()) would reduce every dimension
             return t.sum(spatial) if spatial else t
 
-        g = {self.wname: total(d * self._normalized(a))}
+        g = {self.wname: total(d * (self._normalized(a) if xhat is None else xhat))}
         if self.has_bias:
             g[self.bname] = total(d)
         return g
 
-    def push(self, a, sg):
+    def push(self, a, sg, xhat: Tensor | None = None):
         extra = (1,) * (a.ndim - 2)
-        out = sg[self.wname].reshape(*sg[self.wname].shape, *extra) * self._normalized(a)
+        w = sg[self.wname].reshape(*sg[self.wname].shape, *extra)
+        out = w * (self._normalized(a) if xhat is None else xhat)
         if self.has_bias:
             out = out + sg[self.bname].reshape(*sg[self.bname].shape, *extra)
         return out
+
+    def tangent(self, a: Tensor, d: Tensor) -> Tensor:
+        xhat = self._normalized(a)  # once for both
+        return self.push(a, self.cov.apply(self.grads(a, d, xhat)), xhat).reshape(d.shape)
 
 
 def is_rank_one(block) -> bool:
@@ -249,7 +254,8 @@ def _capture(blocks: list, tangents: dict[str, Tensor] | None = None, copy: bool
             if tangents is not None:
                 out = _with_tangent(out, tangents[block.name])
             a = inp[0].detach()
-            seen[block.name] = {"a": a.clone() if copy else a, "z": out, "versions": (a._version, out._version)}
+            seen[block.name] = {"a": a.clone() if copy else a, "z": out, "versions": (a._version, out._version),
+                                "copied": copy}
             return out.clone() if copy else out
         return fn
 
@@ -287,7 +293,9 @@ def first_order(model: nn.Module, blocks: list, x: Tensor, logits: Tensor, seen,
     """Σ_blocks J_{f←z} u with u the output perturbation of Σ J_iᵀ e_i (B, K), by one forward-mode pass."""
     tangents = {b.name: b.tangent(seen[b.name]["a"], d) for b, d in zip(blocks, deltas(logits, seen, blocks, e))}
     with fwAD.dual_level(), torch.no_grad():  # no autograd graph: torch.func.jvp here took 3x longer
-        with _capture(blocks, tangents), fast_rules(model):
+        # each block's output is known from the first pass (not where the model changes outputs in place)
+        primals = {b.module: seen[b.name]["z"] for b in blocks if not seen[b.name]["copied"]}
+        with _capture(blocks, tangents), fast_rules(model, primals):
             out = fwAD.unpack_dual(model(x)).tangent
     return torch.zeros_like(logits).detach() if out is None else out
 
