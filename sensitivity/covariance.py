@@ -198,6 +198,14 @@ class KFACCovariance:
         self.layers: dict[str, dict] = {}  # module name → factors
         self.conv = "expand"
 
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        """Refuse a model with layers K-FAC does not cover correctly (ValueError naming the layer)."""
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and m.groups != 1 and m.weight.requires_grad:
+                raise ValueError(f"K-FAC: layer {n!r} is a grouped convolution (groups={m.groups}), whose factors "
+                                 "are per group: not supported; use a diagonal covariance")
+
     @classmethod
     def fit(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
             mc_samples: int | None = 1, chunk_size: int = 256, noise_var: float = 1.0,
@@ -211,12 +219,9 @@ class KFACCovariance:
         lossf = get_loss(loss, noise_var)
         self = cls()
         self.conv = conv
+        cls.check(model)
         mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                 and m.weight.requires_grad}
-        for n, m in mods.items():
-            if isinstance(m, nn.Conv2d) and m.groups != 1:
-                raise ValueError(f"K-FAC: layer {n!r} is a grouped convolution (groups={m.groups}), whose factors "
-                                 "are per group: not supported; use a diagonal covariance")
         acts: dict[str, Tensor] = {}
         outs: dict[str, Tensor] = {}
         stats = {n: {"A": None, "G": None, "T": 1} for n in mods}

@@ -184,6 +184,13 @@ FACTORY = textwrap.dedent("""
         model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
         return model, (x[:90], y[:90]), (x[90:], y[90:])
 
+    def grouped(seed):
+        model, train, test = make(seed)
+        x, y = train
+        conv = torch.nn.Sequential(torch.nn.Unflatten(1, (6, 1, 1)), torch.nn.Conv2d(6, 6, 1, groups=3),
+                                   torch.nn.Flatten(), model)
+        return conv, train, test
+
     def broken(seed):
         raise RuntimeError("no data today")
 
@@ -231,8 +238,17 @@ def test_train_command_on_an_image_folder_and_a_factory(tmp_path):
         out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
                               str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
+    # K-FAC on a model with a grouped convolution: refused before training, the layer named on the run
+    cfg = tmp_path / "grouped.json"
+    cfg.write_text(json.dumps({"name": "grouped", "data": {"name": "factory", "factory": "userfactory:grouped"},
+                               "sensitivity": {"covariance": "kfac"}, "epochs": 2}))
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
+                          str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "layer '1' is a grouped convolution" in out.stdout + out.stderr
     store = Store(url)
-    images, factory = sorted(store.list_runs(), key=lambda r: r.name)[::-1][:2]
+    grouped = [r for r in store.list_runs() if r.name == "grouped"][0]
+    assert grouped.status == "failed" and "grouped convolution" in (grouped.error or "")
+    images, factory = sorted([r for r in store.list_runs() if r.name != "grouped"], key=lambda r: r.name)[::-1][:2]
     assert images.name == "images" and images.status == "done" and factory.status == "done"
     assert store.get_example(images.id, 0).thumbnail.startswith(b"\x89PNG")
     assert len(store.evaluations(factory.id)) >= 2

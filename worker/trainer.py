@@ -66,6 +66,11 @@ class Trainer:
         except (ValueError, FileNotFoundError) as err:
             raise JobFailed(str(err)) from None
         model = build_model(cfg, data)
+        if cfg.sensitivity.covariance == "kfac":  # refuse before training, not at the first evaluation
+            try:
+                KFACCovariance.check(model)
+            except ValueError as err:
+                raise JobFailed(str(err)) from None
         spe = math.ceil(data.n / cfg.batch_size)
         total = cfg.epochs * spe
         o = cfg.optimizer
