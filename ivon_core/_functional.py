@@ -30,12 +30,32 @@ def chunks(lists: Sequence[list[Tensor]], *extra: list) -> Iterator[tuple[list, 
     budget = max(int(total * _CHUNK_FRACTION.get(device, _CHUNK_FRACTION_ACCELERATOR)), 1)
     if device not in _CHUNK_FRACTION:
         budget = max(budget, _CHUNK_MIN_ACCELERATOR)
+    if any(t.numel() > budget for t in first):
+        lists, extra = _split_large(lists, extra, budget)
+        first = lists[0]
     start, size = 0, 0
     for i, t in enumerate(first):
+        if size and size + t.numel() > budget:  # over the budget only where one unsplittable tensor is
+            yield tuple(lst[start:i] for lst in (*lists, *extra))
+            start, size = i, 0
         size += t.numel()
-        if size >= budget or i == len(first) - 1:
-            yield tuple(lst[start : i + 1] for lst in (*lists, *extra))
-            start, size = i + 1, 0
+    yield tuple(lst[start:] for lst in (*lists, *extra))
+
+
+def _split_large(lists: Sequence[list[Tensor]], extra: Sequence[list], budget: int) -> tuple[list, list]:
+    """Tensors larger than ``budget`` replaced by flat views of at most ``budget`` elements (the updates are
+    elementwise), where every list's tensor is contiguous; ``extra`` entries repeated for each piece."""
+    out, more = [[] for _ in lists], [[] for _ in extra]
+    for i, t in enumerate(lists[0]):
+        n = t.numel()
+        whole = n <= budget or not all(lst[i].is_contiguous() for lst in lists)
+        bounds = [(0, n)] if whole else [(a, min(a + budget, n)) for a in range(0, n, budget)]
+        for a, b in bounds:
+            for lst, o in zip(lists, out):
+                o.append(lst[i] if whole else lst[i].view(-1)[a:b])
+            for e, o in zip(extra, more):
+                o.append(e[i])
+    return out, more
 
 
 class Scratch:

@@ -317,6 +317,20 @@ def test_chunks_bound_temporaries_by_a_fraction_with_a_floor_on_accelerators():
         return [sum(t.numel() for t in c[0]) for c in F.chunks([ts])]
 
     assert sizes("cpu", 1000, 16) == [2000] * 8  # chunks of 0.125 of 16k elements
+    # a tensor larger than the budget (ResNet-18: its 2.4M-element conv) is updated in flat pieces, views of it,
+    # with its extras repeated; a non-contiguous one stays whole
+    ts = [torch.arange(float(n)) for n in (700, 700, 700, 5000, 300, 900, 900, 900, 900, 900, 900, 900, 900)]
+    ts.append(torch.zeros(90, 40).T)
+    budget = int(sum(t.numel() for t in ts) * 0.125)
+    parts = list(F.chunks([ts, [t.clone() for t in ts]], list(range(len(ts)))))
+    assert all(sum(t.numel() for t in c[0]) <= budget or len(c[0]) == 1 for c in parts)
+    pieces = [(t, x) for c in parts for t, x in zip(c[0], c[2])]
+    assert [x for _, x in pieces].count(3) == -(-5000 // budget) == 3
+    assert sum(t.numel() for t, x in pieces if x == 3) == 5000
+    assert any(t is ts[-1] for t, _ in pieces)  # the transposed one, whole
+    for c in parts:
+        torch._foreach_add_(c[0], 1.0)
+    assert all(torch.equal(t, torch.arange(float(t.numel())) + 1) for t in ts[:-1]) and bool((ts[-1] == 1).all())
     small = sizes("meta", 1 << 20, 11)  # ResNet-18-size on an accelerator: one chunk (launches dominate)
     assert small == [11 << 20]
     large = sizes("meta", 1 << 26, 40)  # 2.7G elements: chunks of about 0.2 of them
