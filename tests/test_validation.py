@@ -81,3 +81,29 @@ def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):
         with pytest.raises(SystemExit):
             caps_main([flag, bad])
         assert flag in capsys.readouterr().err
+
+
+def test_the_apis_description_of_the_loo_states_the_reports_figures():
+    """The API tells users how far the default LOO holds: its figures are the ones docs/validation.md reports
+    (regenerating the report with other numbers fails here until the description says them)."""
+    from pathlib import Path
+
+    from app.api.schemas import EvaluationOut, ExampleOut
+    from worker.validation.report import verdict
+
+    raw = json.loads((Path(__file__).parents[1] / "docs" / "validation.json").read_text())
+    rows = [r.split("|")[1:-1] for r in verdict(raw["tracking"], raw["selection"]) if "(default)" in r]
+    assert len(rows) == 5
+    text = EvaluationOut.model_fields["loo"].description
+    for _est, setting, spearman, ratio, _ in rows:
+        figures = [spearman.strip().removeprefix("Pearson ")]
+        if "selection" not in setting:
+            figures.append(ratio.strip())
+        for figure in figures:
+            assert figure in text, (setting, figure)
+    rank = {t["dataset"]: [] for t in raw["tracking"]}
+    for t in raw["tracking"]:
+        rank[t["dataset"]].append(t["summary"]["ivon_b2"]["rank_rayleigh"])
+    score = ExampleOut.model_fields["score"].description
+    assert f"{min(rank['digits']):.2f} to {max(rank['digits']):.2f}" in score
+    assert f"({rank['breast_cancer'][0]:.2f})" in score
