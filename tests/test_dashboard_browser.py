@@ -55,6 +55,8 @@ def test_run_page_draws_updates_live_and_escapes(server):
         page.wait_for_selector("#most .ex img")
         assert page.evaluate("window.pwned") is None
         assert page.inner_text("#run-name") == "<script>window.pwned=1</script></script>"
+        from app.api.schemas import LOO_VALIDITY
+        assert LOO_VALIDITY in page.inner_text("#validity")  # how far the LOO holds, as the API says it
         assert page.eval_on_selector_all("#most .ex", "els => els.length") == 24
         assert page.eval_on_selector_all("#most .ex.flip", "els => els.length") > 0
         assert page.evaluate("document.getElementById('loss').data[2].x.length") == 2

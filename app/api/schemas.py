@@ -36,23 +36,27 @@ class Curve(BaseModel):
     points: list[Point]
 
 
+# How far the shown numbers hold (docs/validation.md); the API and the dashboard both say it.
+LOO_VALIDITY = (
+    "LOO estimate of the generalization NLL: (1/N) Σ ℓ(y_i, f_i + Δ_i); by default from IVON's σ² with "
+    "β2 matched to the run and the Rayleigh form capped at 2. How far it holds (docs/validation.md, "
+    "against retraining without each example): on digits with weight decay 3e-3 it follows the test NLL "
+    "over training (Spearman 0.87) at 1.14× the retrained LOO, and across weight decays it picks the test "
+    "NLL's best (Pearson 0.97); on breast cancer with 15% of the labels flipped it follows (0.82) but at "
+    "1.53× the retrained LOO; with weak weight decay (1e-4) it is 0.05× the retrained LOO (Spearman 0.15); "
+    "with 20% of digits' labels flipped and memorized it does not follow the rising test NLL (Spearman "
+    "-0.05, 0.71×). Compare evaluations and runs with it; do not stop training on it alone"
+)
+SCORE_VALIDITY = ("sensitivity ‖Δ_i‖₁; the per-example LOO ranking follows retraining's on digits (Spearman 0.78 to "
+                  "0.84, docs/validation.md), weakly with 15% flipped labels on breast cancer (0.48)")
+
+
 class EvaluationOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     step: int
     epoch: float | None
-    loo: float | None = Field(
-        description=(
-            "LOO estimate of the generalization NLL: (1/N) Σ ℓ(y_i, f_i + Δ_i); by default from IVON's σ² with "
-            "β2 matched to the run and the Rayleigh form capped at 2. How far it holds (docs/validation.md, "
-            "against retraining without each example): on digits with weight decay 3e-3 it follows the test NLL "
-            "over training (Spearman 0.87) at 1.14× the retrained LOO, and across weight decays it picks the test "
-            "NLL's best (Pearson 0.97); on breast cancer with 15% of the labels flipped it follows (0.82) but at "
-            "1.53× the retrained LOO; with weak weight decay (1e-4) it is 0.05× the retrained LOO (Spearman 0.15); "
-            "with 20% of digits' labels flipped and memorized it does not follow the rising test NLL (Spearman "
-            "-0.05, 0.71×). Compare evaluations and runs with it; do not stop training on it alone"
-        )
-    )
+    loo: float | None = Field(description=LOO_VALIDITY)
     metrics: dict
     n_examples: int
     wall_time: float | None
@@ -61,11 +65,7 @@ class EvaluationOut(BaseModel):
 class ExampleOut(BaseModel):
     idx: int
     rank: int = Field(description="0 = most sensitive at this step")
-    score: float | None = Field(
-        description="sensitivity ‖Δ_i‖₁; the per-example LOO ranking follows retraining's on digits "
-                    "(Spearman 0.78 to 0.84, docs/validation.md), weakly with 15% flipped labels on breast "
-                    "cancer (0.48)"
-    )
+    score: float | None = Field(description=SCORE_VALIDITY)
     loo_loss: float | None
     prob_label: float | None = Field(description="leave-one-out probability of the given label, softmax(f_i + Δ_i)_y")
     label: int | None = None
