@@ -157,23 +157,23 @@ class _NormBlock(_GradBlock):
         return F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
 
     def grads(self, a, d, xhat: Tensor | None = None):
-        spatial = tuple(range(d.ndim - a.ndim + 2, d.ndim))
-
-        def total(t: Tensor) -> Tensor:  # sum(()) would reduce every dimension
-            return t.sum(spatial) if spatial else t
-
-        g = {self.wname: total(d * (self._normalized(a) if xhat is None else xhat))}
+        xhat = self._normalized(a) if xhat is None else xhat
+        if a.ndim == 2:
+            g = {self.wname: d * xhat}
+        else:  # Σ over positions in one pass, no product tensor
+            start = d.ndim - a.ndim + 2
+            g = {self.wname: torch.linalg.vecdot(d.flatten(start), xhat.flatten(2))}
         if self.has_bias:
-            g[self.bname] = total(d)
+            g[self.bname] = d.flatten(d.ndim - a.ndim + 2).sum(-1) if a.ndim > 2 else d
         return g
 
     def push(self, a, sg, xhat: Tensor | None = None):
         extra = (1,) * (a.ndim - 2)
         w = sg[self.wname].reshape(*sg[self.wname].shape, *extra)
-        out = w * (self._normalized(a) if xhat is None else xhat)
+        xhat = self._normalized(a) if xhat is None else xhat
         if self.has_bias:
-            out = out + sg[self.bname].reshape(*sg[self.bname].shape, *extra)
-        return out
+            return torch.addcmul(sg[self.bname].reshape(*sg[self.bname].shape, *extra), w, xhat)
+        return w * xhat
 
     def tangent(self, a: Tensor, d: Tensor) -> Tensor:
         xhat = self._normalized(a)  # once for both
