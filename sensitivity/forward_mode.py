@@ -13,6 +13,7 @@ import math
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 
@@ -29,12 +30,13 @@ class _GroupNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                primal: Tensor | None = None) -> Tensor:
+                primal: Tensor | None = None, per_example: tuple | None = None) -> Tensor:
         n, c = x.shape[:2]
         xhat, _, rstd = torch.native_group_norm(x, None, None, n, c, math.prod(x.shape[2:]), groups, eps)
         ctx.set_materialize_grads(False)  # absent tangents come as None, not as zeros to multiply
         ctx.save_for_forward(xhat, rstd, weight)
         ctx.groups = groups
+        ctx.per_example = per_example
         if primal is not None:
             return primal.detach()
         shape = (1, c) + (1,) * (x.ndim - 2)
@@ -46,6 +48,9 @@ class _GroupNorm(torch.autograd.Function):
         xhat, rstd, weight = ctx.saved_tensors
         n, c, g = xhat.shape[0], xhat.shape[1], ctx.groups
         shape = (1, c) + (1,) * (xhat.ndim - 2)
+        # per-example tangents of γ and β (n, c): folded into the input's rule for free (the rule's forward gives
+        # the input a zero tangent where it has none)
+        dw_i, db_i = ctx.per_example or (None, None)
         parts = []
         if dx is not None:
             hw = math.prod(xhat.shape[2:])
@@ -56,7 +61,12 @@ class _GroupNorm(torch.autograd.Function):
             scale = rstd.view(n, g, 1, 1)
             if weight is not None:
                 scale = scale * weight.view(1, g, c // g, 1)
-            parts.append(torch.addcmul(-(m1 * scale), t, scale).addcmul_(xh, m2 * scale, value=-1).view_as(xhat))
+            const, coef = -(m1 * scale), -(m2 * scale)
+            if db_i is not None:
+                const = const + db_i.reshape(n, g, c // g, 1)
+            if dw_i is not None:
+                coef = coef + dw_i.reshape(n, g, c // g, 1)
+            parts.append(torch.addcmul(const, t, scale).addcmul_(xh, coef).view_as(xhat))
         if dw is not None:
             parts.append(xhat * dw.view(shape))
         if db is not None:
@@ -137,10 +147,22 @@ class _BatchNormEval(torch.autograd.Function):
         return _total(parts, x)
 
 
-def _rule(m: nn.Module, primal: Tensor | None = None):
+def takes_per_example(m: nn.Module) -> bool:
+    """Whether ``fast_rules`` adds per-example tangents of this layer's parameters (``per_example``)."""
+    return type(m) is nn.GroupNorm and m.affine and "forward" not in m.__dict__
+
+
+def _rule(m: nn.Module, primal: Tensor | None = None, per_example: tuple | None = None):
     """The faster forward for ``m``, or None where PyTorch's rules stay (other layers, training-mode norms).
-    ``primal``: the layer's output, known from an earlier pass on the same input; returned, not recomputed."""
+    ``primal``: the layer's output, known from an earlier pass on the same input; returned, not recomputed.
+    ``per_example``: a GroupNorm's per-example tangents of (γ, β), each (B, C), added to its output's tangent."""
     t = type(m)
+    if t is nn.GroupNorm and per_example is not None:
+        def group_norm(x):
+            if fwAD.unpack_dual(x).tangent is None:  # forward AD calls a rule only for an input with a tangent
+                x = fwAD.make_dual(x, torch.zeros_like(x))
+            return _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps, primal, per_example)
+        return group_norm
     if t is nn.GroupNorm:
         return lambda x: _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps, primal)
     if t is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
@@ -155,14 +177,16 @@ def _rule(m: nn.Module, primal: Tensor | None = None):
 
 
 @contextmanager
-def fast_rules(model: nn.Module, primals: dict[nn.Module, Tensor] | None = None):
+def fast_rules(model: nn.Module, primals: dict[nn.Module, Tensor] | None = None,
+               per_example: dict[nn.Module, tuple] | None = None):
     """Inside: the model's Conv2d, Linear, GroupNorm and eval BatchNorm2d layers push tangents by the rules above
     (for a forward-mode pass only). ``primals``: outputs of layers called once per pass, from an earlier pass on the
-    same input (the layer's primal work is skipped: ResNet-20, a third of the forward-mode pass)."""
-    primals = primals or {}
+    same input (the layer's primal work is skipped: ResNet-20, a third of the forward-mode pass). ``per_example``:
+    per layer that ``takes_per_example``, its parameters' tangents per example (B, C each, or None)."""
+    primals, per_example = primals or {}, per_example or {}
     patched = []
     for m in model.modules():
-        rule = None if "forward" in m.__dict__ else _rule(m, primals.get(m))
+        rule = None if "forward" in m.__dict__ else _rule(m, primals.get(m), per_example.get(m))
         if rule is not None:
             m.forward = rule
             patched.append(m)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
-from sensitivity.forward_mode import fast_rules
+from sensitivity.forward_mode import fast_rules, takes_per_example
 from sensitivity.variance import DiagonalCovariance
 
 
@@ -179,6 +179,11 @@ class _NormBlock(_GradBlock):
         xhat = self._normalized(a)  # once for both
         return self.push(a, self.cov.apply(self.grads(a, d, xhat)), xhat).reshape(d.shape)
 
+    def param_tangents(self, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Σ g per example for (γ, β), each (B, C), for the forward-mode rule to add (``takes_per_example``)."""
+        sg = self.cov.apply(self.grads(a, d))
+        return sg[self.wname], sg.get(self.bname)
+
 
 def is_rank_one(block) -> bool:
     """A Linear block: its V_i part needs no per-example gradients."""
@@ -251,7 +256,7 @@ def _capture(blocks: list, tangents: dict[str, Tensor] | None = None, copy: bool
         def fn(mod, inp, out):
             if block.name in seen or inp[0].ndim not in block.ndim:
                 raise Reused(block.name)
-            if tangents is not None:
+            if tangents is not None and block.name in tangents:
                 out = _with_tangent(out, tangents[block.name])
             a = inp[0].detach()
             seen[block.name] = {"a": a.clone() if copy else a, "z": out, "versions": (a._version, out._version),
@@ -291,11 +296,16 @@ def deltas(logits: Tensor, seen: dict[str, dict], blocks: list, v: Tensor) -> li
 
 def first_order(model: nn.Module, blocks: list, x: Tensor, logits: Tensor, seen, e: Tensor) -> Tensor:
     """Σ_blocks J_{f←z} u with u the output perturbation of Σ J_iᵀ e_i (B, K), by one forward-mode pass."""
-    tangents = {b.name: b.tangent(seen[b.name]["a"], d) for b, d in zip(blocks, deltas(logits, seen, blocks, e))}
+    tangents, per_example = {}, {}
+    for b, d in zip(blocks, deltas(logits, seen, blocks, e)):
+        if isinstance(b, _NormBlock) and takes_per_example(b.module):  # added inside its rule: no pass of its own
+            per_example[b.module] = b.param_tangents(seen[b.name]["a"], d)
+        else:
+            tangents[b.name] = b.tangent(seen[b.name]["a"], d)
     with fwAD.dual_level(), torch.no_grad():  # no autograd graph: torch.func.jvp here took 3x longer
         # each block's output is known from the first pass (not where the model changes outputs in place)
         primals = {b.module: seen[b.name]["z"] for b in blocks if not seen[b.name]["copied"]}
-        with _capture(blocks, tangents), fast_rules(model, primals):
+        with _capture(blocks, tangents), fast_rules(model, primals, per_example):
             out = fwAD.unpack_dual(model(x)).tangent
     return torch.zeros_like(logits).detach() if out is None else out
 

@@ -448,6 +448,19 @@ def test_in_place_operations_after_a_layer_change_nothing(form, kind):
         torch.testing.assert_close(dev, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("form", ["first_order", "rayleigh"])
+def test_a_norm_layer_whose_input_has_no_tangent_keeps_its_own(form):
+    """A frozen first layer: the GroupNorm after it is the first block, its input carries no tangent."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)).double()
+    model[0].requires_grad_(False)
+    x, y = torch.randn(5, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    var = {n: torch.rand_like(p) * 0.1 for n, p in model.named_parameters() if p.requires_grad}
+    fast, slow = (compute_sensitivities(model, (x, y), var, form=form, fast=f).deviations for f in (True, False))
+    assert slow.abs().max() > 0
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-10)
+
+
 def test_kfac_fit_reads_layer_outputs_before_in_place_changes():
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     fits = []

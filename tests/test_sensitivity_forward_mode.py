@@ -103,3 +103,24 @@ def test_empty_batch_pushes_an_empty_tangent():
     x = torch.randn(0, 4, 3, 3)
     primal, tangent = _push(m, x, torch.randn_like(x), {}, True)
     assert primal.shape == tangent.shape == (0, 4, 3, 3)
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+@pytest.mark.parametrize("shape", [(3, 6, 4, 5), (3, 6)])
+def test_groupnorm_adds_per_example_parameter_tangents_in_its_rule(with_input, shape):
+    from sensitivity.forward_mode import takes_per_example
+
+    torch.manual_seed(0)
+    m = _gn(3, 6).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    dx = torch.randn_like(x) if with_input else None
+    dw, db = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    assert takes_per_example(m) and not takes_per_example(nn.GroupNorm(3, 6, affine=False))
+    with fwAD.dual_level(), torch.no_grad():
+        with fast_rules(m, per_example={m: (dw, db)}):
+            out = m(fwAD.make_dual(x, dx) if with_input else x)
+        tangent = fwAD.unpack_dual(out).tangent
+    ref = _push(m, x, dx, {}, False)[1] if with_input else 0
+    per = (3, 6) + (1,) * (x.ndim - 2)
+    xhat = nn.functional.group_norm(x, 3)
+    torch.testing.assert_close(tangent, ref + xhat * dw.view(per) + db.view(per), rtol=0, atol=1e-12)
