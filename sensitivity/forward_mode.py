@@ -124,10 +124,11 @@ class _BatchNormEval(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight, bias, mean: Tensor, var: Tensor, eps: float,
-                primal: Tensor | None = None) -> Tensor:
+                primal: Tensor | None = None, per_example: tuple | None = None) -> Tensor:
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, weight, mean, var)
         ctx.eps = eps
+        ctx.per_example = per_example
         if primal is not None:
             return primal.detach()
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
@@ -138,7 +139,14 @@ class _BatchNormEval(torch.autograd.Function):
         shape = (1, -1) + (1,) * (x.ndim - 2)
         r = torch.rsqrt(var + ctx.eps)
         parts = []
-        if dx is not None:
+        if dx is not None and ctx.per_example is not None:  # + x̂ γ̇_i + β̇_i, x̂ = (x − μ) r: two passes in all
+            dw_i, db_i = ctx.per_example
+            per = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+            coef = (r * dw_i).reshape(per)
+            const = -(mean.view(shape) * coef) + (0 if db_i is None else db_i.reshape(per))
+            parts.append(torch.addcmul(const, dx, (r if weight is None else r * weight).view(shape))
+                         .addcmul_(x, coef))
+        elif dx is not None:
             parts.append(dx * (r if weight is None else r * weight).view(shape))
         if dw is not None:
             parts.append((x - mean.view(shape)) * (r * dw).view(shape))
@@ -149,20 +157,26 @@ class _BatchNormEval(torch.autograd.Function):
 
 def takes_per_example(m: nn.Module) -> bool:
     """Whether ``fast_rules`` adds per-example tangents of this layer's parameters (``per_example``)."""
-    return type(m) is nn.GroupNorm and m.affine and "forward" not in m.__dict__
+    if "forward" in m.__dict__:
+        return False
+    if type(m) is nn.GroupNorm:
+        return m.affine
+    return type(m) is nn.BatchNorm2d and m.affine and not m.training and m.running_mean is not None
+
+
+def _with_input_tangent(x: Tensor) -> Tensor:
+    # forward AD calls a rule only for an input with a tangent; per-example parameter tangents need the call
+    return fwAD.make_dual(x, torch.zeros_like(x)) if fwAD.unpack_dual(x).tangent is None else x
 
 
 def _rule(m: nn.Module, primal: Tensor | None = None, per_example: tuple | None = None):
     """The faster forward for ``m``, or None where PyTorch's rules stay (other layers, training-mode norms).
     ``primal``: the layer's output, known from an earlier pass on the same input; returned, not recomputed.
-    ``per_example``: a GroupNorm's per-example tangents of (γ, β), each (B, C), added to its output's tangent."""
+    ``per_example``: a norm layer's per-example tangents of (γ, β), each (B, C), added to its output's tangent."""
     t = type(m)
     if t is nn.GroupNorm and per_example is not None:
-        def group_norm(x):
-            if fwAD.unpack_dual(x).tangent is None:  # forward AD calls a rule only for an input with a tangent
-                x = fwAD.make_dual(x, torch.zeros_like(x))
-            return _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps, primal, per_example)
-        return group_norm
+        return lambda x: _GroupNorm.apply(_with_input_tangent(x), m.weight, m.bias, m.num_groups, m.eps, primal,
+                                          per_example)
     if t is nn.GroupNorm:
         return lambda x: _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps, primal)
     if t is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
@@ -172,7 +186,8 @@ def _rule(m: nn.Module, primal: Tensor | None = None, per_example: tuple | None 
         op = _LinearOp()
         return lambda x: _Affine.apply(x, m.weight, m.bias, op, primal)
     if t is nn.BatchNorm2d and not m.training and m.running_mean is not None:
-        return lambda x: _BatchNormEval.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, primal)
+        return lambda x: _BatchNormEval.apply(_with_input_tangent(x) if per_example is not None else x, m.weight,
+                                              m.bias, m.running_mean, m.running_var, m.eps, primal, per_example)
     return None
 
 

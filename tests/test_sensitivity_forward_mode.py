@@ -106,12 +106,20 @@ def test_empty_batch_pushes_an_empty_tangent():
 
 
 @pytest.mark.parametrize("with_input", [True, False])
-@pytest.mark.parametrize("shape", [(3, 6, 4, 5), (3, 6)])
-def test_groupnorm_adds_per_example_parameter_tangents_in_its_rule(with_input, shape):
+@pytest.mark.parametrize("layer,shape", [("gn", (3, 6, 4, 5)), ("gn", (3, 6)), ("bn", (3, 6, 4, 5))])
+def test_norms_add_per_example_parameter_tangents_in_their_rule(with_input, layer, shape):
     from sensitivity.forward_mode import takes_per_example
 
     torch.manual_seed(0)
-    m = _gn(3, 6).double()
+    if layer == "gn":
+        m = _gn(3, 6).double()
+    else:
+        m = nn.BatchNorm2d(6).double()
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+        nn.init.uniform_(m.weight, 0.5, 1.5)
+        m.eval()
+        assert not takes_per_example(nn.BatchNorm2d(6))  # training mode: PyTorch's rule
     x = torch.randn(shape, dtype=torch.float64)
     dx = torch.randn_like(x) if with_input else None
     dw, db = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
@@ -122,5 +130,6 @@ def test_groupnorm_adds_per_example_parameter_tangents_in_its_rule(with_input, s
         tangent = fwAD.unpack_dual(out).tangent
     ref = _push(m, x, dx, {}, False)[1] if with_input else 0
     per = (3, 6) + (1,) * (x.ndim - 2)
-    xhat = nn.functional.group_norm(x, 3)
+    xhat = nn.functional.group_norm(x, 3) if layer == "gn" else \
+        nn.functional.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
     torch.testing.assert_close(tangent, ref + xhat * dw.view(per) + db.view(per), rtol=0, atol=1e-12)
