@@ -254,6 +254,7 @@ class _Plan:
         self.f_all = _functional(model, params)
         self.f_rest = _functional(model, self.rest) if self.rest else None
         self._widest: int | None = None  # elements of the largest layer input/output per example
+        self._copy = False  # whether the model changes layer outputs in place (layerwise.forward)
 
     def first_order_rows(self, x: Tensor) -> int:
         """Examples per part of the first-order pass (all of ``x`` off the CPU or off the per-layer route)."""
@@ -262,7 +263,7 @@ class _Plan:
             return max(1, len(x))
         if self._widest is None:
             try:
-                _, seen = layerwise.forward(self.model, self.blocks, x[:1])
+                _, seen = self._forward(x[:1])
             except layerwise.Reused:
                 return len(x)
             self._widest = max(max(s["a"].numel(), s["z"].numel()) for s in seen.values())
@@ -276,9 +277,15 @@ class _Plan:
         self.blocks, self.var_blocks = [], []
         self.rest, self.var_rest, self.f_rest = dict(self.params), dict(self.params), self.f_all
 
+    def _forward(self, x: Tensor):
+        # once the model is seen changing layer outputs in place, record copies at once
+        logits, seen = layerwise.forward(self.model, self.blocks, x, copy=self._copy)
+        self._copy = self._copy or any(s["copied"] for s in seen.values())
+        return logits, seen
+
     def logits(self, x: Tensor):
         if self.blocks:
-            return layerwise.forward(self.model, self.blocks, x)
+            return self._forward(x)
         return vmap(lambda xi: self.f_all(self.rest, xi))(x), None
 
     def first_order(self, x, logits, seen, e) -> Tensor:

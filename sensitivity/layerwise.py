@@ -276,12 +276,13 @@ class Reused(Exception):
     """A layer was applied more than once per example or to inputs of another rank: no per-layer route."""
 
 
-def forward(model: nn.Module, blocks: list, x: Tensor) -> tuple[Tensor, dict[str, dict]]:
+def forward(model: nn.Module, blocks: list, x: Tensor, copy: bool = False) -> tuple[Tensor, dict[str, dict]]:
     """The logits and each block's input and output, as the layer saw and made them: where the model changed one
-    in place afterwards (seen by its version counter), the pass runs again recording copies."""
-    with torch.enable_grad(), _capture(blocks) as seen:
+    in place afterwards (seen by its version counter), the pass runs again recording copies (``copy``: at once).
+    Whether copies were recorded: any ``seen[name]["copied"]``."""
+    with torch.enable_grad(), _capture(blocks, copy=copy) as seen:
         logits = model(x)
-    if any((s["a"]._version, s["z"]._version) != s["versions"] for s in seen.values()):
+    if not copy and any((s["a"]._version, s["z"]._version) != s["versions"] for s in seen.values()):
         with torch.enable_grad(), _capture(blocks, copy=True) as seen:
             logits = model(x)
     return logits, seen

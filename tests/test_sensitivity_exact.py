@@ -432,7 +432,7 @@ class _InPlaceBlock(nn.Module):
 def test_in_place_operations_after_a_layer_change_nothing(form, kind):
     torch.manual_seed(4)
     x, y = torch.randn(7, 3, 4, 4, dtype=torch.float64), torch.randint(0, 4, (7,))
-    out = {}
+    out, counts = {}, {}
     for inplace in (False, True):
         torch.manual_seed(5)
         model = _InPlaceBlock(inplace).double()
@@ -440,8 +440,12 @@ def test_in_place_operations_after_a_layer_change_nothing(form, kind):
             var = KFACCovariance.fit(model, (x, y), prior_precision=3.0, mc_samples=None)
         else:
             var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
-        out[inplace] = [compute_sensitivities(model, (x, y), var, form=form, fast=fast).deviations for fast in
-                        (True, False)]
+        calls = []
+        model.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        out[inplace] = [compute_sensitivities(model, (x, y), var, form=form, fast=fast, chunk_size=2).deviations
+                        for fast in (True, False)]
+        counts[inplace] = len(calls)
+    assert counts[True] == counts[False] + 1  # the in-place changes seen once, not once per part
     ref = out[False][1]
     assert ref.abs().max() > 0
     for dev in (*out[True], out[False][0]):
