@@ -309,14 +309,17 @@ def test_parallel_noise_is_reproducible_and_standard_normal():
         IVON(nn.Linear(2, 2).parameters(), lr=0.1, ess=1.0, noise_threads=0)
 
 
-def test_chunks_bound_temporaries_by_a_fraction_with_a_floor_on_accelerators():
+def test_chunks_bound_temporaries_by_a_fraction_with_a_floor_on_accelerators(monkeypatch):
     from ivon_core import _functional as F
 
     def sizes(device, n, tensors):
         ts = [torch.empty(n, device=device) for _ in range(tensors)]
         return [sum(t.numel() for t in c[0]) for c in F.chunks([ts])]
 
-    assert sizes("cpu", 1000, 16) == [2000] * 8  # chunks of 0.125 of 16k elements
+    assert sizes("cpu", 1 << 18, 64) == [1 << 21] * 8  # chunks of 0.125 of 16M elements
+    assert sizes("cpu", 1000, 16) == [16000]  # a small model: one chunk (under the CPU's 1M-element floor)
+    monkeypatch.setitem(F._CHUNK_MIN, "cpu", 1)
+    assert sizes("cpu", 1000, 16) == [2000] * 8
     # a tensor larger than the budget (ResNet-18: its 2.4M-element conv) is updated in flat pieces, views of it,
     # with its extras repeated; a non-contiguous one stays whole
     ts = [torch.arange(float(n)) for n in (700, 700, 700, 5000, 300, 900, 900, 900, 900, 900, 900, 900, 900)]
