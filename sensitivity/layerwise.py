@@ -170,7 +170,7 @@ class _NormBlock(_GradBlock):
     def push(self, a, sg, xhat: Tensor | None = None):
         extra = (1,) * (a.ndim - 2)
         w = sg[self.wname].reshape(*sg[self.wname].shape, *extra)
-        xhat = self._normalized(a) if xhat is None else xhat
+        xhat = self._normalized(a) if xhat is None else xhat  # None: as the base class calls it
         if self.has_bias:
             return torch.addcmul(sg[self.bname].reshape(*sg[self.bname].shape, *extra), w, xhat)
         return w * xhat
