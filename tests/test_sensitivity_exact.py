@@ -147,8 +147,8 @@ def test_kfac_factors_read_the_padding_the_layer_applies(mode):
 
     torch.manual_seed(0)
     kw = dict(padding="same") if mode == "same" else dict(padding=(1, 2), padding_mode=mode)
-    conv = nn.Conv2d(2, 3, (3, 5), **kw).double()
-    a = torch.randn(4, 2, 6, 7, dtype=torch.float64)
+    conv = nn.Conv2d(4, 3, (3, 5), **kw).double()  # 4 channels: the shifted route
+    a = torch.randn(4, 4, 6, 7, dtype=torch.float64)
     padded = F.pad(a, (2, 2, 1, 1), mode="constant" if mode == "same" else mode)
     u = F.unfold(padded, conv.kernel_size)
     with torch.no_grad():
@@ -521,7 +521,8 @@ CONVS = [  # (kwargs, input H × W): stride 1 takes the shifted-correlation rout
     (dict(kernel_size=3, padding=4), (4, 4)),  # padding beyond the kernel: rows no offset reads
     (dict(kernel_size=1), (5, 4)),
     (dict(kernel_size=3, stride=2, padding=1, dilation=2), (8, 8)),
-    (dict(kernel_size=3, padding=1, groups=3), (6, 6)),
+    (dict(kernel_size=3, padding=1, groups=2), (6, 6)),
+    (dict(kernel_size=3, padding=1, in_channels=3), (6, 6)),  # an RGB stem: unfolded
     (dict(kernel_size=3, padding="same"), (6, 5)),
     (dict(kernel_size=3, padding=1, padding_mode="reflect"), (6, 5)),
 ]
@@ -535,8 +536,10 @@ def test_kfac_expand_input_factor_equals_the_unfolded_rows_gram(bias, kwargs, hw
     from sensitivity.conv_factors import patch_gram
 
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 6, bias=bias, **kwargs).double()
-    a = torch.randn(9, 3, *hw, dtype=torch.float64)
+    kwargs = dict(kwargs)
+    cin = kwargs.pop("in_channels", 4)  # 4 and more take the shifted route at stride 1
+    conv = nn.Conv2d(cin, 6, bias=bias, **kwargs).double()
+    a = torch.randn(9, cin, *hw, dtype=torch.float64)
     st = {"A": None, "G": None, "T": 1}
     cov = KFACCovariance()
     cov.conv = "expand"
