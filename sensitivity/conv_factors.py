@@ -40,10 +40,8 @@ def patch_gram(u: Tensor, budget: int = 1 << 22) -> Tensor:
 
 def conv_input(mod: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """The input as the convolution reads it, with the zero padding still to apply: string padding ("same") and
-    non-zero padding modes (reflect, replicate, circular) are padded here as the layer pads them."""
-    if mod.groups != 1:
-        raise ValueError(f"K-FAC: grouped convolutions (groups={mod.groups}) are not supported: their factors are "
-                         "per group; use a diagonal covariance")
+    non-zero padding modes (reflect, replicate, circular) are padded here as the layer pads them. Grouped
+    convolutions are not covered (``KFACCovariance.check`` refuses them)."""
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
         return F.pad(a, mod._reversed_padding_repeated_twice, mode=mode), (0, 0)

@@ -174,11 +174,9 @@ def _rule(m: nn.Module, primal: Tensor | None = None, per_example: tuple | None 
     ``primal``: the layer's output, known from an earlier pass on the same input; returned, not recomputed.
     ``per_example``: a norm layer's per-example tangents of (γ, β), each (B, C), added to its output's tangent."""
     t = type(m)
-    if t is nn.GroupNorm and per_example is not None:
-        return lambda x: _GroupNorm.apply(_with_input_tangent(x), m.weight, m.bias, m.num_groups, m.eps, primal,
-                                          per_example)
     if t is nn.GroupNorm:
-        return lambda x: _GroupNorm.apply(x, m.weight, m.bias, m.num_groups, m.eps, primal)
+        return lambda x: _GroupNorm.apply(_with_input_tangent(x) if per_example is not None else x, m.weight,
+                                          m.bias, m.num_groups, m.eps, primal, per_example)
     if t is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         op = _ConvOp(m)
         return lambda x: _Affine.apply(x, m.weight, m.bias, op, primal)
