@@ -28,11 +28,11 @@ ESTIMATORS = {
 }
 
 
-def refine(model: nn.Module, split: Split, weight_decay: float, iters: int) -> nn.Module:
+def refine(model: nn.Module, split: Split, weight_decay: float, iters: int, restarts: int = 3) -> nn.Module:
     """A copy of the model moved to (near) the MAP of the summed loss with prior precision N·δ."""
     refined = copy.deepcopy(model)
     fit_map(refined, split.xtr, split.ytr, prior_precision=prior_from_weight_decay(weight_decay, split.n),
-            max_iter=iters)
+            max_iter=iters, restarts=restarts)
     return refined
 
 

@@ -49,10 +49,13 @@ def tracking_table(res: dict) -> list[str]:
     truths = res.get("truths") or {"ivon": {"true_loo": res["true_loo"],
                                             "test_nll_at_map": res.get("test_nll_at_map", float("nan"))}}
     said = "; ".join(f"from the {runs.get(r, r)}'s mean: true LOO {_f(t['true_loo'])}, test NLL at that MAP "
-                     f"{_f(t['test_nll_at_map'])}" for r, t in truths.items())
+                     f"{_f(t['test_nll_at_map'])}"
+                     + (f", its largest gradient entry {t['base_grad']:.0e}" if "base_grad" in t else "")
+                     for r, t in truths.items())
     out = [f"{res['dataset']}{noise}: weight decay δ = {res['weight_decay']:g}, N = {res['n_train']}, "
            f"{res['epochs']} epochs. Truth: retraining without "
-           f"{'each of the N' if res.get('all_examples') else res['n_truth']} examples at a MAP refined {said}. "
+           f"{'each of the N' if res.get('all_examples') else res['n_truth']} examples (exact refits to a "
+           f"largest gradient entry of 1e-8, batched; L-BFGS to 1e-5 where they stall) at a MAP refined {said}. "
            "Each estimator is compared with the truth of the run it reads (AdamW's and SGD's with the IVON run's).",
            "",
            f"| estimator | test-NLL range | Spearman ({names}) | gap to test NLL | "
