@@ -28,3 +28,10 @@ def test_sensitivity_bench_runs_without_errors():
     assert "heap kept;" in out.stdout  # the process-wide setting the worker uses took effect
     for line in ("first order", "rayleigh", "naive (jacrev)", "glibc's defaults: epoch"):
         assert line in out.stdout, out.stdout
+
+
+def test_retrain_bench_runs_without_errors():
+    out = subprocess.run([sys.executable, "bench/retrain.py", "--examples", "3", "--cases", "logreg"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x faster); LOO" in out.stdout, out.stdout

@@ -43,7 +43,7 @@ LOO_VALIDITY = (
     "against retraining without each example): on digits with weight decay 3e-3 it follows the test NLL "
     "over training (Spearman 0.87) at 1.14× the retrained LOO, and across weight decays it picks the test "
     "NLL's best (Pearson 0.97); on breast cancer with 15% of the labels flipped it follows (0.82) but at "
-    "1.53× the retrained LOO; with weak weight decay (1e-4) it is 0.05× the retrained LOO (Spearman 0.15); "
+    "1.54× the retrained LOO; with weak weight decay (1e-4) it is 0.05× the retrained LOO (Spearman 0.15); "
     "with 20% of digits' labels flipped and memorized it does not follow the rising test NLL (Spearman "
     "-0.05, 0.71×). Compare evaluations and runs with it; do not stop training on it alone"
 )
