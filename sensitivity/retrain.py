@@ -118,7 +118,7 @@ def _newton(model: nn.Module, x: Tensor, y: Tensor, indices: list[int], lossf: L
         hinv = DenseCovariance.laplace(model, (x, y), lossf, prior).sigma
     changes, losses = [], []
     for start in range(0, len(indices), chunk):
-        idx = torch.tensor(indices[start : start + chunk])
+        idx = torch.tensor(indices[start : start + chunk], device=x.device)
         with torch.no_grad():
             f0, jac = _per_example_jacobians(model, named, x[idx])
         j = torch.cat([jac[n].flatten(2) for n in names], 2)  # (B, K, P)
@@ -128,12 +128,12 @@ def _newton(model: nn.Module, x: Tensor, y: Tensor, indices: list[int], lossf: L
         # (H − J_iᵀΛ_iJ_i)⁻¹ = H⁻¹ + H⁻¹J_iᵀ (I − Λ_i J_i H⁻¹ J_iᵀ)⁻¹ Λ_i J_i H⁻¹ (Woodbury)
         mid = torch.linalg.solve(eye - lam @ (u @ j.transpose(1, 2)), lam)
         w = torch.ones(len(idx), len(x), dtype=x.dtype, device=x.device)
-        w[torch.arange(len(idx)), idx] = 0.0
+        w[torch.arange(len(idx), device=x.device), idx] = 0.0
         theta = theta0.expand(len(idx), -1).clone()
         with torch.no_grad():
             theta, done = _solve(step, theta, w, u, mid, hinv, NEWTON_MAX_STEPS)
         models = [None] * len(idx)
-        for b in (~done).nonzero()[:, 0].tolist():  # rare: finish by L-BFGS from where Newton got
+        for b in (~done).nonzero()[:, 0].tolist():  # flat valleys (half, with memorized flips): L-BFGS
             m = copy.deepcopy(model)
             torch.nn.utils.vector_to_parameters(theta[b], [p for p in m.parameters() if p.requires_grad])
             models[b] = _refit(m, x, y, int(idx[b]), lossf, prior, max_iter)
@@ -161,15 +161,15 @@ def _solve(step, theta: Tensor, w: Tensor, u: Tensor, mid: Tensor, hinv: Tensor,
     def precondition(g: Tensor, rows: Tensor) -> Tensor:
         return g @ hinv + torch.einsum("bk,bkp->bp", (mid[rows] @ (u[rows] @ g[:, :, None]))[:, :, 0], u[rows])
 
-    grad, val = step(theta, w)
+    gradient, val = step(theta, w)
     history: list[tuple[Tensor, Tensor, Tensor]] = []  # (s, y, 1/yᵀs or 0 for a pair left out) over all rows
-    stuck = torch.zeros(len(theta), dtype=torch.bool)
+    stuck = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
     retried = stuck.clone()
     for _ in range(max_iter):
-        live = ((grad.abs().amax(1) >= NEWTON_GRAD_TOL) & ~stuck).nonzero()[:, 0]
+        live = ((gradient.abs().amax(1) >= NEWTON_GRAD_TOL) & ~stuck).nonzero()[:, 0]
         if len(live) == 0:
             break
-        g = grad[live]
+        g = gradient[live]
         q, alphas = g.clone(), []
         for s, y, rho in reversed(history):  # the two-loop recursion, batched
             a = rho[live] * (s[live] * q).sum(1)
@@ -191,25 +191,25 @@ def _solve(step, theta: Tensor, w: Tensor, u: Tensor, mid: Tensor, hinv: Tensor,
             slope = (g * d).sum(1)
         # a step moves no weight by more than 1 (near-flat directions make the first operator's steps huge)
         t = (1.0 / d.abs().amax(1).clamp_min(1e-300)).clamp(max=1.0)
-        todo = torch.arange(len(live))
-        old_theta, old_grad = theta.clone(), grad.clone()
+        todo = torch.arange(len(live), device=theta.device)
+        old_theta, old_grad = theta.clone(), gradient.clone()
         for _ in range(40):  # Armijo backtracking; a value within rounding of the old one is no increase
             rows = live[todo]
             cand = theta[rows] + t[todo, None] * d[todo]
             g_new, v_new = step(cand, w[rows])
             ok = (v_new - val[rows] <= 1e-4 * t[todo] * slope[todo] + 1e-13 * val[rows].abs())
             acc = rows[ok]
-            theta[acc], grad[acc], val[acc] = cand[ok], g_new[ok], v_new[ok]
+            theta[acc], gradient[acc], val[acc] = cand[ok], g_new[ok], v_new[ok]
             todo = todo[~ok]
             if len(todo) == 0:
                 break
             t[todo] *= 0.5
-        failed = torch.zeros(len(theta), dtype=torch.bool)
+        failed = torch.zeros_like(stuck)
         failed[live[todo]] = True
         stuck |= failed & retried  # a second failure in a row: the history was not the cause
         retried = failed
-        s, y = theta - old_theta, grad - old_grad
+        s, y = theta - old_theta, gradient - old_grad
         sy = (s * y).sum(1)
         history.append((s, y, torch.where(sy > 1e-12 * s.norm(dim=1) * y.norm(dim=1), 1.0 / sy, 0.0)))
         history = [(s, y, rho.masked_fill(failed, 0.0)) for s, y, rho in history[-memory:]]  # restart those rows
-    return theta, grad.abs().amax(1) < NEWTON_GRAD_TOL
+    return theta, gradient.abs().amax(1) < NEWTON_GRAD_TOL
