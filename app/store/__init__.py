@@ -2,6 +2,7 @@
 
 from app.store.engine import (
     DatabaseUnavailable,
+    NotFound,
     SchemaOutdated,
     StoreError,
     WriteRefused,
@@ -10,7 +11,7 @@ from app.store.engine import (
     redact,
 )
 from app.store.migrate import ensure_current, upgrade
-from app.store.repository import NotFound, ScoreRow, Store, finite
+from app.store.repository import ScoreRow, Store, finite
 
 __all__ = ["Store", "NotFound", "ScoreRow", "StoreError", "DatabaseUnavailable", "SchemaOutdated", "WriteRefused",
            "make_engine", "database_url", "redact", "upgrade", "ensure_current", "finite"]

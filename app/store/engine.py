@@ -16,6 +16,10 @@ class StoreError(Exception):
     """Base of the store's errors."""
 
 
+class NotFound(StoreError, LookupError):
+    """An unknown run, step, example, job, hook or token (the API maps it to 404)."""
+
+
 class DatabaseUnavailable(StoreError):
     """The database URL is invalid or the server cannot be reached (the message never shows the password)."""
 

@@ -7,25 +7,21 @@ rank after every finite score.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.store.engine import StoreError, make_engine
+from app.store.access import HooksAndTokens
+from app.store.engine import NotFound, make_engine
 from app.store.models import (
-    ApiToken,
     EarlyStopState,
     Evaluation,
     Example,
-    Hook,
     Job,
     Metric,
     MetricRollup,
@@ -33,10 +29,8 @@ from app.store.models import (
     ScoreChunk,
     utcnow,
 )
-
-
-class NotFound(StoreError, LookupError):
-    """An unknown run, step, example, job, hook or token (the API maps it to 404)."""
+from app.store.queue import JobQueue
+from app.store.rollups import LEVELS, merge_rollups, refresh_rollups
 
 
 def finite(x: Any) -> float | None:
@@ -59,7 +53,10 @@ class ScoreRow:
     step: int | None = None
 
 
-class Store:
+class Store(JobQueue, HooksAndTokens):
+    """Runs, evaluations, per-example results and curves; the job queue (``JobQueue``); hooks and API tokens
+    (``HooksAndTokens``)."""
+
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
         self.dialect = self.engine.dialect.name
@@ -121,92 +118,11 @@ class Store:
             if s.execute(update(Run).where(Run.id == run_id).values(**values)).rowcount == 0:
                 raise NotFound(f"run {run_id} not found")
 
-    # ------------------------------------------------------------------------------------------ jobs
-    def enqueue_job(self, run_id: int) -> Job:
-        with self.session(write=True) as s, s.begin():
-            if s.get(Run, run_id) is None:
-                raise NotFound(f"run {run_id} not found")
-            job = Job(run_id=run_id)
-            s.add(job)
-        return job
-
-    def claim_job(self, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
-        """Take the oldest queued job, or a running one whose lease expired (its worker died)."""
-        now = utcnow()
-        q = (select(Job).where(or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now)))
-             .order_by(Job.created_at, Job.id).limit(1))
-        if self.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        with self.session(write=True) as s, s.begin():
-            job = s.scalars(q).first()
-            if job is None:
-                return None
-            job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
-            job.heartbeat_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
-            s.execute(update(Run).where(Run.id == job.run_id, Run.status.in_(("queued", "running")))
-                      .values(status="running", started_at=func.coalesce(Run.started_at, now)))
-        return job
-
-    def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float = 60.0) -> bool:
-        """Extend the lease; False when the job is no longer this worker's (it was retaken or cancelled)."""
-        now = utcnow()
-        with self.session(write=True) as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.state == "running")
-                            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds)))
-            return res.rowcount == 1
-
-    def finish_job(self, job_id: int, state: str, error: str | None = None) -> None:
-        if state not in ("done", "failed", "cancelled", "queued"):
-            raise ValueError(f"Invalid job state: {state!r}")
-        with self.session(write=True) as s, s.begin():
-            job = s.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"job {job_id} not found")
-            job.state, job.error = state, error
-            if state == "queued":  # released: another worker may take it at once
-                job.worker_id, job.lease_expires_at = None, None
-                return
-            run = s.get(Run, job.run_id)
-            run.status, run.finished_at = state, utcnow()
-            if error is not None:
-                run.error = error
-
-    def get_job(self, job_id: int) -> Job:
-        with self.session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"job {job_id} not found")
-            return job
-
-    def get_job_for_run(self, run_id: int) -> Job:
-        """The run's latest job."""
-        with self.session() as s:
-            job = s.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id.desc()).limit(1)).first()
-            if job is None:
-                raise NotFound(f"run {run_id} has no job")
-            return job
-
+    # -------------------------------------------------------------------------------- examples/evals
     def count_evaluations(self) -> int:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(Evaluation)) or 0
 
-    def heartbeat_ages(self) -> list[tuple[int, str | None, float]]:
-        """(job id, worker, seconds since its heartbeat) for running jobs."""
-        now = utcnow()
-        with self.session() as s:
-            rows = s.execute(select(Job.id, Job.worker_id, Job.heartbeat_at).where(Job.state == "running")).all()
-        out = []
-        for job_id, worker, beat in rows:
-            if beat is not None and beat.tzinfo is None:  # SQLite returns naive UTC
-                beat = beat.replace(tzinfo=now.tzinfo)
-            out.append((job_id, worker, (now - beat).total_seconds() if beat else float("nan")))
-        return out
-
-    def jobs_by_state(self) -> dict[str, int]:
-        with self.session() as s:
-            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-
-    # -------------------------------------------------------------------------------- examples/evals
     def add_examples(self, run_id: int, idx: Sequence[int], labels: Sequence[int] | None = None,
                      flipped: Sequence[bool] | None = None, original: Sequence[int] | None = None,
                      thumbnails: Sequence[bytes | None] | None = None) -> None:
@@ -247,7 +163,7 @@ class Store:
             points = [{"run_id": run_id, "name": k, "step": step, "value": v} for k, v in clean.items()]
             points.append({"run_id": run_id, "name": "loo", "step": step, "value": finite(loo)})
             s.execute(Metric.__table__.insert(), points)
-            _refresh_rollups(s, run_id, {p["name"]: [step] for p in points})
+            refresh_rollups(s, run_id, {p["name"]: [step] for p in points})
             if chunks:
                 s.execute(ScoreChunk.__table__.insert(), chunks)
         return ev
@@ -278,7 +194,7 @@ class Store:
                                                Metric.step.in_(steps[lo : lo + 10000])))
             s.execute(Metric.__table__.insert(), [{"run_id": run_id, "name": name, "step": st, "value": finite(v)}
                                                   for st, v in zip(steps, values)])
-            _refresh_rollups(s, run_id, {name: steps})
+            refresh_rollups(s, run_id, {name: steps})
 
     def curve(self, run_id: int, name: str, since_step: int | None = None,
               max_points: int = 2000) -> list[tuple[int, float | None]]:
@@ -305,7 +221,7 @@ class Store:
                              .where(MetricRollup.run_id == run_id, MetricRollup.name == name,
                                     MetricRollup.level == level, MetricRollup.bucket > start // level)
                              .order_by(MetricRollup.bucket)).all()
-        return _merge_rollups(rows, max_points)
+        return merge_rollups(rows, max_points)
 
     def examples_at(self, run_id: int, step: int | None = None, k: int = 50, offset: int = 0,
                     least: bool = False) -> tuple[int, list[ScoreRow]]:
@@ -391,7 +307,7 @@ class Store:
                 raise NotFound(f"example {idx} of run {run_id} not found")
             return ex
 
-    # ------------------------------------------------------------------------ early stopping, hooks
+    # ------------------------------------------------------------------------------- early stopping
     def save_early_stop(self, run_id: int, **values) -> None:
         with self.session(write=True) as s, s.begin():
             st = s.get(EarlyStopState, run_id)
@@ -404,46 +320,6 @@ class Store:
     def early_stop(self, run_id: int) -> EarlyStopState | None:
         with self.session() as s:
             return s.get(EarlyStopState, run_id)
-
-    def add_hook(self, url: str, events: list[str], run_id: int | None = None, secret: str | None = None) -> Hook:
-        with self.session(write=True) as s, s.begin():
-            hook = Hook(url=url, events=list(events), run_id=run_id, secret=secret or secrets.token_hex(32))
-            s.add(hook)
-        return hook
-
-    def hooks_for(self, run_id: int | None) -> list[Hook]:
-        with self.session() as s:
-            return list(s.scalars(select(Hook).where(or_(Hook.run_id.is_(None), Hook.run_id == run_id))))
-
-    def delete_hook(self, hook_id: int) -> None:
-        with self.session(write=True) as s, s.begin():
-            if s.execute(delete(Hook).where(Hook.id == hook_id)).rowcount == 0:
-                raise NotFound(f"hook {hook_id} not found")
-
-    # ------------------------------------------------------------------------------------------ auth
-    @staticmethod
-    def _hash(token: str) -> str:
-        return hashlib.sha256(token.encode()).hexdigest()
-
-    def create_token(self, name: str) -> str:
-        """A new API token; only its SHA-256 is stored, the plaintext is returned once."""
-        token = "ivd_" + secrets.token_urlsafe(32)
-        with self.session(write=True) as s, s.begin():
-            s.add(ApiToken(name=name, token_hash=self._hash(token)))
-        return token
-
-    def verify_token(self, token: str | None) -> bool:
-        if not token:
-            return False
-        with self.session() as s:
-            row = s.scalars(select(ApiToken).where(ApiToken.token_hash == self._hash(token),
-                                                   ApiToken.revoked.is_(False))).first()
-            return row is not None
-
-    def revoke_token(self, name: str) -> None:
-        with self.session(write=True) as s, s.begin():
-            if s.execute(update(ApiToken).where(ApiToken.name == name).values(revoked=True)).rowcount == 0:
-                raise NotFound(f"token {name!r} not found")
 
 
 def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
@@ -459,62 +335,8 @@ def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
 
 CHUNK = 2048  # ranks per "rank" chunk
 IDX_CHUNK = 256  # example indices per "idx" bucket
-LEVELS = (16, 256, 4096)  # rollup bucket widths in steps
 
 
-def _refresh_rollups(s: Session, run_id: int, touched: dict[str, list[int]]) -> None:
-    """Recompute the rollup buckets that contain the touched steps, from the points themselves."""
-    top = LEVELS[-1]
-    for name, steps in touched.items():
-        buckets = sorted({st // top for st in steps})
-        for b in buckets:
-            lo, hi = b * top, (b + 1) * top - 1
-            pts = s.execute(select(Metric.step, Metric.value).where(
-                Metric.run_id == run_id, Metric.name == name, Metric.step >= lo, Metric.step <= hi)).all()
-            s.execute(delete(MetricRollup).where(
-                MetricRollup.run_id == run_id, MetricRollup.name == name,
-                or_(*[and_(MetricRollup.level == lv, MetricRollup.bucket >= lo // lv, MetricRollup.bucket <= hi // lv)
-                      for lv in LEVELS])))
-            if not pts:
-                continue
-            st = np.array([p[0] for p in pts], dtype=np.int64)
-            val = np.array([np.nan if p[1] is None else p[1] for p in pts], dtype=np.float64)
-            rows = []
-            for lv in LEVELS:
-                keys = st // lv
-                for key in np.unique(keys):
-                    m = keys == key
-                    v, k = val[m], st[m]
-                    ok = np.isfinite(v)
-                    if ok.any():
-                        i, j = int(np.nanargmin(v)), int(np.nanargmax(v))
-                        rows.append({"run_id": run_id, "name": name, "level": lv, "bucket": int(key), "n": int(m.sum()),
-                                     "min_step": int(k[i]), "min_value": float(v[i]), "max_step": int(k[j]),
-                                     "max_value": float(v[j])})
-                    else:
-                        rows.append({"run_id": run_id, "name": name, "level": lv, "bucket": int(key),
-                                     "n": int(m.sum()), "min_step": int(k[0]), "min_value": None,
-                                     "max_step": int(k[0]), "max_value": None})
-            s.execute(MetricRollup.__table__.insert(), rows)
-
-
-def _merge_rollups(rows, max_points: int) -> list[tuple[int, float | None]]:
-    """Group rollup rows into at most max_points // 2 buckets, each giving its min and max at their steps."""
-    if not rows:
-        return []
-    groups = -(-len(rows) // max(1, max_points // 2))
-    out: list[tuple[int, float | None]] = []
-    for g in range(0, len(rows), groups):
-        part = rows[g : g + groups]
-        finite_part = [r for r in part if r[2] is not None]
-        if not finite_part:
-            out.append((part[0][1], None))
-            continue
-        lo = min(finite_part, key=lambda r: r[2])
-        hi = max(finite_part, key=lambda r: r[4])
-        pts = sorted({(lo[1], lo[2]), (hi[3], hi[4])})
-        out.extend(pts)
-    return out
 RECORD = np.dtype([("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")])
 
 

@@ -1,0 +1,98 @@
+"""The job queue: runs' jobs claimed under a lease, kept alive by heartbeats, reclaimed when a worker dies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.store.engine import NotFound
+from app.store.models import Job, Run, utcnow
+
+
+class JobQueue:
+    """Mixed into ``Store``, whose ``session`` it uses."""
+
+    def session(self, write: bool = False) -> Session:
+        raise NotImplementedError
+
+    def enqueue_job(self, run_id: int) -> Job:
+        with self.session(write=True) as s, s.begin():
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            job = Job(run_id=run_id)
+            s.add(job)
+        return job
+
+    def claim_job(self, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
+        """Take the oldest queued job, or a running one whose lease expired (its worker died)."""
+        now = utcnow()
+        q = (select(Job).where(or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now)))
+             .order_by(Job.created_at, Job.id).limit(1))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self.session(write=True) as s, s.begin():
+            job = s.scalars(q).first()
+            if job is None:
+                return None
+            job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
+            job.heartbeat_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+            s.execute(update(Run).where(Run.id == job.run_id, Run.status.in_(("queued", "running")))
+                      .values(status="running", started_at=func.coalesce(Run.started_at, now)))
+        return job
+
+    def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float = 60.0) -> bool:
+        """Extend the lease; False when the job is no longer this worker's (it was retaken or cancelled)."""
+        now = utcnow()
+        with self.session(write=True) as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.state == "running")
+                            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds)))
+            return res.rowcount == 1
+
+    def finish_job(self, job_id: int, state: str, error: str | None = None) -> None:
+        if state not in ("done", "failed", "cancelled", "queued"):
+            raise ValueError(f"Invalid job state: {state!r}")
+        with self.session(write=True) as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            job.state, job.error = state, error
+            if state == "queued":  # released: another worker may take it at once
+                job.worker_id, job.lease_expires_at = None, None
+                return
+            run = s.get(Run, job.run_id)
+            run.status, run.finished_at = state, utcnow()
+            if error is not None:
+                run.error = error
+
+    def get_job(self, job_id: int) -> Job:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            return job
+
+    def get_job_for_run(self, run_id: int) -> Job:
+        """The run's latest job."""
+        with self.session() as s:
+            job = s.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id.desc()).limit(1)).first()
+            if job is None:
+                raise NotFound(f"run {run_id} has no job")
+            return job
+
+    def heartbeat_ages(self) -> list[tuple[int, str | None, float]]:
+        """(job id, worker, seconds since its heartbeat) for running jobs."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(select(Job.id, Job.worker_id, Job.heartbeat_at).where(Job.state == "running")).all()
+        out = []
+        for job_id, worker, beat in rows:
+            if beat is not None and beat.tzinfo is None:  # SQLite returns naive UTC
+                beat = beat.replace(tzinfo=now.tzinfo)
+            out.append((job_id, worker, (now - beat).total_seconds() if beat else float("nan")))
+        return out
+
+    def jobs_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
