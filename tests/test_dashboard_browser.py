@@ -24,7 +24,8 @@ def server(tmp_path):
 def _write(store, run_id, step, n=200):
     s = np.random.default_rng(step).random(n)
     store.write_evaluation(run_id, step, loo=1.0 / step, metrics={"train_nll": 0.5 / step, "test_nll": 2.0 / step,
-                                                                   "test_accuracy": 0.9, "test_ece": 0.05},
+                                                                   "test_accuracy": 0.9, "test_ece": 0.05,
+                                                                   "loo_capped": step / 1000},
                            idx=np.arange(n), scores=s, loo_losses=s, prob_label=1 - s)
 
 
@@ -63,6 +64,9 @@ def test_run_page_draws_updates_live_and_escapes(server):
         _write(store, run.id, 30)  # a new evaluation arrives while the page is open
         page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
         assert page.evaluate("document.getElementById('loss').data[2].x.length") == 3
+        # the LOO's capped share (its warning sign) is drawn and follows live
+        assert page.evaluate("document.getElementById('quality').data[2].name") == "loo_capped"
+        assert page.evaluate("document.getElementById('quality').data[2].y") == [0.01, 0.02, 0.03]
         page.click("#most .ex")
         page.wait_for_function("document.getElementById('history').data.length === 2")
         page.goto(f"{base}/")

@@ -39,6 +39,11 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
     curve = noisy["curves"]["ivon_b2"]["test_nll"]
     assert curve[-1] > min(curve)
     assert noisy["summary"]["ivon_b2"]["spearman_first_order"] < noisy["summary"]["ivon_b2"]["spearman_corrected"]
+    # there the share of examples whose correction hit its cap (the worker's loo_capped) rises with the test NLL
+    memorized = noisy["summary"]["ivon_b2"]
+    assert memorized["spearman_capped"] > memorized["spearman_rayleigh"]
+    assert memorized["capped_last"] > memorized["capped_first"]
+    assert "### The capped share" in text
 
     flips = {r["method"]: r for r in raw["flips"]}
     assert flips["LOO self-confidence (IVON σ²)"]["auroc"] >= 0.95

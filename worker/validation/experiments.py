@@ -118,12 +118,13 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
             for est in users:
                 res, secs, at = estimate(est, model, opt, split, weight_decay, forms)
                 c = curves.setdefault(est, {"epoch": [], "test_nll": [], "clean_test_nll": [], "train_nll": [],
-                                            "seconds": []} | {f: [] for f in forms})
+                                            "seconds": [], "capped": []} | {f: [] for f in forms})
                 c["epoch"].append(ep)
                 c["test_nll"].append(test_nll(at, split))
                 c["clean_test_nll"].append(test_nll(at, Split(split.xtr, split.ytr, split.xte, clean_yte)))
                 c["train_nll"].append(float(res[forms[0]].losses.mean()))
                 c["seconds"].append(secs[forms[-1]] / max(np.mean(epoch_s), 1e-9))
+                c["capped"].append(float(res[forms[-1]].guarded.double().mean()))  # the worker's loo_capped
                 for f in forms:
                     c[f].append(res[f].loo)
                 if ep == epochs:
@@ -161,7 +162,10 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
     summary = {}
     for est, c in curves.items():
         tn = np.array(c["test_nll"])
-        row = {"test_range": float(tn.max() - tn.min()), "cost": float(np.median(c["seconds"]))}
+        row = {"test_range": float(tn.max() - tn.min()), "cost": float(np.median(c["seconds"])),
+               "capped_first": c["capped"][0], "capped_last": c["capped"][-1], "capped_max": max(c["capped"]),
+               "spearman_capped": float(spearmanr(c["capped"], tn).statistic)
+               if len(tn) > 2 and np.ptp(c["capped"]) > 0 else float("nan")}  # never capped: no trend to rank
         for f in forms:
             loo = np.array(c[f])
             row[f"spearman_{f}"] = float(spearmanr(loo, tn).statistic) if len(loo) > 2 else float("nan")
