@@ -106,6 +106,12 @@ def test_the_apis_description_of_the_loo_states_the_reports_figures():
             figures.append(ratio.strip())
         for figure in figures:
             assert figure in text, (setting, figure)
+    for t in raw["tracking"]:  # the capped share: its trend where flips are memorized, its level in clean runs
+        s = t["summary"]["ivon_b2"]
+        if t.get("label_noise"):
+            assert f"{s['spearman_capped']:.2f} on {t['dataset'].replace('_', ' ')}" in text, t["dataset"]
+    clean = max(t["summary"]["ivon_b2"]["capped_max"] for t in raw["tracking"] if not t.get("label_noise"))
+    assert f"reached {clean:.1%} in a clean run" in text
     rank = {t["dataset"]: [] for t in raw["tracking"]}
     for t in raw["tracking"]:
         rank[t["dataset"]].append(t["summary"]["ivon_b2"]["rank_rayleigh"])
