@@ -20,6 +20,13 @@ NEWTON_MAX_PARAMS = 8192  # the Newton refits hold a P×P inverse Hessian
 NEWTON_MAX_STEPS = 100  # then L-BFGS takes over: problems still far from converged crawl along flat valleys
 
 
+def map_objective(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cross_entropy",
+                  prior_precision: float = 1.0) -> Tensor:
+    """Σ_i ℓ(y_i, f(x_i; θ)) + (prior_precision / 2) ‖θ‖² over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return get_loss(loss).value(model(x), y).sum() + 0.5 * prior_precision * sum(p.square().sum() for p in params)
+
+
 def fit_map(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
             max_iter: int = 500, tol: float = 1e-10, grad_tol: float = 1e-5, restarts: int = 3) -> nn.Module:
     """Minimize the regularized summed loss in place from the model's current weights; returns the model.
@@ -33,7 +40,7 @@ def fit_map(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cross_en
 
     def closure():
         opt.zero_grad()
-        obj = lossf.value(model(x), y).sum() + 0.5 * prior_precision * sum(p.square().sum() for p in params)
+        obj = map_objective(model, x, y, lossf, prior_precision)
         obj.backward()
         return obj
 

@@ -268,7 +268,7 @@ class Trainer:
             hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
         # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
-        metrics["loo_capped"] = float(res.guarded.double().mean()) if len(res.guarded) else 0.0
+        metrics["loo_capped"] = res.capped
         metrics["loo"] = res.loo
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:

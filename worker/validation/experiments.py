@@ -15,7 +15,7 @@ from torch import nn
 from ivon_core import all_metrics, matched_beta2, predict
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import DenseCovariance, KFACCovariance, prior_from_weight_decay
-from sensitivity.retrain import fit_map, leave_one_out
+from sensitivity.retrain import fit_map, leave_one_out, map_objective
 from worker.data import flip
 from worker.validation.estimators import ESTIMATORS, estimate, refine, test_nll
 from worker.validation.setups import Split, breast_cancer, digits, flip_labels, make_model, train
@@ -124,7 +124,7 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
                 c["clean_test_nll"].append(test_nll(at, Split(split.xtr, split.ytr, split.xte, clean_yte)))
                 c["train_nll"].append(float(res[forms[0]].losses.mean()))
                 c["seconds"].append(secs[forms[-1]] / max(np.mean(epoch_s), 1e-9))
-                c["capped"].append(float(res[forms[-1]].guarded.double().mean()))  # the worker's loo_capped
+                c["capped"].append(res[forms[-1]].capped)  # the worker's loo_capped
                 for f in forms:
                     c[f].append(res[f].loo)
                 if ep == epochs:
@@ -186,10 +186,8 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
 
 def _max_grad(model: nn.Module, split: Split, weight_decay: float) -> float:
     """Largest gradient entry of the summed regularized objective: how close the truth's base is to a MAP."""
-    prior = prior_from_weight_decay(weight_decay, split.n)
     params = [p for p in model.parameters() if p.requires_grad]
-    obj = nn.functional.cross_entropy(model(split.xtr), split.ytr, reduction="sum") \
-        + 0.5 * prior * sum(p.square().sum() for p in params)
+    obj = map_objective(model, split.xtr, split.ytr, prior_precision=prior_from_weight_decay(weight_decay, split.n))
     return max(float(g.abs().max()) for g in torch.autograd.grad(obj, params))
 
 
