@@ -21,6 +21,7 @@ def state_dtype(p: Tensor) -> torch.dtype:
 
 class SamplingStage:
     def _sample(self, swapped: list[Tensor]) -> None:
+        self._choose()
         counter = self.noise == "counter"
         by_group: list[tuple[dict, list[Tensor], list[Tensor], list[bool], list[dict], list[Tensor]]] = []
         for group in self.param_groups:

@@ -20,13 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ivon_core import _functional as F
-from ivon_core._fused import FusedKernels, split
+from ivon_core._fused import MIN_NUMEL, FusedKernels, split
 from ivon_core._sampling import SamplingStage, state_dtype
 from ivon_core._state import all_reduce_mean, check_layout
 from ivon_core.noise import NoiseSource, counter_keys
 
 HESS_APPROX = ("price", "gradsq")
-NOISE = ("torch", "counter")
+NOISE = ("auto", "torch", "counter")
 
 
 def matched_beta2(total_steps: int, c: float = 1.0) -> float:
@@ -69,7 +69,13 @@ class IVON(SamplingStage, torch.optim.Optimizer):
     of the fused step's time), and each ``step()`` writes the next sample in its update kernel (the keys of the next
     sample are drawn at ``step()`` and saved with the state; if the mean, h, ess or δ change before the next
     ``sampled_params``, the sample is drawn again, bitwise the same as it would have been). Without ``fused`` it is
-    slower than the default; use the two together.
+    slower than torch's generator; use the two together.
+
+    The defaults (``fused=None``, ``noise="auto"``) choose at the first sample: where every trainable tensor is on
+    the CPU and one holds at least ``MIN_NUMEL`` (65,536) float32/float64 elements, the fused kernels with counter
+    noise (the fastest CPU step: about half the multi-tensor path's work); elsewhere (small models, accelerators,
+    or a compiler that fails) the multi-tensor path with torch's generator, the numbers ivon-opt draws. A
+    ``state_dict`` keeps the noise chosen, and a default optimizer that loads it draws the same.
     """
 
     hessian_approx_methods = HESS_APPROX
@@ -90,8 +96,8 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         debias: bool = True,
         rescale_lr: bool = True,
         noise_threads: int | None = None,
-        fused: bool = False,
-        noise: str = "torch",
+        fused: bool | None = None,
+        noise: str = "auto",
     ):
         _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0.0, ">= 0")
         _check("ess", ess, isinstance(ess, (int, float)) and ess > 0.0, "> 0")
@@ -102,7 +108,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         _check("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1, "an int >= 1")
         _check("hess_approx", hess_approx, hess_approx in HESS_APPROX, f"one of {HESS_APPROX}")
         _check("clip_radius", clip_radius, clip_radius > 0.0, "> 0")
-        _check("fused", fused, isinstance(fused, bool), "a bool")
+        _check("fused", fused, fused is None or isinstance(fused, bool), "a bool or None")
         _check("noise", noise, noise in NOISE, f"one of {NOISE}")
         defaults = dict(
             lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
@@ -124,10 +130,28 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         self._scratch = F.Scratch()
         self._noise = NoiseSource(min(torch.get_num_threads(), 8) if noise_threads is None else noise_threads)
         self._fused = FusedKernels() if fused else None
-        self.noise = noise
+        self._auto_fused = fused is None
+        self.noise = noise  # "auto" until the first sample (``_choose``)
         # noise="counter": the keys of the next sample, drawn at step() so that the fused update kernels can write
         # that sample (saved with the state: a resumed run draws the same sample)
         self._next_keys: list[tuple[Tensor, Tensor]] | None = None
+
+    def _choose(self) -> None:
+        """Settle ``fused=None`` and ``noise="auto"`` at the first sample, when the tensors' devices and sizes are known
+        (see the class docstring)."""
+        if not self._auto_fused and self.noise != "auto":
+            return
+        tensors = [p for _, p in self._trainable()]
+        large = [p for p in tensors if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+                 and p.numel() >= MIN_NUMEL]
+        fast = bool(large) and all(p.device.type == "cpu" for p in tensors)
+        if self._auto_fused:
+            self._auto_fused = False
+            self._fused = FusedKernels() if fast else None
+        if self.noise == "auto":  # counter noise only where its kernels compile: unfused it is the slower draw
+            counter = fast and self._fused is not None and self._fused.ready(
+                large[0].dtype, self.hess_approx == "price", counter=True)
+            self.noise = "counter" if counter else "torch"
 
     def _fusable(self, tensors: list[Tensor], partners: list[Tensor]) -> list[bool]:
         """Which tensors the compiled kernels take (large CPU float tensors whose partner has their dtype)."""
@@ -190,6 +214,14 @@ class IVON(SamplingStage, torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict was saved with hess_approx={extra['hess_approx']!r}, this optimizer uses "
                 f"{self.hess_approx!r}"
+            )
+        saved = extra.get("noise_kind", "auto")  # "auto": saved before the first sample, or by another package
+        if saved != "auto" and self.noise == "auto":
+            self.noise = saved  # resume with the saved run's noise
+        elif saved not in ("auto", self.noise):
+            raise ValueError(
+                f"state_dict was saved with noise={saved!r}, this optimizer draws noise={self.noise!r}: the resumed "
+                f"run would sample other numbers; construct it with noise={saved!r} or the default ('auto')"
             )
         super().load_state_dict(state_dict)
         for _, p in self._trainable():  # torch casts state to the param dtype; keep float32 for bf16/fp16

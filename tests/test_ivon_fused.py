@@ -23,6 +23,7 @@ def _model(dtype=torch.float32, deep=0):
 
 
 def _train(fused, steps=25, dtype=torch.float32, mc_samples=1, deep=0, **kw):
+    kw.setdefault("noise", "torch")  # the default ("auto") would draw counter noise fused and torch's unfused
     model = _model(dtype, deep)
     opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, mc_samples=mc_samples,
                fused=fused, **kw)
@@ -61,7 +62,7 @@ def test_fused_matches_the_multi_tensor_path(kw):
     small = sum(p.numel() for p in model.parameters() if p.numel() < MIN_NUMEL)
     assert (small >= MIN_NUMEL) == (kw.get("deep", 0) == 3)
     # counter noise: the kernel's float32 draws may differ from the eager ones in the last bit (vectorized log)
-    tol = 1e-10 if kw.get("dtype") == torch.float64 and "noise" not in kw else 2e-5
+    tol = 1e-10 if kw.get("dtype") == torch.float64 and kw.get("noise") != "counter" else 2e-5
     assert _max_rel(list(model.parameters()), list(ref_model.parameters())) < tol
     hess = [opt.state[p]["hess"] for p in model.parameters()]
     ref_hess = [ref.state[p]["hess"] for p in ref_model.parameters()]
@@ -120,7 +121,7 @@ def test_a_failed_compilation_warns_and_falls_back(tmp_path, noise):
 
 def _accumulate(fused, steps=6):
     model = _model()
-    opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, fused=fused)
+    opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99, fused=fused, noise="torch")
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(64, 20, generator=g), torch.randint(0, 3, (64,), generator=g)
     torch.manual_seed(11)
@@ -253,3 +254,57 @@ def test_the_compiled_draw_of_small_tensors_gives_each_tensor_its_own_stream():
     assert k._draw is not None and k._draw is not draw_segments  # drawn by the compiled kernel
     fill_counter_many_(again, counter_keys(len(sizes), torch.Generator().manual_seed(5)), draw=k.draw_segments)
     assert not any(torch.equal(a, b) for a, b in zip(tensors[:1], again[:1]))
+
+
+def test_the_defaults_choose_fused_counter_noise_for_large_cpu_models_and_ivon_opts_path_otherwise():
+    # large: the 512x160 weight; the run is the explicit fused counter-noise run, bitwise
+    torch.manual_seed(5)
+    model = _model()
+    opt = IVON(model.parameters(), lr=0.05, ess=64, hess_init=0.3, beta2=0.99)
+    model, opt, samples = _counter_run(3, opt, model)
+    assert opt.noise == "counter" and opt._fused is not None
+    torch.manual_seed(5)
+    ref, _, ref_samples = _counter_run(3)
+    assert all(torch.equal(a, b) for a, b in zip(samples, ref_samples))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    # small: torch's generator and the multi-tensor path (ivon-opt's numbers; tests/test_ivon_parity.py)
+    small = nn.Linear(20, 3)
+    opt = IVON(small.parameters(), lr=0.05, ess=64)
+    assert opt.noise == "auto"  # chosen at the first sample
+    with opt.sampled_params(train=True):
+        small(torch.randn(4, 20)).sum().backward()
+    opt.step()
+    assert opt.noise == "torch" and opt._fused is None
+    # explicit choices are kept
+    for fused, noise, want in ((False, "auto", "torch"), (None, "torch", "torch"), (True, "counter", "counter")):
+        m = _model()
+        o = IVON(m.parameters(), lr=0.05, ess=64, fused=fused, noise=noise)
+        with o.sampled_params(train=True):
+            m(torch.randn(4, 20)).sum().backward()
+        o.step()
+        assert o.noise == want and (o._fused is not None) == (fused is not False)
+
+
+def test_a_state_dict_carries_its_noise_and_a_conflicting_one_is_refused():
+    torch.manual_seed(7)
+    model, opt, _ = _counter_run(2)
+    sd = opt.state_dict()
+    assert sd["ivon"]["noise_kind"] == "counter"
+    # the default adopts the saved noise, even where it alone would choose torch's (a small model)
+    lin = nn.Linear(20, 3)
+    small = IVON(lin.parameters(), lr=0.05, ess=64)
+    lin_sd = IVON(lin.parameters(), lr=0.05, ess=64, noise="counter")
+    with lin_sd.sampled_params(train=True):
+        lin(torch.randn(4, 20)).sum().backward()
+    lin_sd.step()
+    small.load_state_dict(lin_sd.state_dict())
+    assert small.noise == "counter"
+    # an explicit other noise would resume with other numbers: refused, nothing loaded
+    other = IVON(_model().parameters(), lr=0.05, ess=64, noise="torch")
+    with pytest.raises(ValueError, match="noise='counter'.*noise='torch'"):
+        other.load_state_dict(sd)
+    assert other.current_step == 0 and other.noise == "torch"
+    # an unsampled default optimizer saves "auto", which any noise may load
+    fresh = IVON(_model().parameters(), lr=0.05, ess=64).state_dict()
+    assert fresh["ivon"]["noise_kind"] == "auto"
+    IVON(_model().parameters(), lr=0.05, ess=64, noise="torch").load_state_dict(fresh)

@@ -54,10 +54,13 @@ class OptimizerConfig(_Strict):
     mc_samples: int = Field(1, ge=1)
     clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
     warmup_steps: int = Field(0, ge=0)
-    fused: bool = Field(False, description="IVON: compiled kernels for large CPU tensors (~25 s to compile once)")
-    noise: Literal["torch", "counter"] = Field(
-        "torch", description="IVON: 'counter' draws the Gaussian noise from a counter-based generator (inside the "
-        "sampling kernel with fused: the fastest CPU step); 'torch': torch's generator, as ivon-opt")
+    fused: bool | None = Field(
+        None, description="IVON: compiled kernels for large CPU tensors (~25 s to compile once); None: on when every "
+        "tensor is on the CPU and one has at least 65,536 elements")
+    noise: Literal["auto", "torch", "counter"] = Field(
+        "auto", description="IVON: 'counter' draws the Gaussian noise from a counter-based generator (inside the "
+        "sampling kernel with fused: the fastest CPU step); 'torch': torch's generator, as ivon-opt; 'auto': "
+        "counter where the fused kernels run, else torch")
 
     @model_validator(mode="after")
     def _beta2_range(self):
