@@ -119,3 +119,20 @@ def test_unknown_noise_is_refused_naming_it():
     with pytest.raises(ValueError, match="noise") as err:
         IVON(nn.Linear(2, 2).parameters(), lr=0.1, ess=1.0, noise="philox")
     assert "'philox'" in str(err.value)
+
+
+def test_counter_draws_are_the_inverse_normal_cdf_of_their_uniforms():
+    from scipy.special import erfinv
+
+    from ivon_core.noise import _log, _uniform_at
+
+    k = _keys(77, -3)
+    idx = torch.arange(0, 1 << 21, dtype=torch.int32)
+    t = _uniform_at(idx, *k)
+    z = counter_normal(idx.numel(), *k).double().numpy()
+    want = np.sqrt(2.0) * erfinv(t.double().numpy())
+    assert np.max(np.abs(z / want - 1)) < 3.5e-6
+    # the extremes the 23-bit uniform reaches, where the polynomial ends
+    edge = torch.tensor([-1 + 2**-23, 1 - 2**-23, -2**-23, 2**-23, 0.5], dtype=torch.float32)
+    w = -_log((1.0 - edge) * (1.0 + edge)).double().numpy()
+    assert np.allclose(w, -np.log1p(-edge.double().numpy() ** 2), rtol=1e-6, atol=1e-12)
