@@ -144,6 +144,13 @@ def test_fused_optimizer_option_trains_to_the_same_evaluations(tmp_path):
         for a, b in zip(evals[True, noise], evals[False, noise]):
             assert a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
     assert evals[False, "counter"] != evals[False, "torch"]  # the option reached the optimizer
+    # the defaults (fused: null, noise: auto) choose the fused kernels with counter noise for this CPU model
+    cfg = {"name": "default", "data": {"name": "synthetic", "n_synthetic": 96},
+           "model": {"name": "mlp", "hidden": [512, 160]}, "epochs": 2, "batch_size": 32, "eval_every": 3,
+           "early_stopping": {"enabled": False}}
+    run = store.create_run("default", cfg, enqueue=False)
+    assert run_job(store, run.id, tmp_path / "ck-default", log=lambda *_: None) == "done"
+    assert [(e.step, e.loo, e.metrics["train_nll"]) for e in store.evaluations(run.id)] == evals[True, "counter"]
     with pytest.raises(ConfigError, match="fused"):
         parse_config({"name": "x", "optimizer": {"fused": "sometimes"}})
     with pytest.raises(ConfigError, match="noise"):
@@ -169,6 +176,21 @@ def test_structured_logs_when_not_on_a_terminal(tmp_path):
     assert [e["step"] for e in evals] == sorted(e["step"] for e in evals)
     assert lines[-1]["event"] == "ended" and lines[-1]["status"] == "done"
     assert "step/s" not in out.stderr  # no progress bar without a terminal
+
+
+def test_the_optimizers_compilation_is_announced_in_the_log(tmp_path):
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps({"name": "big", "data": {"name": "synthetic", "n_synthetic": 64},
+                               "model": {"name": "mlp", "hidden": [512, 160]}, "epochs": 1, "eval_every": 100,
+                               "early_stopping": {"enabled": False}}))
+    cmd = [sys.executable, "-m", "worker.cli", "--db", f"sqlite:///{tmp_path / 'b.db'}", "train", str(cfg),
+           "--checkpoint-dir", str(tmp_path / "ck")]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    said = [e for e in lines if e.get("event") == "library"]
+    assert said and "compiling the fused kernels" in said[0]["msg"] and said[0]["logger"] == "ivon_core"
+    assert lines.index(said[0]) < next(i for i, e in enumerate(lines) if e.get("event") == "ended")
 
 
 def test_progress_bar_on_a_terminal(tmp_path):

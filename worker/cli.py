@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current, make_engine, upgrade
     from worker import distributed
     from worker.config import load_config
-    from worker.progress import console_log
+    from worker.progress import console_log, forward_library_logs
     from worker.service import run_job
 
     cfg = load_config(args.config)
@@ -67,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
             raise
         distributed.broadcast(run.id)
         log = console_log()
+        forward_library_logs(log)
         log(f"run {run.id}: {cfg.name}", event="started", run=run.id, ranks=distributed.world())
         store.set_run_status(run.id, "running")
         state = run_job(store, run.id, args.checkpoint_dir, log=log, progress=sys.stderr.isatty())
@@ -94,7 +95,7 @@ def _train_follower(cfg, run_id: int, checkpoint_dir: str) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current
     from worker import distributed
-    from worker.progress import console_log
+    from worker.progress import console_log, forward_library_logs
     from worker.service import serve
 
     distributed.init_from_env()  # under torchrun: rank 0 claims, every rank trains its share
@@ -102,8 +103,10 @@ def _worker(args: argparse.Namespace) -> int:
         store = Store(args.db) if distributed.rank() == 0 else None
         if store is not None:
             ensure_current(store.engine)
+        log = console_log()
+        forward_library_logs(log)
         serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once,
-              log=console_log(), progress=sys.stderr.isatty())
+              log=log, progress=sys.stderr.isatty())
     finally:
         distributed.shutdown()
     return 0

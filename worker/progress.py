@@ -4,6 +4,7 @@ line (time, message and the message's fields), for log collectors."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from datetime import datetime, timezone
 
@@ -24,6 +25,26 @@ def console_log(tty: bool | None = None):
     log = plain if tty else structured
     log.structured = not tty
     return log
+
+
+class _Forward(logging.Handler):
+    def __init__(self, log):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log(record.getMessage(), event="library", logger=record.name, level=record.levelname)
+
+
+def forward_library_logs(log, names: tuple[str, ...] = ("ivon_core",)) -> None:
+    """Show the libraries' INFO messages (IVON's kernel compilation: a first step of ~30 s that would look like a
+    hang) through the worker's ``log``; a later call replaces the earlier one's."""
+    for name in names:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if isinstance(h, _Forward)]:
+            logger.removeHandler(h)
+        logger.addHandler(_Forward(log))
+        logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
 
 
 class StepBar:
