@@ -129,7 +129,7 @@ class FusedKernels:
                     self._compiled["_update_theta"](*x, *c)
         except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the multi-tensor path
             self.broken = True
-            warnings.warn(f"IVON(fused=True): compiling the fused kernels failed ({type(exc).__name__}: "
+            warnings.warn(f"IVON: compiling the fused kernels failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); using the multi-tensor path", RuntimeWarning, stacklevel=3)
             return False
         self._ready.add((dtype, price, counter))
@@ -145,7 +145,7 @@ class FusedKernels:
                 return self._draw(idx, seg, key1, key2)
             except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager draw
                 self._draw = draw_segments
-                warnings.warn(f"IVON(fused=True): compiling the noise draw failed ({type(exc).__name__}: "
+                warnings.warn(f"IVON: compiling the noise draw failed ({type(exc).__name__}: "
                               f"{str(exc)[:200]}); drawing eagerly", RuntimeWarning, stacklevel=3)
         return draw_segments(idx, seg, key1, key2)
 

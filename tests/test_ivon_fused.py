@@ -86,17 +86,18 @@ def test_fused_rejects_a_non_bool():
         IVON(_model().parameters(), lr=0.1, ess=10, fused="yes")
 
 
-@pytest.mark.parametrize("noise", ["torch", "counter"])
+@pytest.mark.parametrize("noise", ["torch", "counter", "auto"])
 def test_a_failed_compilation_warns_and_falls_back(tmp_path, noise):
     # a C++ compiler that does not exist: inductor cannot build, the optimizer must still train (counter: the
-    # small tensors' compiled draw fails over to the eager one as well)
+    # small tensors' compiled draw fails over to the eager one as well; auto, the default: torch's noise, as
+    # ivon-opt, since unfused counter noise is the slower draw)
     script = textwrap.dedent("""
         import warnings, torch
         from torch import nn
         from ivon_core import IVON
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 200), nn.Linear(200, 100))
-        opt = IVON(model.parameters(), lr=0.05, ess=64, fused=True, noise=NOISE)
+        opt = IVON(model.parameters(), lr=0.05, ess=64, **({} if NOISE == "auto" else {"fused": True, "noise": NOISE}))
         x = torch.randn(8, 512)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -109,6 +110,7 @@ def test_a_failed_compilation_warns_and_falls_back(tmp_path, noise):
         said = [str(w.message) for w in caught]
         assert any("fused kernels failed" in m for m in said), said
         assert (NOISE == "counter") == any("noise draw failed" in m for m in said), said
+        assert opt.noise == ("torch" if NOISE == "auto" else NOISE)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         print("FELL BACK")
     """).replace("NOISE", repr(noise))
