@@ -1,4 +1,4 @@
-"""The corrected form's amplification cap for IVON's σ², on the report's four tracking set-ups.
+"""The corrected form's amplification cap for IVON's σ², on the report's five tracking set-ups.
 
     python -m worker.validation.caps [--caps 1.5,2,3,5] [--forms second_order@2,...] [--estimator ivon_b2]
                                      [--seed 0] [--quick]
