@@ -123,3 +123,34 @@ def test_the_apis_description_of_the_loo_states_the_reports_figures():
     assert f"{min(digits):.2f} to {max(digits):.2f}" in score
     assert f"flipped labels on breast cancer ({rank['breast_cancer', True][0]:.2f})" in score
     assert f"clean breast cancer ({rank['breast_cancer', False][0]:.2f})" in score
+
+
+def test_leverages_are_the_top_eigenvalue_of_lambda_v_and_the_tool_refuses_bad_settings(capsys):
+    import torch
+    from torch import nn
+
+    from sensitivity.variance import as_covariance
+    from worker.validation.leverage import leverages, main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    var = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    rho = leverages(model, as_covariance(model, var), x)
+    for i in range(len(x)):  # by hand: J_i diag(σ²) J_iᵀ and Λ_i = diag(p) − p pᵀ
+        xi = x[i : i + 1]
+        jac = torch.autograd.functional.jacobian(
+            lambda *ps, xi=xi: torch.func.functional_call(model, dict(zip(var, ps)), (xi,)).reshape(-1),
+            tuple(model.parameters()))
+        j = torch.cat([g.reshape(3, -1) for g in jac], 1)
+        v = j @ torch.diag(torch.cat([s.reshape(-1) for s in var.values()])) @ j.T
+        p = torch.softmax(model(x[i : i + 1]).detach()[0], 0)
+        lam = torch.diag(p) - torch.outer(p, p)
+        assert torch.isclose(rho[i], torch.linalg.eigvals(lam @ v).real.max(), rtol=1e-8)
+    for bad in ("digits", "mnist:1e-3", "digits:-1", "digits:x"):
+        with pytest.raises(SystemExit):
+            main(["--settings", bad])
+        assert "--settings" in capsys.readouterr().err
+    main(["--settings", "breast_cancer:1e-3", "--quick"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| breast_cancer, δ = 0.001 |") and row.count("|") == 6
