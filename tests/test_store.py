@@ -177,3 +177,40 @@ def test_sqlite_concurrent_writers_do_not_fail(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(run.id), str(o)]) for o in (0, 1000)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert len(Store(url).evaluations(run.id, limit=1000)) == 80
+
+
+def test_running_mean_loo_loss_over_evaluations(store):
+    """Each example's mean of its finite LOO losses over this and earlier evaluations that included it; a rewritten
+    step replaces its own contribution; by="loo_mean" ranks by it."""
+    run = store.create_run("r", enqueue=False)
+    rng = np.random.default_rng(0)
+    n = 3000  # spans several idx buckets and rank chunks
+    losses = {step: rng.random(n) for step in (10, 20, 30)}
+    losses[20][5] = np.nan  # skipped, not averaged as 0
+    include = {10: np.arange(n), 20: np.arange(n), 30: np.arange(1, n)}  # example 0 missing at step 30
+    for step in (10, 20, 20, 30):  # step 20 written twice: the second replaces the first
+        if step == 20 and store.latest_step(run.id) == 20:
+            losses[20] = losses[20] * 0.5
+        idx = include[step]
+        store.write_evaluation(run.id, step, loo=0.3, metrics={}, idx=idx + 100, scores=rng.random(len(idx)),
+                               loo_losses=losses[step][idx], prob_label=None)
+    table = store.examples_table(run.id, 30)
+    got = dict(zip(table["idx"], zip(table["loo_loss_mean"], table["loo_loss_evals"])))
+    stack = np.stack([losses[10], losses[20], losses[30]])
+    expect = np.nanmean(stack, 0)
+    assert got[100 + 5] == (pytest.approx(np.mean([losses[10][5], losses[30][5]]), rel=1e-6), 2)
+    assert got[100 + 7] == (pytest.approx(expect[7], rel=1e-6), 3)
+    assert 100 not in got
+    _, top = store.examples_at(run.id, k=20, by="loo_mean")
+    order = np.argsort(-expect[1:], kind="stable")[:20] + 101
+    assert [r.idx for r in top] == order.tolist()
+    assert [r.loo_loss_mean for r in top] == pytest.approx(expect[order - 100], rel=1e-6)
+    assert [r.loo_loss_evals for r in top] == [2 if i == 105 else 3 for i in order]
+    _, least = store.examples_at(run.id, k=5, by="loo_mean", least=True)
+    assert [r.idx for r in least] == (np.argsort(expect[1:], kind="stable")[:5] + 101).tolist()
+    _, page = store.examples_at(run.id, k=10, offset=2995, by="loo_mean")
+    assert len(page) == 4  # 2999 examples at step 30
+    hist = store.example_history(run.id, 100)
+    assert [(h.step, h.loo_loss_evals) for h in hist] == [(10, 1), (20, 2)]
+    with pytest.raises(ValueError, match="ordered by 'score' or 'loo_mean'"):
+        store.examples_at(run.id, by="loss")

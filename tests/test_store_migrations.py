@@ -73,3 +73,45 @@ def test_cli_db_upgrade_and_token(tmp_path):
                          text=True, timeout=60)
     assert bad.returncode == 2 and "cannot reach database" in bad.stderr and "pw@" not in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_0002_keeps_layout_1_records_and_rebuilds_their_means(empty_url):
+    """Per-example records written at revision 0001 read after the upgrade; the next evaluation's running means
+    cover them; the downgrade rewrites layout-2 records as layout 1, readable by 0001's code."""
+    import numpy as np
+    from sqlalchemy import text
+
+    from app.store.records import LAYOUTS
+
+    engine = make_engine(empty_url)
+    upgrade(engine, "0001")
+    store = Store(engine)
+    v1 = LAYOUTS[1]
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO runs (name, config, status, stop_requested, created_at) "
+                          "VALUES ('old', '{}', 'running', false, CURRENT_TIMESTAMP)"))
+        run_id = conn.execute(text("SELECT max(id) FROM runs")).scalar()
+        for step, losses in ((1, [1.0, 3.0]), (2, [2.0, float("nan")])):
+            rec = np.zeros(2, dtype=v1)
+            rec["idx"], rec["rank"], rec["score"], rec["loo"], rec["prob"] = [0, 1], [0, 1], [2.0, 1.0], losses, 0.5
+            conn.execute(text("INSERT INTO evaluations (run_id, step, metrics, n_examples, created_at) "
+                              "VALUES (:r, :s, '{}', 2, CURRENT_TIMESTAMP)"), {"r": run_id, "s": step})
+            for kind in ("rank", "idx"):
+                conn.execute(text("INSERT INTO score_chunks (run_id, step, kind, chunk, lo, hi, data) "
+                                  "VALUES (:r, :s, :k, 0, 0, 1, :d)"),
+                             {"r": run_id, "s": step, "k": kind, "d": rec.tobytes()})
+    upgrade(engine)
+    _, old = store.examples_at(run_id, step=2, k=2)
+    assert [(r.idx, r.loo_loss, r.loo_loss_mean, r.loo_loss_evals) for r in old] == [(0, 2.0, None, 0),
+                                                                                   (1, None, None, 0)]
+    store.write_evaluation(run_id, 3, loo=1.0, metrics={}, idx=np.array([0, 1]), scores=np.array([1.0, 2.0]),
+                           loo_losses=np.array([6.0, 5.0]), prob_label=None)
+    table = store.examples_table(run_id, 3)
+    assert dict(zip(table["idx"], zip(table["loo_loss_mean"], table["loo_loss_evals"]))) == {0: (3.0, 3), 1: (4.0, 2)}
+    downgrade(engine, "0001")
+    with engine.connect() as conn:
+        data = conn.execute(text("SELECT data FROM score_chunks WHERE step = 3 AND kind = 'idx'")).scalar()
+    assert np.frombuffer(data, dtype=v1)["loo"].tolist() == [6.0, 5.0]
+    upgrade(engine)
+    assert store.examples_at(run_id, step=3, k=1)[1][0].idx == 1
+    engine.dispose()

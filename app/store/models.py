@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -123,7 +124,7 @@ class ScoreChunk(Base):
 
     Each evaluation is written twice: ordered by rank (``kind`` "rank", chunks of 2048 ranks: top-k and bottom-k
     read one chunk) and bucketed by example index (``kind`` "idx", chunk = idx // 256: one example's history reads
-    one small chunk per evaluation). ``data`` is a numpy record array (see repository).
+    one small chunk per evaluation). ``data`` is a numpy record array of ``layout`` (see app.store.records).
     """
 
     __tablename__ = "score_chunks"
@@ -134,6 +135,7 @@ class ScoreChunk(Base):
     chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
     lo: Mapped[int] = mapped_column(Integer)
     hi: Mapped[int] = mapped_column(Integer)
+    layout: Mapped[int] = mapped_column(SmallInteger, server_default="1")  # app.store.records.LAYOUTS
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
     __table_args__ = (Index("ix_score_chunks_history", "run_id", "kind", "chunk", "step"),)

@@ -30,6 +30,8 @@ from app.store.models import (
     utcnow,
 )
 from app.store.queue import JobQueue
+from app.store.records import CHUNK, IDX_CHUNK, RECORD, build, decode, order_by_mean, running_mean
+from app.store.records import chunks as chunks_of
 from app.store.rollups import LEVELS, merge_rollups, refresh_rollups
 
 
@@ -51,6 +53,8 @@ class ScoreRow:
     label: int | None = None
     flipped: bool | None = None
     step: int | None = None
+    loo_loss_mean: float | None = None
+    loo_loss_evals: int = 0
 
 
 class Store(JobQueue, HooksAndTokens):
@@ -145,14 +149,17 @@ class Store(JobQueue, HooksAndTokens):
                          epoch: float | None = None, wall_time: float | None = None) -> Evaluation:
         """Write one evaluation, its metric points and its per-example rows in one transaction.
 
-        Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step).
+        Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step). Each
+        example's running mean LOO loss folds this evaluation into the run's last one before ``step``; a step written
+        out of order does not update the means of evaluations after it.
         """
         clean = {k: finite(v) for k, v in metrics.items()}
         n = 0 if idx is None else len(idx)
-        chunks = _chunks(run_id, step, idx, scores, loo_losses, prob_label) if n else []
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
+            chunks = chunks_of(run_id, step, build(idx, scores, loo_losses, prob_label,
+                                                   _previous_records(s, run_id, step))) if n else []
             s.execute(delete(Evaluation).where(Evaluation.run_id == run_id, Evaluation.step == step))
             s.execute(delete(ScoreChunk).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step))
             s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step == step,
@@ -224,8 +231,13 @@ class Store(JobQueue, HooksAndTokens):
         return merge_rollups(rows, max_points)
 
     def examples_at(self, run_id: int, step: int | None = None, k: int = 50, offset: int = 0,
-                    least: bool = False) -> tuple[int, list[ScoreRow]]:
-        """The k most (or least) sensitive examples at ``step`` (default: the latest), with labels and flags."""
+                    least: bool = False, by: str = "score") -> tuple[int, list[ScoreRow]]:
+        """The k most (or least) sensitive examples at ``step`` (default: the latest), with labels and flags.
+
+        ``by="loo_mean"``: ordered by the mean LOO loss over the evaluations up to ``step`` instead (reads the whole
+        evaluation: O(N)); examples without one come last either way."""
+        if by not in ("score", "loo_mean"):
+            raise ValueError(f"examples are ordered by 'score' or 'loo_mean', not {by!r}")
         k = max(0, min(int(k), 1000))
         with self.session() as s:
             step = _resolve_step(s, run_id, step)
@@ -236,11 +248,16 @@ class Store(JobQueue, HooksAndTokens):
             first, last = max(first, 0), min(last, n - 1)
             if k == 0 or last < first:
                 return step, []
-            q = (select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
-                                               ScoreChunk.kind == "rank", ScoreChunk.chunk >= first // CHUNK,
-                                               ScoreChunk.chunk <= last // CHUNK).order_by(ScoreChunk.chunk))
-            recs = np.concatenate([np.frombuffer(d, dtype=RECORD) for d in s.scalars(q)])
-            base = (first // CHUNK) * CHUNK
+            q = select(ScoreChunk.layout, ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step)
+            if by == "score":
+                q = q.where(ScoreChunk.kind == "rank", ScoreChunk.chunk >= first // CHUNK,
+                            ScoreChunk.chunk <= last // CHUNK)
+                base = (first // CHUNK) * CHUNK
+            else:
+                q, base = q.where(ScoreChunk.kind == "idx"), 0
+            recs = np.concatenate([decode(d, layout) for layout, d in s.execute(q.order_by(ScoreChunk.chunk))])
+            if by == "loo_mean":
+                recs = order_by_mean(recs)
             recs = recs[first - base : last - base + 1]
             if least:
                 recs = recs[::-1]
@@ -250,16 +267,18 @@ class Store(JobQueue, HooksAndTokens):
             return step, rows
 
     def examples_table(self, run_id: int, step: int) -> dict[str, list]:
-        """Every example of one evaluation, by rank: idx, rank, score, loo_loss, prob_label, label, flipped."""
+        """Every example of one evaluation, by rank: idx, rank, score, loo_loss, prob_label, loo_loss_mean,
+        loo_loss_evals, label, flipped."""
         with self.session() as s:
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
-            datas = list(s.scalars(select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
-                                                                 ScoreChunk.kind == "rank").order_by(ScoreChunk.chunk)))
+            datas = s.execute(select(ScoreChunk.layout, ScoreChunk.data).where(
+                ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "rank")
+                .order_by(ScoreChunk.chunk)).all()
             if not datas:
                 raise NotFound(f"run {run_id} has no per-example scores at step {step}")
             labels = {e.idx: (e.label, e.flipped) for e in s.scalars(select(Example).where(Example.run_id == run_id))}
-        recs = np.concatenate([np.frombuffer(d, dtype=RECORD) for d in datas])
+        recs = np.concatenate([decode(d, layout) for layout, d in datas])
 
         def clean(a):
             return [None if not math.isfinite(v) else v for v in a.astype(np.float64).tolist()]
@@ -267,6 +286,7 @@ class Store(JobQueue, HooksAndTokens):
         idx = recs["idx"].tolist()
         return {"idx": idx, "rank": recs["rank"].tolist(), "score": clean(recs["score"]),
                 "loo_loss": clean(recs["loo"]), "prob_label": clean(recs["prob"]),
+                "loo_loss_mean": clean(recs["loo_mean"]), "loo_loss_evals": recs["evals"].tolist(),
                 "label": [labels.get(i, (None, None))[0] for i in idx],
                 "flipped": [labels.get(i, (None, None))[1] for i in idx]}
 
@@ -274,11 +294,11 @@ class Store(JobQueue, HooksAndTokens):
         """(step, counts, edges) of the finite sensitivity scores at ``step`` (default: the latest)."""
         with self.session() as s:
             step = _resolve_step(s, run_id, step)
-            datas = list(s.scalars(select(ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
-                                                                 ScoreChunk.kind == "rank")))
+            datas = s.execute(select(ScoreChunk.layout, ScoreChunk.data).where(
+                ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "rank")).all()
         if not datas:
             raise NotFound(f"run {run_id} has no per-example scores at step {step}")
-        scores = np.concatenate([np.frombuffer(d, dtype=RECORD)["score"] for d in datas]).astype(np.float64)
+        scores = np.concatenate([decode(d, layout)["score"] for layout, d in datas]).astype(np.float64)
         counts, edges = np.histogram(scores[np.isfinite(scores)], bins=bins)
         return step, counts.tolist(), edges.tolist()
 
@@ -287,12 +307,12 @@ class Store(JobQueue, HooksAndTokens):
         with self.session() as s:
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
-            q = (select(ScoreChunk.step, ScoreChunk.data)
+            q = (select(ScoreChunk.step, ScoreChunk.layout, ScoreChunk.data)
                  .where(ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.chunk == idx // IDX_CHUNK)
                  .order_by(ScoreChunk.step))
             rows = []
-            for step, data in s.execute(q):
-                recs = np.frombuffer(data, dtype=RECORD)
+            for step, layout, data in s.execute(q):
+                recs = decode(data, layout)
                 pos = int(np.searchsorted(recs["idx"], idx))
                 if pos < len(recs) and recs["idx"][pos] == idx:
                     rows.append(_row(recs[pos], step))
@@ -333,43 +353,33 @@ def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
     return step
 
 
-CHUNK = 2048  # ranks per "rank" chunk
-IDX_CHUNK = 256  # example indices per "idx" bucket
-
-
-RECORD = np.dtype([("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")])
-
-
 def _row(r, step: int, label=None, flipped=None) -> ScoreRow:
     return ScoreRow(int(r["rank"]), int(r["idx"]), finite(r["score"]), finite(r["loo"]), finite(r["prob"]),
-                    label, flipped, step)
+                    label, flipped, step, finite(r["loo_mean"]), int(r["evals"]))
 
 
-def _chunks(run_id, step, idx, scores, loo_losses, prob_label) -> list[dict]:
-    """Rows of ``score_chunks`` for one evaluation: the records by rank and by example index."""
-    n = len(idx)
-    rec = np.zeros(n, dtype=RECORD)
-    rec["idx"] = np.asarray(idx, dtype=np.int64)
-    rec["score"] = np.asarray(scores, dtype=np.float64)
-    rec["loo"] = np.nan if loo_losses is None else np.asarray(loo_losses, dtype=np.float64)
-    rec["prob"] = np.nan if prob_label is None else np.asarray(prob_label, dtype=np.float64)
-    if len(np.unique(rec["idx"])) != n:
-        raise ValueError("example indices of an evaluation must be unique")
-    sc = rec["score"].astype(np.float64)
-    by_rank = np.argsort(np.where(np.isfinite(sc), -sc, np.inf), kind="stable")
-    rec["rank"][by_rank] = np.arange(n, dtype=np.int32)
-    if n and int(rec["idx"].min()) < 0:
-        raise ValueError("example indices must be >= 0")
-    out = []
-    ranked = rec[by_rank]
-    for c, start in enumerate(range(0, n, CHUNK)):
-        part = ranked[start : start + CHUNK]
-        out.append({"run_id": run_id, "step": step, "kind": "rank", "chunk": c, "lo": start,
-                    "hi": start + len(part) - 1, "data": part.tobytes()})
-    by_idx = rec[np.argsort(rec["idx"], kind="stable")]
-    buckets = by_idx["idx"] // IDX_CHUNK
-    cuts = np.flatnonzero(np.diff(buckets)) + 1
-    for part in np.split(by_idx, cuts):
-        out.append({"run_id": run_id, "step": step, "kind": "idx", "chunk": int(part["idx"][0] // IDX_CHUNK),
-                    "lo": int(part["idx"][0]), "hi": int(part["idx"][-1]), "data": part.tobytes()})
-    return out
+def _idx_records(s: Session, run_id: int, step: int) -> tuple[np.ndarray, bool]:
+    """One evaluation's records in index order, and whether they carry running means (layout 2 on)."""
+    rows = s.execute(select(ScoreChunk.layout, ScoreChunk.data).where(
+        ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "idx").order_by(ScoreChunk.chunk))
+    parts = [(layout, decode(d, layout)) for layout, d in rows]
+    recs = np.concatenate([p for _, p in parts]) if parts else np.zeros(0, dtype=RECORD)  # a writable copy
+    return recs, all(layout >= 2 for layout, _ in parts)
+
+
+def _previous_records(s: Session, run_id: int, step: int) -> np.ndarray | None:
+    """The records (by idx) of the run's last evaluation before ``step`` that has per-example rows, with their
+    running means; rebuilt from every earlier evaluation where those were written before layout 2."""
+    earlier = (ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.step < step)
+    prev = s.scalar(select(func.max(ScoreChunk.step)).where(*earlier))
+    if prev is None:
+        return None
+    recs, has_means = _idx_records(s, run_id, prev)
+    if has_means:
+        return recs
+    acc = None
+    for st in list(s.scalars(select(ScoreChunk.step).where(*earlier).distinct().order_by(ScoreChunk.step))):
+        recs, _ = _idx_records(s, run_id, st)
+        recs["loo_mean"], recs["evals"] = running_mean(recs["idx"], recs["loo"], acc)
+        acc = recs
+    return acc

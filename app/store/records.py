@@ -1,0 +1,98 @@
+"""Per-example records of an evaluation: the numpy layouts of ``score_chunks.data``, their chunking, and each
+example's running mean LOO loss over the run's evaluations.
+
+Layout 1 (revision 0001): idx, rank, score, loo, prob. Layout 2 adds ``loo_mean`` (the mean of the example's finite
+LOO losses over this and every earlier evaluation that included it) and ``evals`` (how many). The mean ranks
+flipped labels after training has memorized them, where the final loss no longer does (docs/validation.md §4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.store.engine import StoreError
+
+CHUNK = 2048  # ranks per "rank" chunk
+IDX_CHUNK = 256  # example indices per "idx" bucket
+
+_V1 = [("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")]
+LAYOUTS = {1: np.dtype(_V1), 2: np.dtype(_V1 + [("loo_mean", "<f4"), ("evals", "<i4")])}
+LAYOUT = 2  # what this code writes
+RECORD = LAYOUTS[LAYOUT]
+
+
+def decode(data: bytes, layout: int) -> np.ndarray:
+    """One chunk's records in the current layout (an older layout's missing fields: NaN mean, 0 evaluations)."""
+    dtype = LAYOUTS.get(layout)
+    if dtype is None:
+        raise StoreError(f"per-example records of layout {layout} are newer than this code: upgrade ivon-diag")
+    recs = np.frombuffer(data, dtype=dtype)
+    if layout == LAYOUT:
+        return recs
+    out = np.zeros(len(recs), dtype=RECORD)
+    for name in dtype.names:
+        out[name] = recs[name]
+    out["loo_mean"] = np.nan
+    return out
+
+
+def running_mean(idx: np.ndarray, loo: np.ndarray, prev: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, evals) of each example's finite LOO losses: this evaluation's ``loo`` folded into ``prev``, the
+    records of the previous evaluation sorted by idx (None: the run's first). Non-finite losses are skipped."""
+    loo = np.asarray(loo, dtype=np.float64)
+    ok = np.isfinite(loo)
+    evals = ok.astype(np.int64)
+    total = np.where(ok, loo, 0.0)
+    if prev is not None and len(prev):
+        pos = np.minimum(np.searchsorted(prev["idx"], idx), len(prev) - 1)
+        seen = (prev["idx"][pos] == idx) & (prev["evals"][pos] > 0)
+        n_prev = prev["evals"][pos][seen].astype(np.int64)
+        total[seen] += prev["loo_mean"][pos][seen].astype(np.float64) * n_prev
+        evals[seen] += n_prev
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(evals > 0, total / np.maximum(evals, 1), np.nan)
+    return mean, evals
+
+
+def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None) -> np.ndarray:
+    """The records of one evaluation (unranked), validated."""
+    n = len(idx)
+    rec = np.zeros(n, dtype=RECORD)
+    rec["idx"] = np.asarray(idx, dtype=np.int64)
+    if len(np.unique(rec["idx"])) != n:
+        raise ValueError("example indices of an evaluation must be unique")
+    if n and int(rec["idx"].min()) < 0:
+        raise ValueError("example indices must be >= 0")
+    rec["score"] = np.asarray(scores, dtype=np.float64)
+    loo = np.full(n, np.nan) if loo_losses is None else np.asarray(loo_losses, dtype=np.float64)
+    rec["loo"] = loo
+    rec["prob"] = np.nan if prob_label is None else np.asarray(prob_label, dtype=np.float64)
+    rec["loo_mean"], rec["evals"] = running_mean(rec["idx"], loo, prev)
+    return rec
+
+
+def chunks(run_id: int, step: int, rec: np.ndarray) -> list[dict]:
+    """Rows of ``score_chunks`` for one evaluation: the records by rank (of the score) and by example index."""
+    n = len(rec)
+    sc = rec["score"].astype(np.float64)
+    by_rank = np.argsort(np.where(np.isfinite(sc), -sc, np.inf), kind="stable")
+    rec["rank"][by_rank] = np.arange(n, dtype=np.int32)
+    out = []
+    ranked = rec[by_rank]
+    for c, start in enumerate(range(0, n, CHUNK)):
+        part = ranked[start : start + CHUNK]
+        out.append({"run_id": run_id, "step": step, "kind": "rank", "chunk": c, "lo": start,
+                    "hi": start + len(part) - 1, "layout": LAYOUT, "data": part.tobytes()})
+    by_idx = rec[np.argsort(rec["idx"], kind="stable")]
+    buckets = by_idx["idx"] // IDX_CHUNK
+    cuts = np.flatnonzero(np.diff(buckets)) + 1
+    for part in np.split(by_idx, cuts):
+        out.append({"run_id": run_id, "step": step, "kind": "idx", "chunk": int(part["idx"][0] // IDX_CHUNK),
+                    "lo": int(part["idx"][0]), "hi": int(part["idx"][-1]), "layout": LAYOUT, "data": part.tobytes()})
+    return out
+
+
+def order_by_mean(recs: np.ndarray) -> np.ndarray:
+    """Records sorted by descending mean LOO loss (examples without one last), ties by index."""
+    m = recs["loo_mean"].astype(np.float64)
+    return recs[np.lexsort((recs["idx"], np.where(np.isfinite(m), -m, np.inf)))]
