@@ -53,6 +53,13 @@ def test_reads(api):
     assert [i["rank"] for i in least["items"]] == [299, 298, 297]
     hist = client.get(f"/api/v1/runs/{run.id}/examples/7").json()
     assert [h["step"] for h in hist] == [10, 20]
+    assert [h["loo_loss_evals"] for h in hist] == [1, 2]
+    s10, s20 = (np.random.default_rng(step).random(300) for step in (10, 20))
+    assert hist[1]["loo_loss_mean"] == pytest.approx((s10[7] + s20[7]) / 2, rel=1e-6)
+    suspects = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "limit": 5}).json()
+    assert suspects["by"] == "loo_mean"
+    assert [i["idx"] for i in suspects["items"]] == np.argsort(-(s10 + s20) / 2, kind="stable")[:5].tolist()
+    assert client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loss"}).status_code == 422
     img = client.get(f"/api/v1/runs/{run.id}/examples/3/image")
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     assert client.get(f"/api/v1/runs/{run.id}/examples/4/image").status_code == 404
@@ -139,7 +146,8 @@ def test_hooks_endpoints_and_exports(api):
     assert client.delete(f"/api/v1/hooks/{made.json()['id']}", headers=auth).status_code == 404
 
     csv = client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.csv")
-    assert csv.status_code == 200 and csv.text.splitlines()[0] == "idx,rank,score,loo_loss,prob_label,label,flipped"
+    assert csv.status_code == 200 and csv.text.splitlines()[0] == \
+        "idx,rank,score,loo_loss,prob_label,loo_loss_mean,loo_loss_evals,label,flipped"
     assert len(csv.text.splitlines()) == 301
     pq_resp = client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.parquet")
     table = pq.read_table(io.BytesIO(pq_resp.content))

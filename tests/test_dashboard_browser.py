@@ -67,8 +67,14 @@ def test_run_page_draws_updates_live_and_escapes(server):
         # the LOO's capped share (its warning sign) is drawn and follows live
         assert page.evaluate("document.getElementById('quality').data[2].name") == "loo_capped"
         assert page.evaluate("document.getElementById('quality').data[2].y") == [0.01, 0.02, 0.03]
+        # the mislabeled-suspects gallery: ranked by the LOO loss averaged over the evaluations, as the API ranks it
+        _, suspects = store.examples_at(run.id, k=24, by="loo_mean")
+        page.wait_for_function(f"document.querySelector('#suspects .ex')?.dataset.idx === '{suspects[0].idx}'")
+        assert page.eval_on_selector_all("#suspects .ex", "els => els.map(e => +e.dataset.idx)") == \
+            [r.idx for r in suspects]
+        assert "mean loss=" in page.inner_text("#suspects")
         page.click("#most .ex")
-        page.wait_for_function("document.getElementById('history').data.length === 2")
+        page.wait_for_function("document.getElementById('history').data.length === 3")
         page.goto(f"{base}/")
         assert "<script>window.pwned" in page.inner_text("#runs")
         page.goto(f"{base}/compare?ids={run.id}")

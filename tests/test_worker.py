@@ -53,6 +53,11 @@ def test_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert store.get_job_for_run(victim.id).attempts == 2
     _, top = store.examples_at(victim.id, k=30)
     assert sum(r.flipped for r in top) >= 10  # flipped labels rank among the most sensitive
+    # the running mean LOO loss survives the kill: the re-evaluated step replaced its own term, no more
+    ta, tb = (store.examples_table(r.id, steps[-1]) for r in (ref, victim))
+    assert ta["loo_loss_mean"] == tb["loo_loss_mean"] and set(tb["loo_loss_evals"]) == {len(steps)}
+    _, suspects = store.examples_at(victim.id, k=30, by="loo_mean")
+    assert sum(r.flipped for r in suspects) >= 10
 
 
 def test_train_command_and_bad_inputs(tmp_path):

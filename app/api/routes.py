@@ -90,14 +90,17 @@ def evaluations(
 def examples(
     run_id: RunId,
     order: Literal["most", "least"] = "most",
+    by: Literal["score", "loo_mean"] = Query("score", description="rank by the sensitivity at the step, or by the "
+                                             "LOO loss averaged over the evaluations up to it (mislabeled examples)"),
     step: int | None = Query(None, ge=0, le=INT32),
     limit: int = Query(50, ge=1, le=INT32, description="capped at 1000"),
     offset: int = Query(0, ge=0, le=INT32),
     store: Store = Depends(get_store),
 ):
     limit = min(limit, 1000)
-    at, rows = store.examples_at(run_id, step, limit, offset, least=order == "least")
-    return ExamplesPage(step=at, order=order, offset=offset, limit=limit, items=[ExampleOut(**vars(r)) for r in rows])
+    at, rows = store.examples_at(run_id, step, limit, offset, least=order == "least", by=by)
+    return ExamplesPage(step=at, order=order, by=by, offset=offset, limit=limit,
+                        items=[ExampleOut(**vars(r)) for r in rows])
 
 
 @router.get("/runs/{run_id}/examples/{idx}", response_model=list[ExampleOut], dependencies=read)
@@ -151,7 +154,8 @@ def delete_hook(hook_id: Annotated[int, Path(ge=0, le=INT32)], store: Store = De
 @router.get("/runs/{run_id}/evaluations/{step}/examples.{fmt}", dependencies=read, response_class=Response,
             responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
 def export_examples(run_id: RunId, step: Step, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
-    """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, label, flipped."""
+    """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, loo_loss_mean, loo_loss_evals,
+    label, flipped."""
     cols = store.examples_table(run_id, step)
     name = f"run{run_id}_step{step}_examples.{fmt}"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}

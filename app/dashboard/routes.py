@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from app.api.deps import get_store, require_read
 from app.api.routes import INT32, RunId
-from app.api.schemas import LOO_VALIDITY, SCORE_VALIDITY
+from app.api.schemas import LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
 
 router = APIRouter()
@@ -46,7 +46,8 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
     es = store.early_stop(run_id)
     return templates.TemplateResponse(request, "run.html", {
         "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
-        "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY})
+        "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
+        "mean_validity": LOO_MEAN_VALIDITY})
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_read)])

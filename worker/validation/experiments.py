@@ -247,10 +247,16 @@ def _auroc_prec(flipped: np.ndarray, score: np.ndarray) -> tuple[float, float]:
     return float(roc_auc_score(flipped, score)), float(flipped[top].mean())
 
 
-def _timed_train(kind: str, opt_name: str, split: Split, epochs: int, seed: int, wd: float):
+def _timed_train(kind: str, opt_name: str, split: Split, epochs: int, seed: int, wd: float, callback=None):
     """Train; its cost is epochs × the fastest epoch, robust to a busy machine (noise only slows an epoch)."""
     epoch_s: list[float] = []
-    model, opt, _ = train(kind, opt_name, split, epochs, seed, wd, callback=lambda *a: epoch_s.append(a[-1]))
+
+    def cb(*a):
+        epoch_s.append(a[-1])
+        if callback is not None:
+            callback(*a)
+
+    model, opt, _ = train(kind, opt_name, split, epochs, seed, wd, callback=cb)
     return model, opt, epochs * min(epoch_s)
 
 
@@ -273,8 +279,9 @@ def _kfac_pass(model: nn.Module, data, prior: float):
 
 
 def flips(settings=((0.1, "uniform"), (0.3, "uniform"), (0.1, "pairs"), (0.3, "pairs")), epochs: int = 150,
-          seed: int = 0) -> list[dict]:
-    """E4: flipped-label detection at the end of training (flips fitted), against cleanlab on 5-fold CV.
+          seed: int = 0, evals: int = 10) -> list[dict]:
+    """E4: flipped-label detection at the end of training (flips fitted), against cleanlab on 5-fold CV; also the
+    per-example means over the run's ``evals`` evaluations (what the store keeps as ``loo_loss_mean``).
 
     Each method's cost is what it computes, in units of one training run: its training run plus its sensitivity
     pass (with the K-FAC fit), or cleanlab's five cross-validation trainings.
@@ -287,7 +294,17 @@ def flips(settings=((0.1, "uniform"), (0.3, "uniform"), (0.1, "pairs"), (0.3, "p
     for frac, mode in settings:
         split = flip_labels(base, frac, mode, seed)
         data = (split.xtr, split.ytr)
-        model, opt, train_s = _timed_train("mlp", "ivon", split, epochs, seed, wd)
+        history: list[tuple[np.ndarray, np.ndarray, float]] = []  # per evaluation: LOO losses, losses, seconds
+        every = max(1, epochs // evals)
+
+        def evaluate(ep, model, opt, dt, history=history, data=data, every=every):
+            if ep % every == 0 or ep == epochs:  # as the worker evaluates: every few epochs and at the end
+                t = time.perf_counter()
+                res = _ivon_pass(model, opt, data)
+                history.append((res.loo_losses.numpy(), res.losses.numpy(), time.perf_counter() - t))
+
+        model, opt, train_s = _timed_train("mlp", "ivon", split, epochs, seed, wd, evaluate)
+        evals_s = len(history) * min(h[2] for h in history)  # at the fastest pass, as the epochs
         fl = split.flipped.numpy().astype(int)
         res_ivon, ivon_s = _timed(_ivon_pass, model, opt, data)
         res_kfac, kfac_s = _timed(_kfac_pass, model, data, prior_from_weight_decay(wd, split.n))
@@ -306,6 +323,8 @@ def flips(settings=((0.1, "uniform"), (0.3, "uniform"), (0.1, "pairs"), (0.3, "p
             "sensitivity (K-FAC)": (res_kfac.scores.numpy(), train_s + kfac_s),
             "LOO self-confidence (K-FAC)": (-res_kfac.loo_probs.numpy(), train_s + kfac_s),
             "training loss": (res_ivon.losses.numpy(), train_s),
+            "mean LOO loss over evaluations (IVON σ²)": (np.mean([h[0] for h in history], 0), train_s + evals_s),
+            "mean training loss over evaluations": (np.mean([h[1] for h in history], 0), train_s + evals_s),
             "cleanlab, 5-fold CV": (-quality, cl_s),
         }
         for name, (score, cost_s) in scores.items():
