@@ -184,7 +184,7 @@ def test_running_mean_loo_loss_over_evaluations(store):
     step replaces its own contribution; by="loo_mean" ranks by it."""
     run = store.create_run("r", enqueue=False)
     rng = np.random.default_rng(0)
-    n = 3000  # spans several idx buckets and rank chunks
+    n = 5000  # spans several idx buckets, rank chunks, and more than the two "mean" chunks
     losses = {step: rng.random(n) for step in (10, 20, 30)}
     losses[20][5] = np.nan  # skipped, not averaged as 0
     include = {10: np.arange(n), 20: np.arange(n), 30: np.arange(1, n)}  # example 0 missing at step 30
@@ -208,8 +208,12 @@ def test_running_mean_loo_loss_over_evaluations(store):
     assert [r.loo_loss_evals for r in top] == [2 if i == 105 else 3 for i in order]
     _, least = store.examples_at(run.id, k=5, by="loo_mean", least=True)
     assert [r.idx for r in least] == (np.argsort(expect[1:], kind="stable")[:5] + 101).tolist()
-    _, page = store.examples_at(run.id, k=10, offset=2995, by="loo_mean")
-    assert len(page) == 4  # 2999 examples at step 30
+    full = np.argsort(-expect[1:], kind="stable") + 101
+    for offset in (1990, 2500, 4000):  # across the head chunk's end, a deep page (sorts everything), the tail
+        _, page = store.examples_at(run.id, k=100, offset=offset, by="loo_mean")
+        assert [r.idx for r in page] == full[offset : offset + 100].tolist()
+    _, page = store.examples_at(run.id, k=10, offset=4995, by="loo_mean")
+    assert len(page) == 4  # 4999 examples at step 30
     hist = store.example_history(run.id, 100)
     assert [(h.step, h.loo_loss_evals) for h in hist] == [(10, 1), (20, 2)]
     with pytest.raises(ValueError, match="ordered by 'score' or 'loo_mean'"):

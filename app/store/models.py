@@ -124,7 +124,8 @@ class ScoreChunk(Base):
 
     Each evaluation is written twice: ordered by rank (``kind`` "rank", chunks of 2048 ranks: top-k and bottom-k
     read one chunk) and bucketed by example index (``kind`` "idx", chunk = idx // 256: one example's history reads
-    one small chunk per evaluation). ``data`` is a numpy record array of ``layout`` (see app.store.records).
+    one small chunk per evaluation), plus the CHUNK first and last by the running mean LOO loss (``kind`` "mean").
+    ``data`` is a numpy record array of ``layout`` (see app.store.records).
     """
 
     __tablename__ = "score_chunks"

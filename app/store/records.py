@@ -72,7 +72,8 @@ def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None) -> np.nd
 
 
 def chunks(run_id: int, step: int, rec: np.ndarray) -> list[dict]:
-    """Rows of ``score_chunks`` for one evaluation: the records by rank (of the score) and by example index."""
+    """Rows of ``score_chunks`` for one evaluation: the records by rank (of the score), the CHUNK first and last by
+    the running mean (kind "mean", chunks 0 and 1), and by example index."""
     n = len(rec)
     sc = rec["score"].astype(np.float64)
     by_rank = np.argsort(np.where(np.isfinite(sc), -sc, np.inf), kind="stable")
@@ -82,6 +83,11 @@ def chunks(run_id: int, step: int, rec: np.ndarray) -> list[dict]:
     for c, start in enumerate(range(0, n, CHUNK)):
         part = ranked[start : start + CHUNK]
         out.append({"run_id": run_id, "step": step, "kind": "rank", "chunk": c, "lo": start,
+                    "hi": start + len(part) - 1, "layout": LAYOUT, "data": part.tobytes()})
+    by_mean = order_by_mean(rec)  # its two ends only: top-k and bottom-k by the mean without reading every record
+    ends = ((0, by_mean[:CHUNK]), (max(n - CHUNK, 0), by_mean[max(n - CHUNK, 0):]))
+    for c, (start, part) in enumerate(ends[: 1 if n <= CHUNK else 2]):
+        out.append({"run_id": run_id, "step": step, "kind": "mean", "chunk": c, "lo": start,
                     "hi": start + len(part) - 1, "layout": LAYOUT, "data": part.tobytes()})
     by_idx = rec[np.argsort(rec["idx"], kind="stable")]
     buckets = by_idx["idx"] // IDX_CHUNK

@@ -234,8 +234,8 @@ class Store(JobQueue, HooksAndTokens):
                     least: bool = False, by: str = "score") -> tuple[int, list[ScoreRow]]:
         """The k most (or least) sensitive examples at ``step`` (default: the latest), with labels and flags.
 
-        ``by="loo_mean"``: ordered by the mean LOO loss over the evaluations up to ``step`` instead (reads the whole
-        evaluation: O(N)); examples without one come last either way."""
+        ``by="loo_mean"``: ordered by the mean LOO loss over the evaluations up to ``step`` instead (one chunk for
+        the CHUNK first or last; deeper pages sort the whole evaluation, O(N)); examples without one come last."""
         if by not in ("score", "loo_mean"):
             raise ValueError(f"examples are ordered by 'score' or 'loo_mean', not {by!r}")
         k = max(0, min(int(k), 1000))
@@ -254,10 +254,10 @@ class Store(JobQueue, HooksAndTokens):
                             ScoreChunk.chunk <= last // CHUNK)
                 base = (first // CHUNK) * CHUNK
             else:
-                q, base = q.where(ScoreChunk.kind == "idx"), 0
+                q, base = _mean_window(s, q, run_id, step, n, first, last)
             recs = np.concatenate([decode(d, layout) for layout, d in s.execute(q.order_by(ScoreChunk.chunk))])
-            if by == "loo_mean":
-                recs = order_by_mean(recs)
+            if base is None:  # the whole evaluation, by index
+                recs, base = order_by_mean(recs), 0
             recs = recs[first - base : last - base + 1]
             if least:
                 recs = recs[::-1]
@@ -356,6 +356,17 @@ def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
 def _row(r, step: int, label=None, flipped=None) -> ScoreRow:
     return ScoreRow(int(r["rank"]), int(r["idx"]), finite(r["score"]), finite(r["loo"]), finite(r["prob"]),
                     label, flipped, step, finite(r["loo_mean"]), int(r["evals"]))
+
+
+def _mean_window(s: Session, q, run_id: int, step: int, n: int, first: int, last: int):
+    """(query, base rank) for ranks first..last by the running mean: one "mean" chunk where the window lies in the
+    CHUNK first or last; else every "idx" chunk, to sort (base None): deep pages and evaluations before layout 2."""
+    for chunk, lo in ((0, 0), (1, max(n - CHUNK, 0))):
+        if lo <= first and last < lo + CHUNK and s.scalar(select(func.count()).where(
+                ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "mean",
+                ScoreChunk.chunk == chunk)):
+            return q.where(ScoreChunk.kind == "mean", ScoreChunk.chunk == chunk), lo
+    return q.where(ScoreChunk.kind == "idx"), None
 
 
 def _idx_records(s: Session, run_id: int, step: int) -> tuple[np.ndarray, bool]:

@@ -29,6 +29,7 @@ def downgrade() -> None:
     chunks = sa.table("score_chunks", sa.column("run_id"), sa.column("step"), sa.column("kind"), sa.column("chunk"),
                       sa.column("layout"), sa.column("data", sa.LargeBinary()))
     bind = op.get_bind()
+    bind.execute(sa.delete(chunks).where(chunks.c.kind == "mean"))
     keys = bind.execute(sa.select(chunks.c.run_id, chunks.c.step, chunks.c.kind, chunks.c.chunk)
                         .where(chunks.c.layout == 2)).all()
     for run_id, step, kind, chunk in keys:
