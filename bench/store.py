@@ -76,7 +76,7 @@ def bench(url: str, n_big: int, n_hist: int, evals: int, repeats: int) -> None:
     print(f"{store.dialect}:")
     print(f"   ingest of one evaluation, {n_big:,} examples: {ingest:.2f} s   (goal <= 3 s)")
     print(f"   ingest of a second, with running means:        {ingest2:.2f} s   ({ingest2 / ingest:.2f}x the first)")
-    for name, xs in (("top-50 at a 1M-example step", top), ("top-50 by the running mean", top_mean),
+    for name, xs in ((f"top-50 at a {n_big:,}-example step", top), ("top-50 by the running mean", top_mean),
                      ("a page at rank N/2 by the running mean", deep_mean),
                      (f"top-50, {evals} evaluations stored", top_hist),
                      (f"one example's history ({evals} evaluations of {n_hist:,})", hist),

@@ -35,3 +35,12 @@ def test_retrain_bench_runs_without_errors():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x faster); LOO" in out.stdout, out.stdout
+
+
+def test_store_bench_runs_without_errors():
+    out = subprocess.run([sys.executable, "bench/store.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for backend in ("sqlite:", "postgresql:"):
+        assert backend in out.stdout, out.stdout
+    assert out.stdout.count("with running means") == 2 and out.stdout.count("by the running mean") == 4

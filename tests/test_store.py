@@ -218,3 +218,21 @@ def test_running_mean_loo_loss_over_evaluations(store):
     assert [(h.step, h.loo_loss_evals) for h in hist] == [(10, 1), (20, 2)]
     with pytest.raises(ValueError, match="ordered by 'score' or 'loo_mean'"):
         store.examples_at(run.id, by="loss")
+
+
+def test_the_stored_ends_by_mean_agree_with_the_full_sort():
+    """The "mean" chunks hold the first and last CHUNK of the full order, ties (NaN means, equal losses) broken by
+    index alike: a page served from them equals the same page from sorting every record."""
+    from app.store.records import RECORD, _first_by_mean, order_by_mean
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(1, 6000))
+        rec = np.zeros(n, RECORD)
+        rec["idx"] = rng.permutation(n)
+        rec["loo_mean"] = rng.integers(0, 5, n) if trial % 2 else rng.random(n)  # many ties, or none
+        rec["loo_mean"][rng.random(n) < 0.1] = np.nan
+        full = order_by_mean(rec)["idx"]
+        for k in (1, 7, 2048):
+            assert _first_by_mean(rec, k)["idx"].tolist() == full[:k].tolist()
+            assert _first_by_mean(rec, k, last=True)["idx"].tolist() == full[-k:].tolist()

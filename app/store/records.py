@@ -84,9 +84,8 @@ def chunks(run_id: int, step: int, rec: np.ndarray) -> list[dict]:
         part = ranked[start : start + CHUNK]
         out.append({"run_id": run_id, "step": step, "kind": "rank", "chunk": c, "lo": start,
                     "hi": start + len(part) - 1, "layout": LAYOUT, "data": part.tobytes()})
-    by_mean = order_by_mean(rec)  # its two ends only: top-k and bottom-k by the mean without reading every record
-    ends = ((0, by_mean[:CHUNK]), (max(n - CHUNK, 0), by_mean[max(n - CHUNK, 0):]))
-    for c, (start, part) in enumerate(ends[: 1 if n <= CHUNK else 2]):
+    ends = ((0, _first_by_mean(rec, CHUNK)), (max(n - CHUNK, 0), _first_by_mean(rec, CHUNK, last=True)))
+    for c, (start, part) in enumerate(ends[: 1 if n <= CHUNK else 2]):  # top-k / bottom-k read one of them
         out.append({"run_id": run_id, "step": step, "kind": "mean", "chunk": c, "lo": start,
                     "hi": start + len(part) - 1, "layout": LAYOUT, "data": part.tobytes()})
     by_idx = rec[np.argsort(rec["idx"], kind="stable")]
@@ -98,7 +97,22 @@ def chunks(run_id: int, step: int, rec: np.ndarray) -> list[dict]:
     return out
 
 
+def _mean_key(recs: np.ndarray) -> np.ndarray:
+    m = recs["loo_mean"].astype(np.float64)
+    return np.where(np.isfinite(m), -m, np.inf)
+
+
 def order_by_mean(recs: np.ndarray) -> np.ndarray:
     """Records sorted by descending mean LOO loss (examples without one last), ties by index."""
-    m = recs["loo_mean"].astype(np.float64)
-    return recs[np.lexsort((recs["idx"], np.where(np.isfinite(m), -m, np.inf)))]
+    return recs[np.lexsort((recs["idx"], _mean_key(recs)))]
+
+
+def _first_by_mean(recs: np.ndarray, k: int, last: bool = False) -> np.ndarray:
+    """``order_by_mean(recs)[:k]`` (or ``[-k:]``) in O(N): a partition, then a sort of the candidates (with every
+    record tied at the boundary, so that ties break by index exactly as in the full sort)."""
+    if len(recs) <= k:
+        return order_by_mean(recs)
+    key = _mean_key(recs)
+    bound = np.partition(key, len(key) - k if last else k - 1)[len(key) - k if last else k - 1]
+    cand = order_by_mean(recs[key >= bound if last else key <= bound])
+    return cand[-k:] if last else cand[:k]
