@@ -159,3 +159,28 @@ def test_leverages_are_the_top_eigenvalue_of_lambda_v_and_the_tool_refuses_bad_s
     main(["--settings", "breast_cancer:1e-3", "--quick"])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.startswith("| breast_cancer, δ = 0.001 |") and row.count("|") == 6
+
+
+def test_low_rank_precision_is_exact_at_the_ggn_rank_and_the_tool_refuses_bad_ranks(capsys):
+    import torch
+
+    from worker.validation.lowrank import low_rank_precision, main
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 3, dtype=torch.float64, generator=g)
+    ggn = a @ a.T  # rank 3
+    exact = ggn + 0.1 * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(low_rank_precision(ggn, 3, 0.1), exact, atol=1e-10)
+    assert torch.allclose(low_rank_precision(ggn, 50, 0.1), exact, atol=1e-10)
+    one = low_rank_precision(ggn, 1, 0.1)  # the rest kept on the diagonal only: same diagonal, fewer correlations
+    assert torch.allclose(one.diagonal(), exact.diagonal(), atol=1e-10) and not torch.allclose(one, exact)
+    for bad in ("0", "x", ""):
+        with pytest.raises(SystemExit):
+            main(["--ranks", bad])
+        assert "--ranks" in capsys.readouterr().err
+    main(["--settings", "breast_cancer:1e-3", "--ranks", "5,1000", "--quick"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "breast_cancer, δ = 0.001" and len(cells) == 6
+    dense_map, full_rank_map = float(cells[3].split(" / ")[1]), float(cells[5].split(" / ")[1])
+    assert full_rank_map == pytest.approx(dense_map, rel=1e-2)  # rank ≥ the parameter count: the dense Laplace

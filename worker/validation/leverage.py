@@ -38,7 +38,9 @@ def leverages(model: torch.nn.Module, cov, x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(0.5 * (m + m.transpose(1, 2)))[:, -1]
 
 
-def compare(dataset: str, weight_decay: float, quick: bool = False) -> dict:
+def setting(dataset: str, weight_decay: float, quick: bool = False) -> dict:
+    """A report's clean tracking set-up (matched-β2 IVON run, seed 0): the split, the run's mean and optimizer, the
+    MAP refined from it, the prior precision and the true per-example LOO losses by retraining at that MAP."""
     n, epochs = (200, 150) if dataset == "breast_cancer" else (300, 100)
     if quick:
         n, epochs = n // 3, epochs // 5
@@ -46,11 +48,18 @@ def compare(dataset: str, weight_decay: float, quick: bool = False) -> dict:
     steps = epochs * ((split.n + 31) // 32)
     model, opt, _ = E._train_small({"opt": "ivon", "beta2": matched_beta2(steps)}, split, epochs, 0, weight_decay, 32,
                                    lambda *_: None)
-    rho_diag = leverages(model, as_covariance(model, ivon_variance(opt, model)), split.xtr)
     prior = prior_from_weight_decay(weight_decay, split.n)
     at = refine(model, split, weight_decay, 1000, restarts=10)
-    rho_dense = leverages(at, DenseCovariance.laplace(at, (split.xtr, split.ytr), prior_precision=prior), split.xtr)
     _, loss = leave_one_out(at, split.xtr, split.ytr, list(range(split.n)), prior_precision=prior)
+    return {"split": split, "mean": model, "opt": opt, "map": at, "prior": prior, "true_loss": loss}
+
+
+def compare(dataset: str, weight_decay: float, quick: bool = False) -> dict:
+    st = setting(dataset, weight_decay, quick)
+    split, model, at, loss = st["split"], st["mean"], st["map"], st["true_loss"]
+    rho_diag = leverages(model, as_covariance(model, ivon_variance(st["opt"], model)), split.xtr)
+    dense = DenseCovariance.laplace(at, (split.xtr, split.ytr), prior_precision=st["prior"])
+    rho_dense = leverages(at, dense, split.xtr)
     top = torch.argsort(loss, descending=True)[:10]
     high = rho_dense > 0.5
     return {"setting": f"{dataset}, δ = {weight_decay:g}", "spearman": float(spearmanr(rho_diag, rho_dense).statistic),
@@ -59,7 +68,7 @@ def compare(dataset: str, weight_decay: float, quick: bool = False) -> dict:
             "top_diag": float(rho_diag[top].mean()), "top_dense": float(rho_dense[top].mean())}
 
 
-def _settings(text: str) -> list[tuple[str, float]]:
+def settings_arg(text: str) -> list[tuple[str, float]]:
     out = []
     for item in filter(None, text.split(",")):
         name, _, wd = item.partition(":")
@@ -75,7 +84,7 @@ def _settings(text: str) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", type=_settings, default="digits:3e-3,digits:1e-4,breast_cancer:1e-3")
+    ap.add_argument("--settings", type=settings_arg, default="digits:3e-3,digits:1e-4,breast_cancer:1e-3")
     ap.add_argument("--quick", action="store_true", help="a third of the data, a fifth of the epochs (smoke checks)")
     args = ap.parse_args(argv)
     print("| setting | Spearman(ρ diag, ρ dense) | median ρ: diag / dense | dense ρ > 0.5: examples, share of "
