@@ -16,6 +16,7 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
     optimizer = IVON(model.parameters(), lr=0.1, ess=200)
     tracker = Tracker(f"sqlite:///{tmp_path / 'own.db'}", "my-run", config={"lr": 0.1})
     tracker.log_examples(labels=y.tolist())
+    losses = []
     for step in range(1, 31):
         with optimizer.sampled_params(train=True):
             optimizer.zero_grad()
@@ -24,6 +25,7 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
         if step % 10 == 0:
             res = compute_sensitivities(model, (x, y), ivon_variance(optimizer, model))
             tracker.log_evaluation(step, res, metrics={"test_nll": 1.0})
+            losses.append(res.loo_losses.clone())
     tracker.finish()
     store = tracker.store
     assert store.get_run(tracker.run_id).status == "done"
@@ -31,6 +33,12 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
     assert [s for s, _ in store.curve(tracker.run_id, "loo")] == [10, 20, 30]
     _, top = store.examples_at(tracker.run_id, k=5)
     assert top[0].idx == int(res.top_k(1)[0]) and top[0].label == int(y[top[0].idx])
+    # each example's LOO loss averaged over the three evaluations, ranked: the "likely mislabeled" list
+    mean = torch.stack(losses).double().mean(0)
+    _, suspects = store.examples_at(tracker.run_id, k=3, by="loo_mean")
+    assert [r.idx for r in suspects] == torch.argsort(mean, descending=True, stable=True)[:3].tolist()
+    assert suspects[0].loo_loss_mean == pytest.approx(float(mean[suspects[0].idx]), rel=1e-5)
+    assert {r.loo_loss_evals for r in suspects} == {3}
     res.loo_losses[:] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         tracker.log_evaluation(40, res)
