@@ -18,7 +18,7 @@ from app.dashboard import router as dashboard_router
 from app.limits import BodyLimit
 from app.metrics import install as install_metrics
 from app.settings import Settings
-from app.store import NotFound, SchemaOutdated, Store, StoreError, WriteRefused, ensure_current
+from app.store import CorruptData, NotFound, SchemaOutdated, Store, StoreError, WriteRefused, ensure_current
 
 log = logging.getLogger("ivon_diag.app")
 
@@ -50,6 +50,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, err: NotFound):
         return JSONResponse({"detail": str(err)}, status_code=404)
+
+    @app.exception_handler(CorruptData)
+    async def corrupt(request: Request, err: CorruptData):  # the database answers; what it holds does not decode
+        log.error("corrupt data behind %s: %s", request.url.path, err)
+        return JSONResponse({"detail": f"stored data behind this request is corrupt: {err}"}, status_code=500)
 
     @app.exception_handler(StoreError)
     async def store_error(_: Request, err: StoreError):

@@ -210,3 +210,28 @@ def test_oversized_bodies_are_refused_with_413_and_nothing_written(tmp_path):
     assert store.list_runs() == []
     ok = client.post("/api/v1/runs", json={"config": {"name": "small"}}, headers=headers)
     assert ok.status_code == 201
+
+
+def test_corrupt_per_example_records_get_a_clear_error_and_lose_no_new_evaluation(api, caplog):
+    """A chunk cut short: reads that need it answer 500 saying the stored data is corrupt (no stack trace); the
+    next evaluation is written whole, its running means restarting (loo_loss_evals says over how many)."""
+    from sqlalchemy import select, update
+
+    from app.store.models import ScoreChunk
+
+    client, store, _ = api
+    run = _run_with_data(store)
+    at_20 = (ScoreChunk.run_id == run.id, ScoreChunk.step == 20)
+    with store.session(write=True) as s, s.begin():
+        data = s.scalar(select(ScoreChunk.data).where(*at_20, ScoreChunk.kind == "rank", ScoreChunk.chunk == 0))
+        s.execute(update(ScoreChunk).where(*at_20).values(data=data[:-5]))  # every chunk of step 20 cut short
+    r = client.get(f"/api/v1/runs/{run.id}/examples", params={"step": 20})
+    assert r.status_code == 500 and "corrupt" in r.json()["detail"] and "Traceback" not in r.text
+    assert client.get(f"/api/v1/runs/{run.id}/examples", params={"step": 10}).status_code == 200
+    with caplog.at_level("WARNING", logger="ivon_diag.store"):
+        store.write_evaluation(run.id, 30, loo=0.1, metrics={}, idx=np.arange(300), scores=np.ones(300),
+                               loo_losses=np.full(300, 2.0), prob_label=None)
+    assert "running means restart at step 30" in caplog.text
+    page = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "limit": 3}).json()
+    assert page["step"] == 30 and [(i["loo_loss_mean"], i["loo_loss_evals"]) for i in page["items"]] == [(2.0, 1)] * 3
+

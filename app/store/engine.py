@@ -33,6 +33,10 @@ class SchemaOutdated(StoreError):
     """The database schema is older (or newer) than this code."""
 
 
+class CorruptData(StoreError):
+    """Stored bytes that do not decode (per-example records cut short or of an unknown layout)."""
+
+
 def database_url(url: str | None = None) -> str:
     """``url``, else $IVON_DIAG_DB, else a SQLite file in the working directory."""
     return url or os.environ.get("IVON_DIAG_DB") or DEFAULT_URL

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.store.engine import StoreError
+from app.store.engine import CorruptData
 
 CHUNK = 2048  # ranks per "rank" chunk
 IDX_CHUNK = 256  # example indices per "idx" bucket
@@ -25,7 +25,10 @@ def decode(data: bytes, layout: int) -> np.ndarray:
     """One chunk's records in the current layout (an older layout's missing fields: NaN mean, 0 evaluations)."""
     dtype = LAYOUTS.get(layout)
     if dtype is None:
-        raise StoreError(f"per-example records of layout {layout} are newer than this code: upgrade ivon-diag")
+        raise CorruptData(f"per-example records of layout {layout} are unknown to this code (newer? upgrade ivon-diag)")
+    if len(data) % dtype.itemsize:
+        raise CorruptData(f"per-example records are corrupt: {len(data)} bytes is not a whole number of "
+                          f"{dtype.itemsize}-byte layout-{layout} records")
     recs = np.frombuffer(data, dtype=dtype)
     if layout == LAYOUT:
         return recs

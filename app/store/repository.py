@@ -7,6 +7,7 @@ rank after every finite score.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.access import HooksAndTokens
-from app.store.engine import NotFound, make_engine
+from app.store.engine import CorruptData, NotFound, make_engine
 from app.store.models import (
     EarlyStopState,
     Evaluation,
@@ -33,6 +34,8 @@ from app.store.queue import JobQueue
 from app.store.records import CHUNK, IDX_CHUNK, RECORD, build, decode, order_by_mean, running_mean
 from app.store.records import chunks as chunks_of
 from app.store.rollups import LEVELS, merge_rollups, refresh_rollups
+
+log = logging.getLogger("ivon_diag.store")
 
 
 def finite(x: Any) -> float | None:
@@ -385,6 +388,14 @@ def _previous_records(s: Session, run_id: int, step: int) -> np.ndarray | None:
     prev = s.scalar(select(func.max(ScoreChunk.step)).where(*earlier))
     if prev is None:
         return None
+    try:
+        return _fold_earlier(s, run_id, prev, earlier)
+    except CorruptData as err:  # this evaluation is not lost for it: the means restart (loo_loss_evals says so)
+        log.warning("run %s: running means restart at step %s: %s", run_id, step, err)
+        return None
+
+
+def _fold_earlier(s: Session, run_id: int, prev: int, earlier: tuple) -> np.ndarray:
     recs, has_means = _idx_records(s, run_id, prev)
     if has_means:
         return recs
