@@ -91,7 +91,7 @@ def examples(
     run_id: RunId,
     order: Literal["most", "least"] = "most",
     by: Literal["score", "loo_mean"] = Query("score", description="rank by the sensitivity at the step, or by the "
-                                             "LOO loss averaged over the evaluations up to it (likely mislabeled examples)"),
+                                             "LOO loss averaged over the evaluations up to it (likely mislabeled)"),
     step: int | None = Query(None, ge=0, le=INT32),
     limit: int = Query(50, ge=1, le=INT32, description="capped at 1000"),
     offset: int = Query(0, ge=0, le=INT32),
