@@ -10,6 +10,7 @@ def test_demo_finds_flipped_labels_among_the_most_sensitive():
     assert len(hist) == 2 and "flipped" in lines[0]
     last = hist[-1]
     assert last["flipped_in_top"] > 0.5  # 10% flipped: chance would be 0.1
+    assert last["flipped_in_top_by_mean"] > 0.5 and "by mean LOO loss" in lines[1]
     assert last["loo"] > last["train_nll"]
 
 
