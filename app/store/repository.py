@@ -251,16 +251,11 @@ class Store(JobQueue, HooksAndTokens):
             first, last = max(first, 0), min(last, n - 1)
             if k == 0 or last < first:
                 return step, []
-            q = select(ScoreChunk.layout, ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step)
             if by == "score":
-                q = q.where(ScoreChunk.kind == "rank", ScoreChunk.chunk >= first // CHUNK,
-                            ScoreChunk.chunk <= last // CHUNK)
+                recs = _chunk_records(s, run_id, step, "rank", first // CHUNK, last // CHUNK)
                 base = (first // CHUNK) * CHUNK
             else:
-                q, base = _mean_window(s, q, run_id, step, n, first, last)
-            recs = np.concatenate([decode(d, layout) for layout, d in s.execute(q.order_by(ScoreChunk.chunk))])
-            if base is None:  # the whole evaluation, by index
-                recs, base = order_by_mean(recs), 0
+                recs, base = _mean_window(s, run_id, step, n, first, last)
             recs = recs[first - base : last - base + 1]
             if least:
                 recs = recs[::-1]
@@ -275,13 +270,10 @@ class Store(JobQueue, HooksAndTokens):
         with self.session() as s:
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
-            datas = s.execute(select(ScoreChunk.layout, ScoreChunk.data).where(
-                ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "rank")
-                .order_by(ScoreChunk.chunk)).all()
-            if not datas:
+            recs = _chunk_records(s, run_id, step, "rank")
+            if not len(recs):
                 raise NotFound(f"run {run_id} has no per-example scores at step {step}")
             labels = {e.idx: (e.label, e.flipped) for e in s.scalars(select(Example).where(Example.run_id == run_id))}
-        recs = np.concatenate([decode(d, layout) for layout, d in datas])
 
         def clean(a):
             return [None if not math.isfinite(v) else v for v in a.astype(np.float64).tolist()]
@@ -297,11 +289,9 @@ class Store(JobQueue, HooksAndTokens):
         """(step, counts, edges) of the finite sensitivity scores at ``step`` (default: the latest)."""
         with self.session() as s:
             step = _resolve_step(s, run_id, step)
-            datas = s.execute(select(ScoreChunk.layout, ScoreChunk.data).where(
-                ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "rank")).all()
-        if not datas:
+            scores = _chunk_records(s, run_id, step, "rank")["score"].astype(np.float64)
+        if not len(scores):
             raise NotFound(f"run {run_id} has no per-example scores at step {step}")
-        scores = np.concatenate([decode(d, layout)["score"] for layout, d in datas]).astype(np.float64)
         counts, edges = np.histogram(scores[np.isfinite(scores)], bins=bins)
         return step, counts.tolist(), edges.tolist()
 
@@ -361,24 +351,31 @@ def _row(r, step: int, label=None, flipped=None) -> ScoreRow:
                     label, flipped, step, finite(r["loo_mean"]), int(r["evals"]))
 
 
-def _mean_window(s: Session, q, run_id: int, step: int, n: int, first: int, last: int):
-    """(query, base rank) for ranks first..last by the running mean: one "mean" chunk where the window lies in the
-    CHUNK first or last; else every "idx" chunk, to sort (base None): deep pages and evaluations before layout 2."""
+def _chunk_records(s: Session, run_id: int, step: int, kind: str, lo: int = 0, hi: int | None = None,
+                   layouts: list | None = None) -> np.ndarray:
+    """The records of one evaluation's chunks of ``kind`` numbered lo..hi (default: all), in chunk order; the
+    layouts they were written in are appended to ``layouts`` when given."""
+    q = select(ScoreChunk.layout, ScoreChunk.data).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step,
+                                                         ScoreChunk.kind == kind, ScoreChunk.chunk >= lo)
+    if hi is not None:
+        q = q.where(ScoreChunk.chunk <= hi)
+    parts = []
+    for layout, data in s.execute(q.order_by(ScoreChunk.chunk)):
+        parts.append(decode(data, layout))
+        if layouts is not None:
+            layouts.append(layout)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD)  # a writable copy
+
+
+def _mean_window(s: Session, run_id: int, step: int, n: int, first: int, last: int) -> tuple[np.ndarray, int]:
+    """(records, rank of the first) covering ranks first..last by the running mean: one "mean" chunk where the
+    window lies in the CHUNK first or last; else the whole evaluation sorted (deep pages, records before layout 2)."""
     for chunk, lo in ((0, 0), (1, max(n - CHUNK, 0))):
-        if lo <= first and last < lo + CHUNK and s.scalar(select(func.count()).where(
-                ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "mean",
-                ScoreChunk.chunk == chunk)):
-            return q.where(ScoreChunk.kind == "mean", ScoreChunk.chunk == chunk), lo
-    return q.where(ScoreChunk.kind == "idx"), None
-
-
-def _idx_records(s: Session, run_id: int, step: int) -> tuple[np.ndarray, bool]:
-    """One evaluation's records in index order, and whether they carry running means (layout 2 on)."""
-    rows = s.execute(select(ScoreChunk.layout, ScoreChunk.data).where(
-        ScoreChunk.run_id == run_id, ScoreChunk.step == step, ScoreChunk.kind == "idx").order_by(ScoreChunk.chunk))
-    parts = [(layout, decode(d, layout)) for layout, d in rows]
-    recs = np.concatenate([p for _, p in parts]) if parts else np.zeros(0, dtype=RECORD)  # a writable copy
-    return recs, all(layout >= 2 for layout, _ in parts)
+        if lo <= first and last < lo + CHUNK:
+            recs = _chunk_records(s, run_id, step, "mean", chunk, chunk)
+            if len(recs):
+                return recs, lo
+    return order_by_mean(_chunk_records(s, run_id, step, "idx")), 0
 
 
 def _previous_records(s: Session, run_id: int, step: int) -> np.ndarray | None:
@@ -396,12 +393,13 @@ def _previous_records(s: Session, run_id: int, step: int) -> np.ndarray | None:
 
 
 def _fold_earlier(s: Session, run_id: int, prev: int, earlier: tuple) -> np.ndarray:
-    recs, has_means = _idx_records(s, run_id, prev)
-    if has_means:
+    layouts: list[int] = []
+    recs = _chunk_records(s, run_id, prev, "idx", layouts=layouts)
+    if min(layouts) >= 2:  # layout 2 on carries the means
         return recs
     acc = None
     for st in list(s.scalars(select(ScoreChunk.step).where(*earlier).distinct().order_by(ScoreChunk.step))):
-        recs, _ = _idx_records(s, run_id, st)
+        recs = _chunk_records(s, run_id, st, "idx")
         recs["loo_mean"], recs["evals"] = running_mean(recs["idx"], recs["loo"], acc)
         acc = recs
     return acc
