@@ -7,6 +7,7 @@ without the worker.
     res = compute_sensitivities(model, (x_train, y_train), ivon_variance(optimizer, model))
     tracker.log_evaluation(step, res, metrics={"test_nll": 0.31})
     tracker.finish()
+    _, suspects = tracker.store.examples_at(tracker.run_id, k=20, by="loo_mean")  # likely mislabeled
 """
 
 from __future__ import annotations
