@@ -59,26 +59,8 @@ class DenseCovariance:
     def laplace(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
                 params: list[str] | None = None, chunk_size: int = 256, noise_var: float = 1.0) -> DenseCovariance:
         """Exact GGN Laplace: Σ = (Σ_i J_iᵀ Λ_i J_i + prior_precision I)^{-1} over ``params`` (default: all)."""
-        from sensitivity.deviations import _iter_chunks, _per_example_jacobians
-
-        lossf = get_loss(loss, noise_var)
-        named = dict(model.named_parameters())
-        names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
-        sub = {n: named[n].detach() for n in names}
-        size = sum(p.numel() for p in sub.values())
-        ref = next(iter(sub.values()))
-        ggn = torch.zeros(size, size, dtype=ref.dtype, device=ref.device)
-        was = model.training
-        model.eval()
-        try:
-            for x, _, _ in _iter_chunks(data, chunk_size, model):
-                with torch.no_grad():
-                    logits, jac = _per_example_jacobians(model, sub, x)
-                j = torch.cat([jac[n].flatten(2) for n in names], 2)  # (B, K, P)
-                lam = lossf.hessian(logits)
-                ggn += torch.einsum("bkp,bkl,blq->pq", j, lam, j)
-        finally:
-            model.train(was)
+        names = _trainable(model, params)
+        ggn = dense_ggn(model, data, loss, names, chunk_size, noise_var)
         ggn.diagonal().add_(prior_precision)
         return cls(model, torch.linalg.inv(0.5 * (ggn + ggn.T)), names)
 
@@ -95,6 +77,36 @@ class DenseCovariance:
             return cls.laplace(model, data, loss, prior_precision, names, chunk_size, noise_var)
         ggn.diagonal().add_(prior_precision)
         return cls(model, torch.linalg.inv(0.5 * (ggn + ggn.T)), names)
+
+
+def _trainable(model: nn.Module, params: list[str] | None) -> list[str]:
+    return list(params) if params is not None else [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def dense_ggn(model: nn.Module, data, loss: str | Loss = "cross_entropy", params: list[str] | None = None,
+              chunk_size: int = 256, noise_var: float = 1.0) -> Tensor:
+    """Σ_i J_iᵀ Λ_i J_i over ``params`` (default: every trainable parameter, in the model's order) as a dense P×P
+    matrix, from per-example Jacobians in eval mode: small models or a subset of parameters only."""
+    from sensitivity.deviations import _iter_chunks, _per_example_jacobians
+
+    lossf = get_loss(loss, noise_var)
+    named = dict(model.named_parameters())
+    names = _trainable(model, params)
+    sub = {n: named[n].detach() for n in names}
+    size = sum(p.numel() for p in sub.values())
+    ref = next(iter(sub.values()))
+    ggn = torch.zeros(size, size, dtype=ref.dtype, device=ref.device)
+    was = model.training
+    model.eval()
+    try:
+        for x, _, _ in _iter_chunks(data, chunk_size, model):
+            with torch.no_grad():
+                logits, jac = _per_example_jacobians(model, sub, x)
+            j = torch.cat([jac[n].flatten(2) for n in names], 2)  # (B, K, P)
+            ggn += torch.einsum("bkp,bkl,blq->pq", j, lossf.hessian(logits), j)
+    finally:
+        model.train(was)
+    return ggn
 
 
 def _linear_head_ggn(model: nn.Module, data, lossf: Loss, chunk_size: int, names: list[str]) -> Tensor | None:

@@ -16,22 +16,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 
 from sensitivity import compute_sensitivities
-from sensitivity.covariance import DenseCovariance
-from sensitivity.deviations import _per_example_jacobians
-from sensitivity.losses import get_loss
+from sensitivity.covariance import DenseCovariance, dense_ggn
 from sensitivity.variance import ivon_variance
 from worker.validation.leverage import setting, settings_arg
-
-
-def ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Σ_i J_iᵀ Λ_i J_i over all parameters (softmax cross-entropy), dense."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    logits, jac = _per_example_jacobians(model, params, x)
-    j = torch.cat([jac[n].flatten(2) for n in params], 2)
-    return torch.einsum("bkp,bkl,blq->pq", j, get_loss("cross_entropy").hessian(logits.detach()), j)
 
 
 def low_rank_precision(g: torch.Tensor, k: int, prior: float) -> torch.Tensor:
@@ -56,7 +45,7 @@ def ratios(dataset: str, weight_decay: float, ranks: list[int], quick: bool = Fa
            "default": compute_sensitivities(st["mean"], data, ivon_variance(st["opt"], st["mean"])).loo / truth}
     for where in ("mean", "map"):
         model = st[where]
-        g = ggn(model, split.xtr)
+        g = dense_ggn(model, data)
         out[f"dense_{where}"] = loo(model, g + st["prior"] * torch.eye(len(g), dtype=g.dtype))
         out[f"ranks_{where}"] = {k: loo(model, low_rank_precision(g, k, st["prior"])) for k in ranks}
     return out
