@@ -60,6 +60,8 @@ def test_reads(api):
     assert suspects["by"] == "loo_mean"
     assert [i["idx"] for i in suspects["items"]] == np.argsort(-(s10 + s20) / 2, kind="stable")[:5].tolist()
     assert client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loss"}).status_code == 422
+    unevaluated = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "step": 15})
+    assert unevaluated.status_code == 404 and "no evaluation at step 15" in unevaluated.json()["detail"]
     img = client.get(f"/api/v1/runs/{run.id}/examples/3/image")
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     assert client.get(f"/api/v1/runs/{run.id}/examples/4/image").status_code == 404
@@ -73,6 +75,7 @@ def test_unknown_ids_and_bad_parameters(api):
     r = client.get("/api/v1/runs/987654")
     assert r.status_code == 404 and "987654" in r.json()["detail"]
     assert client.get("/api/v1/runs/987654/examples").status_code == 404
+    assert client.get("/api/v1/runs/987654/examples", params={"by": "loo_mean"}).status_code == 404
     assert client.get("/api/v1/runs/abc").status_code == 422
     bad = client.get("/api/v1/runs", params={"status": "sleeping", "limit": -1})
     assert bad.status_code == 422 and {e["loc"][-1] for e in bad.json()["detail"]} == {"status", "limit"}
