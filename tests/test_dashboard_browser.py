@@ -61,6 +61,7 @@ def test_run_page_draws_updates_live_and_escapes(server):
         assert page.eval_on_selector_all("#most .ex", "els => els.length") == 24
         assert page.eval_on_selector_all("#most .ex.flip", "els => els.length") > 0
         assert page.evaluate("document.getElementById('loss').data[2].x.length") == 2
+        page.wait_for_selector("#suspects .ex")  # the first load's galleries are drawn
         _write(store, run.id, 30)  # a new evaluation arrives while the page is open
         page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
         assert page.evaluate("document.getElementById('loss').data[2].x.length") == 3
