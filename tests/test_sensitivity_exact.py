@@ -376,26 +376,38 @@ def _resnet():
     return resnet20(num_classes=4, in_channels=2).double()
 
 
-@pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
-@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "rayleigh"])
-@pytest.mark.parametrize("kind", ["diagonal", "kfac", "block", "head"])
-def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind):
-    from sensitivity import layerwise
-
-    model = make()
-    x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 4, (10,))
+def _layerwise_covariance(model, x, y, kind):
+    """(what compute_sensitivities takes, the covariance the per-layer route sees) for one kind."""
     params = dict(model.named_parameters())
     if kind == "kfac":
         var = KFACCovariance.fit(model, (x, y), prior_precision=3.0, mc_samples=None)
-        cov = var
-    else:
-        var = [torch.rand_like(p) * 0.05 for p in model.parameters()]
-        cov = DiagonalCovariance(dict(zip(params, var)))
+        return var, var
+    gen = torch.Generator().manual_seed(11)  # the same σ² on every device
+    var = [torch.rand(p.shape, generator=gen, dtype=p.dtype).to(p.device) * 0.05 for p in model.parameters()]
+    cov = DiagonalCovariance(dict(zip(params, var)))
     if kind == "block":  # IVON-like σ² for the body, an exact last-layer Laplace (dense, own layer) for the head
         head = DenseCovariance.last_layer(model, (x, y), prior_precision=3.0)
         var = cov = BlockCovariance.with_last_layer(model, cov, head)
     if kind == "head":  # the last-layer Laplace alone: the head per layer, the body (Σ = 0) generically
         var = cov = DenseCovariance.last_layer(model, (x, y), prior_precision=3.0)
+    return var, cov
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make,shape", [(_convs_bn, (2, 7, 7)), (_resnet, (2, 8, 8))])
+@pytest.mark.parametrize("form", ["first_order", "corrected", "second_order", "rayleigh"])
+@pytest.mark.parametrize("kind", ["diagonal", "kfac", "block", "head"])
+def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form, kind, device):
+    from sensitivity import layerwise
+
+    model = make()
+    x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 4, (10,))
+    if device != "cpu":  # the CPU's numbers first, then the same on the device: covariances fitted there
+        reference = compute_sensitivities(model, (x, y), _layerwise_covariance(model, x, y, kind)[0], form=form,
+                                          fast=False)
+        model, x, y = model.to(device), x.to(device), y.to(device)
+    var, cov = _layerwise_covariance(model, x, y, kind)
+    params = dict(model.named_parameters())
     covered = {n for b in layerwise.eligible_blocks(model, cov, params) for n in b.params()}
     # every parameter on the per-layer route (no per-example vmap at all), or just the head
     assert covered == (set(cov.names) if kind == "head" else set(params))
@@ -403,6 +415,9 @@ def test_layerwise_route_covers_convolutions_and_norms_exactly(make, shape, form
     slow = compute_sensitivities(model, (x, y), var, form=form, fast=False)
     scale = slow.deviations.abs().max()
     assert scale > 0 and (fast.deviations - slow.deviations).abs().max() <= 1e-10 * max(1.0, float(scale))
+    if device != "cpu":
+        assert (fast.deviations - reference.deviations).abs().max() <= 1e-10 * max(1.0, float(scale))
+        assert torch.allclose(fast.loo_losses, reference.loo_losses, rtol=1e-10, atol=1e-12)
 
 
 class _InPlaceBlock(nn.Module):

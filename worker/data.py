@@ -7,7 +7,7 @@ Every example keeps a stable index (its row in the training split); image exampl
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,11 @@ class Dataset:
     @property
     def n(self) -> int:
         return len(self.xtr)
+
+    def to(self, device: torch.device) -> Dataset:
+        """The tensors that training and evaluation index, on ``device``; original labels and flags stay on the CPU."""
+        return replace(self, xtr=self.xtr.to(device), ytr=self.ytr.to(device), xte=self.xte.to(device),
+                       yte=self.yte.to(device))
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -140,7 +145,7 @@ def thumbnails(data: Dataset, size: int = 32) -> list[bytes | None]:
     from PIL import Image
 
     out = []
-    x = data.xtr.reshape(data.n, *data.image_shape).numpy()
+    x = data.xtr.reshape(data.n, *data.image_shape).cpu().numpy()
     lo, hi = float(x.min()), float(x.max())
     for img in x:
         arr = ((img - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)

@@ -23,12 +23,45 @@ from sensitivity import SensitivityResult
 
 
 def init_from_env() -> bool:
-    """Join the process group that torchrun's environment describes; True when there is more than one rank."""
+    """Join the process group that torchrun's environment describes; True when there is more than one rank.
+
+    Where GPUs are present, CPU tensors and objects go through gloo and CUDA tensors through nccl, so a job that
+    trains on the CPU of a GPU machine works too.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if _gpu_per_local_rank():
+            torch.cuda.set_device(_local_rank())
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return True
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _gpu_per_local_rank() -> bool:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device a job's ``device`` setting names, for this rank; ValueError when it is not present."""
+    if spec == "auto":
+        return torch.device("cuda", _local_rank()) if _gpu_per_local_rank() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: no CUDA device is available to this worker (torch "
+                         f"{torch.__version__}); use 'cpu' or 'auto'")
+    index = int(spec.split(":")[1]) if ":" in spec else (_local_rank() if under_torchrun() else 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: this worker sees {torch.cuda.device_count()} CUDA device(s), "
+                         f"no cuda:{index}")
+    return torch.device("cuda", index)
 
 
 def active() -> bool:

@@ -65,7 +65,12 @@ class Trainer:
             data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)
         except (ValueError, FileNotFoundError) as err:
             raise JobFailed(str(err)) from None
-        model = build_model(cfg, data)
+        try:
+            self.device = D.resolve_device(cfg.device)
+        except ValueError as err:
+            raise JobFailed(str(err)) from None
+        model = build_model(cfg, data).to(self.device)
+        data = data.to(self.device)
         if cfg.sensitivity.covariance == "kfac":  # refuse before training, not at the first evaluation
             try:
                 KFACCovariance.check(model)
@@ -186,7 +191,7 @@ class Trainer:
             raise
 
     def _resume(self, model, opt, sched, gen, es) -> tuple[int, torch.Tensor | None]:
-        ck = torch.load(self.ckpt, weights_only=False)
+        ck = torch.load(self.ckpt, weights_only=False, map_location="cpu")  # a GPU run can resume on a CPU
         model.load_state_dict(ck["model"])
         sd = ck["optimizer"]
         ranks = ck.get("ranks")
@@ -195,6 +200,9 @@ class Trainer:
         opt.load_state_dict(sd)
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"] if ranks is None else ranks[D.rank()]["rng"])
+        cuda_rng = ck.get("cuda_rng") if ranks is None else ranks[D.rank()].get("cuda_rng")
+        if cuda_rng is not None and self.device.type == "cuda":  # IVON's noise on a GPU comes from its generator
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         gen.set_state(ck["gen"])
         es.load_state_dict(ck["early_stopping"])
         self.log(f"run {self.run_id}: resumed at step {ck['step']}")
@@ -264,7 +272,7 @@ class Trainer:
         metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, data.yte).items()})
         if isinstance(opt, IVON):
             mc = predict(model, data.xte, opt, mc_samples=self.cfg.eval_mc_samples).mc
-            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})
+            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte.cpu()).items()})
             hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
         # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
@@ -290,7 +298,8 @@ class Trainer:
         return {**metrics, "loo": loo}
 
     def _checkpoint(self, model, opt, sched, gen, step, perm, es) -> None:
-        mine = {"rng": torch.get_rng_state(),
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        mine = {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
                 "generators": opt.state_dict()["ivon"]["generators"] if isinstance(opt, IVON) else {}}
         ranks = D.gather(mine) if D.active() else None
         if not self.writer:
@@ -298,6 +307,7 @@ class Trainer:
         tmp = self.ckpt.with_suffix(".tmp")
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "gen": gen.get_state(), "step": step, "perm": perm,
+                    "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step,
+                    "perm": perm,
                     "early_stopping": es.state_dict(), "ranks": ranks}, tmp)
         os.replace(tmp, self.ckpt)  # atomic: a kill leaves the old or the new checkpoint, never half of one

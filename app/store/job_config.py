@@ -119,6 +119,10 @@ class JobConfig(_Strict):
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the job trains and evaluates: 'cpu', 'cuda' (under torchrun: the rank's local GPU) or "
+        "'cuda:N'; 'auto': the GPU when one is present for every local rank, else the CPU")
     seed: int = 0
 
 

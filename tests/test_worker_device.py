@@ -1,0 +1,101 @@
+"""The job's ``device``: validation, a device that is not there, and on a GPU the same job as on the CPU
+(the CUDA tests are skipped where no GPU is present; tests/test_worker.py's kill-and-resume runs on the GPU there,
+since ``auto`` picks it)."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from app.store import Store, make_engine, upgrade
+from worker import distributed as D
+from worker.config import ConfigError, parse_config
+from worker.service import run_job
+from worker.trainer import Trainer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+JOB = {"data": {"name": "digits", "n_train": 400}, "model": {"name": "mlp", "hidden": [64]}, "epochs": 4,
+       "batch_size": 32, "eval_every": 13, "optimizer": {"noise": "counter"}, "early_stopping": {"enabled": False}}
+
+
+def _store(tmp_path) -> Store:
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(make_engine(url))
+    return Store(url)
+
+
+def _run(store, tmp_path, device, name="job", stop=None, **extra):
+    run = store.create_run(name, {**JOB, "name": name, "device": device, **extra})
+    state = run_job(store, run.id, tmp_path / "ck", stop_event=stop, log=lambda *a, **k: None)
+    return run.id, state
+
+
+def test_device_setting_is_validated():
+    assert parse_config({}).device == "auto"
+    for ok in ("cpu", "cuda", "cuda:1", "auto"):
+        assert parse_config({"device": ok}).device == ok
+    for bad in ("tpu", "cuda:", "cuda:x", "CPU", "cuda:0,1"):
+        with pytest.raises(ConfigError, match="device"):
+            parse_config({"device": bad})
+
+
+def test_auto_picks_a_gpu_only_when_one_is_there():
+    want = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert D.resolve_device("auto") == want
+    assert D.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_device_that_is_not_there_fails_the_run_with_a_clear_error(tmp_path):
+    store = _store(tmp_path)
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    run_id, state = _run(store, tmp_path, missing, name="nowhere")
+    run = store.get_run(run_id)
+    assert state == "failed" and run.status == "failed"
+    assert missing in run.error and ("no CUDA device" in run.error or "no cuda:" in run.error)
+    assert store.evaluations(run_id) == []  # failed before training: nothing half written
+    run_id, state = _run(store, tmp_path, "cpu", name="after")  # the worker goes on with the next job
+    assert state == "done" and len(store.evaluations(run_id)) == 4
+
+
+@cuda
+def test_a_job_on_the_gpu_matches_the_same_job_on_the_cpu(tmp_path):
+    store = _store(tmp_path)
+    gpu, state = _run(store, tmp_path, "cuda", name="gpu")
+    assert state == "done"
+    cpu, state = _run(store, tmp_path, "cpu", name="cpu")
+    assert state == "done"
+    eg, ec = store.evaluations(gpu), store.evaluations(cpu)
+    assert [e.step for e in eg] == [e.step for e in ec] == [13, 26, 39, 52]
+    for a, b in zip(eg, ec):  # the counter noise is the same stream on both devices: only rounding differs
+        print(f"step {a.step}: loo gpu {a.loo:.6f} cpu {b.loo:.6f} test_nll {a.metrics['test_nll']:.6f} "
+              f"{b.metrics['test_nll']:.6f}")
+        assert math.isclose(a.loo, b.loo, rel_tol=2e-2)
+        assert math.isclose(a.metrics["test_nll"], b.metrics["test_nll"], rel_tol=2e-2)
+    ta, tb = store.examples_table(gpu, 52), store.examples_table(cpu, 52)
+    assert len(ta["idx"]) == 400 and all(math.isfinite(v) for v in ta["loo_loss"])
+    top_a, top_b = set(ta["idx"][:40]), set(tb["idx"][:40])
+    assert len(top_a & top_b) >= 30  # the same most sensitive examples
+    assert store.get_example(gpu, ta["idx"][0]).thumbnail[:4] == b"\x89PNG"  # made from data held on the GPU
+
+
+@cuda
+def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    stop = threading.Event()
+    write = Store.write_evaluation
+
+    def write_then_stop(self, *a, **k):  # the job is released right after its first evaluation
+        write(self, *a, **k)
+        stop.set()
+
+    monkeypatch.setattr(Store, "write_evaluation", write_then_stop)
+    run_id, state = _run(store, tmp_path, "cuda", name="moved", stop=stop)
+    monkeypatch.undo()
+    assert state == "queued" and [e.step for e in store.evaluations(run_id)] == [13]
+    cfg = parse_config({**store.get_run(run_id).config, "device": "cpu"})
+    assert Trainer(cfg, store, run_id, tmp_path / "ck", log=lambda *a, **k: None).run() == "done"
+    assert [e.step for e in store.evaluations(run_id)] == [13, 26, 39, 52]
+    final = torch.load(tmp_path / "ck" / f"run_{run_id}_final.pt")["model"]
+    assert all(not t.is_cuda and torch.isfinite(t).all() for t in final.values())
