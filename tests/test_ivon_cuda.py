@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ivon_core import IVON, predict
+from ivon_core import IVON, all_metrics, predict
 from ivon_core.noise import counter_normal
 from tests.test_ivon_optimizer import _train_steps as _train
 
@@ -105,3 +105,13 @@ def test_predict_on_cuda_averages_samples_and_keeps_the_mean():
     assert torch.allclose(pred.mc.sum(-1), torch.ones(48), atol=1e-5)
     assert not torch.allclose(pred.mc, pred.mean)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_metrics_on_cuda_equal_the_cpu_ones_with_labels_on_either_device():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.randn(200, 5, generator=g).softmax(-1)
+    y = torch.randint(0, 5, (200,), generator=g)
+    want = all_metrics(probs, y)
+    for targets in (y.cuda(), y):
+        got = all_metrics(probs.cuda(), targets)
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in want)
