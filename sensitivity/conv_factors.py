@@ -10,8 +10,8 @@ no unfolded copy (ResNet-20 layers: 2.3–3.2× faster than unfold + batched pro
 Gram). Strided convolutions, those with under ``SHIFT_MIN_CHANNELS`` input channels and every convolution on an
 accelerator keep the unfolded route: on an H200 the ResNet-20 fit (2,048 examples in chunks of 256) took 5.3× an epoch
 with the shifts and 1.8× unfolded (`bench/sensitivity.py --device cuda --n-cnn 2048`, two machines), while one call on
-2,048 examples took 7.8–13.7 ms shifted and 13.5–16.6 ms unfolded: there the shifts' ~150 small kernels a layer and
-chunk cost more than their products save.
+2,048 examples took 7.8–13.7 ms shifted and 13.5–16.6 ms unfolded: there the shifts' ~300 small kernels and 50
+copies of index tensors to the device per layer and chunk (torch.profiler, 3×3 kernel) cost more than they save.
 String padding and non-zero padding modes are applied to the input first (``conv_input``), as the layer does.
 """
 
