@@ -115,3 +115,27 @@ def test_0002_keeps_layout_1_records_and_rebuilds_their_means(empty_url):
     upgrade(engine)
     assert store.examples_at(run_id, step=3, k=1)[1][0].idx == 1
     engine.dispose()
+
+
+def test_0003_gives_unfinished_jobs_their_runs_device(empty_url):
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    upgrade(engine, "0002")
+    with engine.begin() as conn:
+        for name, config, state in (("gpu", '{"device": "cuda"}', "queued"), ("plain", "{}", "queued"),
+                                    ("old", '{"device": "cuda:1"}', "done")):
+            conn.execute(text("INSERT INTO runs (name, config, status, stop_requested, created_at) "
+                              "VALUES (:n, :c, 'queued', false, CURRENT_TIMESTAMP)"), {"n": name, "c": config})
+            conn.execute(text("INSERT INTO jobs (run_id, state, attempts, created_at) "
+                              "VALUES ((SELECT max(id) FROM runs), :s, 0, CURRENT_TIMESTAMP)"), {"s": state})
+    upgrade(engine)
+    with engine.connect() as conn:
+        got = dict(conn.execute(text("SELECT r.name, j.device FROM jobs j JOIN runs r ON r.id = j.run_id")).all())
+    assert got == {"gpu": "cuda", "plain": "auto", "old": "auto"}  # finished jobs are never claimed again
+    store = Store(engine)
+    runs = {r.name: r.id for r in store.list_runs()}
+    assert store.claim_job("w", devices=["auto", "cpu"]).run_id == runs["plain"]
+    downgrade(engine, "0002")
+    assert "device" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    engine.dispose()

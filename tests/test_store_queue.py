@@ -48,3 +48,21 @@ def test_job_of_a_killed_worker_is_retaken_after_its_lease(store_url, tmp_path):
     assert f"rescuer {job_id}" in log.read_text()
     job = store.get_job(job_id)
     assert job.state == "done" and job.attempts == 2 and job.worker_id == "rescuer"
+
+
+def test_a_worker_claims_only_jobs_on_devices_it_has(store_url):
+    store = Store(store_url)  # GPU numbers no other test uses: the PostgreSQL database is shared
+    gpu = store.create_run("gpu", {"device": "cuda:901"})
+    cpu = store.create_run("cpu", {"device": "cuda:902"})
+    later = store.create_run("later", {"device": "cuda:902"})
+    assert store.get_job_for_run(gpu.id).device == "cuda:901"
+    assert store.create_run("none", {}).id and store.create_run("bad", {"device": 7}).id  # both read as "auto"
+    assert store.claim_job("w", devices=["cuda:902"]).run_id == cpu.id  # the older GPU job is skipped, not taken
+    assert store.get_job_for_run(gpu.id).state == "queued"
+    assert store.waiting_devices(["auto", "cpu", "cuda:902"])["cuda:901"] == 1
+    assert store.claim_job("w", devices=["cuda:902"]).run_id == later.id
+    assert store.claim_job("w", devices=["cuda:902"]) is None
+    assert store.claim_job("w", devices=["cuda:901"]).run_id == gpu.id
+    assert "cuda:901" not in store.waiting_devices(["auto"])
+    store.enqueue_job(gpu.id)  # a requeued run keeps its device
+    assert store.get_job_for_run(gpu.id).device == "cuda:901"

@@ -3,7 +3,11 @@
 since ``auto`` picks it)."""
 
 import math
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from worker.config import ConfigError, parse_config
 from worker.service import run_job
 from worker.trainer import Trainer
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 JOB = {"data": {"name": "digits", "n_train": 400}, "model": {"name": "mlp", "hidden": [64]}, "epochs": 4,
@@ -57,6 +62,21 @@ def test_a_device_that_is_not_there_fails_the_run_with_a_clear_error(tmp_path):
     assert store.evaluations(run_id) == []  # failed before training: nothing half written
     run_id, state = _run(store, tmp_path, "cpu", name="after")  # the worker goes on with the next job
     assert state == "done" and len(store.evaluations(run_id)) == 4
+
+
+def test_a_worker_leaves_a_job_for_a_device_it_lacks_queued_and_says_why(tmp_path):
+    store = _store(tmp_path)
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    waits = store.create_run("waits", {**JOB, "name": "waits", "device": missing})
+    runs = store.create_run("runs", {**JOB, "name": "runs", "device": "cpu"})
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", str(store.engine.url), "worker", "--once",
+                          "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert store.get_run(runs.id).status == "done"
+    job = store.get_job_for_run(waits.id)
+    assert store.get_run(waits.id).status == "queued" and job.state == "queued" and job.attempts == 0
+    assert f"1 queued job(s) ask for device '{missing}'" in out.stdout + out.stderr
 
 
 @cuda

@@ -48,6 +48,16 @@ def _gpu_per_local_rank() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= local
 
 
+def claimable_devices() -> list[str]:
+    """The ``device`` settings this worker (all its local ranks) can place a job on."""
+    out = ["auto", "cpu"]
+    if _gpu_per_local_rank():
+        out.append("cuda")
+    if torch.cuda.is_available() and not under_torchrun():  # one named GPU cannot serve several ranks
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return out
+
+
 def resolve_device(spec: str) -> torch.device:
     """The device a job's ``device`` setting names, for this rank; ValueError when it is not present."""
     if spec == "auto":

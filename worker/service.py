@@ -90,9 +90,15 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    devices, waiting = D.claimable_devices(), {}
     while not stop.is_set():
         try:
-            job = store.claim_job(worker_id, lease_seconds)
+            job = store.claim_job(worker_id, lease_seconds, devices=devices)
+            if job is None and (now := store.waiting_devices(devices)) != waiting:
+                waiting = now
+                for device, n in now.items():  # said once, not at every poll
+                    log(f"worker {worker_id}: {n} queued job(s) ask for device {device!r}, which this worker "
+                        f"cannot place (it takes {', '.join(devices)}); they wait for a worker that can")
         except (OperationalError, DatabaseUnavailable, WriteRefused) as err:  # down or read-only: keep serving
             log(f"worker {worker_id}: cannot claim jobs: {str(err).splitlines()[0][:200]}")
             if once and isinstance(err, WriteRefused):

@@ -120,7 +120,7 @@ class JobConfig(_Strict):
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        "auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$",
         description="where the job trains and evaluates: 'cpu', 'cuda' (under torchrun: the rank's local GPU) or "
         "'cuda:N'; 'auto': the GPU when one is present for every local rank, else the CPU")
     seed: int = 0

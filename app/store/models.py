@@ -54,6 +54,8 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     state: Mapped[str] = mapped_column(String(16), default="queued")
+    # the run config's device: a worker claims only jobs it can place (a GPU job waits for a GPU worker)
+    device: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")
     worker_id: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

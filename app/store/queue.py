@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import and_, func, or_, select, update
@@ -9,6 +10,12 @@ from sqlalchemy.orm import Session
 
 from app.store.engine import NotFound
 from app.store.models import Job, Run, utcnow
+
+
+def job_device(config: dict | None) -> str:
+    """The device a run's config asks for ("auto" when it names none)."""
+    device = (config or {}).get("device") if isinstance(config, dict) else None
+    return device[:16] if isinstance(device, str) and device else "auto"
 
 
 class JobQueue:
@@ -19,17 +26,22 @@ class JobQueue:
 
     def enqueue_job(self, run_id: int) -> Job:
         with self.session(write=True) as s, s.begin():
-            if s.get(Run, run_id) is None:
+            run = s.get(Run, run_id)
+            if run is None:
                 raise NotFound(f"run {run_id} not found")
-            job = Job(run_id=run_id)
+            job = Job(run_id=run_id, device=job_device(run.config))
             s.add(job)
         return job
 
-    def claim_job(self, worker_id: str, lease_seconds: float = 60.0) -> Job | None:
-        """Take the oldest queued job, or a running one whose lease expired (its worker died)."""
+    def claim_job(self, worker_id: str, lease_seconds: float = 60.0,
+                  devices: Sequence[str] | None = None) -> Job | None:
+        """Take the oldest queued job, or a running one whose lease expired (its worker died); with ``devices``,
+        only a job whose config's device is one of them."""
         now = utcnow()
-        q = (select(Job).where(or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now)))
-             .order_by(Job.created_at, Job.id).limit(1))
+        claimable = or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now))
+        if devices is not None:
+            claimable = and_(claimable, Job.device.in_(list(devices)))
+        q = select(Job).where(claimable).order_by(Job.created_at, Job.id).limit(1)
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         with self.session(write=True) as s, s.begin():
@@ -41,6 +53,14 @@ class JobQueue:
             s.execute(update(Run).where(Run.id == job.run_id, Run.status.in_(("queued", "running")))
                       .values(status="running", started_at=func.coalesce(Run.started_at, now)))
         return job
+
+    def waiting_devices(self, devices: Sequence[str]) -> dict[str, int]:
+        """Queued jobs that none of ``devices`` can take, counted by the device they ask for."""
+        with self.session() as s:
+            rows = s.execute(select(Job.device, func.count())
+                             .where(Job.state == "queued", Job.device.not_in(list(devices)))
+                             .group_by(Job.device)).all()
+        return {d: n for d, n in rows}
 
     def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float = 60.0) -> bool:
         """Extend the lease; False when the job is no longer this worker's (it was retaken or cancelled)."""

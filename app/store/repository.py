@@ -30,7 +30,7 @@ from app.store.models import (
     ScoreChunk,
     utcnow,
 )
-from app.store.queue import JobQueue
+from app.store.queue import JobQueue, job_device
 from app.store.records import CHUNK, IDX_CHUNK, RECORD, build, decode, order_by_mean, running_mean
 from app.store.records import chunks as chunks_of
 from app.store.rollups import LEVELS, merge_rollups, refresh_rollups
@@ -82,7 +82,7 @@ class Store(JobQueue, HooksAndTokens):
             s.add(run)
             s.flush()
             if enqueue:
-                s.add(Job(run_id=run.id))
+                s.add(Job(run_id=run.id, device=job_device(config)))
         return run
 
     def get_run(self, run_id: int) -> Run:
