@@ -39,6 +39,14 @@ def _run_with_data(store):
     return run
 
 
+def test_run_page_names_a_device_that_a_queued_job_waits_for(api):
+    client, store, _ = api
+    gpu = store.create_run("gpu", {"device": "cuda:1"})
+    assert "device cuda:1: waits for a worker that has it" in client.get(f"/runs/{gpu.id}").text
+    plain = store.create_run("plain", {"device": "auto"})
+    assert 'id="device"' not in client.get(f"/runs/{plain.id}").text
+
+
 def test_reads(api):
     client, store, _ = api
     run = _run_with_data(store)
