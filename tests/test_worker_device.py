@@ -52,6 +52,30 @@ def test_auto_picks_a_gpu_only_when_one_is_there():
     assert D.resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("gpus,local_world,rank,want_auto,want_claims", [
+    (0, 1, 0, "cpu", ["auto", "cpu"]),
+    (2, 1, 0, "cuda:0", ["auto", "cpu", "cuda", "cuda:0", "cuda:1"]),
+    (2, 2, 1, "cuda:1", ["auto", "cpu", "cuda"]),  # torchrun: each rank its own GPU, none named for all
+    (1, 2, 1, "cpu", ["auto", "cpu"]),  # fewer GPUs than local ranks: auto trains on the CPU, cuda is not taken
+])
+def test_device_choice_per_rank(monkeypatch, gpus, local_world, rank, want_auto, want_claims):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    env = {"WORLD_SIZE": str(local_world), "LOCAL_WORLD_SIZE": str(local_world), "LOCAL_RANK": str(rank)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert str(D.resolve_device("auto")) == want_auto
+    assert D.claimable_devices() == want_claims
+    if rank < gpus:
+        assert D.resolve_device("cuda") == torch.device("cuda", rank)
+    elif gpus:  # this rank has no GPU of its own: a clear error, not another rank's GPU
+        with pytest.raises(ValueError, match=f"sees {gpus} CUDA device"):
+            D.resolve_device("cuda")
+    if gpus:
+        with pytest.raises(ValueError, match=f"no cuda:{gpus}"):
+            D.resolve_device(f"cuda:{gpus}")
+
+
 def test_a_device_that_is_not_there_fails_the_run_with_a_clear_error(tmp_path):
     store = _store(tmp_path)
     missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
