@@ -272,7 +272,7 @@ class Trainer:
         metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, data.yte).items()})
         if isinstance(opt, IVON):
             mc = predict(model, data.xte, opt, mc_samples=self.cfg.eval_mc_samples).mc
-            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte.cpu()).items()})
+            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})
             hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
         # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
@@ -308,6 +308,5 @@ class Trainer:
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step,
-                    "perm": perm,
-                    "early_stopping": es.state_dict(), "ranks": ranks}, tmp)
+                    "perm": perm, "early_stopping": es.state_dict(), "ranks": ranks}, tmp)
         os.replace(tmp, self.ckpt)  # atomic: a kill leaves the old or the new checkpoint, never half of one
