@@ -25,7 +25,8 @@ def _write(store, run_id, step, n=200):
     s = np.random.default_rng(step).random(n)
     store.write_evaluation(run_id, step, loo=1.0 / step, metrics={"train_nll": 0.5 / step, "test_nll": 2.0 / step,
                                                                    "test_accuracy": 0.9, "test_ece": 0.05,
-                                                                   "loo_capped": step / 1000},
+                                                                   "loo_capped": step / 1000,
+                                                                   "hess_init_share": 0.2 if step < 30 else 0.9},
                            idx=np.arange(n), scores=s, loo_losses=s, prob_label=1 - s)
 
 
@@ -61,6 +62,7 @@ def test_run_page_draws_updates_live_and_escapes(server):
         assert page.eval_on_selector_all("#most .ex", "els => els.length") == 24
         assert page.eval_on_selector_all("#most .ex.flip", "els => els.length") > 0
         assert page.evaluate("document.getElementById('loss').data[2].x.length") == 2
+        assert page.is_hidden("#hess-note")  # the curvature was learned (share 0.2): no warning
         page.wait_for_selector("#suspects .ex")  # the first load's galleries are drawn
         _write(store, run.id, 30)  # a new evaluation arrives while the page is open
         page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
@@ -68,6 +70,10 @@ def test_run_page_draws_updates_live_and_escapes(server):
         # the LOO's capped share (its warning sign) is drawn and follows live
         assert page.evaluate("document.getElementById('quality').data[2].name") == "loo_capped"
         assert page.evaluate("document.getElementById('quality').data[2].y") == [0.01, 0.02, 0.03]
+        # IVON's curvature still mostly hess_init's (0.9 at step 30): the LOO's scale is hess_init's, and the page
+        # says so as the evaluation arrives
+        assert page.evaluate("document.getElementById('quality').data[3].y") == [0.2, 0.2, 0.9]
+        assert page.is_visible("#hess-note") and "90% its initial value" in page.inner_text("#hess-note")
         # the mislabeled-suspects gallery: ranked by the LOO loss averaged over the evaluations, as the API ranks it
         _, suspects = store.examples_at(run.id, k=24, by="loo_mean")
         page.wait_for_function(f"document.querySelector('#suspects .ex')?.dataset.idx === '{suspects[0].idx}'")

@@ -276,6 +276,20 @@ def test_variances_are_inverse_of_ess_times_h_plus_delta():
         assert torch.allclose(v, torch.full_like(v, 1 / (50 * 0.21)))
 
 
+def test_hess_init_share_is_the_median_remainder_of_hess_init():
+    model, (x, y) = _model(), _data()
+    opt = IVON(model.parameters(), lr=0.05, ess=48, hess_init=0.3, beta2=0.9)
+    assert opt.hess_init_share() == 1.0  # before any step h is hess_init
+    _train_steps(model, opt, 60, x, y)
+    hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters()])
+    assert opt.hess_init_share() == pytest.approx(float((0.3 * 0.9**60 / hs).clamp(max=1).median()), rel=1e-6)
+    assert opt.hess_init_share() < 0.1  # β2 = 0.9 forgets hess_init within 60 steps
+    model2 = _model()
+    slow = IVON(model2.parameters(), lr=0.05, ess=48, hess_init=0.3, beta2=0.99999)
+    _train_steps(model2, slow, 20, x, y)
+    assert slow.hess_init_share() > 0.99  # the default β2 keeps h at hess_init over a short run
+
+
 def test_samples_have_the_posterior_spread():
     lin = nn.Linear(200, 200)
     opt = IVON(lin.parameters(), lr=0.1, ess=25, hess_init=1.0, weight_decay=0.0)

@@ -62,6 +62,16 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
 
     assert raw["selection"]["logreg"]["summary"]["dense"]["pearson"] > 0.9
 
+    # The default's scale is hess_init's: h keeps most of it to the end (β2 = 1 − 1/steps leaves e^-1 of it, and
+    # the learned curvature is smaller), so the LOO falls as hess_init rises; the learned h alone, the remainder
+    # removed, is a diagonal curvature that overestimates the LOO more than the default at every hess_init.
+    by_hess = {t["hess_init"]: t["summary"] for t in raw["hess_init"]}
+    assert sorted(by_hess) == [0.1, 0.3, 1.0]
+    assert all(s["ivon_b2"]["hess_init_share"] > 0.5 for s in by_hess.values())
+    assert by_hess[0.1]["ivon_b2"]["ratio_rayleigh"] > by_hess[1.0]["ivon_b2"]["ratio_rayleigh"]
+    assert all(s["ivon_learned"]["ratio_first_order"] > s["ivon_b2"]["ratio_first_order"] for s in by_hess.values())
+    assert "### What sets the default's scale: hess_init" in text
+
 
 def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):
     import torch
@@ -118,6 +128,11 @@ def test_the_apis_description_of_the_loo_states_the_reports_figures():
         s = t["summary"]["ivon_b2"]
         if t.get("label_noise"):
             assert f"{s['spearman_capped']:.2f} on {t['dataset'].replace('_', ' ')}" in text, t["dataset"]
+    for t in raw["hess_init"]:  # the default's scale at each hess_init, and how much of h is still hess_init's
+        s = t["summary"]["ivon_b2"]
+        assert f"{s['ratio_rayleigh']:.2f}× at hess_init {t['hess_init']:g}" in text, t["hess_init"]
+    shares = [t["summary"]["ivon_b2"]["hess_init_share"] for t in raw["hess_init"]]
+    assert f"{min(shares):.2f} to {max(shares):.2f} of h" in text
     clean = max(t["summary"]["ivon_b2"]["capped_max"] for t in raw["tracking"] if not t.get("label_noise"))
     assert f"reached {clean:.1%} in a clean run" in text
     rank = {(t["dataset"], bool(t.get("label_noise"))): [] for t in raw["tracking"]}

@@ -264,6 +264,9 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     assert pairs and all(a.step == b.step and b.loo > a.loo for a, b in pairs)
     # each evaluation says what share of examples the cap bound (never, for the first order)
     assert all(a.metrics["loo_capped"] == 0.0 and 0.0 <= b.metrics["loo_capped"] <= 1.0 for a, b in pairs)
+    # and how much of IVON's curvature is still hess_init's (the LOO's scale follows hess_init where it is near 1)
+    shares = [e.metrics["hess_init_share"] for e in store.evaluations(plain.id)]
+    assert shares and all(0.0 < s <= 1.0 for s in shares)
 
     cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})
     data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)

@@ -275,6 +275,8 @@ class Trainer:
             metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})
             hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
+            # near 1: the LOO's scale is hess_init's, not learned from the data (docs/validation.md)
+            metrics["hess_init_share"] = opt.hess_init_share()
         # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
         metrics["loo_capped"] = res.capped
         metrics["loo"] = res.loo

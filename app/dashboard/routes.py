@@ -25,7 +25,7 @@ def js(obj) -> str:
 
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-CURVES = ("train_nll", "test_nll", "loo", "test_accuracy", "test_ece", "loo_capped")
+CURVES = ("train_nll", "test_nll", "loo", "test_accuracy", "test_ece", "loo_capped", "hess_init_share")
 
 
 @router.get("/static/plotly.min.js", include_in_schema=False)

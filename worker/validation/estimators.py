@@ -17,6 +17,8 @@ from worker.validation.setups import Split
 ESTIMATORS = {
     "ivon": ("IVON σ² as trained (β2 = 0.99999)", "ivon"),
     "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h learned)", "ivon_b2"),
+    "ivon_learned": ("IVON σ² from the learned h alone (matched β2; hess_init's remainder β2^t·hess_init removed)",
+                     "ivon_b2"),
     "last_layer": ("last-layer GGN Laplace (dense) at the mean of the matched-β2 IVON run", "ivon_b2"),
     "ivon_head": ("IVON σ² (matched β2) for the body, exact last-layer Laplace for the head", "ivon_b2"),
     "kfac": ("K-FAC GGN Laplace refreshed at the IVON mean", "ivon"),
@@ -36,6 +38,19 @@ def refine(model: nn.Module, split: Split, weight_decay: float, iters: int, rest
     return refined
 
 
+def learned_variance(opt, model: nn.Module) -> dict[str, torch.Tensor]:
+    """σ² = 1/(N(h_learned + δ)) with h_learned = (h − β2^t·hess_init)/(1 − β2^t), clipped at 0: IVON's curvature
+    with its initial value's remainder removed, as Adam removes the bias of its moments."""
+    out = {}
+    for n, p in model.named_parameters():
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        st = opt.state[p]
+        decay = float(group["beta2"]) ** float(st["step"])
+        learned = ((st["hess"] - decay * group["hess_init"]) / (1.0 - decay)).clamp_min(0.0)
+        out[n] = 1.0 / (group["ess"] * (learned + group["weight_decay"]))
+    return out
+
+
 def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay: float, refine_iters: int = 100):
     """The variance (or covariance) of an estimator and the model it applies at; returns (var, at, seconds)."""
     t = time.perf_counter()
@@ -44,6 +59,8 @@ def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay:
     at = model
     if name in ("ivon", "ivon_b2"):
         var = ivon_variance(opt, model)
+    elif name == "ivon_learned":
+        var = learned_variance(opt, model)
     elif name == "adamw":
         var = adamw_variance(opt, split.n, model, weight_decay=weight_decay)
     elif name == "sgd":

@@ -83,7 +83,8 @@ def tracking_settings(ep_scale: float = 1.0, evals: int = 8) -> list[tuple[dict,
 
 def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 300, epochs: int = 150,
              evals: int = 10, n_truth: int | None = None, top_truth: int = 10, seed: int = 0,
-             dataset: str = "digits", label_noise: float = 0.0, forms: tuple[str, ...] = FORMS) -> dict:
+             dataset: str = "digits", label_noise: float = 0.0, forms: tuple[str, ...] = FORMS,
+             hess_init: float = 0.3) -> dict:
     """E2: LOO estimates against the test NLL over training on an overfitting subset, and against retraining.
 
     The truth retrains without every training example (``n_truth=None``); a sample of LOO losses is too noisy for
@@ -103,7 +104,8 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
     steps = epochs * ((split.n + batch - 1) // batch)
     every = max(1, epochs // evals)
     curves: dict[str, dict] = {}
-    runs = {"ivon": {"opt": "ivon"}, "ivon_b2": {"opt": "ivon", "beta2": matched_beta2(steps)},
+    runs = {"ivon": {"opt": "ivon", "hess_init": hess_init},
+            "ivon_b2": {"opt": "ivon", "beta2": matched_beta2(steps), "hess_init": hess_init},
             "adamw": {"opt": "adamw"}, "sgd": {"opt": "sgd"}}
     run_of = {e: ESTIMATORS[e][1] if ESTIMATORS[e][1] in runs else "ivon" for e in estimators}  # the run it reads
     needed = set(run_of.values())
@@ -121,13 +123,15 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
             for est in users:
                 res, secs, at = estimate(est, model, opt, split, weight_decay, forms)
                 c = curves.setdefault(est, {"epoch": [], "test_nll": [], "clean_test_nll": [], "train_nll": [],
-                                            "seconds": [], "capped": []} | {f: [] for f in forms})
+                                            "seconds": [], "capped": [], "hess_init_share": []}
+                                      | {f: [] for f in forms})
                 c["epoch"].append(ep)
                 c["test_nll"].append(test_nll(at, split))
                 c["clean_test_nll"].append(test_nll(at, Split(split.xtr, split.ytr, split.xte, clean_yte)))
                 c["train_nll"].append(float(res[forms[0]].losses.mean()))
                 c["seconds"].append(secs[forms[-1]] / max(np.mean(epoch_s), 1e-9))
                 c["capped"].append(res[forms[-1]].capped)  # the worker's loo_capped
+                c["hess_init_share"].append(opt.hess_init_share() if hasattr(opt, "hess_init_share") else None)
                 for f in forms:
                     c[f].append(res[f].loo)
                 if ep == epochs:
@@ -167,6 +171,7 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
         tn = np.array(c["test_nll"])
         row = {"test_range": float(tn.max() - tn.min()), "cost": float(np.median(c["seconds"])),
                "capped_first": c["capped"][0], "capped_last": c["capped"][-1], "capped_max": max(c["capped"]),
+               "hess_init_share": c["hess_init_share"][-1],
                "spearman_capped": float(spearmanr(c["capped"], tn).statistic)
                if len(tn) > 2 and np.ptp(c["capped"]) > 0 else float("nan")}  # never capped: no trend to rank
         for f in forms:
@@ -182,6 +187,7 @@ def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 30
         row["truth_run"] = truth_of(est)
         summary[est] = row
     return {"dataset": dataset, "weight_decay": weight_decay, "n_train": split.n, "epochs": epochs, "curves": curves,
+            "hess_init": hess_init,
             "label_noise": label_noise, "all_examples": n_truth is None, "summary": summary, "n_truth": len(pick),
             "truths": {r: {k: v for k, v in t.items() if k != "true_loss"} for r, t in truths.items()},
             "true_loo": truths[truth_runs[0]]["true_loo"]}
@@ -201,7 +207,8 @@ def _train_small(cfg, split, epochs, seed, weight_decay, batch, cb):
     torch.manual_seed(seed)
     model = setups.mlp(split.xtr.shape[1], int(split.ytr.max()) + 1, (32,), activation="tanh").double()
     steps = epochs * ((split.n + batch - 1) // batch)
-    opt = setups.make_optimizer(cfg["opt"], model, split.n, steps, weight_decay, cfg.get("beta2"))
+    opt = setups.make_optimizer(cfg["opt"], model, split.n, steps, weight_decay, cfg.get("beta2"),
+                                hess_init=cfg.get("hess_init", 0.3))
     gen = torch.Generator().manual_seed(seed)
     for ep in range(epochs):
         t = time.perf_counter()

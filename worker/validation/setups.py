@@ -78,9 +78,9 @@ def make_model(kind: str, seed: int, dtype=torch.float32, hidden: int = 128) -> 
 
 
 def make_optimizer(name: str, model: nn.Module, n: int, steps: int, weight_decay: float, beta2: float | None = None,
-                   lr: float | None = None):
+                   lr: float | None = None, hess_init: float = 0.3):
     if name == "ivon":
-        return IVON(model.parameters(), lr=lr or 0.5, ess=n, hess_init=0.3, weight_decay=weight_decay,
+        return IVON(model.parameters(), lr=lr or 0.5, ess=n, hess_init=hess_init, weight_decay=weight_decay,
                     beta2=0.99999 if beta2 is None else beta2)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=weight_decay / (lr or 1e-3))
