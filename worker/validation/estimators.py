@@ -16,7 +16,7 @@ from worker.validation.setups import Split
 # name → (what it is, which optimizer's run it reads)
 ESTIMATORS = {
     "ivon": ("IVON σ² as trained (β2 = 0.99999)", "ivon"),
-    "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h learned)", "ivon_b2"),
+    "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h leaves hess_init)", "ivon_b2"),
     "ivon_learned": ("IVON σ² from the learned h alone (matched β2; hess_init's remainder β2^t·hess_init removed)",
                      "ivon_b2"),
     "last_layer": ("last-layer GGN Laplace (dense) at the mean of the matched-β2 IVON run", "ivon_b2"),
