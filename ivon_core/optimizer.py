@@ -30,8 +30,10 @@ NOISE = ("auto", "torch", "counter")
 
 
 def matched_beta2(total_steps: int, c: float = 1.0) -> float:
-    """β2 = 1 − c / total_steps, so that h is learned within the run (docs/validation.md: with the default
-    β2 = 0.99999 and a few thousand steps h stays at hess_init and the LOO estimate sits near the training loss)."""
+    """β2 = 1 − c / total_steps, so that h moves from hess_init within the run (docs/validation.md: with the default
+    β2 = 0.99999 and a few thousand steps h stays at hess_init and the LOO estimate sits near the training loss).
+    h still holds e^-c · hess_init at the end, often most of h where the learned curvature is small: then the LOO's
+    scale is hess_init's (``IVON.hess_init_share`` says how much)."""
     if total_steps < 1:
         raise ValueError(f"Invalid total_steps: {total_steps!r} (must be >= 1)")
     return min(0.99999, max(0.0, 1.0 - c / total_steps))
