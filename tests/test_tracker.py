@@ -24,13 +24,17 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
         optimizer.step()
         if step % 10 == 0:
             res = compute_sensitivities(model, (x, y), ivon_variance(optimizer, model))
-            tracker.log_evaluation(step, res, metrics={"test_nll": 1.0})
+            tracker.log_evaluation(step, res, metrics={"test_nll": 1.0}, optimizer=optimizer)
             losses.append(res.loo_losses.clone())
     tracker.finish()
     store = tracker.store
     assert store.get_run(tracker.run_id).status == "done"
     assert [e.step for e in store.evaluations(tracker.run_id)] == [10, 20, 30]
     assert [s for s, _ in store.curve(tracker.run_id, "loo")] == [10, 20, 30]
+    # the worker's warning signs: the capped share, and how much of IVON's curvature is still hess_init's
+    last = store.evaluations(tracker.run_id)[-1].metrics
+    assert last["loo_capped"] == res.capped and last["hess_init_share"] == optimizer.hess_init_share()
+    assert 0.9 < last["hess_init_share"] <= 1.0  # 30 steps at the default β2: h is still hess_init
     _, top = store.examples_at(tracker.run_id, k=5)
     assert top[0].idx == int(res.top_k(1)[0]) and top[0].label == int(y[top[0].idx])
     # each example's LOO loss averaged over the three evaluations, ranked: the "likely mislabeled" list

@@ -5,7 +5,7 @@ without the worker.
     tracker.log_examples(labels=y_train.tolist())
     ...
     res = compute_sensitivities(model, (x_train, y_train), ivon_variance(optimizer, model))
-    tracker.log_evaluation(step, res, metrics={"test_nll": 0.31})
+    tracker.log_evaluation(step, res, metrics={"test_nll": 0.31}, optimizer=optimizer)
     tracker.finish()
     _, suspects = tracker.store.examples_at(tracker.run_id, k=20, by="loo_mean")  # likely mislabeled
 """
@@ -38,13 +38,19 @@ class Tracker:
                                 thumbnails=thumbnails)
 
     def log_evaluation(self, step: int, result: SensitivityResult, metrics: dict[str, float] | None = None,
-                       epoch: float | None = None) -> None:
-        """Write the LOO estimate, train NLL and accuracy from ``result``, ``metrics``, and the per-example rows."""
+                       epoch: float | None = None, optimizer=None) -> None:
+        """Write the LOO estimate, train NLL and accuracy from ``result``, ``metrics``, and the per-example rows.
+
+        As the worker does, it records the share of examples whose correction hit its cap (``loo_capped``) and,
+        given an IVON ``optimizer``, how much of its curvature is still hess_init's (``hess_init_share``: near 1
+        the LOO's scale is hess_init's; the run page warns)."""
         if not math.isfinite(result.loo):
             raise ValueError(f"the LOO estimate at step {step} is not finite ({result.loo})")
-        own = {"train_nll": float(result.losses.double().mean())}
+        own = {"train_nll": float(result.losses.double().mean()), "loo_capped": result.capped}
         if result.logits.shape[1] > 1 and result.targets.ndim == 1:
             own["train_acc"] = float((result.logits.argmax(1) == result.targets).double().mean())
+        if hasattr(optimizer, "hess_init_share"):
+            own["hess_init_share"] = optimizer.hess_init_share()
         self.store.write_evaluation(
             self.run.id, step, loo=result.loo, metrics={**own, **(metrics or {})}, idx=result.indices.numpy(),
             scores=result.scores.numpy(), loo_losses=result.loo_losses.numpy(),
