@@ -71,6 +71,11 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
     assert by_hess[0.1]["ivon_b2"]["ratio_rayleigh"] > by_hess[1.0]["ivon_b2"]["ratio_rayleigh"]
     assert all(s["ivon_learned"]["ratio_first_order"] > s["ivon_b2"]["ratio_first_order"] for s in by_hess.values())
     assert "### What sets the default's scale: hess_init" in text
+    # a fixed damping in place of hess_init's remainder: the level moves far less with hess_init than the default's
+    spread = {e: max(s[e]["ratio_rayleigh"] for s in by_hess.values()) / min(s[e]["ratio_rayleigh"]
+                                                                             for s in by_hess.values())
+              for e in ("ivon_b2", "ivon_damped")}
+    assert spread["ivon_damped"] < spread["ivon_b2"]
 
 
 def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -13,12 +14,19 @@ from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovaria
 from sensitivity.retrain import fit_map
 from worker.validation.setups import Split
 
+# What hess_init 0.3 leaves of itself at the end of a matched-β2 run (0.3 e^-1): as a fixed damping it keeps the
+# default's level on regularized digits while σ² no longer follows hess_init or the run's progress
+DAMPING = 0.3 * math.exp(-1.0)
+
+
 # name → (what it is, which optimizer's run it reads)
 ESTIMATORS = {
     "ivon": ("IVON σ² as trained (β2 = 0.99999)", "ivon"),
     "ivon_b2": ("IVON σ² with β2 = 1 − 1/steps (h leaves hess_init)", "ivon_b2"),
     "ivon_learned": ("IVON σ² from the learned h alone (matched β2; hess_init's remainder β2^t·hess_init removed)",
                      "ivon_b2"),
+    "ivon_damped": (f"IVON's learned h plus a fixed damping τ = {DAMPING:.2f} in place of hess_init's remainder",
+                    "ivon_b2"),
     "last_layer": ("last-layer GGN Laplace (dense) at the mean of the matched-β2 IVON run", "ivon_b2"),
     "ivon_head": ("IVON σ² (matched β2) for the body, exact last-layer Laplace for the head", "ivon_b2"),
     "kfac": ("K-FAC GGN Laplace refreshed at the IVON mean", "ivon"),
@@ -38,16 +46,16 @@ def refine(model: nn.Module, split: Split, weight_decay: float, iters: int, rest
     return refined
 
 
-def learned_variance(opt, model: nn.Module) -> dict[str, torch.Tensor]:
-    """σ² = 1/(N(h_learned + δ)) with h_learned = (h − β2^t·hess_init)/(1 − β2^t), clipped at 0: IVON's curvature
-    with its initial value's remainder removed, as Adam removes the bias of its moments."""
+def learned_variance(opt, model: nn.Module, damping: float = 0.0) -> dict[str, torch.Tensor]:
+    """σ² = 1/(N(h_learned + δ + damping)) with h_learned = (h − β2^t·hess_init)/(1 − β2^t), clipped at 0: IVON's
+    curvature with its initial value's remainder removed, as Adam removes the bias of its moments."""
     out = {}
     for n, p in model.named_parameters():
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
         st = opt.state[p]
         decay = float(group["beta2"]) ** float(st["step"])
         learned = ((st["hess"] - decay * group["hess_init"]) / (1.0 - decay)).clamp_min(0.0)
-        out[n] = 1.0 / (group["ess"] * (learned + group["weight_decay"]))
+        out[n] = 1.0 / (group["ess"] * (learned + group["weight_decay"] + damping))
     return out
 
 
@@ -61,6 +69,8 @@ def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay:
         var = ivon_variance(opt, model)
     elif name == "ivon_learned":
         var = learned_variance(opt, model)
+    elif name == "ivon_damped":
+        var = learned_variance(opt, model, DAMPING)
     elif name == "adamw":
         var = adamw_variance(opt, split.n, model, weight_decay=weight_decay)
     elif name == "sgd":
