@@ -156,6 +156,11 @@ HESS_INIT = 0.3  # the validation's IVON runs (worker.validation.setups.make_opt
 DEFAULT = ("ivon_b2", "rayleigh")  # the library's default: IVON σ² with matched β2, the Rayleigh form capped at 2
 
 
+def meets_goals(summary: dict, form: str) -> bool:
+    """Issue 4's goals for a tracking setting: Spearman with the test NLL ≥ 0.8, 0.75–1.25× the true LOO."""
+    return summary[f"spearman_{form}"] >= 0.8 and 0.75 <= summary[f"ratio_{form}"] <= 1.25
+
+
 def verdict(track: list[dict], sel: dict) -> list[str]:
     """The default's goals (and the runner-up's), checked on this run's numbers: PASS or FAIL, never reworded."""
     out = ["| estimator | setting | Spearman with test NLL (goal ≥ 0.8) | ratio to true LOO (goal 0.75–1.25) | "
@@ -169,7 +174,7 @@ def verdict(track: list[dict], sel: dict) -> list[str]:
             s = tr["summary"].get(est)
             if s is None:
                 continue
-            ok = s[f"spearman_{form}"] >= 0.8 and 0.75 <= s[f"ratio_{form}"] <= 1.25
+            ok = meets_goals(s, form)
             label = "default" if (est, form) == DEFAULT else f"{form.replace('_', ' ')} form"
             noise = f", {tr['label_noise']:.0%} flipped" if tr.get("label_noise") else ""
             if tr.get("hess_init", HESS_INIT) != HESS_INIT:
@@ -195,7 +200,7 @@ def hess_init_table(runs: list[dict]) -> list[str]:
     for tr in runs:
         s, learned = tr["summary"][est], tr["summary"].get("ivon_learned", {})
         damped = tr["summary"].get("ivon_damped", {})
-        ok = s[f"spearman_{form}"] >= 0.8 and 0.75 <= s[f"ratio_{form}"] <= 1.25
+        ok = meets_goals(s, form)
         out.append(f"| {tr['hess_init']:g} | {_f(s['hess_init_share'], 2)} | {_f(s['test_range'])} | "
                    f"{_f(s[f'spearman_{form}'], 2)} / {_f(s[f'ratio_{form}'], 2)} | "
                    f"{_f(s['spearman_first_order'], 2)} / {_f(s['ratio_first_order'], 2)} | "
