@@ -290,6 +290,20 @@ def test_hess_init_share_is_the_median_remainder_of_hess_init():
     assert slow.hess_init_share() > 0.99  # the default β2 keeps h at hess_init over a short run
 
 
+def test_hess_init_share_of_a_large_model_reads_a_strided_sample(monkeypatch):
+    import ivon_core.optimizer as optimizer_module
+
+    model, (x, y) = _model(), _data()
+    opt = IVON(model.parameters(), lr=0.05, ess=48, hess_init=0.3, beta2=0.9)
+    _train_steps(model, opt, 25, x, y)
+    exact = opt.hess_init_share()
+    monkeypatch.setattr(optimizer_module, "SHARE_SAMPLE", 40)  # 123 parameters: every fourth of each tensor
+    hs = torch.cat([opt.state[p]["hess"].flatten()[::4] for p in model.parameters()])
+    sampled = opt.hess_init_share()
+    assert sampled == pytest.approx(float((0.3 * 0.9**25 / hs).clamp(max=1).median()), rel=1e-6)
+    assert sampled == pytest.approx(exact, rel=0.3)
+
+
 def test_samples_have_the_posterior_spread():
     lin = nn.Linear(200, 200)
     opt = IVON(lin.parameters(), lr=0.1, ess=25, hess_init=1.0, weight_decay=0.0)
