@@ -179,6 +179,19 @@ def test_metrics_endpoint_in_prometheus_format(api):
     assert "ivon_diag_evaluations_written" in text and 'worker="w-metrics"' in text
 
 
+def test_compare_page_warns_when_runs_differ_in_hess_init(api):
+    client, store, _ = api
+    a = store.create_run("a", {"optimizer": {"hess_init": 0.1}}, enqueue=False)
+    b = store.create_run("b", {"optimizer": {"hess_init": 1.0}}, enqueue=False)
+    c = store.create_run("c", {}, enqueue=False)  # the worker's default
+    d = store.create_run("d", {"optimizer": {"hess_init": 0.1}}, enqueue=False)
+    page = client.get("/compare", params={"ids": f"{a.id},{b.id},{c.id}"}).text
+    assert 'id="hess-warning"' in page
+    assert f"run {a.id}: 0.1, run {b.id}: 1.0, run {c.id}: default" in " ".join(page.split())
+    assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id},{d.id}"}).text
+    assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id}"}).text
+
+
 def test_huge_ids_are_refused_not_crashed(api):
     client, _, _ = api
     huge = 10**30

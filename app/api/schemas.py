@@ -37,6 +37,8 @@ class Curve(BaseModel):
 
 
 # How far the shown numbers hold (docs/validation.md); the API and the dashboard both say it.
+HESS_INIT_SCALE = ("on digits with weight decay 3e-3 the default was 6.26× at hess_init 0.1, 1.14× at hess_init 0.3 "
+                   "and 0.57× at hess_init 1 of the retrained LOO")
 LOO_VALIDITY = (
     "LOO estimate of the generalization NLL: (1/N) Σ ℓ(y_i, f_i + Δ_i); by default from IVON's σ² with "
     "β2 matched to the run and the Rayleigh form capped at 2. How far it holds (docs/validation.md, "
@@ -56,9 +58,8 @@ LOO_VALIDITY = (
     "reached 9.0% in a clean run without following it: a rising loo_capped is a sign to inspect, not a "
     "threshold. Its scale is hess_init's: at the end of these runs hess_init's remainder β2^t·hess_init was "
     "0.96 to 0.99 of h (median over parameters; each evaluation records it as hess_init_share, and the run page "
-    "warns from 0.5), and on digits with weight decay 3e-3 the default was 6.26× at hess_init 0.1, 1.14× at "
-    "hess_init 0.3 and 0.57× at hess_init 1 of the retrained LOO (Spearman 0.43, 0.87, 0.75; the figures above "
-    "are at 0.3). Compare LOO values only between evaluations and runs with the same hess_init and run length; "
+    "warns from 0.5), and " + HESS_INIT_SCALE + " (Spearman 0.43, 0.87, 0.75; the figures above are at 0.3)."
+    " Compare LOO values only between evaluations and runs with the same hess_init and run length; "
     "do not stop training on it alone"
 )
 SCORE_VALIDITY = ("sensitivity ‖Δ_i‖₁; the per-example LOO ranking follows retraining's on digits (Spearman 0.78 to "

@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from app.api.deps import get_store, require_read
 from app.api.routes import INT32, RunId
-from app.api.schemas import LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
+from app.api.schemas import HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
 
 router = APIRouter()
@@ -58,14 +58,26 @@ def compare_page(request: Request, ids: str = Query("", description="comma-separ
         run_ids = [r for r in run_ids if 0 <= r <= INT32][:10]
     except ValueError:
         run_ids = []
-    data = {}
+    data, hess_inits = {}, {}
     for rid in run_ids:
         try:
             run = store.get_run(rid)
         except NotFound:
             continue
         data[f"{rid}: {run.name}"] = {n: store.curve(rid, n, max_points=2000) for n in ("loo", "test_nll")}
-    return templates.TemplateResponse(request, "compare.html", {"data_json": js(data), "ids": ids})
+        hess_inits[rid] = _hess_init(run.config)
+    # the default LOO's scale follows IVON's hess_init (docs/validation.md): levels of runs that differ in it
+    # are not comparable
+    differ = len(set(map(repr, hess_inits.values()))) > 1
+    return templates.TemplateResponse(request, "compare.html", {"data_json": js(data), "ids": ids,
+                                                                "hess_inits": hess_inits if differ else None,
+                                                                "hess_init_scale": HESS_INIT_SCALE})
+
+
+def _hess_init(config) -> object:
+    """The run's configured hess_init as stored (None: not given, the worker's default)."""
+    opt = config.get("optimizer") if isinstance(config, dict) else None
+    return opt.get("hess_init") if isinstance(opt, dict) else None
 
 
 @router.get("/api/v1/runs/{run_id}/histogram", dependencies=[Depends(require_read)], tags=["examples"])
