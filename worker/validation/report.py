@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from worker.early_stopping import EarlyStopping  # noqa: E402
 from worker.validation import experiments as E  # noqa: E402
 from worker.validation.estimators import DAMPING, ESTIMATORS  # noqa: E402
 
@@ -211,6 +212,37 @@ def hess_init_table(runs: list[dict]) -> list[str]:
     return out
 
 
+def stopped_at(curve: dict, form: str) -> tuple[int | None, int]:
+    """The worker's early stopping (defaults: the LOO, patience 3, best weights restored) replayed on a tracked
+    run's evaluations: (index where it stopped or None, index of the best LOO it restores)."""
+    es = EarlyStopping()
+    for i, (epoch, loo) in enumerate(zip(curve["epoch"], curve[form])):
+        if es.step({"loo": loo}, epoch):
+            return i, curve["epoch"].index(es.best_step)
+    return None, curve["epoch"].index(es.best_step)
+
+
+def stopping_table(track: list[dict]) -> list[str]:
+    """What stopping on the LOO would have kept: the test NLL at the evaluation early stopping restores."""
+    out = ["| setting | test NLL: first / best / last evaluation | default LOO: stopped at epoch, restored epoch, "
+           "test NLL there | fixed damping: the same | first-order form: the same |", "|---|---|---|---|---|"]
+    for tr in track:
+        cols = []
+        for est, form in (DEFAULT, ("ivon_damped", DEFAULT[1]), (DEFAULT[0], "first_order")):
+            c = tr["curves"].get(est)
+            if c is None:
+                cols.append("–")
+                continue
+            stop, best = stopped_at(c, form)
+            cols.append(f"{c['epoch'][stop] if stop is not None else 'never'}, {c['epoch'][best]}, "
+                        f"{_f(c['test_nll'][best])}")
+        test = tr["curves"][DEFAULT[0]]["test_nll"]
+        noise = f", {tr['label_noise']:.0%} flipped" if tr.get("label_noise") else ""
+        out.append(f"| {tr['dataset']}, δ = {tr['weight_decay']:g}{noise} | {_f(test[0])} / {_f(min(test))} / "
+                   f"{_f(test[-1])} | {' | '.join(cols)} |")
+    return out
+
+
 def capped_table(track: list[dict]) -> list[str]:
     """The default's capped share (the worker's ``loo_capped``) over training beside the LOO, per setting."""
     est, form = DEFAULT
@@ -321,6 +353,11 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
            "(`ivon_damped`) appears in §2's tables, where it shows how much of the default's trend over training "
            "came from σ² growing as the remainder decays.", "",
            *hess_init_table(by_hess), "",
+           "### Stopping on the LOO", "",
+           "The worker's early stopping with its defaults (the LOO, patience 3 evaluations, the best weights "
+           "restored) replayed on each run's evaluations: where it stops, the evaluation it restores, and the test "
+           "NLL there, beside the test NLL's first, best and last values. \"never\": it ran to the end (the "
+           "restored evaluation is then the best LOO's).", "", *stopping_table(track), "",
            "### The capped share: a sign that the LOO has stopped following",
            "", "The share of training examples whose correction hit the cap (what each evaluation records as "
            "`loo_capped` and the dashboard plots) over the same evaluations, beside the LOO's own Spearman. Where "
