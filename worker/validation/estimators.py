@@ -12,11 +12,11 @@ from torch import nn
 from sensitivity import SensitivityResult, adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance, prior_from_weight_decay
 from sensitivity.retrain import fit_map
-from worker.validation.setups import Split
+from worker.validation.setups import HESS_INIT, Split
 
-# What hess_init 0.3 leaves of itself at the end of a matched-β2 run (0.3 e^-1): as a fixed damping it keeps the
-# default's level on regularized digits while σ² no longer follows hess_init or the run's progress
-DAMPING = 0.3 * math.exp(-1.0)
+# What the validation's hess_init leaves of itself at the end of a matched-β2 run (e^-1 of it): as a fixed damping
+# it keeps the default's level on regularized digits while σ² no longer follows hess_init or the run's progress
+DAMPING = HESS_INIT * math.exp(-1.0)
 
 
 # name → (what it is, which optimizer's run it reads)

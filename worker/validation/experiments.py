@@ -18,7 +18,7 @@ from sensitivity.covariance import DenseCovariance, KFACCovariance, prior_from_w
 from sensitivity.retrain import fit_map, leave_one_out, map_objective
 from worker.data import flip
 from worker.validation.estimators import ESTIMATORS, estimate, refine, test_nll
-from worker.validation.setups import Split, breast_cancer, digits, flip_labels, make_model, train
+from worker.validation.setups import HESS_INIT, Split, breast_cancer, digits, flip_labels, make_model, train
 
 FORMS = ("first_order", "corrected", "rayleigh")  # the last is the default; its cost is reported
 
@@ -84,7 +84,7 @@ def tracking_settings(ep_scale: float = 1.0, evals: int = 8) -> list[tuple[dict,
 def tracking(weight_decay: float, estimators: tuple[str, ...], n_train: int = 300, epochs: int = 150,
              evals: int = 10, n_truth: int | None = None, top_truth: int = 10, seed: int = 0,
              dataset: str = "digits", label_noise: float = 0.0, forms: tuple[str, ...] = FORMS,
-             hess_init: float = 0.3) -> dict:
+             hess_init: float = HESS_INIT) -> dict:
     """E2: LOO estimates against the test NLL over training on an overfitting subset, and against retraining.
 
     The truth retrains without every training example (``n_truth=None``); a sample of LOO losses is too noisy for
@@ -208,7 +208,7 @@ def _train_small(cfg, split, epochs, seed, weight_decay, batch, cb):
     model = setups.mlp(split.xtr.shape[1], int(split.ytr.max()) + 1, (32,), activation="tanh").double()
     steps = epochs * ((split.n + batch - 1) // batch)
     opt = setups.make_optimizer(cfg["opt"], model, split.n, steps, weight_decay, cfg.get("beta2"),
-                                hess_init=cfg.get("hess_init", 0.3))
+                                hess_init=cfg.get("hess_init", HESS_INIT))
     gen = torch.Generator().manual_seed(seed)
     for ep in range(epochs):
         t = time.perf_counter()

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from worker.early_stopping import EarlyStopping  # noqa: E402
 from worker.validation import experiments as E  # noqa: E402
 from worker.validation.estimators import DAMPING, ESTIMATORS  # noqa: E402
+from worker.validation.setups import HESS_INIT  # noqa: E402
 
 
 def _f(x: float, nd: int = 3) -> str:
@@ -153,7 +154,6 @@ def selection_section(res: dict, path: Path) -> list[str]:
             "|---|---|---|---|---|---|", *out]
 
 
-HESS_INIT = 0.3  # the validation's IVON runs (worker.validation.setups.make_optimizer)
 DEFAULT = ("ivon_b2", "rayleigh")  # the library's default: IVON σ² with matched β2, the Rayleigh form capped at 2
 
 

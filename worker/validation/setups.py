@@ -77,8 +77,11 @@ def make_model(kind: str, seed: int, dtype=torch.float32, hidden: int = 128) -> 
     return model.to(dtype)
 
 
+HESS_INIT = 0.3  # the validation's IVON runs (docs/validation.md: the default LOO's scale follows it)
+
+
 def make_optimizer(name: str, model: nn.Module, n: int, steps: int, weight_decay: float, beta2: float | None = None,
-                   lr: float | None = None, hess_init: float = 0.3):
+                   lr: float | None = None, hess_init: float = HESS_INIT):
     if name == "ivon":
         return IVON(model.parameters(), lr=lr or 0.5, ess=n, hess_init=hess_init, weight_decay=weight_decay,
                     beta2=0.99999 if beta2 is None else beta2)
