@@ -190,6 +190,12 @@ def test_compare_page_warns_when_runs_differ_in_hess_init(api):
     assert f"run {a.id}: 0.1, run {b.id}: 1.0, run {c.id}: default" in " ".join(page.split())
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id},{d.id}"}).text
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id}"}).text
+    # whatever a stored config holds is shown escaped, and a config without an optimizer mapping reads as the default
+    odd = store.create_run("odd", {"optimizer": {"hess_init": "<b>x</b>"}}, enqueue=False)
+    flat = store.create_run("flat", {"optimizer": "ivon"}, enqueue=False)
+    page = client.get("/compare", params={"ids": f"{odd.id},{flat.id}"})
+    assert page.status_code == 200 and "&lt;b&gt;x&lt;/b&gt;" in page.text and "<b>x</b>" not in page.text
+    assert f"run {flat.id}: default" in " ".join(page.text.split())
 
 
 def test_huge_ids_are_refused_not_crashed(api):
