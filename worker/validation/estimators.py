@@ -52,9 +52,8 @@ def learned_variance(opt, model: nn.Module, damping: float = 0.0) -> dict[str, t
     out = {}
     for n, p in model.named_parameters():
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        st = opt.state[p]
-        decay = float(group["beta2"]) ** float(st["step"])
-        learned = ((st["hess"] - decay * group["hess_init"]) / (1.0 - decay)).clamp_min(0.0)
+        rem = opt.hess_init_remainder(p)
+        learned = ((opt.state[p]["hess"] - rem) / (1.0 - rem / group["hess_init"])).clamp_min(0.0)
         out[n] = 1.0 / (group["ess"] * (learned + group["weight_decay"] + damping))
     return out
 
