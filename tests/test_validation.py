@@ -83,6 +83,10 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
                                                                              for s in by_hess.values())
               for e in ("ivon_b2", "ivon_damped")}
     assert spread["ivon_damped"] < spread["ivon_b2"]
+    # a damping set by the evidence instead of hess_init does not fix the scale: across the settings its ratio to
+    # the true LOO moves by more than the goals' band allows (the full run: an order of magnitude)
+    evidence = [t["summary"]["ivon_evidence"]["ratio_first_order"] for t in raw["tracking"]]
+    assert max(evidence) / min(evidence) > 1.25 / 0.75 and "`ivon_evidence`" in text
 
 
 def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):
@@ -225,3 +229,17 @@ def test_the_apis_description_of_the_mean_loo_loss_states_the_reports_figures():
     for method in ("mean LOO loss over evaluations (IVON σ²)", "LOO self-confidence (IVON σ²)", "cleanlab, 5-fold CV"):
         aurocs = [f"{r['auroc']:.3f}" for r in raw["flips"] if r["method"] == method]
         assert len(aurocs) == 4 and " / ".join(aurocs[:2]) in text and " / ".join(aurocs[2:]) in text, method
+
+
+def test_the_evidence_damping_is_mackays_fixed_point():
+    import torch
+
+    from worker.validation.estimators import evidence_damping
+
+    g = torch.Generator().manual_seed(0)
+    h, m, n = torch.rand(500, generator=g, dtype=torch.float64), 0.1 * torch.randn(500, generator=g), 300.0
+    tau = evidence_damping(h, m, n)
+    gamma = float((h / (h + tau)).sum())
+    assert tau == pytest.approx(gamma / (n * float(m.double().square().sum())), rel=1e-6)
+    # every direction well determined: γ is the number of parameters
+    assert evidence_damping(torch.full((100,), 1e9), torch.ones(100), 10.0) == pytest.approx(100 / (10 * 100))

@@ -27,6 +27,8 @@ ESTIMATORS = {
                      "ivon_b2"),
     "ivon_damped": (f"IVON's learned h plus a fixed damping τ = {DAMPING:.2f} in place of hess_init's remainder",
                     "ivon_b2"),
+    "ivon_evidence": ("IVON's learned h with an isotropic prior precision from the evidence (MacKay's fixed point) "
+                      "in place of δ and hess_init's remainder", "ivon_b2"),
     "last_layer": ("last-layer GGN Laplace (dense) at the mean of the matched-β2 IVON run", "ivon_b2"),
     "ivon_head": ("IVON σ² (matched β2) for the body, exact last-layer Laplace for the head", "ivon_b2"),
     "kfac": ("K-FAC GGN Laplace refreshed at the IVON mean", "ivon"),
@@ -46,16 +48,49 @@ def refine(model: nn.Module, split: Split, weight_decay: float, iters: int, rest
     return refined
 
 
-def learned_variance(opt, model: nn.Module, damping: float = 0.0) -> dict[str, torch.Tensor]:
-    """σ² = 1/(N(h_learned + δ + damping)) with h_learned = (h − β2^t·hess_init)/(1 − β2^t), clipped at 0: IVON's
-    curvature with its initial value's remainder removed, as Adam removes the bias of its moments."""
+def _group(opt, p: torch.Tensor) -> dict:
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def learned_curvature(opt, model: nn.Module) -> dict[str, torch.Tensor]:
+    """h_learned = (h − β2^t·hess_init)/(1 − β2^t), clipped at 0: IVON's curvature with its initial value's remainder
+    removed, as Adam removes the bias of its moments."""
     out = {}
     for n, p in model.named_parameters():
-        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
         rem = opt.hess_init_remainder(p)
-        learned = ((opt.state[p]["hess"] - rem) / (1.0 - rem / group["hess_init"])).clamp_min(0.0)
-        out[n] = 1.0 / (group["ess"] * (learned + group["weight_decay"] + damping))
+        out[n] = ((opt.state[p]["hess"] - rem) / (1.0 - rem / _group(opt, p)["hess_init"])).clamp_min(0.0)
     return out
+
+
+def learned_variance(opt, model: nn.Module, damping: float = 0.0) -> dict[str, torch.Tensor]:
+    """σ² = 1/(N(h_learned + δ + damping))."""
+    h = learned_curvature(opt, model)
+    return {n: 1.0 / (_group(opt, p)["ess"] * (h[n] + _group(opt, p)["weight_decay"] + damping))
+            for n, p in model.named_parameters()}
+
+
+def evidence_damping(h: torch.Tensor, m: torch.Tensor, n: float, iters: int = 500) -> float:
+    """The isotropic prior precision, per example as δ, that maximizes the diagonal Laplace evidence at the mean m
+    for posterior precisions n(h + τ): MacKay's fixed point τ = γ/(n‖m‖²), γ = Σ h/(h + τ) the effective number
+    of parameters."""
+    h, sq = h.double(), max(float(m.double().square().sum()), 1e-300)
+    tau = 1e-3
+    for _ in range(iters):
+        new = float((h / (h + tau)).sum()) / (n * sq)
+        if abs(new - tau) <= 1e-9 * tau:
+            return new
+        tau = new
+    return tau
+
+
+def evidence_variance(opt, model: nn.Module) -> dict[str, torch.Tensor]:
+    """σ² = 1/(N(h_learned + τ)) with τ from ``evidence_damping``: a damping set by the data, not by hess_init."""
+    h = learned_curvature(opt, model)
+    params = dict(model.named_parameters())
+    n = _group(opt, next(iter(params.values())))["ess"]
+    tau = evidence_damping(torch.cat([v.flatten() for v in h.values()]),
+                           torch.cat([params[k].detach().flatten() for k in h]), n)
+    return {k: 1.0 / (n * (v + tau)) for k, v in h.items()}
 
 
 def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay: float, refine_iters: int = 100):
@@ -70,6 +105,8 @@ def covariance_for(name: str, model: nn.Module, opt, split: Split, weight_decay:
         var = learned_variance(opt, model)
     elif name == "ivon_damped":
         var = learned_variance(opt, model, DAMPING)
+    elif name == "ivon_evidence":
+        var = evidence_variance(opt, model)
     elif name == "adamw":
         var = adamw_variance(opt, split.n, model, weight_decay=weight_decay)
     elif name == "sgd":
