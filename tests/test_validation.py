@@ -243,3 +243,6 @@ def test_the_evidence_damping_is_mackays_fixed_point():
     assert tau == pytest.approx(gamma / (n * float(m.double().square().sum())), rel=1e-6)
     # every direction well determined: γ is the number of parameters
     assert evidence_damping(torch.full((100,), 1e9), torch.ones(100), 10.0) == pytest.approx(100 / (10 * 100))
+    for bad in (torch.zeros(10), torch.tensor([1.0, float("nan")])):
+        with pytest.raises(ValueError, match="finite curvatures"):
+            evidence_damping(bad, torch.ones(len(bad)), 10.0)

@@ -74,6 +74,9 @@ def evidence_damping(h: torch.Tensor, m: torch.Tensor, n: float, iters: int = 50
     for posterior precisions n(h + τ): MacKay's fixed point τ = γ/(n‖m‖²), γ = Σ h/(h + τ) the effective number
     of parameters."""
     h, sq = h.double(), max(float(m.double().square().sum()), 1e-300)
+    if not bool(torch.isfinite(h).all()) or not bool((h > 0).any()):
+        raise ValueError("evidence_damping needs finite curvatures, some positive: with none learned the evidence "
+                         "has no finite optimum")
     tau = 1e-3
     for _ in range(iters):
         new = float((h / (h + tau)).sum()) / (n * sq)
