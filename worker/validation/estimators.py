@@ -64,9 +64,11 @@ def learned_curvature(opt, model: nn.Module) -> dict[str, torch.Tensor]:
 
 def learned_variance(opt, model: nn.Module, damping: float = 0.0) -> dict[str, torch.Tensor]:
     """σ² = 1/(N(h_learned + δ + damping))."""
-    h = learned_curvature(opt, model)
-    return {n: 1.0 / (_group(opt, p)["ess"] * (h[n] + _group(opt, p)["weight_decay"] + damping))
-            for n, p in model.named_parameters()}
+    h, out = learned_curvature(opt, model), {}
+    for n, p in model.named_parameters():
+        group = _group(opt, p)
+        out[n] = 1.0 / (group["ess"] * (h[n] + group["weight_decay"] + damping))
+    return out
 
 
 def evidence_damping(h: torch.Tensor, m: torch.Tensor, n: float, iters: int = 500) -> float:
