@@ -15,3 +15,4 @@ class Settings(BaseSettings):
     threads: int | None = None  # IVON_DIAG_THREADS: blocking reads in parallel (default: 2 per CPU core)
     max_body_bytes: int = 1 << 20  # IVON_DIAG_MAX_BODY_BYTES: larger request bodies get 413
     cache_seconds: float = 1.0  # IVON_DIAG_CACHE_SECONDS: how stale an API read may be (0: no cache)
+    checkpoint_dir: str = "checkpoints"  # IVON_DIAG_CHECKPOINT_DIR: where workers keep each run's final model

@@ -50,7 +50,7 @@ def test_sigterm_checkpoints_and_releases_the_job(tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 0
     job = store.get_job_for_run(run.id)
-    assert job.state == "queued" and (tmp_path / "ck" / f"run_{run.id}.pt").exists()
+    assert job.state == "queued" and (tmp_path / "ck" / store.get_run(run.id).uid / "resume.pt").exists()
     p2 = _worker(url, tmp_path / "ck", "--once")
     assert p2.wait(timeout=300) == 0
     assert store.get_run(run.id).status == "done"
@@ -77,8 +77,8 @@ def test_repeated_sigkills_end_at_the_uninterrupted_weights(tmp_path):
         time.sleep(2.2)  # the lease expires
     assert store.get_run(run.id).status == "running"  # every kill landed before the end
     assert _worker(url, tmp_path / "ck", "--once").wait(timeout=300) == 0
-    a = torch.load(tmp_path / "ck" / f"run_{ref.id}_final.pt")["model"]
-    b = torch.load(tmp_path / "ck" / f"run_{run.id}_final.pt")["model"]
+    a = torch.load(tmp_path / "ck" / store.get_run(ref.id).uid / "model.pt")["model"]
+    b = torch.load(tmp_path / "ck" / store.get_run(run.id).uid / "model.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [e.step for e in store.evaluations(run.id)] == [e.step for e in store.evaluations(ref.id)]
     assert store.get_job_for_run(run.id).attempts == kills + 1

@@ -254,7 +254,7 @@ def test_train_command_on_an_image_folder_and_a_factory(tmp_path):
     assert len(store.evaluations(factory.id)) >= 2
     import torch
 
-    final = torch.load(tmp_path / "ck" / f"run_{factory.id}_final.pt")["model"]
+    final = torch.load(tmp_path / "ck" / store.get_run(factory.id).uid / "model.pt")["model"]
     assert final["0.weight"].shape == (7, 6)  # the factory's own architecture
 
 

@@ -45,8 +45,8 @@ def test_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     p2 = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"), "--lease", "3")
     assert p2.wait(timeout=300) == 0
     assert store.get_run(ref.id).status == "done" and store.get_run(victim.id).status == "done"
-    a = torch.load(tmp_path / "ck" / f"run_{ref.id}_final.pt")["model"]
-    b = torch.load(tmp_path / "ck" / f"run_{victim.id}_final.pt")["model"]
+    a = torch.load(tmp_path / "ck" / store.get_run(ref.id).uid / "model.pt")["model"]
+    b = torch.load(tmp_path / "ck" / store.get_run(victim.id).uid / "model.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [e.step for e in store.evaluations(victim.id)]
     assert steps == sorted(set(steps)) == [e.step for e in store.evaluations(ref.id)]  # none missing or doubled
@@ -271,7 +271,7 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     cfg = parse_config({**base, "name": "ll", "model": {"name": "logreg"}})
     data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)
     model = build_model(cfg, data)
-    model.load_state_dict(torch.load(tmp_path / "ck" / f"run_{ll.id}_final.pt")["model"])
+    model.load_state_dict(torch.load(tmp_path / "ck" / store.get_run(ll.id).uid / "model.pt")["model"])
     cov = DenseCovariance.laplace(model, (data.xtr, data.ytr), prior_precision=data.n * cfg.optimizer.weight_decay)
     expected = compute_sensitivities(model, (data.xtr, data.ytr), cov).loo  # "auto": corrected with a dense Σ
     assert abs(store.evaluations(ll.id)[-1].loo - expected) < 1e-4 * max(1.0, expected)

@@ -57,9 +57,7 @@ def test_two_ranks_agree_with_one_process_within_noise(tmp_path):
               f"{get(last['single-1']):.4f}")
         assert gap <= 3 * spread + 0.02 * get(last["single-0"]), (key, gap, spread)
     assert last["ranks-2"].metrics["test_accuracy"] >= last["single-0"].metrics["test_accuracy"] - 0.05
-    ck = torch.load(tmp_path / "ck" / f"run_{runs['ranks-2'].id}.pt", weights_only=False)
-    gens = [r["generators"]["cpu"] for r in ck["ranks"]]
-    assert len(gens) == 2 and not torch.equal(gens[0], gens[1])  # each rank's own noise, saved for a resume
+    assert not (tmp_path / "ck" / runs["ranks-2"].uid / "resume.pt").exists()  # ended: nothing resumes it
 
 
 @pytest.mark.slow
@@ -137,8 +135,9 @@ def test_sigterm_under_torchrun_releases_the_job_and_a_new_group_resumes_it(tmp_
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=120)
     assert store.get_job_for_run(run.id).state == "queued"
-    ck = torch.load(tmp_path / "ck" / f"run_{run.id}.pt", weights_only=False)
-    assert len(ck["ranks"]) == 2
+    ck = torch.load(tmp_path / "ck" / store.get_run(run.id).uid / "resume.pt", weights_only=True)
+    gens = [r["generators"]["cpu"] for r in ck["ranks"]]
+    assert len(gens) == 2 and not torch.equal(gens[0], gens[1])  # each rank's own noise, saved for a resume
     assert worker("--once").wait(timeout=300) == 0
     assert store.get_run(run.id).status == "done"
     steps = [e.step for e in store.evaluations(run.id)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -65,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         except BaseException:
             distributed.broadcast(None)  # the other ranks give up too
             raise
-        distributed.broadcast(run.id)
+        distributed.broadcast((run.id, run.uid))
         log = console_log()
         forward_library_logs(log)
         log(f"run {run.id}: {cfg.name}", event="started", run=run.id, ranks=distributed.world())
@@ -79,14 +80,14 @@ def _train(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
-def _train_follower(cfg, run_id: int, checkpoint_dir: str) -> int:
+def _train_follower(cfg, run: tuple[int, str] | None, checkpoint_dir: str) -> int:
     """A rank other than 0: train its share, write nothing; rank 0 reports the outcome."""
     from worker.trainer import JobFailed, Trainer
 
-    if run_id is None:  # rank 0 could not create the run
+    if run is None:  # rank 0 could not create the run
         return 1
     try:
-        Trainer(cfg, None, run_id, checkpoint_dir, log=lambda *a, **k: None).run()
+        Trainer(cfg, None, run[0], checkpoint_dir, run[1], log=lambda *a, **k: None).run()
     except JobFailed:
         return 1
     return 0
@@ -141,33 +142,39 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivon-diag", description="Generalization and data-sensitivity "
                                      "diagnostics during training, from the IVON posterior.")
-    parser.add_argument("--db", default=None, help="database URL (default: $IVON_DIAG_DB or sqlite:///ivon-diag.db)")
+    db_help = "database URL (default: $IVON_DIAG_DB or sqlite:///ivon-diag.db)"
+    parser.add_argument("--db", default=None, help=db_help)
+    with_db = argparse.ArgumentParser(add_help=False)  # --db after the subcommand too
+    with_db.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
     sub = parser.add_subparsers(dest="command", required=True)
+    checkpoints = os.environ.get("IVON_DIAG_CHECKPOINT_DIR", "checkpoints")
+    checkpoints_help = ("each run's resume state (removed when it ends) and final model, in a folder named by the "
+                        "run's uid (default: $IVON_DIAG_CHECKPOINT_DIR or ./checkpoints)")
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="migrate the database to this version's schema").set_defaults(func=_db_upgrade)
+    db.add_parser("upgrade", parents=[with_db], help="migrate the database to this version's schema").set_defaults(func=_db_upgrade)
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
-    create = token.add_parser("create", help="create a token (printed once; stored hashed)")
+    create = token.add_parser("create", parents=[with_db], help="create a token (printed once; stored hashed)")
     create.add_argument("name")
     create.set_defaults(func=_token_create)
-    demo = sub.add_parser("demo", help="train on digits with flipped labels and watch the diagnostics")
+    demo = sub.add_parser("demo", parents=[with_db], help="train on digits with flipped labels and watch the diagnostics")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--terminal", action="store_true", help="print the diagnostics instead of serving them")
     demo.set_defaults(func=_demo)
-    sv = sub.add_parser("serve", help="the REST API and the dashboard")
+    sv = sub.add_parser("serve", parents=[with_db], help="the REST API and the dashboard")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--graceful-seconds", type=float, default=30.0,
                     help="on SIGTERM, how long requests in flight may take to finish")
     sv.set_defaults(func=_serve)
-    tr = sub.add_parser("train", help="run one job in the foreground from a JSON, YAML or TOML config")
+    tr = sub.add_parser("train", parents=[with_db], help="run one job in the foreground from a JSON, YAML or TOML config")
     tr.add_argument("config")
-    tr.add_argument("--checkpoint-dir", default="checkpoints")
+    tr.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
     tr.set_defaults(func=_train)
-    wk = sub.add_parser("worker", help="claim and run jobs from the store")
-    wk.add_argument("--checkpoint-dir", default="checkpoints")
+    wk = sub.add_parser("worker", parents=[with_db], help="claim and run jobs from the store")
+    wk.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
     wk.add_argument("--worker-id", default=None)
     wk.add_argument("--lease", type=float, default=60.0, help="seconds before a silent worker's job is retaken")
     wk.add_argument("--once", action="store_true", help="exit when the queue is empty")

@@ -86,12 +86,13 @@ def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int 
               "label_noise": {"fraction": flip_fraction, "seed": seed}, "seed": seed,
               "early_stopping": {"enabled": False}}
     run = store.create_run(config["name"], config)
+    checkpoints = "checkpoints-demo"
     worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", db, "worker", "--checkpoint-dir",
-                               "checkpoints-demo"])
+                               checkpoints])
     print(f"dashboard: http://{host}:{port}/runs/{run.id}   (all runs: http://{host}:{port}/; Ctrl-C stops)",
           flush=True)
     try:
-        uvicorn.run(create_app(Settings(db=db), store), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(Settings(db=db, checkpoint_dir=checkpoints), store), host=host, port=port, log_level="warning")
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.store import DatabaseUnavailable, Store, StoreError, WriteRefused
 from worker import distributed as D
+from worker.checkpoints import Checkpoints
 from worker.config import ConfigError, parse_config
 from worker.hooks import HookDispatcher
 from worker.resilient import ResilientStore
@@ -26,24 +27,28 @@ def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: t
     stop_event = stop_event or threading.Event()
     run = store.get_run(run_id)
     hooks = HookDispatcher([(h.url, h.events, h.secret) for h in store.hooks_for(run_id)], callbacks)
+    state = None
     try:
         cfg = parse_config(run.config)
-        trainer = Trainer(cfg, store, run_id, checkpoint_dir,
+        trainer = Trainer(cfg, store, run_id, checkpoint_dir, run.uid,
                           should_stop=lambda: stop_event.is_set() or store.get_run(run_id).stop_requested, log=log,
                           hooks=hooks, progress=progress)
         outcome = trainer.run()
+        state = "done"
+        if outcome == "released":
+            state = "cancelled" if store.get_run(run_id).stop_requested else "queued"
     except WriteRefused:  # the database's fault, not the run's: nothing to mark failed (and no way to)
         raise
     except (ConfigError, JobFailed) as err:
-        return _fail(store, run_id, str(err), log, hooks)
+        state = _fail(store, run_id, str(err), log, hooks)
     except Exception as err:  # a user factory or data that raises: the worker goes on with other jobs
         log(traceback.format_exc())
-        return _fail(store, run_id, f"{type(err).__name__}: {err}", log, hooks)
+        state = _fail(store, run_id, f"{type(err).__name__}: {err}", log, hooks)
     finally:
         hooks.close()
-    if outcome == "released":
-        return "cancelled" if store.get_run(run_id).stop_requested else "queued"
-    return "done"
+        if state in ("done", "failed", "cancelled"):  # ended: nothing will resume it
+            Checkpoints(checkpoint_dir, run.uid, {}).finish()
+    return state
 
 
 def _fail(store: Store, run_id: int, reason: str, log, hooks: HookDispatcher) -> str:
@@ -73,7 +78,7 @@ def _follow(checkpoint_dir: str | Path) -> None:
     while not (msg := D.broadcast(None)).get("exit"):
         if "run_id" in msg:
             try:
-                Trainer(parse_config(msg["config"]), None, msg["run_id"], checkpoint_dir,
+                Trainer(parse_config(msg["config"]), None, msg["run_id"], checkpoint_dir, msg["uid"],
                         log=lambda *a, **k: None).run()
             except Exception:  # rank 0 met the same fault and stored it
                 pass
@@ -114,7 +119,8 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
             continue
         log(f"worker {worker_id}: job {job.id} (run {job.run_id}, attempt {job.attempts})")
         if D.active():  # the other ranks train it too (the extra read only under torchrun)
-            D.broadcast({"run_id": job.run_id, "config": store.get_run(job.run_id).config})
+            run = store.get_run(job.run_id)
+            D.broadcast({"run_id": run.id, "uid": run.uid, "config": run.config})
         beating = threading.Event()
 
         def heartbeat(job_id=job.id, beating=beating):

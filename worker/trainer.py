@@ -4,7 +4,6 @@ checkpoints at every evaluation so that a killed job resumes to the same final w
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sg
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
 from worker import distributed as D
 from worker import models
+from worker.checkpoints import CheckpointMismatch, Checkpoints
 from worker.config import JobConfig
 from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
 from worker.early_stopping import EarlyStopping
@@ -47,13 +47,12 @@ def build_model(cfg: JobConfig, data: Dataset) -> nn.Module:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path,
+    def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path, run_uid: str,
                  should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print,
                  hooks: HookDispatcher | None = None, progress: bool = False):
         self.cfg, self.store, self.run_id = cfg, store, run_id
         self.hooks = hooks or HookDispatcher()
-        self.ckpt = Path(checkpoint_dir) / f"run_{run_id}.pt"
-        self.final = Path(checkpoint_dir) / f"run_{run_id}_final.pt"
+        self.checkpoints = Checkpoints(checkpoint_dir, run_uid, cfg.model_dump(mode="json"))
         self.should_stop, self.log = should_stop, log
         self.progress, self.bar = progress, StepBar(False, 0, 0, "")
         self.writer = D.rank() == 0  # under torchrun, rank 0 alone writes the store, checkpoints and hooks
@@ -120,7 +119,7 @@ class Trainer:
         es = EarlyStopping(**cfg.early_stopping.model_dump(exclude={"enabled"}))
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         step, perm = 0, None
-        if self.ckpt.exists():
+        if self.checkpoints.has_resume():
             step, perm = self._resume(model, opt, sched, gen, es)
         elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
@@ -157,7 +156,7 @@ class Trainer:
             if decision["release"]:
                 return "released"
         if self.writer:
-            torch.save({"model": model.state_dict(), "step": step}, self.final)
+            self.checkpoints.save_model({"model": model.state_dict(), "step": step})
             self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
         return status
 
@@ -191,7 +190,10 @@ class Trainer:
             raise
 
     def _resume(self, model, opt, sched, gen, es) -> tuple[int, torch.Tensor | None]:
-        ck = torch.load(self.ckpt, weights_only=False, map_location="cpu")  # a GPU run can resume on a CPU
+        try:
+            ck = self.checkpoints.load_resume()  # on the CPU: a GPU run can resume on a CPU
+        except CheckpointMismatch as err:
+            raise JobFailed(str(err)) from None
         model.load_state_dict(ck["model"])
         sd = ck["optimizer"]
         ranks = ck.get("ranks")
@@ -306,9 +308,7 @@ class Trainer:
         ranks = D.gather(mine) if D.active() else None
         if not self.writer:
             return
-        tmp = self.ckpt.with_suffix(".tmp")
-        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step,
-                    "perm": perm, "early_stopping": es.state_dict(), "ranks": ranks}, tmp)
-        os.replace(tmp, self.ckpt)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+        self.checkpoints.save_resume({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step, "perm": perm,
+            "early_stopping": es.state_dict(), "ranks": ranks})

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
 
 from app.api.deps import get_store, require_read, require_write
 from app.api.schemas import (
@@ -25,9 +29,9 @@ from app.store.urls import check_webhook_url
 
 router = APIRouter(prefix="/api/v1")
 INT32 = 2**31 - 1  # ids, steps and offsets beyond the database's integers are refused with 422, not a 500
-RunId = Annotated[int, Path(ge=0, le=INT32)]
-Idx = Annotated[int, Path(ge=0, le=INT32)]
-Step = Annotated[int, Path(ge=0, le=INT32)]
+RunId = Annotated[int, PathParam(ge=0, le=INT32)]
+Idx = Annotated[int, PathParam(ge=0, le=INT32)]
+Step = Annotated[int, PathParam(ge=0, le=INT32)]
 read = [Depends(require_read)]
 
 
@@ -60,6 +64,18 @@ def get_run(run_id: RunId, store: Store = Depends(get_store)):
 def stop_run(run_id: RunId, store: Store = Depends(get_store)):
     store.request_stop(run_id)
     return store.get_run(run_id)
+
+
+@router.get("/runs/{run_id}/model", dependencies=read, response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no final model"}})
+def final_model(run_id: RunId, request: Request, store: Store = Depends(get_store)):
+    """The run's final weights (a ``torch.save`` of ``{"model": state_dict, "step": step}``; load it with
+    ``torch.load(path, weights_only=True)``), kept when the run ends; 404 before that."""
+    run = store.get_run(run_id)
+    path = Path(request.app.state.settings.checkpoint_dir) / run.uid / "model.pt"
+    if not path.is_file():
+        raise HTTPException(404, f"run {run_id} has no final model (status {run.status})")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"run{run_id}_model.pt")
 
 
 @router.get("/runs/{run_id}/metrics/{name}", response_model=Curve, dependencies=read)
@@ -146,7 +162,7 @@ def list_hooks(run_id: int | None = Query(None, ge=0, le=INT32), store: Store = 
 
 
 @router.delete("/hooks/{hook_id}", status_code=204, dependencies=[Depends(require_write)])
-def delete_hook(hook_id: Annotated[int, Path(ge=0, le=INT32)], store: Store = Depends(get_store)):
+def delete_hook(hook_id: Annotated[int, PathParam(ge=0, le=INT32)], store: Store = Depends(get_store)):
     store.delete_hook(hook_id)
     return Response(status_code=204)
 

@@ -12,6 +12,7 @@ class RunOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    uid: str = Field(description="unique across databases; names the run's checkpoint folder")
     name: str
     status: str
     config: dict

@@ -3,6 +3,7 @@ evaluation, so top-k and bottom-k are index range scans; a second index serves o
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 
 from sqlalchemy import (
@@ -37,6 +38,8 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # unique across databases: checkpoints are bound to it, not to the id (ids restart with a new database)
+    uid: Mapped[str | None] = mapped_column(String(32), unique=True, index=True, default=lambda: uuid.uuid4().hex)
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     config: Mapped[dict] = mapped_column(JSON, default=dict)

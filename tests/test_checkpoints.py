@@ -1,0 +1,104 @@
+"""Checkpoints are bound to a run's uid and config: a new database's run 1 never resumes the old run 1's state;
+a resume state from elsewhere is refused; an ended run keeps its final model (downloadable) and drops its state."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from app.store import Store, make_engine, upgrade
+from worker.checkpoints import CheckpointMismatch, Checkpoints
+from worker.service import run_job
+
+JOB = {"name": "ck", "data": {"name": "synthetic", "n_synthetic": 120}, "model": {"name": "logreg"}, "epochs": 2,
+       "eval_every": 2, "early_stopping": {"enabled": False}}
+
+
+def _train(tmp_path, db, config: dict):
+    path = tmp_path / f"{config['name']}.json"
+    path.write_text(json.dumps(config))
+    return subprocess.run([sys.executable, "-m", "worker.cli", "train", str(path), "--db", f"sqlite:///{db}",
+                           "--checkpoint-dir", str(tmp_path / "ck")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+
+
+def test_a_new_database_does_not_resume_the_old_runs_checkpoint(tmp_path):
+    """The reported reproduction: train a; remove the database; train b (another architecture) → run 1 again."""
+    db = tmp_path / "ivon-diag.db"
+    a = _train(tmp_path, db, {**JOB, "name": "a"})
+    assert a.returncode == 0, a.stderr
+    uid_a = Store(f"sqlite:///{db}").get_run(1).uid
+    db.unlink()
+    b = _train(tmp_path, db, {**JOB, "name": "b", "model": {"name": "mlp", "hidden": [8]}})
+    assert b.returncode == 0, b.stderr
+    assert "resumed" not in b.stdout + b.stderr
+    run_b = Store(f"sqlite:///{db}").get_run(1)
+    assert run_b.status == "done" and run_b.uid != uid_a
+    models = {p.parent.name: torch.load(p, weights_only=True)["model"] for p in (tmp_path / "ck").glob("*/model.pt")}
+    assert set(models) == {uid_a, run_b.uid}  # both final models kept, each under its own run
+    assert "3.weight" in models[run_b.uid] and "3.weight" not in models[uid_a]  # each its own architecture
+    assert not list((tmp_path / "ck").glob("*/resume.pt"))  # ended runs keep no resume state
+
+
+@pytest.fixture
+def store(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    upgrade(make_engine(url))
+    return Store(url)
+
+
+def test_another_runs_or_configs_resume_state_is_refused(tmp_path, store):
+    stranger = store.create_run("stranger", JOB, enqueue=False)
+    run = store.create_run("victim", JOB, enqueue=False)
+    foreign = Checkpoints(tmp_path / "ck", stranger.uid, JOB)
+    foreign.save_resume({"step": 3})
+    mine = Checkpoints(tmp_path / "ck", run.uid, JOB)
+    mine.folder.mkdir(parents=True)
+    shutil.copy(foreign.resume_path, mine.resume_path)  # copied across by hand
+    with pytest.raises(CheckpointMismatch, match="belongs to another run"):
+        mine.load_resume()
+    assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "failed"
+    assert "belongs to another run" in store.get_run(run.id).error
+    Checkpoints(tmp_path / "ck", run.uid, {**JOB, "epochs": 3}).save_resume({"step": 1})
+    with pytest.raises(CheckpointMismatch, match="another config"):
+        Checkpoints(tmp_path / "ck", run.uid, JOB).load_resume()
+    (mine.resume_path).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatch, match="cannot be read"):
+        mine.load_resume()
+    with pytest.raises(ValueError, match="invalid run uid"):
+        Checkpoints(tmp_path / "ck", "../etc", JOB)
+
+
+def test_a_pickled_object_in_a_resume_state_is_not_executed(tmp_path, store):
+    run = store.create_run("victim", JOB, enqueue=False)
+    ck = Checkpoints(tmp_path / "ck", run.uid, JOB)
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    ck.folder.mkdir(parents=True)
+    torch.save({"run_uid": run.uid, "config_digest": ck.digest, "x": Boom()}, ck.resume_path)
+    with pytest.raises(CheckpointMismatch, match="cannot be read"):
+        ck.load_resume()
+
+
+def test_the_final_model_is_downloadable_and_the_resume_state_removed(tmp_path, store):
+    run = store.create_run("done", JOB, enqueue=False)
+    client = TestClient(create_app(Settings(db=str(store.engine.url), checkpoint_dir=str(tmp_path / "ck")), store))
+    assert client.get(f"/api/v1/runs/{run.id}/model").status_code == 404
+    assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "done"
+    assert not (tmp_path / "ck" / run.uid / "resume.pt").exists()
+    r = client.get(f"/api/v1/runs/{run.id}/model")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    (tmp_path / "m.pt").write_bytes(r.content)
+    model = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert model["step"] > 0 and set(model["model"]) == {"1.weight", "1.bias"}
+    assert client.get(f"/api/v1/runs/{run.id}").json()["uid"] == run.uid
+    assert client.get("/api/v1/runs/999/model").status_code == 404
