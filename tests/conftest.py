@@ -1,5 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# What workers started by the tests may read and import (worker.access): the temporary folders tests write their
+# data in, and the tests' own factory modules. Tests of the refusals set narrower values.
+os.environ.setdefault("IVON_DIAG_DATA_ROOTS", tempfile.gettempdir())
+os.environ.setdefault("IVON_DIAG_FACTORY_MODULES", "userfactory,onerank,crashfactory")
 
 
 @pytest.fixture(autouse=True)
@@ -9,7 +17,6 @@ def _seed():
 
 
 import contextlib  # noqa: E402
-import os  # noqa: E402
 import uuid  # noqa: E402
 
 PG_ADMIN = os.environ.get("IVON_DIAG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

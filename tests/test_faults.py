@@ -56,6 +56,34 @@ def test_sigterm_checkpoints_and_releases_the_job(tmp_path):
     assert store.get_run(run.id).status == "done"
 
 
+CRASH = "import ctypes\n\ndef make(seed):\n    ctypes.string_at(0)  # SIGSEGV, as a forged pickle once did\n"
+
+
+def test_a_job_that_kills_its_worker_is_failed_and_the_queue_moves_on(tmp_path):
+    """Before: every worker that took it died, retook it after the lease, and the job queued behind never ran."""
+    (tmp_path / "crashfactory.py").write_text(CRASH)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    crash = store.create_run("crash", {**JOB, "data": {"name": "factory", "factory": "crashfactory:make"}})
+    after = store.create_run("after", {**JOB, "epochs": 1})
+    env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    codes = []
+    for _ in range(5):
+        p = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--once", "--lease", "1",
+                            "--checkpoint-dir", str(tmp_path / "ck")], env=env, capture_output=True, timeout=300)
+        codes.append(p.returncode)
+        if p.returncode == 0:
+            break
+        time.sleep(1.2)  # the dead worker's lease expires
+    assert codes == [-signal.SIGSEGV] * 3 + [0]  # three workers died, the fourth failed the job and went on
+    run = store.get_run(crash.id)
+    assert run.status == "failed" and "stopped without a word 3 times" in run.error
+    job = store.get_job_for_run(crash.id)
+    assert job.state == "failed" and job.crashes == 3 and job.attempts == 3
+    assert store.get_run(after.id).status == "done"
+
+
 def test_repeated_sigkills_end_at_the_uninterrupted_weights(tmp_path):
     """CI kills 3 times; `KILLS=10 pytest -k repeated` runs the full fault drill (`KILL_SEED` picks the points)."""
     url = f"sqlite:///{tmp_path / 'k.db'}"
@@ -67,16 +95,17 @@ def test_repeated_sigkills_end_at_the_uninterrupted_weights(tmp_path):
     assert _worker(url, tmp_path / "ck", "--once").wait(timeout=300) == 0
     run = store.create_run("killed", job)
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
+    allow = ("--max-crashes", str(kills + 1))  # each kill is a crash to the queue: let every one be retaken
     for _ in range(kills):
         before = len(store.evaluations(run.id))
-        p = _worker(url, tmp_path / "ck")
+        p = _worker(url, tmp_path / "ck", *allow)
         assert _wait_evals(store, run.id, before + 1, timeout=120) > before  # it holds the job and made progress
         time.sleep(rng.uniform(0, 0.1))  # from the write of an evaluation into the next training steps
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         time.sleep(2.2)  # the lease expires
     assert store.get_run(run.id).status == "running"  # every kill landed before the end
-    assert _worker(url, tmp_path / "ck", "--once").wait(timeout=300) == 0
+    assert _worker(url, tmp_path / "ck", "--once", *allow).wait(timeout=300) == 0
     a = torch.load(tmp_path / "ck" / store.get_run(ref.id).uid / "model.pt")["model"]
     b = torch.load(tmp_path / "ck" / store.get_run(run.id).uid / "model.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

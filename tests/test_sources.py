@@ -51,9 +51,9 @@ def test_csv_with_class_names_and_a_test_file(tmp_path):
 
 
 def test_bad_csv_files_name_the_fault(tmp_path):
-    with pytest.raises(ValueError, match="no column 'label'"):
+    with pytest.raises(ValueError, match="no column 'label' in its header"):
         _load(name="csv", path=str(_write_csv(tmp_path / "a.csv", [(1, 2, 0)], header=("a", "b", "y"))))
-    with pytest.raises(ValueError, match=r"line 3, column 'b': not a number: 'oops'"):
+    with pytest.raises(ValueError, match=r"b.csv, line 3, column 2: not a number$"):
         _load(name="csv", path=str(_write_csv(tmp_path / "b.csv", [(1, 2, 0), (1, "oops", 1)])))
     with pytest.raises(ValueError, match="line 2: 2 fields, expected 3"):
         _load(name="csv", path=str(_write_csv(tmp_path / "c.csv", [(1, 2)])))
@@ -62,6 +62,22 @@ def test_bad_csv_files_name_the_fault(tmp_path):
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(ValueError, match="is empty"):
         _load(name="csv", path=str(tmp_path / "e.csv"))
+
+
+def test_csv_errors_name_the_line_and_never_echo_the_file(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("a,b,label\n1,2,0\n1,2,0\n3,4,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv, line 4: not UTF-8 \(byte 8 of the line\)"):
+        _load(name="csv", path=str(tmp_path / "latin1.csv"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:hunter2:/root:/bin/bash\nline two\n")
+    for label_column in ("label", "root:x:0:0:hunter2:/root:/bin/bash"):
+        with pytest.raises(ValueError) as err:
+            _load(name="csv", path=str(secret), label_column=label_column)
+        assert "hunter2" not in str(err.value).replace(label_column, "") and "line two" not in str(err.value)
+    blank = _write_csv(tmp_path / "blank.csv", [(1, 2, 0), (1, 2, 0)])
+    blank.write_text(blank.read_text().replace("\n", "\n\n") + "5,x,1\n")
+    with pytest.raises(ValueError, match=r"blank.csv, line 7, column 2: not a number"):  # blank lines counted
+        _load(name="csv", path=str(blank))
 
 
 def test_labels_outside_the_classes_are_refused(tmp_path):
@@ -173,6 +189,45 @@ def test_cifar10_batches_and_no_code_from_pickles(tmp_path):
         _load(name="cifar10", path=str(bad))
 
 
+class _ObjectFieldDtype:
+    """A dtype whose pickled state gives it an object field: numpy then reads raw bytes as object pointers."""
+
+    def __reduce__(self):
+        return (np.dtype, ("V8", False, True), (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0x01))
+
+
+class _ForgedArray:
+    def __reduce__(self):
+        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (1,), _ObjectFieldDtype(), False, b"\x41" * 8))
+
+
+class _ForgedScalar:
+    def __reduce__(self):
+        return (np._core.multiarray.scalar, (_ObjectFieldDtype(), b"\x41" * 8))
+
+
+@pytest.mark.parametrize("forged", [_ForgedArray, _ForgedScalar])
+def test_a_forged_cifar_batch_is_refused_not_a_crash(tmp_path, forged):
+    """Before: the process died with SIGSEGV in the unpickler (and every worker that retook the job)."""
+    bad = _cifar(tmp_path / "forged")
+    (bad / "data_batch_1").write_bytes(pickle.dumps({b"data": forged(), b"labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match="data_batch_1: not a CIFAR-10 python batch .*(numbers only|refusing)"):
+        _load(name="cifar10", path=str(bad))
+
+
+def test_cifar_arrays_keep_their_byte_order_and_layout(tmp_path):
+    from worker.sources import _cifar_batch
+
+    data = np.asfortranarray(np.arange(2 * 3072).reshape(2, 3072).astype(">u2") % 256)
+    (tmp_path / "b").write_bytes(pickle.dumps({b"data": data, b"labels": [1, 2]}, protocol=2))
+    x, y = _cifar_batch(tmp_path / "b")
+    assert np.array_equal(x.reshape(2, -1), data.astype(np.uint8)) and y.tolist() == [1, 2]
+    (tmp_path / "c").write_bytes(pickle.dumps({b"data": np.zeros(3, dtype=object), b"labels": []}, protocol=2))
+    with pytest.raises(ValueError, match="numbers only"):
+        _cifar_batch(tmp_path / "c")
+
+
 # ------------------------------------------------------------------------------------------------ factory
 FACTORY = textwrap.dedent("""
     import torch
@@ -209,6 +264,7 @@ def test_factory_returns_the_model_and_the_data(tmp_path, monkeypatch):
         _load(name="factory", factory="userfactory:broken")
     with pytest.raises(ValueError, match="must return"):
         _load(name="factory", factory="userfactory:wrong")
+    monkeypatch.setenv("IVON_DIAG_FACTORY_MODULES", "userfactory,nosuchmodule")
     with pytest.raises(ValueError, match="cannot import it"):
         _load(name="factory", factory="nosuchmodule:make")
 

@@ -139,7 +139,8 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert state == "queued" and [e.step for e in store.evaluations(run_id)] == [13]
     cfg = parse_config({**store.get_run(run_id).config, "device": "cpu"})
-    assert Trainer(cfg, store, run_id, tmp_path / "ck", store.get_run(run_id).uid, log=lambda *a, **k: None).run() == "done"
+    trainer = Trainer(cfg, store, run_id, tmp_path / "ck", store.get_run(run_id).uid, log=lambda *a, **k: None)
+    assert trainer.run() == "done"
     assert [e.step for e in store.evaluations(run_id)] == [13, 26, 39, 52]
     final = torch.load(tmp_path / "ck" / store.get_run(run_id).uid / "model.pt")["model"]
     assert all(not t.is_cuda and torch.isfinite(t).all() for t in final.values())

@@ -107,7 +107,7 @@ def _worker(args: argparse.Namespace) -> int:
         log = console_log()
         forward_library_logs(log)
         serve(store, args.checkpoint_dir, worker_id=args.worker_id, lease_seconds=args.lease, once=args.once,
-              log=log, progress=sys.stderr.isatty())
+              log=log, progress=sys.stderr.isatty(), max_crashes=args.max_crashes)
     finally:
         distributed.shutdown()
     return 0
@@ -151,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints_help = ("each run's resume state (removed when it ends) and final model, in a folder named by the "
                         "run's uid (default: $IVON_DIAG_CHECKPOINT_DIR or ./checkpoints)")
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", parents=[with_db], help="migrate the database to this version's schema").set_defaults(func=_db_upgrade)
+    db.add_parser("upgrade", parents=[with_db],
+                  help="migrate the database to this version's schema").set_defaults(func=_db_upgrade)
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
-    create = token.add_parser("create", parents=[with_db], help="create a token (printed once; stored hashed)")
+    create = token.add_parser("create", parents=[with_db],
+                              help="create a token (printed once; stored hashed)")
     create.add_argument("name")
     create.set_defaults(func=_token_create)
     demo = sub.add_parser("demo", parents=[with_db], help="train on digits with flipped labels and watch the diagnostics")
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--graceful-seconds", type=float, default=30.0,
                     help="on SIGTERM, how long requests in flight may take to finish")
     sv.set_defaults(func=_serve)
-    tr = sub.add_parser("train", parents=[with_db], help="run one job in the foreground from a JSON, YAML or TOML config")
+    tr = sub.add_parser("train", parents=[with_db],
+                        help="run one job in the foreground from a JSON, YAML or TOML config")
     tr.add_argument("config")
     tr.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
     tr.set_defaults(func=_train)
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--worker-id", default=None)
     wk.add_argument("--lease", type=float, default=60.0, help="seconds before a silent worker's job is retaken")
     wk.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    wk.add_argument("--max-crashes", type=int, default=3, help="a job whose worker died this many times (its lease "
+                    "expired) is failed instead of retaken, so that the queue moves on")
     wk.set_defaults(func=_worker)
     val = sub.add_parser("validate", help="write docs/validation.md: how faithful the LOO and sensitivities are")
     val.add_argument("--out", default="docs")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker import sources
+from worker import access, sources
 from worker.config import DataConfig, LabelNoiseConfig
 
 PAIRS = ((1, 7), (3, 8), (4, 9))  # digit pairs that look alike, for class-pair label noise
@@ -48,17 +48,20 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 
 
 def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
+    if cfg.name == "factory":
+        access.check_factory(cfg.factory)
+        return sources.load_factory(cfg.factory, seed)
+    path = str(access.confined(cfg.path, "data.path"))
+    test_path = None if cfg.test_path is None else str(access.confined(cfg.test_path, "data.test_path"))
     if cfg.name == "npz":
-        return sources.read_npz(cfg.path)
+        return sources.read_npz(path)
     if cfg.name == "csv":
-        return sources.read_csv(cfg.path, cfg.label_column, cfg.test_path)
+        return sources.read_csv(path, cfg.label_column, test_path)
     if cfg.name == "image_folder":
-        return sources.read_image_folder(cfg.path, cfg.test_path, cfg.image_size)
+        return sources.read_image_folder(path, test_path, cfg.image_size)
     if cfg.name == "mnist":
-        return sources.read_mnist(cfg.path)
-    if cfg.name == "cifar10":
-        return sources.read_cifar10(cfg.path)
-    return sources.load_factory(cfg.factory, seed)
+        return sources.read_mnist(path)
+    return sources.read_cifar10(path)
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:

@@ -92,7 +92,8 @@ def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int 
     print(f"dashboard: http://{host}:{port}/runs/{run.id}   (all runs: http://{host}:{port}/; Ctrl-C stops)",
           flush=True)
     try:
-        uvicorn.run(create_app(Settings(db=db, checkpoint_dir=checkpoints), store), host=host, port=port, log_level="warning")
+        app = create_app(Settings(db=db, checkpoint_dir=checkpoints), store)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         worker.terminate()
         worker.wait(timeout=30)

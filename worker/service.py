@@ -59,14 +59,15 @@ def _fail(store: Store, run_id: int, reason: str, log, hooks: HookDispatcher) ->
 
 
 def serve(store: Store, checkpoint_dir: str | Path, worker_id: str | None = None, lease_seconds: float = 60.0,
-          once: bool = False, poll_seconds: float = 1.0, log=print, progress: bool = False) -> None:
+          once: bool = False, poll_seconds: float = 1.0, log=print, progress: bool = False,
+          max_crashes: int = 3) -> None:
     """Claim and run jobs until SIGTERM/SIGINT (or, with ``once``, until the queue is empty).
 
     Under torchrun, rank 0 claims the jobs and tells the other ranks which run to train with it."""
     if D.rank() != 0:
         return _follow(checkpoint_dir)
     try:
-        _serve(store, checkpoint_dir, worker_id, lease_seconds, once, poll_seconds, log, progress)
+        _serve(store, checkpoint_dir, worker_id, lease_seconds, once, poll_seconds, log, progress, max_crashes)
     finally:
         D.broadcast({"exit": True})
 
@@ -84,7 +85,8 @@ def _follow(checkpoint_dir: str | Path) -> None:
                 pass
 
 
-def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_seconds, log, progress) -> None:
+def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_seconds, log, progress,
+           max_crashes) -> None:
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     stop = threading.Event()
     store = ResilientStore(store, log=log)
@@ -98,7 +100,7 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
     devices, waiting = D.claimable_devices(), {}
     while not stop.is_set():
         try:
-            job = store.claim_job(worker_id, lease_seconds, devices=devices)
+            job = store.claim_job(worker_id, lease_seconds, devices=devices, max_crashes=max_crashes)
             if job is None and (now := store.waiting_devices(devices)) != waiting:
                 waiting = now
                 for device, n in now.items():  # said once, not at every poll

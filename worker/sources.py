@@ -8,8 +8,12 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib
+import io
+import math
 import pickle
+import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,25 +70,37 @@ def _labels(values: list[str], where: str) -> np.ndarray:
 
 
 def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    """Errors name the file, line and column number, never a cell's or the header's text: a data path may point at
+    a file that is not meant to be read back (the error is stored on the run, readable through the API)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        col = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 (byte {col} of the line); save the file as UTF-8") from None
+    reader, rows = csv.reader(io.StringIO(text, newline="")), []  # (line number, fields)
+    try:
+        rows = [(reader.line_num, row) for row in reader if row]
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num}: not CSV ({err})") from None
     if not rows:
         raise ValueError(f"{path} is empty")
-    header, body = rows[0], [r for r in rows[1:] if r]
+    header, body = rows[0][1], rows[1:]
     if label_column not in header:
-        raise ValueError(f"{path} has no column {label_column!r} (columns: {', '.join(header[:20])})")
+        raise ValueError(f"{path} has no column {label_column!r} in its header (line 1, {len(header)} columns)")
     j = header.index(label_column)
     feats = [i for i in range(len(header)) if i != j]
     x = np.empty((len(body), len(feats)), dtype=np.float32)
-    for r, row in enumerate(body):
+    for r, (line, row) in enumerate(body):
         if len(row) != len(header):
-            raise ValueError(f"{path}, line {r + 2}: {len(row)} fields, expected {len(header)}")
+            raise ValueError(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")
         try:
             x[r] = [float(row[i]) for i in feats]
         except ValueError:
             bad = next(i for i in feats if not _is_float(row[i]))
-            raise ValueError(f"{path}, line {r + 2}, column {header[bad]!r}: not a number: {row[bad][:50]!r}") from None
-    return x, [row[j] for row in body]
+            raise ValueError(f"{path}, line {line}, column {bad + 1}: not a number") from None
+    return x, [row[j] for _, row in body]
 
 
 def _is_float(s: str) -> bool:
@@ -161,7 +177,7 @@ def read_idx(path: Path) -> np.ndarray:
     """An idx file (MNIST's format): magic 0x0000 + type 0x08 (unsigned bytes) + ndim, big-endian sizes, data."""
     data = _open_maybe_gz(path)
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex() or 'missing'})")
+        raise ValueError(f"{path}: not an idx file of unsigned bytes (its first 4 bytes are not 00 00 08 0n)")
     ndim = data[3]
     if not 1 <= ndim <= 4 or len(data) < 4 + 4 * ndim:
         raise ValueError(f"{path}: bad idx header")
@@ -194,25 +210,86 @@ def read_mnist(path: str) -> Arrays:
                   (1, *x.shape[1:]))
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """CIFAR-10's batches are pickles: allow the numpy array reconstructors and nothing else (no code runs)."""
+class _Dtype:
+    """A numpy dtype as a pickle describes it, admitted only if it is a plain number (bool, int, float, complex):
+    numpy itself never sees the pickle's dtype state (a forged one with object fields crashes the process)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    def __init__(self, spec, align=False, copy=False):
+        spec = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
+        if not isinstance(spec, str) or not re.fullmatch(r"[?bBhHiIlLqQefdgFDG]|[biufc]\d{1,2}", spec):
+            raise pickle.UnpicklingError(f"refusing dtype {spec!r}: numbers only")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state):
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+        order = order.decode("ascii", "replace") if isinstance(order, bytes) else order
+        if order not in ("<", ">", "|", "=") or any(v is not None for v in state[2:5]):
+            raise pickle.UnpicklingError("refusing a dtype with fields or a sub-array: numbers only")
+        if order in "<>":
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+class _Array:
+    """An ndarray rebuilt from its pickled bytes with ``np.frombuffer`` and a ``_Dtype``; nothing else."""
+
+    def __init__(self, cls=None, shape=None, typecode=None):
+        self.array = None
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("not an ndarray state")
+        shape, dtype, fortran, raw = state[-4:]
+        if not isinstance(dtype, _Dtype) or not isinstance(raw, bytes | bytearray):
+            raise pickle.UnpicklingError("refusing an ndarray of objects: numbers only")
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise pickle.UnpicklingError(f"bad ndarray shape {shape!r}")
+        if math.prod(shape) * dtype.dtype.itemsize != len(raw):
+            raise pickle.UnpicklingError(f"ndarray of shape {shape} does not match its {len(raw)} bytes")
+        self.array = np.frombuffer(raw, dtype=dtype.dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _latin1(text, encoding="latin1"):  # how protocol 2 carries bytes
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError("refusing _codecs.encode other than latin1")
+    return text.encode("latin1")
+
+
+def _unwrap(obj, depth: int = 0):
+    if depth > 20:
+        raise pickle.UnpicklingError("nested too deeply")
+    if isinstance(obj, _Array):
+        if obj.array is None:
+            raise pickle.UnpicklingError("an ndarray without its data")
+        return obj.array
+    if isinstance(obj, dict):
+        return {k: _unwrap(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_unwrap(v, depth + 1) for v in obj)
+    if isinstance(obj, _Dtype):
+        return obj.dtype
+    return obj
+
+
+class _NumbersOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles: containers, numbers, bytes and numeric arrays, and nothing else (no code
+    runs, no numpy object is built from the pickle's own state)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _Array, ("numpy._core.multiarray", "_reconstruct"): _Array,
+               ("numpy", "ndarray"): None, ("numpy", "dtype"): _Dtype, ("_codecs", "encode"): _latin1}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        return self.ALLOWED[module, name]
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = _ArraysOnly(f, encoding="bytes").load()
+            d = _unwrap(_NumbersOnly(f, encoding="bytes").load())
         data, labels = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+            RuntimeError, OverflowError) as err:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(f"{path}: expected N×3072 bytes and N labels, got {data.shape} and {labels.shape}")
@@ -236,10 +313,17 @@ def load_factory(spec: str, seed: int) -> Arrays:
     """``module:function``, called as ``function(seed=seed)``; it returns ``(model, (x_train, y_train),
     (x_test, y_test))`` with arrays or tensors (model None: the configured model; test None: a split)."""
     module_name, _, attr = spec.partition(":")
+    here = str(Path.cwd())
+    added = here not in sys.path
+    if added:  # a module in the current folder, also under the installed `ivon-diag` script
+        sys.path.append(here)
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"data.factory {spec!r}: cannot import it ({type(err).__name__}: {err})") from None
+    finally:
+        if added:
+            sys.path.remove(here)
     try:
         out = fn(seed=seed)
     except Exception as err:  # the user's code: say whose error it is

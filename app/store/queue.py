@@ -33,26 +33,42 @@ class JobQueue:
             s.add(job)
         return job
 
-    def claim_job(self, worker_id: str, lease_seconds: float = 60.0,
-                  devices: Sequence[str] | None = None) -> Job | None:
+    def claim_job(self, worker_id: str, lease_seconds: float = 60.0, devices: Sequence[str] | None = None,
+                  max_crashes: int = 3) -> Job | None:
         """Take the oldest queued job, or a running one whose lease expired (its worker died); with ``devices``,
-        only a job whose config's device is one of them."""
+        only a job whose config's device is one of them. A job whose lease has expired ``max_crashes`` times (a
+        job that kills its worker: a crash in the data or the model) is failed instead, so the queue moves on."""
         now = utcnow()
-        claimable = or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now))
+        expired = and_(Job.state == "running", Job.lease_expires_at < now)
+        claimable = or_(Job.state == "queued", expired)
         if devices is not None:
             claimable = and_(claimable, Job.device.in_(list(devices)))
         q = select(Job).where(claimable).order_by(Job.created_at, Job.id).limit(1)
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         with self.session(write=True) as s, s.begin():
-            job = s.scalars(q).first()
+            while (job := s.scalars(q).first()) is not None and job.state == "running" \
+                    and job.crashes + 1 >= max_crashes:
+                self._fail_crashed(s, job, now)
             if job is None:
                 return None
+            if job.state == "running":
+                job.crashes += 1
             job.state, job.worker_id, job.attempts = "running", worker_id, job.attempts + 1
             job.heartbeat_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
             s.execute(update(Run).where(Run.id == job.run_id, Run.status.in_(("queued", "running")))
                       .values(status="running", started_at=func.coalesce(Run.started_at, now)))
         return job
+
+    @staticmethod
+    def _fail_crashed(s: Session, job: Job, now) -> None:
+        reason = (f"the worker running this job stopped without a word {job.crashes + 1} times (last: "
+                  f"{job.worker_id}): failed so that the queue moves on; a crash in the data or the model is the "
+                  "likely cause (see that worker's log)")
+        job.state, job.error, job.crashes = "failed", reason, job.crashes + 1
+        s.execute(update(Run).where(Run.id == job.run_id)
+                  .values(status="failed", error=reason, finished_at=now))
+        s.flush()
 
     def waiting_devices(self, devices: Sequence[str]) -> dict[str, int]:
         """Queued jobs that none of ``devices`` can take, counted by the device they ask for."""

@@ -1,4 +1,5 @@
-"""runs.uid: a run's unique identity, which binds its checkpoints (run ids restart with a new database)
+"""runs.uid: a run's unique identity, which binds its checkpoints (run ids restart with a new database);
+jobs.crashes: how many times a worker died holding the job (the queue fails it at a cap and moves on)
 
 Revision ID: 0004
 Revises: 0003
@@ -25,8 +26,11 @@ def upgrade() -> None:
         bind.execute(runs.update().where(runs.c.id == run_id).values(uid=uuid.uuid4().hex))
     # no NOT NULL: on SQLite it would copy the table, whose drop cascades to every run's rows (the model fills it)
     op.create_index("ix_runs_uid", "runs", ["uid"], unique=True)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("crashes", sa.Integer(), server_default="0", nullable=False))
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE jobs DROP COLUMN crashes")
     op.drop_index("ix_runs_uid", table_name="runs")
     op.execute("ALTER TABLE runs DROP COLUMN uid")  # in place (SQLite ≥ 3.35): no table copy, no cascade
