@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                               help="create a token (printed once; stored hashed)")
     create.add_argument("name")
     create.set_defaults(func=_token_create)
-    demo = sub.add_parser("demo", parents=[with_db], help="train on digits with flipped labels and watch the diagnostics")
+    demo = sub.add_parser("demo", parents=[with_db],
+                          help="train on digits with flipped labels and watch the diagnostics")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped")
     demo.add_argument("--seed", type=int, default=0)
