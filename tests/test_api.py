@@ -145,7 +145,8 @@ def test_hooks_endpoints_and_exports(api):
     client, store, auth = api
     run = _run_with_data(store)
     assert client.post("/api/v1/hooks", json={"url": "http://127.0.0.1:9/x", "events": ["finished"]}).status_code == 401
-    made = client.post("/api/v1/hooks", json={"url": "http://93.184.215.14/x", "events": ["finished"], "run_id": run.id},
+    made = client.post("/api/v1/hooks", json={"url": "http://93.184.215.14/x", "events": ["finished"],
+                                              "run_id": run.id},
                        headers=auth)
     assert made.status_code == 201 and len(made.json()["secret"]) == 64
     listed = client.get("/api/v1/hooks", params={"run_id": run.id}, headers=auth).json()

@@ -125,7 +125,8 @@ def test_registration_refuses_every_internal_target_and_stores_nothing(tmp_path,
         assert r.status_code == 422 and ("refused" in r.text or "http(s)" in r.text or "credentials" in r.text), target
     assert store.hooks_for(None) == []
     for target in ("http://93.184.215.14/x", "https://[2606:4700::1111]/hook"):
-        assert client.post("/api/v1/hooks", json={"url": target, "events": ["finished"]}, headers=auth).status_code == 201
+        r = client.post("/api/v1/hooks", json={"url": target, "events": ["finished"]}, headers=auth)
+        assert r.status_code == 201, target
     monkeypatch.setenv("IVON_DIAG_WEBHOOK_ALLOW", "10.0.0.0/8")  # the operator admits an internal network
     assert client.post("/api/v1/hooks", json={"url": "http://10.1.2.3/", "events": ["failed"]},
                        headers=auth).status_code == 201

@@ -2,9 +2,9 @@
 
 A webhook target must be http(s) and every address its host resolves to must be public: loopback, unspecified,
 private (RFC 1918, unique-local), link-local (cloud metadata), shared (CGNAT 100.64/10), IETF protocol (192.0.0/24),
-benchmarking, reserved and multicast addresses are refused, and so are IPv6 transition addresses that reach an embedded IPv4 one
-(compatible ::/96, 6to4, Teredo, NAT64) and IPv4-mapped ones whose IPv4 address is refused. An operator admits
-internal targets by network in ``IVON_DIAG_WEBHOOK_ALLOW`` (comma-separated addresses or CIDRs).
+benchmarking, reserved and multicast addresses are refused, and so are IPv6 transition addresses that reach an
+embedded IPv4 one (compatible ::/96, 6to4, Teredo, NAT64) and IPv4-mapped ones whose IPv4 address is refused. An
+operator admits internal targets by network in ``IVON_DIAG_WEBHOOK_ALLOW`` (comma-separated addresses or CIDRs).
 """
 
 from __future__ import annotations
