@@ -266,3 +266,24 @@ def test_corrupt_per_example_records_get_a_clear_error_and_lose_no_new_evaluatio
     page = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "limit": 3}).json()
     assert page["step"] == 30 and [(i["loo_loss_mean"], i["loo_loss_evals"]) for i in page["items"]] == [(2.0, 1)] * 3
 
+
+
+def test_hostile_numbers_and_nul_bytes_are_refused_on_both_backends(api):
+    """Before: Infinity, 1e999 and -Infinity (invalid JSON for PostgreSQL) and a NUL byte in the name gave 500 there,
+    and SQLite stored invalid JSON; unbounded sizes and an unknown early-stopping monitor were accepted."""
+    client, store, auth = api
+    before = len(store.list_runs())
+    hostile = ['{"config": {"optimizer": {"lr": Infinity}}}', '{"config": {"optimizer": {"weight_decay": 1e999}}}',
+               '{"config": {"early_stopping": {"stopping_threshold": -Infinity}}}',
+               '{"config": {"optimizer": {"hess_init": NaN}}}', '{"config": {"name": "a\\u0000b"}}',
+               '{"config": {"data": {"name": "csv", "path": "x\\u0000.csv"}}}', '{"config": {"model": {"hidden": [-5]}}}',
+               '{"config": {"batch_size": 9223372036854775808}}', '{"config": {"data": {"n_synthetic": 1e30}}}',
+               '{"config": {"early_stopping": {"monitor": "bogus"}}}', '{"config": {"seed": -1}}']
+    fields = ["optimizer.lr", "optimizer.weight_decay", "early_stopping.stopping_threshold", "optimizer.hess_init",
+              "name", "data.path", "model.hidden.0", "batch_size", "data.n_synthetic", "early_stopping.monitor", "seed"]
+    for body, field in zip(hostile, fields):
+        r = client.post("/api/v1/runs", content=body, headers={**auth, "Content-Type": "application/json"})
+        assert r.status_code == 422 and field in r.text, (body, r.status_code, r.text)
+    assert len(store.list_runs()) == before  # nothing written
+    for name in ("a%00b", "x" * 101, "a b"):
+        assert client.get(f"/api/v1/runs/1/metrics/{name}").status_code == 422

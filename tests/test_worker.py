@@ -127,6 +127,9 @@ def test_micro_batches_accumulate_into_one_step(tmp_path, opt_name):
     assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "done"
     evs = store.evaluations(run.id)
     assert [e.step for e in evs] == [4, 8] and all(e.loo is not None for e in evs)
+    from app.store.job_config import MONITORS
+
+    assert {"loo", *evs[-1].metrics} <= set(MONITORS)  # early stopping may monitor whatever an evaluation records
 
 
 def test_fused_optimizer_option_trains_to_the_same_evaluations(tmp_path):

@@ -80,7 +80,7 @@ def final_model(run_id: RunId, request: Request, store: Store = Depends(get_stor
 @router.get("/runs/{run_id}/metrics/{name}", response_model=Curve, dependencies=read)
 def curve(
     run_id: RunId,
-    name: str,
+    name: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")],
     since_step: int | None = Query(None, ge=-1, le=INT32),
     max_points: int = Query(2000, ge=4, le=INT32, description="capped at 10000"),
     store: Store = Depends(get_store),

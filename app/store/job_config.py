@@ -7,27 +7,48 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # every float finite (JSON has no infinity; PostgreSQL refuses it in a JSON column), no unknown keys
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain a NUL byte")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]  # PostgreSQL cannot store NUL in text
+
+
+BIG = 10**9  # sizes and counts: bounded, so a typo cannot ask for 2**63 of anything
+SEED = Field(0, ge=0, le=2**32 - 1, description="seeds numpy, torch and scikit-learn alike")
+# what an evaluation records (worker.trainer), the names early stopping may monitor; test_mc_* with IVON only
+MONITORS = ("loo", "train_nll", "train_acc", "loo_capped", "hess_mean", "hess_min", "hess_max", "hess_init_share",
+            *(f"test_{m}" for m in ("accuracy", "nll", "ece", "brier")),
+            *(f"test_mc_{m}" for m in ("accuracy", "nll", "ece", "brier")))
 
 
 class DataConfig(_Strict):
     name: Literal["digits", "synthetic", "npz", "csv", "image_folder", "mnist", "cifar10", "factory"] = "digits"
-    path: str | None = Field(None, description="npz: a .npz with x_train, y_train[, x_test, y_test]; csv: a file "
-                             "with a header; image_folder: path/<class>/<image>; mnist: the folder of its 4 idx "
-                             "files; cifar10: the cifar-10-batches-py folder")
-    test_path: str | None = Field(None, description="csv, image_folder: the test set (default: a split)")
-    label_column: str = Field("label", description="csv: the column of labels (integers or class names)")
+    path: Text | None = Field(None, max_length=4096, description="npz: a .npz with x_train, y_train[, x_test, "
+                              "y_test]; csv: a file with a header; image_folder: path/<class>/<image>; mnist: the "
+                              "folder of its 4 idx files; cifar10: the cifar-10-batches-py folder")
+    test_path: Text | None = Field(None, max_length=4096,
+                                   description="csv, image_folder: the test set (default: a split)")
+    label_column: Text = Field("label", max_length=200,
+                               description="csv: the column of labels (integers or class names)")
     image_size: int | None = Field(None, ge=4, le=512, description="image_folder: resize to squares of this side")
-    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+    factory: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="factory: 'module:function' returning (model, (x, y), (x_test, y_test))")
-    num_classes: int | None = Field(None, ge=2, description="labels must lie in [0, num_classes) (default: max + 1)")
+    num_classes: int | None = Field(None, ge=2, le=1_000_000,
+                                    description="labels must lie in [0, num_classes) (default: max + 1)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    n_train: int | None = Field(None, ge=2, description="a stratified subset of the training split")
-    n_synthetic: int = Field(512, ge=8)
+    n_train: int | None = Field(None, ge=2, le=BIG, description="a stratified subset of the training split")
+    n_synthetic: int = Field(512, ge=8, le=10_000_000)
 
     @model_validator(mode="after")
     def _path_for_files(self):
@@ -40,20 +61,20 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["logreg", "mlp", "cnn", "resnet20"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128])
+    hidden: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(default_factory=lambda: [128], max_length=64)
     norm: Literal["group", "batch", "none"] = "group"
 
 
 class OptimizerConfig(_Strict):
     name: Literal["ivon", "adamw", "sgd"] = "ivon"
-    lr: float = Field(0.5, gt=0)
-    ess: float | None = Field(None, gt=0, description="default: the number of training examples")
-    hess_init: float = Field(0.3, gt=0)
+    lr: float = Field(0.5, gt=0, le=1e6)
+    ess: float | None = Field(None, gt=0, le=1e15, description="default: the number of training examples")
+    hess_init: float = Field(0.3, gt=0, le=1e12)
     beta2: float | Literal["matched"] = Field("matched", description="'matched': 1 − 1/total steps (validated)")
-    weight_decay: float = Field(1e-3, ge=0)
-    mc_samples: int = Field(1, ge=1)
+    weight_decay: float = Field(1e-3, ge=0, le=1e6)
+    mc_samples: int = Field(1, ge=1, le=10_000)
     clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=BIG)
     fused: bool | None = Field(
         None, description="IVON: compiled kernels for large CPU tensors (~25 s to compile once); None: on when every "
         "tensor is on the CPU and one has at least 65,536 elements")
@@ -85,21 +106,21 @@ class SensitivityConfig(_Strict):
         "that σ² for the body and an exact GGN Laplace for the last Linear layer, refitted at each evaluation; "
         "last_layer: that Laplace alone, the body fixed; kfac: a K-FAC GGN Laplace over every Linear and Conv2d "
         "layer. How each tracks the retrained LOO and the test NLL: docs/validation.md")
-    chunk_size: int = Field(256, ge=1)
-    subset: int | None = Field(None, ge=1, description="evaluate a fixed random subset of the training set")
+    chunk_size: int = Field(256, ge=1, le=1_000_000)
+    subset: int | None = Field(None, ge=1, le=BIG, description="evaluate a fixed random subset of the training set")
 
 
 class LabelNoiseConfig(_Strict):
     fraction: float = Field(0.0, ge=0, lt=1)
     mode: Literal["uniform", "pairs"] = "uniform"
-    seed: int = 0
+    seed: int = SEED
 
 
 class EarlyStoppingConfig(_Strict):
     enabled: bool = True
-    monitor: str = "loo"
+    monitor: Literal[MONITORS] = Field("loo", description="an evaluation's metric (test_mc_*: IVON runs only)")
     mode: Literal["min", "max"] = "min"
-    patience: int = Field(3, ge=0)
+    patience: int = Field(3, ge=0, le=BIG)
     min_delta: float = Field(0.0, ge=0)
     check_finite: bool = True
     stopping_threshold: float | None = None
@@ -107,15 +128,16 @@ class EarlyStoppingConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = Field("run", min_length=1, max_length=200)
+    name: Text = Field("run", max_length=200, min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     epochs: int = Field(20, ge=1, le=100_000)
-    batch_size: int = Field(64, ge=1)
-    micro_batches: int = Field(1, ge=1, description="gradient accumulation: each step's batch in this many pieces")
-    eval_every: int = Field(50, ge=1, description="steps between evaluations")
-    eval_mc_samples: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1, le=10_000_000)
+    micro_batches: int = Field(1, ge=1, le=100_000,
+                               description="gradient accumulation: each step's batch in this many pieces")
+    eval_every: int = Field(50, ge=1, le=BIG, description="steps between evaluations")
+    eval_mc_samples: int = Field(8, ge=1, le=10_000)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -123,7 +145,14 @@ class JobConfig(_Strict):
         "auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$",
         description="where the job trains and evaluates: 'cpu', 'cuda' (under torchrun: the rank's local GPU) or "
         "'cuda:N'; 'auto': the GPU when one is present for every local rank, else the CPU")
-    seed: int = 0
+    seed: int = SEED
+
+    @model_validator(mode="after")
+    def _monitor_exists(self):
+        if self.early_stopping.monitor.startswith("test_mc_") and self.optimizer.name != "ivon":
+            raise ValueError(f"early_stopping.monitor {self.early_stopping.monitor!r} needs optimizer.name 'ivon' "
+                             "(MC predictions come from IVON's posterior)")
+        return self
 
 
 class ConfigError(ValueError):
