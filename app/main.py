@@ -11,6 +11,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from app.api.routes import router
 from app.cache import ResponseCache
@@ -61,6 +62,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         log.error("store error: %s", err)
         if isinstance(err, WriteRefused):  # reads still work: say why writes do not
             return JSONResponse({"detail": str(err).split(":")[0]}, status_code=503)
+        return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
+
+    @app.exception_handler(OperationalError)
+    async def unavailable(_: Request, err: OperationalError):  # locked, unreachable, I/O: the database's state
+        log.error("database error: %s", str(err.orig or err).splitlines()[0][:200])
         return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
 
     @app.exception_handler(Exception)

@@ -104,3 +104,49 @@ def test_postgres_turned_read_only_mid_run(tmp_path):
             p.terminate()
             p.wait(timeout=60)
         drop_pg_database(url)
+
+
+def _immutable(paths, on: bool) -> bool:
+    return subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)], capture_output=True).returncode == 0
+
+
+def test_sqlite_made_immutable_mid_run_then_writable_the_worker_recovers_by_itself(tmp_path):
+    """The reported drill: `chattr +i` mid-run. Before: API writes gave 500 ("disk I/O error" unmapped); the worker
+    kept connections opened read-only and looped claim → refused → release until restarted."""
+    path = tmp_path / "ro.db"
+    url = f"sqlite:///{path}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    run = store.create_run("immutable", JOB)
+    files = [path, Path(f"{path}-wal")]  # the -shm stays: SQLite maps it, and a write to it would be a SIGBUS
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--lease", "2",
+                              "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, stdout=out, stderr=out)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(store.evaluations(run.id)) < 2:
+            time.sleep(0.1)
+        client = TestClient(create_app(Settings(db=url)), raise_server_exceptions=False)
+        auth = {"Authorization": f"Bearer {store.create_token('t')}"}
+        if not _immutable(files, True):
+            pytest.skip("chattr +i is not available here (needs root on ext4 or similar)")
+        try:
+            r = client.post("/api/v1/runs", json={"config": JOB}, headers=auth)
+            assert r.status_code == 503 and "refuses writes" in r.json()["detail"], r.text
+            assert client.get(f"/api/v1/runs/{run.id}").status_code == 200  # reads go on
+            deadline = time.time() + 60
+            while time.time() < deadline and "refuses writes" not in log.read_text():
+                time.sleep(0.2)
+            assert "refuses writes" in log.read_text() and p.poll() is None
+        finally:
+            _immutable(files, False)
+        deadline = time.time() + 120
+        while time.time() < deadline and store.get_run(run.id).status == "running":
+            time.sleep(0.2)
+        assert store.get_run(run.id).status == "done", log.read_text()[-3000:]
+        steps = [e.step for e in store.evaluations(run.id)]
+        assert steps == sorted(set(steps)) and len(steps) >= 4  # none lost, none twice
+    finally:
+        p.terminate()
+        p.wait(timeout=60)

@@ -74,9 +74,10 @@ def make_engine(url: str | None = None, **kwargs) -> Engine:
     return engine
 
 
-# SQLite result codes READONLY and FULL (extended codes keep the primary code in the low byte); PostgreSQL
-# SQLSTATEs read_only_sql_transaction, insufficient_privilege, disk_full.
-_SQLITE_REFUSED = {8: "the database is read-only", 13: "the disk is full"}
+# SQLite result codes READONLY, IOERR (an immutable or vanished file under WAL) and FULL (extended codes keep the
+# primary code in the low byte); PostgreSQL SQLSTATEs read_only_sql_transaction, insufficient_privilege, disk_full.
+_SQLITE_REFUSED = {8: "the database is read-only", 10: "disk I/O error: the file cannot be written",
+                   13: "the disk is full"}
 _PG_REFUSED = {"25006": "the database is read-only", "42501": "permission denied", "53100": "the disk is full"}
 
 
@@ -86,6 +87,8 @@ def _refused_writes(ctx) -> None:
     if reason is None:
         reason = _PG_REFUSED.get(getattr(orig, "sqlstate", None) or "")
     if reason is not None:
+        if ctx.dialect.name == "sqlite":  # a connection opened while the file was read-only stays read-only:
+            ctx.is_disconnect = True   # drop the pool's connections, so writes work again once the file does
         detail = str(orig).strip().splitlines()[0][:200]
         raise WriteRefused(f"the database refuses writes ({reason}): {detail}") from orig
 
