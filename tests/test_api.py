@@ -276,7 +276,8 @@ def test_hostile_numbers_and_nul_bytes_are_refused_on_both_backends(api):
     hostile = ['{"config": {"optimizer": {"lr": Infinity}}}', '{"config": {"optimizer": {"weight_decay": 1e999}}}',
                '{"config": {"early_stopping": {"stopping_threshold": -Infinity}}}',
                '{"config": {"optimizer": {"hess_init": NaN}}}', '{"config": {"name": "a\\u0000b"}}',
-               '{"config": {"data": {"name": "csv", "path": "x\\u0000.csv"}}}', '{"config": {"model": {"hidden": [-5]}}}',
+               '{"config": {"data": {"name": "csv", "path": "x\\u0000.csv"}}}',
+               '{"config": {"model": {"hidden": [-5]}}}',
                '{"config": {"batch_size": 9223372036854775808}}', '{"config": {"data": {"n_synthetic": 1e30}}}',
                '{"config": {"early_stopping": {"monitor": "bogus"}}}', '{"config": {"seed": -1}}']
     fields = ["optimizer.lr", "optimizer.weight_decay", "early_stopping.stopping_threshold", "optimizer.hess_init",
