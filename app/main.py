@@ -6,13 +6,16 @@ import contextlib
 import logging
 import os
 import threading
+from urllib.parse import quote
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.exc import OperationalError
 
+from app.api.deps import LoginRequired, require_page, require_read
 from app.api.routes import router
 from app.cache import ResponseCache
 from app.dashboard import router as dashboard_router
@@ -34,8 +37,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         anyio.to_thread.current_default_thread_limiter().total_tokens = threads
         yield
 
-    app = FastAPI(title="ivon-diag", version="0.1.0", lifespan=lifespan,
-                  description="Generalization and data-sensitivity diagnostics during training.")
+    app = FastAPI(title="ivon-diag", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, description="Generalization and data-sensitivity diagnostics during training.")
     app.state.settings = settings
     app.state.draining = threading.Event()  # set on SIGTERM: live streams end, /readyz says so, requests finish
     app.state.store = store or Store(settings.db)
@@ -47,6 +50,23 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     install_metrics(app, app.state.store)
     app.include_router(router)
     app.include_router(dashboard_router)
+
+    # the schema and its viewers are reads like any other: behind the token when reads are
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_read)])
+    def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_page)])
+    def swagger():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="ivon-diag API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=[Depends(require_page)])
+    def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="ivon-diag API")
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, _: LoginRequired):
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, err: NotFound):

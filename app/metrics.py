@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from app.api.deps import require_read
 from app.store import Store
 
 
@@ -64,6 +65,6 @@ def install(app: FastAPI, store: Store) -> None:
 
     app.add_middleware(Timing, latency=latency)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_read)])
     def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

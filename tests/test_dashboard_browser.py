@@ -30,16 +30,20 @@ def _write(store, run_id, step, n=200):
                            idx=np.arange(n), scores=s, loo_losses=s, prob_label=1 - s)
 
 
-def test_run_page_draws_updates_live_and_escapes(server):
-    from playwright.sync_api import sync_playwright
-
-    base, store = server
+def _images(n):
     import torch
 
     from worker.data import Dataset, thumbnails
 
-    imgs = thumbnails(Dataset(torch.rand(200, 1, 8, 8), torch.zeros(200), torch.rand(1, 64), torch.zeros(1), 10,
-                              (1, 8, 8), torch.zeros(200), torch.zeros(200, dtype=torch.bool)))
+    return thumbnails(Dataset(torch.rand(n, 1, 8, 8), torch.zeros(n), torch.rand(1, 64), torch.zeros(1), 10,
+                              (1, 8, 8), torch.zeros(n), torch.zeros(n, dtype=torch.bool)))
+
+
+def test_run_page_draws_updates_live_and_escapes(server):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    imgs = _images(200)
     run = store.create_run("<script>window.pwned=1</script></script>", {}, enqueue=False)
     store.add_examples(run.id, range(200), labels=[i % 10 for i in range(200)],
                        flipped=[i % 5 == 0 for i in range(200)], thumbnails=imgs)
@@ -88,3 +92,70 @@ def test_run_page_draws_updates_live_and_escapes(server):
         page.wait_for_selector("#compare .main-svg")
         browser.close()
     assert errors == []
+
+
+def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
+    """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
+    carried no token, so a protected dashboard could not work in a browser."""
+    import os
+
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    run = store.create_run("protected", {}, enqueue=False)
+    store.add_examples(run.id, range(200), labels=[i % 10 for i in range(200)], thumbnails=_images(200))
+    for step in (10, 20):
+        _write(store, run.id, step)
+    token = store.create_token("reader")
+    port = free_port()
+    env = {**os.environ, "IVON_DIAG_READ_REQUIRES_TOKEN": "true"}
+    with serving(["--db", url, "serve", "--port", str(port)], port, env) as base:
+        bearer = {"Authorization": f"Bearer {token}"}
+        reads = ["/metrics", "/docs", "/redoc", "/openapi.json", "/api/v1/runs", f"/api/v1/runs/{run.id}/histogram",
+                 f"/api/v1/runs/{run.id}/examples", f"/api/v1/runs/{run.id}/model"]
+        for path in reads:
+            r = httpx.get(base + path, follow_redirects=False)
+            assert r.status_code in (401, 303), (path, r.status_code)
+            assert httpx.get(base + path, headers={"Authorization": "Bearer wrong"}).status_code in (403, 303), path
+            assert httpx.get(base + path, headers=bearer).status_code in (200, 404), path
+        for page_path in ("/", f"/runs/{run.id}", "/compare?ids=1", "/docs"):
+            r = httpx.get(base + page_path, follow_redirects=False)
+            assert r.status_code == 303 and r.headers["location"].startswith("/login?next=/"), page_path
+        assert httpx.get(base + "/healthz").status_code == 200 and httpx.get(base + "/readyz").status_code == 200
+        # the session cookie reads, never writes; the sign-in goes nowhere but this server
+        r = httpx.post(base + "/login", data={"token": token, "next": "//evil.example/x"}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookies = r.cookies
+        assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+        assert httpx.get(base + "/api/v1/runs", cookies=cookies).status_code == 200
+        assert httpx.post(base + "/api/v1/runs", json={"config": {}}, cookies=cookies).status_code == 401
+        assert httpx.post(base + "/login", data={"token": "wrong"}).status_code == 403
+        errors = []
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{base}/runs/{run.id}")
+            assert "/login" in page.url
+            page.fill("input[name=token]", "not-a-token")
+            page.click("form button")
+            assert "invalid or revoked token" in page.inner_text("#login-error")
+            errors.clear()  # the refused sign-in's 403 is the page's own answer
+            page.fill("input[name=token]", token)
+            page.click("form button")
+            page.wait_for_url(f"{base}/runs/{run.id}")
+            page.wait_for_selector("#loss .main-svg")
+            page.wait_for_selector("#most .ex img, #most .ex")  # the galleries' fetch carried the session
+            _write(store, run.id, 30)  # and so does the live stream
+            page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
+            page.screenshot(path=str(tmp_path / "protected.png"))
+            page.click("#logout")
+            page.goto(f"{base}/")
+            assert "/login" in page.url
+            browser.close()
+        assert errors == []

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import plotly
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
-from app.api.deps import get_store, require_read
+from app.api.deps import SESSION_COOKIE, get_store, require_page, require_read
 from app.api.routes import INT32, RunId
 from app.api.schemas import HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
@@ -33,13 +34,45 @@ def plotly_js():
     return FileResponse(PLOTLY_JS, media_type="application/javascript", headers={"Cache-Control": "max-age=86400"})
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_read)])
+def _local(path: str) -> str:
+    """Where to go after signing in: a path on this server only (no open redirect)."""
+    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else "/"
+
+
+@router.get("/login", response_class=HTMLResponse, include_in_schema=False)
+def login_page(request: Request, next: str = Query("/", max_length=2000)):
+    return templates.TemplateResponse(request, "login.html", {"next": _local(next), "error": None})
+
+
+@router.post("/login", include_in_schema=False)
+async def login(request: Request, store: Store = Depends(get_store)):
+    """Check a pasted token and keep it in an HttpOnly, SameSite=Strict cookie that only reads accept."""
+    body = await request.body()
+    form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=4) if len(body) < 8192 else {}
+    token, nxt = (form.get("token") or [""])[0].strip(), _local((form.get("next") or ["/"])[0])
+    if not token or not await asyncio.to_thread(store.verify_token, token):
+        return templates.TemplateResponse(request, "login.html", {"next": nxt, "error": "invalid or revoked token"},
+                                          status_code=403)
+    response = RedirectResponse(nxt, status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", max_age=7 * 86400)
+    return response
+
+
+@router.post("/logout", include_in_schema=False)
+def logout():
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_page)])
 def runs_page(request: Request, store: Store = Depends(get_store)):
     return templates.TemplateResponse(request, "runs.html", {"runs": store.list_runs(limit=200)})
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False,
-            dependencies=[Depends(require_read)])
+            dependencies=[Depends(require_page)])
 def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store)):
     run = store.get_run(run_id)
     curves = {name: store.curve(run_id, name, max_points=2000) for name in CURVES}
@@ -50,7 +83,7 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
         "mean_validity": LOO_MEAN_VALIDITY})
 
 
-@router.get("/compare", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_read)])
+@router.get("/compare", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_page)])
 def compare_page(request: Request, ids: str = Query("", description="comma-separated run ids"),
                  store: Store = Depends(get_store)):
     try:
