@@ -10,10 +10,13 @@ from urllib.parse import quote
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.api.deps import LoginRequired, require_page, require_read
 from app.api.routes import router
@@ -67,6 +70,21 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, _: LoginRequired):
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError):
+        # loc, msg and type of each error: never the input back (it may be infinite, NUL-laden or huge)
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in err.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        headers = dict(err.headers or {})
+        if err.status_code == 405:  # every method the path serves, not only the first matching route's
+            headers["Allow"] = ", ".join(sorted({m for r in app.routes if r.matches(request.scope)[0] != Match.NONE
+                                                 for m in getattr(r, "methods", None) or ()}))
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=headers)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, err: NotFound):

@@ -44,3 +44,34 @@ def test_no_request_produces_a_server_error(fuzz_app):
 
     for op in operations:
         fuzz(op)
+
+
+def test_the_api_conforms_to_its_openapi_schema(tmp_path):
+    """schemathesis with every check (status codes, content types, response schemas, Allow headers, schema-valid
+    requests accepted and invalid ones refused, stateful links) against a real server: 0 failures. CI runs a short
+    pass; `FUZZ_EXAMPLES=100 pytest -k conforms` the long one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port, serving
+
+    url = f"sqlite:///{tmp_path / 'conform.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    run = store.create_run("conform", {"name": "conform"}, enqueue=False)
+    store.add_examples(run.id, range(50), labels=[i % 3 for i in range(50)])
+    store.write_evaluation(run.id, 1, loo=0.2, metrics={"test_nll": 0.3}, idx=np.arange(50),
+                           scores=np.linspace(0, 1, 50))
+    token = store.create_token("conform")
+    port = free_port()
+    root = Path(__file__).parents[1]
+    with serving(["--db", url, "serve", "--port", str(port)], port) as base:
+        out = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
+                              "--checks", "all",
+                              "-H", f"Authorization: Bearer {token}", "--seed", "0", "--request-timeout", "5",
+                              "--max-examples", os.environ.get("FUZZ_EXAMPLES", "8"), "--output-truncate", "false"],
+                             cwd=root, capture_output=True, text=True, timeout=900)  # cwd: schemathesis.toml
+    assert out.returncode == 0, out.stdout[-6000:]
+    assert "failures" not in out.stdout.splitlines()[-1], out.stdout[-3000:]

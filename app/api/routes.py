@@ -7,10 +7,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
 from app.api.deps import get_store, require_read, require_write
 from app.api.schemas import (
+    ERRORS,
     Curve,
     EarlyStopOut,
     EvaluationOut,
@@ -23,10 +25,9 @@ from app.api.schemas import (
     RunOut,
 )
 from app.store import Store
-from app.store.job_config import ConfigError, parse_config
 from app.store.urls import check_webhook_url
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=ERRORS)
 INT32 = 2**31 - 1  # ids, steps and offsets beyond the database's integers are refused with 422, not a 500
 RunId = Annotated[int, PathParam(ge=0, le=INT32)]
 Idx = Annotated[int, PathParam(ge=0, le=INT32)]
@@ -47,11 +48,7 @@ def list_runs(
 @router.post("/runs", response_model=RunOut, status_code=201, dependencies=[Depends(require_write)])
 def create_run(body: RunCreate, store: Store = Depends(get_store)):
     """Validate a job config and queue it for a worker."""
-    try:
-        cfg = parse_config(body.config)
-    except ConfigError as err:
-        raise HTTPException(422, str(err)) from None
-    return store.create_run(cfg.name, cfg.model_dump(mode="json"))
+    return store.create_run(body.config.name, body.config.model_dump(mode="json"))
 
 
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
@@ -142,22 +139,29 @@ def early_stopping(run_id: RunId, store: Store = Depends(get_store)):
     return store.early_stop(run_id)
 
 
-@router.post("/hooks", response_model=HookOut, status_code=201, dependencies=[Depends(require_write)])
+@router.post("/hooks", response_model=HookOut, status_code=201, dependencies=[Depends(require_write)],
+             response_model_exclude_none=True)
 def create_hook(body: HookCreate, store: Store = Depends(get_store)):
     """Register a webhook; its HMAC secret is returned in this response only."""
     try:
         check_webhook_url(body.url)
-    except ValueError as err:
-        raise HTTPException(422, str(err)) from None
+    except ValueError as err:  # the same shape as every other 422
+        raise RequestValidationError([{"loc": ("body", "url"), "msg": str(err), "type": "value_error"}]) from None
     if body.run_id is not None:
         store.get_run(body.run_id)
     hook = store.add_hook(body.url, body.events, run_id=body.run_id)
-    return HookOut(id=hook.id, url=hook.url, events=hook.events, run_id=hook.run_id, secret=hook.secret)
+    return _hook_out(hook, hook.secret)
 
 
-@router.get("/hooks", response_model=list[HookOut], dependencies=[Depends(require_write)])
+@router.get("/hooks", response_model=list[HookOut], dependencies=[Depends(require_write)],
+            response_model_exclude_none=True)
 def list_hooks(run_id: int | None = Query(None, ge=0, le=INT32), store: Store = Depends(get_store)):
-    return [HookOut(id=h.id, url=h.url, events=h.events, run_id=h.run_id) for h in store.hooks_for(run_id)]
+    return [_hook_out(h) for h in store.hooks_for(run_id)]
+
+
+def _hook_out(hook, secret: str | None = None) -> HookOut:
+    fields = {"id": hook.id, "url": hook.url, "events": hook.events, "run_id": hook.run_id, "secret": secret}
+    return HookOut(**{k: v for k, v in fields.items() if v is not None})
 
 
 @router.delete("/hooks/{hook_id}", status_code=204, dependencies=[Depends(require_write)])

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from app.store.job_config import JobConfig
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """The store keeps UTC; SQLite hands it back naive. Always sent with its zone (ISO 8601, ``Z``)."""
+    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+UTCDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+# The error answers every route may give, documented once (a 422 is FastAPI's validation list everywhere).
+ERRORS = {400: {"model": ErrorOut, "description": "a body that is not JSON"},
+          401: {"model": ErrorOut, "description": "no token where one is required"},
+          403: {"model": ErrorOut, "description": "a wrong or revoked token"},
+          404: {"model": ErrorOut, "description": "an unknown run, step, example or hook"},
+          413: {"model": ErrorOut, "description": "a body over IVON_DIAG_MAX_BODY_BYTES"},
+          503: {"model": ErrorOut, "description": "the database is unavailable or refuses writes"}}
 
 
 class RunOut(BaseModel):
@@ -16,15 +39,15 @@ class RunOut(BaseModel):
     name: str
     status: str
     config: dict
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UTCDatetime
+    started_at: UTCDatetime | None
+    finished_at: UTCDatetime | None
     error: str | None
     stop_requested: bool
 
 
 class RunCreate(BaseModel):
-    config: dict = Field(description="a job config (see the README); validated before the job is queued")
+    config: JobConfig = Field(description="a job config (see the README); validated before the job is queued")
 
 
 class Point(BaseModel):
@@ -112,9 +135,14 @@ class ExamplesPage(BaseModel):
 
 
 class HookCreate(BaseModel):
-    url: str = Field(max_length=2000)
+    url: str = Field(max_length=2000, pattern=r"^[hH][tT][tT][pP][sS]?://[^\x00-\x20/?#]+([/?#][^\x00-\x20]*)?$",
+                     description="http(s); public targets only, unless the operator allows others")
     events: list[Literal["evaluation", "early_stop", "finished", "failed"]] = Field(min_length=1)
     run_id: int | None = Field(None, ge=0, le=2**31 - 1, description="None: every run")
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
 
 
 class HookOut(BaseModel):
@@ -123,8 +151,10 @@ class HookOut(BaseModel):
     id: int
     url: str
     events: list[str]
-    run_id: int | None
-    secret: str | None = Field(None, description="returned once, at creation: verify X-Ivon-Diag-Signature with it")
+    # absent rather than null (the routes leave None out): "no run" is not a run id a client should follow
+    run_id: int = Field(None, description="the run it listens to; absent: every run", json_schema_extra=_no_default)
+    secret: str = Field(None, description="returned once, at creation: verify X-Ivon-Diag-Signature with it",
+                        json_schema_extra=_no_default)
 
 
 class EarlyStopOut(BaseModel):

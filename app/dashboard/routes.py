@@ -14,7 +14,7 @@ from fastapi.templating import Jinja2Templates
 
 from app.api.deps import SESSION_COOKIE, get_store, require_page, require_read
 from app.api.routes import INT32, RunId
-from app.api.schemas import HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
+from app.api.schemas import ERRORS, HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
 
 router = APIRouter()
@@ -113,7 +113,8 @@ def _hess_init(config) -> object:
     return opt.get("hess_init") if isinstance(opt, dict) else None
 
 
-@router.get("/api/v1/runs/{run_id}/histogram", dependencies=[Depends(require_read)], tags=["examples"])
+@router.get("/api/v1/runs/{run_id}/histogram", dependencies=[Depends(require_read)], tags=["examples"],
+            responses=ERRORS)
 def histogram(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32), bins: int = Query(30, ge=1, le=200),
               store: Store = Depends(get_store)):
     """Histogram of the sensitivity scores at a step (default: the latest)."""
@@ -121,7 +122,10 @@ def histogram(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32), bin
     return {"step": at, "counts": counts, "edges": edges}
 
 
-@router.get("/api/v1/runs/{run_id}/events", dependencies=[Depends(require_read)], tags=["live"])
+@router.get("/api/v1/runs/{run_id}/events", dependencies=[Depends(require_read)], tags=["live"],
+            response_class=StreamingResponse,
+            responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
+                                       "description": "`event: evaluation` per new evaluation, then `event: status`"}})
 async def events(request: Request, run_id: RunId, since_step: int = Query(-1, ge=-1, le=INT32),
                  store: Store = Depends(get_store)):
     """Server-Sent Events: one ``evaluation`` event per new evaluation (steps after ``since_step``)."""

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import tomllib
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
-    # every float finite (JSON has no infinity; PostgreSQL refuses it in a JSON column), no unknown keys
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # every float finite (JSON has no infinity; PostgreSQL refuses it in a JSON column), no unknown keys, no
+    # coercion (true is not 1, "5" is not 5): what the schema says is what is accepted
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 def _no_nul(value: str | None) -> str | None:
@@ -24,6 +25,14 @@ def _no_nul(value: str | None) -> str | None:
 Text = Annotated[str, AfterValidator(_no_nul)]  # PostgreSQL cannot store NUL in text
 
 
+def _whole(value):
+    """JSON Schema's integers include 26.0; bools and fractions stay refused."""
+    return int(value) if type(value) is float and value.is_integer() and abs(value) < 2**63 else value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+
+
 BIG = 10**9  # sizes and counts: bounded, so a typo cannot ask for 2**63 of anything
 SEED = Field(0, ge=0, le=2**32 - 1, description="seeds numpy, torch and scikit-learn alike")
 # what an evaluation records (worker.trainer), the names early stopping may monitor; test_mc_* with IVON only
@@ -32,7 +41,20 @@ MONITORS = ("loo", "train_nll", "train_acc", "loo_capped", "hess_mean", "hess_mi
             *(f"test_mc_{m}" for m in ("accuracy", "nll", "ece", "brier")))
 
 
+FILE_SOURCES = ("npz", "csv", "image_folder", "mnist", "cifar10")
+
+
+def _required_when(field: str, names: tuple[str, ...], schema: dict) -> dict:
+    """JSON Schema: ``field`` a non-empty string when ``name`` is one of ``names`` (what the validator checks)."""
+    return {"if": {"properties": {"name": {"enum": list(names)}}, "required": ["name"]},
+            "then": {"required": [field], "properties": {field: schema}}}
+
+
 class DataConfig(_Strict):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _required_when("path", FILE_SOURCES, {"type": "string", "minLength": 1, "maxLength": 4096}),
+        _required_when("factory", ("factory",), {"type": "string", "minLength": 3, "maxLength": 200})]})
+
     name: Literal["digits", "synthetic", "npz", "csv", "image_folder", "mnist", "cifar10", "factory"] = "digits"
     path: Text | None = Field(None, max_length=4096, description="npz: a .npz with x_train, y_train[, x_test, "
                               "y_test]; csv: a file with a header; image_folder: path/<class>/<image>; mnist: the "
@@ -41,18 +63,18 @@ class DataConfig(_Strict):
                                    description="csv, image_folder: the test set (default: a split)")
     label_column: Text = Field("label", max_length=200,
                                description="csv: the column of labels (integers or class names)")
-    image_size: int | None = Field(None, ge=4, le=512, description="image_folder: resize to squares of this side")
+    image_size: Int | None = Field(None, ge=4, le=512, description="image_folder: resize to squares of this side")
     factory: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="factory: 'module:function' returning (model, (x, y), (x_test, y_test))")
-    num_classes: int | None = Field(None, ge=2, le=1_000_000,
+    num_classes: Int | None = Field(None, ge=2, le=1_000_000,
                                     description="labels must lie in [0, num_classes) (default: max + 1)")
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    n_train: int | None = Field(None, ge=2, le=BIG, description="a stratified subset of the training split")
-    n_synthetic: int = Field(512, ge=8, le=10_000_000)
+    n_train: Int | None = Field(None, ge=2, le=BIG, description="a stratified subset of the training split")
+    n_synthetic: Int = Field(512, ge=8, le=10_000_000)
 
     @model_validator(mode="after")
     def _path_for_files(self):
-        if self.name in ("npz", "csv", "image_folder", "mnist", "cifar10") and not self.path:
+        if self.name in FILE_SOURCES and not self.path:
             raise ValueError(f"data.path is required for name {self.name!r}")
         if self.name == "factory" and not self.factory:
             raise ValueError("data.factory ('module:function') is required for name 'factory'")
@@ -61,7 +83,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["logreg", "mlp", "cnn", "resnet20"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(default_factory=lambda: [128], max_length=64)
+    hidden: list[Annotated[Int, Field(ge=1, le=1_000_000)]] = Field(default_factory=lambda: [128], max_length=64)
     norm: Literal["group", "batch", "none"] = "group"
 
 
@@ -70,11 +92,12 @@ class OptimizerConfig(_Strict):
     lr: float = Field(0.5, gt=0, le=1e6)
     ess: float | None = Field(None, gt=0, le=1e15, description="default: the number of training examples")
     hess_init: float = Field(0.3, gt=0, le=1e12)
-    beta2: float | Literal["matched"] = Field("matched", description="'matched': 1 − 1/total steps (validated)")
+    beta2: Annotated[float, Field(ge=0, lt=1)] | Literal["matched"] = Field(
+        "matched", description="'matched': 1 − 1/total steps (validated); else in [0, 1)")
     weight_decay: float = Field(1e-3, ge=0, le=1e6)
-    mc_samples: int = Field(1, ge=1, le=10_000)
+    mc_samples: Int = Field(1, ge=1, le=10_000)
     clip_radius: float | None = Field(None, gt=0, description="None: no clipping (JSON has no infinity)")
-    warmup_steps: int = Field(0, ge=0, le=BIG)
+    warmup_steps: Int = Field(0, ge=0, le=BIG)
     fused: bool | None = Field(
         None, description="IVON: compiled kernels for large CPU tensors (~25 s to compile once); None: on when every "
         "tensor is on the CPU and one has at least 65,536 elements")
@@ -83,11 +106,6 @@ class OptimizerConfig(_Strict):
         "sampling kernel with fused: the fastest CPU step); 'torch': torch's generator, as ivon-opt; 'auto': "
         "counter where the fused kernels run, else torch")
 
-    @model_validator(mode="after")
-    def _beta2_range(self):
-        if self.beta2 != "matched" and not 0 <= float(self.beta2) < 1:
-            raise ValueError("optimizer.beta2 must be 'matched' or in [0, 1)")
-        return self
 
 
 class SensitivityConfig(_Strict):
@@ -106,21 +124,21 @@ class SensitivityConfig(_Strict):
         "that σ² for the body and an exact GGN Laplace for the last Linear layer, refitted at each evaluation; "
         "last_layer: that Laplace alone, the body fixed; kfac: a K-FAC GGN Laplace over every Linear and Conv2d "
         "layer. How each tracks the retrained LOO and the test NLL: docs/validation.md")
-    chunk_size: int = Field(256, ge=1, le=1_000_000)
-    subset: int | None = Field(None, ge=1, le=BIG, description="evaluate a fixed random subset of the training set")
+    chunk_size: Int = Field(256, ge=1, le=1_000_000)
+    subset: Int | None = Field(None, ge=1, le=BIG, description="evaluate a fixed random subset of the training set")
 
 
 class LabelNoiseConfig(_Strict):
     fraction: float = Field(0.0, ge=0, lt=1)
     mode: Literal["uniform", "pairs"] = "uniform"
-    seed: int = SEED
+    seed: Int = SEED
 
 
 class EarlyStoppingConfig(_Strict):
     enabled: bool = True
     monitor: Literal[MONITORS] = Field("loo", description="an evaluation's metric (test_mc_*: IVON runs only)")
     mode: Literal["min", "max"] = "min"
-    patience: int = Field(3, ge=0, le=BIG)
+    patience: Int = Field(3, ge=0, le=BIG)
     min_delta: float = Field(0.0, ge=0)
     check_finite: bool = True
     stopping_threshold: float | None = None
@@ -128,16 +146,20 @@ class EarlyStoppingConfig(_Strict):
 
 
 class JobConfig(_Strict):
+    model_config = ConfigDict(json_schema_extra={"allOf": [{  # test_mc_* needs IVON (as the validator says)
+        "if": {"properties": {"early_stopping": {"properties": {"monitor": {"pattern": "^test_mc_"}},
+                                                 "required": ["monitor"]}}, "required": ["early_stopping"]},
+        "then": {"properties": {"optimizer": {"properties": {"name": {"const": "ivon"}}}}}}]})
     name: Text = Field("run", max_length=200, min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    epochs: int = Field(20, ge=1, le=100_000)
-    batch_size: int = Field(64, ge=1, le=10_000_000)
-    micro_batches: int = Field(1, ge=1, le=100_000,
+    epochs: Int = Field(20, ge=1, le=100_000)
+    batch_size: Int = Field(64, ge=1, le=10_000_000)
+    micro_batches: Int = Field(1, ge=1, le=100_000,
                                description="gradient accumulation: each step's batch in this many pieces")
-    eval_every: int = Field(50, ge=1, le=BIG, description="steps between evaluations")
-    eval_mc_samples: int = Field(8, ge=1, le=10_000)
+    eval_every: Int = Field(50, ge=1, le=BIG, description="steps between evaluations")
+    eval_mc_samples: Int = Field(8, ge=1, le=10_000)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -145,7 +167,7 @@ class JobConfig(_Strict):
         "auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$",
         description="where the job trains and evaluates: 'cpu', 'cuda' (under torchrun: the rank's local GPU) or "
         "'cuda:N'; 'auto': the GPU when one is present for every local rank, else the CPU")
-    seed: int = SEED
+    seed: Int = SEED
 
     @model_validator(mode="after")
     def _monitor_exists(self):
@@ -167,6 +189,21 @@ def parse_config(payload: dict) -> JobConfig:
         raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
 
 
+def _yaml(text: str):
+    """YAML with 1e-3 read as a number, as JSON and TOML read it (PyYAML follows YAML 1.1: a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:\d[\d_]*)?\.?\d*(?:[eE][-+]?\d+)$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load_config(path: str | Path) -> JobConfig:
     """A JobConfig from a .json, .yaml/.yml or .toml file."""
     path = Path(path)
@@ -177,9 +214,7 @@ def load_config(path: str | Path) -> JobConfig:
         if path.suffix == ".json":
             payload = json.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            payload = yaml.safe_load(text)
+            payload = _yaml(text)
         elif path.suffix == ".toml":
             payload = tomllib.loads(text)
         else:
