@@ -69,6 +69,10 @@ def test_cli_db_upgrade_and_token(tmp_path):
     assert head_revision(make_engine(url)) in out.stdout
     tok = subprocess.run([*cli, "--db", url, "token", "create", "ci"], capture_output=True, text=True, timeout=60)
     assert tok.returncode == 0 and Store(url).verify_token(tok.stdout.strip())
+    rev = subprocess.run([*cli, "token", "revoke", "ci", "--db", url], capture_output=True, text=True, timeout=60)
+    assert rev.returncode == 0 and not Store(url).verify_token(tok.stdout.strip())
+    rev = subprocess.run([*cli, "--db", url, "token", "revoke", "nobody"], capture_output=True, text=True, timeout=60)
+    assert rev.returncode == 2 and "token 'nobody' not found" in rev.stderr
     bad = subprocess.run([*cli, "--db", "postgresql://bob:pw@127.0.0.1:1/x", "db", "upgrade"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "cannot reach database" in bad.stderr and "pw@" not in bad.stderr

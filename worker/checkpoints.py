@@ -34,10 +34,11 @@ def run_folder(checkpoint_dir: str | Path, run_uid: str) -> Path:
 
 
 class Checkpoints:
-    def __init__(self, checkpoint_dir: str | Path, run_uid: str, config: dict):
+    def __init__(self, checkpoint_dir: str | Path, run_uid: str, config: dict | None = None):
+        """``config``: the run's, which a resume state must match (None: only to end or remove the run's files)."""
         self.folder = run_folder(checkpoint_dir, run_uid)
         self.resume_path, self.model_path = self.folder / RESUME, self.folder / MODEL
-        self.run_uid, self.digest = run_uid, config_digest(config)
+        self.run_uid, self.digest = run_uid, None if config is None else config_digest(config)
 
     def has_resume(self) -> bool:
         return self.resume_path.exists()

@@ -45,6 +45,16 @@ def _token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_revoke(args: argparse.Namespace) -> int:
+    from app.store import Store, ensure_current
+
+    store = Store(args.db)
+    ensure_current(store.engine)
+    store.revoke_token(args.name)
+    print(f"token {args.name!r} revoked")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current, make_engine, upgrade
     from worker import distributed
@@ -158,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="create a token (printed once; stored hashed)")
     create.add_argument("name")
     create.set_defaults(func=_token_create)
+    revoke = token.add_parser("revoke", parents=[with_db], help="revoke every token of that name (at once: the next "
+                              "request with it gets 403)")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=_token_revoke)
     demo = sub.add_parser("demo", parents=[with_db],
                           help="train on digits with flipped labels and watch the diagnostics")
     demo.add_argument("--epochs", type=int, default=40)

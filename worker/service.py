@@ -47,7 +47,7 @@ def run_job(store: Store, run_id: int, checkpoint_dir: str | Path, stop_event: t
     finally:
         hooks.close()
         if state in ("done", "failed", "cancelled"):  # ended: nothing will resume it
-            Checkpoints(checkpoint_dir, run.uid, {}).finish()
+            Checkpoints(checkpoint_dir, run.uid).finish()
     return state
 
 
