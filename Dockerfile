@@ -11,6 +11,7 @@ COPY ivon_core ivon_core
 COPY sensitivity sensitivity
 COPY worker worker
 COPY migrations migrations
+COPY ivon_diag ivon_diag
 RUN pip install -c requirements/constraints.txt . && useradd --create-home ivon && mkdir -p /data && chown ivon /data
 USER ivon
 EXPOSE 8000

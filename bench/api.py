@@ -40,7 +40,7 @@ def free_port() -> int:
 def start_server(db: str, port: int, cache_seconds: float = 1.0, stderr=None) -> subprocess.Popen:
     """The API as a real process; ``stderr``: a file for its log (server-side exceptions are counted from it)."""
     env = {**os.environ, "IVON_DIAG_CACHE_SECONDS": str(cache_seconds)}
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", db, "serve", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", db, "serve", "--port", str(port)], env=env,
                             stderr=stderr)
     for _ in range(200):
         try:

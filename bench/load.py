@@ -36,7 +36,7 @@ def scenario(url: str, workers: int, jobs: int, seconds: float, tmp: str) -> Non
     port = free_port()
     server_log = open(f"{tmp}/server-{workers}.log", "w+")
     server = start_server(url, port, stderr=server_log)
-    procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--checkpoint-dir",
+    procs = [subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--checkpoint-dir",
                                f"{tmp}/ck", "--lease", "30"], stdout=subprocess.DEVNULL) for _ in range(workers)]
     try:
         lat, errors = asyncio.run(load(f"http://127.0.0.1:{port}", hot_paths(runs[0].id), 50, seconds))

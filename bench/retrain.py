@@ -18,9 +18,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from research.setups import digits, mlp  # noqa: E402
 from sensitivity.covariance import prior_from_weight_decay  # noqa: E402
 from sensitivity.retrain import fit_map, leave_one_out  # noqa: E402
-from worker.validation.setups import digits, mlp  # noqa: E402
 
 
 def case(kind: str, examples: int) -> None:

@@ -36,7 +36,7 @@ TWO_PASS_FORMS = ("second_order", "rayleigh")  # two first-order passes, no V_i
 # "auto": corrected with a dense covariance; rayleigh with a diagonal one (IVON's σ², the AdamW and SGD heuristics);
 # first order with the others (K-FAC, blocks). docs/validation.md: the correction is exact with the full covariance
 # (LOO 1.08× the retrained truth); on IVON's σ² (matched β2) the capped corrected form tracks the truth where the
-# first order lands at half of it (python -m worker.validation.caps, seed 0, digits δ = 3e-3: Spearman with the
+# first order lands at half of it (python -m research.caps, seed 0, digits δ = 3e-3: Spearman with the
 # test NLL 0.87 and 1.14× the true LOO, first order 0.90 and 0.58×; breast cancer with 15% flipped labels: 0.82 and
 # 1.53×, first order −0.31 and 0.66×), and rayleigh gives the same figures at the cost of two first-order passes.
 # Uncapped (or capped at 10) the correction amplifies the errors of diagonal and K-FAC covariances (13× and 43×).

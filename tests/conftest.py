@@ -90,7 +90,7 @@ def start_server(cli_args: list[str], port: int, env: dict | None = None):
 
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *cli_args], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", *cli_args], env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:

@@ -23,7 +23,7 @@ JOB = {"name": "ck", "data": {"name": "synthetic", "n_synthetic": 120}, "model":
 def _train(tmp_path, db, config: dict):
     path = tmp_path / f"{config['name']}.json"
     path.write_text(json.dumps(config))
-    return subprocess.run([sys.executable, "-m", "worker.cli", "train", str(path), "--db", f"sqlite:///{db}",
+    return subprocess.run([sys.executable, "-m", "ivon_diag.cli", "train", str(path), "--db", f"sqlite:///{db}",
                            "--checkpoint-dir", str(tmp_path / "ck")], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
 

@@ -43,7 +43,7 @@ def test_each_service_command_runs_against_local_postgres(tmp_path):
     c = _compose()
     url = new_pg_database()
     env = {**os.environ, "IVON_DIAG_DB": url, "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "worker.cli"]
+    cli = [sys.executable, "-m", "ivon_diag.cli"]
     try:
         migrate = c["services"]["migrate"]["command"]
         assert migrate[0] == "ivon-diag"

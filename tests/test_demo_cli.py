@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from worker.demo import run_demo
+from ivon_diag.demo import run_demo
 
 
 def test_demo_finds_flipped_labels_among_the_most_sensitive():
@@ -15,7 +15,7 @@ def test_demo_finds_flipped_labels_among_the_most_sensitive():
 
 
 def test_cli_rejects_bad_arguments_with_a_clear_message():
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--flip", "1.5"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "demo", "--flip", "1.5"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "Invalid flip fraction" in out.stderr and "Traceback" not in out.stderr
 
@@ -32,7 +32,7 @@ def test_serve_demo_queues_a_noisy_digits_job_and_serves_it(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     db = f"sqlite:///{tmp_path / 'demo.db'}"
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", db, "demo", "--epochs", "2", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", db, "demo", "--epochs", "2", "--port",
                              str(port)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -29,7 +29,7 @@ JOB = {"name": "faults", "data": {"name": "synthetic", "n_synthetic": 600}, "mod
 
 
 def _worker(url, ck, *extra):
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--checkpoint-dir", str(ck),
+    return subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--checkpoint-dir", str(ck),
                              "--lease", "2", *extra], env=ENV)
 
 
@@ -70,7 +70,7 @@ def test_a_job_that_kills_its_worker_is_failed_and_the_queue_moves_on(tmp_path):
     env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     codes = []
     for _ in range(5):
-        p = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--once", "--lease", "1",
+        p = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--once", "--lease", "1",
                             "--checkpoint-dir", str(tmp_path / "ck")], env=env, capture_output=True, timeout=300)
         codes.append(p.returncode)
         if p.returncode == 0:

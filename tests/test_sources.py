@@ -291,14 +291,14 @@ def test_train_command_on_an_image_folder_and_a_factory(tmp_path):
         cfg = tmp_path / f"{name}.json"
         cfg.write_text(json.dumps({"name": name, **job, "epochs": 2, "batch_size": 8, "eval_every": 3,
                                    "early_stopping": {"enabled": False}}))
-        out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
+        out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
                               str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
     # K-FAC on a model with a grouped convolution: refused before training, the layer named on the run
     cfg = tmp_path / "grouped.json"
     cfg.write_text(json.dumps({"name": "grouped", "data": {"name": "factory", "factory": "userfactory:grouped"},
                                "sensitivity": {"covariance": "kfac"}, "epochs": 2}))
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
                           str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "layer '1' is a grouped convolution" in out.stdout + out.stderr
     store = Store(url)
@@ -333,7 +333,7 @@ def test_worker_stores_the_reason_and_goes_on(tmp_path):
     runs = {k: store.create_run(k, {**base, "name": k, "data": d}) for k, (d, _) in bad.items()}
     good = store.create_run("good", {**base, "name": "good", "data": {"name": "synthetic", "n_synthetic": 100}})
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-    p = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--once", "--checkpoint-dir",
+    p = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--once", "--checkpoint-dir",
                         str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     for k, (_, reason) in bad.items():

@@ -63,7 +63,7 @@ def test_bad_urls_name_the_database_without_the_password():
 
 def test_cli_db_upgrade_and_token(tmp_path):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    cli = [sys.executable, "-m", "worker.cli"]
+    cli = [sys.executable, "-m", "ivon_diag.cli"]
     out = subprocess.run([*cli, "--db", url, "db", "upgrade"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert head_revision(make_engine(url)) in out.stdout

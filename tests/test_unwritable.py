@@ -43,7 +43,7 @@ def test_sqlite_read_only_file_is_a_clear_error_and_loses_nothing(tmp_path):
     ro_url, store, run = _readonly_sqlite(tmp_path)
     with pytest.raises(WriteRefused, match="read-only"):
         Store(ro_url).create_run("x", JOB)
-    p = subprocess.run([sys.executable, "-m", "worker.cli", "--db", ro_url, "worker", "--once", "--checkpoint-dir",
+    p = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", ro_url, "worker", "--once", "--checkpoint-dir",
                         str(tmp_path / "ck")], env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "refuses writes (the database is read-only)" in p.stderr
@@ -72,7 +72,7 @@ def test_postgres_turned_read_only_mid_run(tmp_path):
         store = Store(url)
         run = store.create_run("read-only", JOB)
         with open(log, "w") as out:
-            p = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--lease", "2",
+            p = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--lease", "2",
                                   "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, stdout=out, stderr=out)
         deadline = time.time() + 120
         while time.time() < deadline and len(store.evaluations(run.id)) < 2:
@@ -121,7 +121,7 @@ def test_sqlite_made_immutable_mid_run_then_writable_the_worker_recovers_by_itse
     files = [path, Path(f"{path}-wal")]  # the -shm stays: SQLite maps it, and a write to it would be a SIGBUS
     log = tmp_path / "worker.log"
     with open(log, "w") as out:
-        p = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", url, "worker", "--lease", "2",
+        p = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--lease", "2",
                               "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, stdout=out, stderr=out)
     try:
         deadline = time.time() + 120

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from worker.validation.report import run_validation
+from research.report import run_validation
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
     # stopping on the LOO (the worker's defaults, replayed) restores an evaluation with a lower test NLL than the
     # last one, where the flips were memorized (the full run: 1.990 against 2.207 on digits, 0.606 against 1.147
     # on breast cancer)
-    from worker.validation.report import stopped_at
+    from research.report import stopped_at
 
     _, best = stopped_at(noisy["curves"]["ivon_b2"], "rayleigh")
     assert curve[best] < curve[-1] and "### Stopping on the LOO" in text
@@ -92,10 +92,10 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
 def test_an_amplification_cap_in_a_form_name_reaches_the_corrected_form(capsys):
     import torch
 
+    from research import setups
+    from research.caps import main as caps_main
+    from research.estimators import estimate
     from sensitivity import compute_sensitivities, ivon_variance
-    from worker.validation import setups
-    from worker.validation.caps import main as caps_main
-    from worker.validation.estimators import estimate
 
     split = setups.digits(120, 0, torch.float64)
     model = setups.make_model("mlp_tanh", 0, torch.float64, hidden=16)
@@ -128,7 +128,7 @@ def test_the_apis_description_of_the_loo_states_the_reports_figures():
     from pathlib import Path
 
     from app.api.schemas import EvaluationOut, ExampleOut
-    from worker.validation.report import verdict
+    from research.report import verdict
 
     raw = json.loads((Path(__file__).parents[1] / "docs" / "validation.json").read_text())
     rows = [r.split("|")[1:-1] for r in verdict(raw["tracking"], raw["selection"]) if "(default)" in r]
@@ -165,8 +165,8 @@ def test_leverages_are_the_top_eigenvalue_of_lambda_v_and_the_tool_refuses_bad_s
     import torch
     from torch import nn
 
+    from research.leverage import leverages, main
     from sensitivity.variance import as_covariance
-    from worker.validation.leverage import leverages, main
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
@@ -195,7 +195,7 @@ def test_leverages_are_the_top_eigenvalue_of_lambda_v_and_the_tool_refuses_bad_s
 def test_low_rank_precision_is_exact_at_the_ggn_rank_and_the_tool_refuses_bad_ranks(capsys):
     import torch
 
-    from worker.validation.lowrank import low_rank_precision, main
+    from research.lowrank import low_rank_precision, main
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(12, 3, dtype=torch.float64, generator=g)
@@ -234,7 +234,7 @@ def test_the_apis_description_of_the_mean_loo_loss_states_the_reports_figures():
 def test_the_evidence_damping_is_mackays_fixed_point():
     import torch
 
-    from worker.validation.estimators import evidence_damping
+    from research.estimators import evidence_damping
 
     g = torch.Generator().manual_seed(0)
     h, m, n = torch.rand(500, generator=g, dtype=torch.float64), 0.1 * torch.randn(500, generator=g), 300.0

@@ -23,7 +23,7 @@ JOB = {"name": "resume", "data": {"name": "synthetic", "n_synthetic": 600}, "mod
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=ENV, **kw)
+    return subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", *args], env=ENV, **kw)
 
 
 def test_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
@@ -65,7 +65,7 @@ def test_train_command_and_bad_inputs(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("name: tiny\ndata: {name: synthetic, n_synthetic: 200}\nmodel: {name: logreg}\nepochs: 2\n"
                    "eval_every: 5\n")
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "train", str(cfg), "--checkpoint-dir",
                           str(tmp_path / "ck")], env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     store = Store(url)
@@ -73,7 +73,7 @@ def test_train_command_and_bad_inputs(tmp_path):
     assert run.status == "done" and len(store.evaluations(run.id)) >= 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"epochs": 0, "model": {"name": "transformer"}, "surprise": 1}))
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", url, "train", str(bad)], env=ENV,
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "train", str(bad)], env=ENV,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "epochs" in out.stderr and "model.name" in out.stderr and "surprise" in out.stderr
     assert "Traceback" not in out.stderr
@@ -170,7 +170,7 @@ def _train_job(tmp_path):
     cfg.write_text(json.dumps({"name": "logs", "data": {"name": "synthetic", "n_synthetic": 200},
                                "model": {"name": "logreg"}, "epochs": 2, "eval_every": 2,
                                "early_stopping": {"enabled": False}}))
-    return [sys.executable, "-m", "worker.cli", "--db", f"sqlite:///{tmp_path / 'l.db'}", "train", str(cfg),
+    return [sys.executable, "-m", "ivon_diag.cli", "--db", f"sqlite:///{tmp_path / 'l.db'}", "train", str(cfg),
             "--checkpoint-dir", str(tmp_path / "ck")]
 
 
@@ -191,7 +191,7 @@ def test_the_optimizers_compilation_is_announced_in_the_log(tmp_path):
     cfg.write_text(json.dumps({"name": "big", "data": {"name": "synthetic", "n_synthetic": 64},
                                "model": {"name": "mlp", "hidden": [512, 160]}, "epochs": 1, "eval_every": 100,
                                "early_stopping": {"enabled": False}}))
-    cmd = [sys.executable, "-m", "worker.cli", "--db", f"sqlite:///{tmp_path / 'b.db'}", "train", str(cfg),
+    cmd = [sys.executable, "-m", "ivon_diag.cli", "--db", f"sqlite:///{tmp_path / 'b.db'}", "train", str(cfg),
            "--checkpoint-dir", str(tmp_path / "ck")]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

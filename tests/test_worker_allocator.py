@@ -51,7 +51,7 @@ def test_bad_values_are_refused(kwargs, match):
 
 def test_an_unknown_choice_is_a_clear_cli_error():
     env = dict(os.environ, IVON_DIAG_MALLOC="jemalloc")
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "validate", "--quick"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "validate", "--quick"], capture_output=True, text=True,
                          env=env)
     assert out.returncode == 2
     assert "IVON_DIAG_MALLOC must be 'heap' or 'system', got 'jemalloc'" in out.stderr

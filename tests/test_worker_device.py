@@ -93,7 +93,7 @@ def test_a_worker_leaves_a_job_for_a_device_it_lacks_queued_and_says_why(tmp_pat
     missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
     waits = store.create_run("waits", {**JOB, "name": "waits", "device": missing})
     runs = store.create_run("runs", {**JOB, "name": "runs", "device": "cpu"})
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "--db", str(store.engine.url), "worker", "--once",
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", str(store.engine.url), "worker", "--once",
                           "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node=2 -m worker train` on CPU with gloo: data-parallel IVON with per-rank noise, the
+"""`torchrun --nproc_per_node=2 -m ivon_diag train` on CPU with gloo: data-parallel IVON with per-rank noise, the
 sensitivity pass sharded over the ranks and joined on rank 0, which alone writes; the results agree with
 single-process runs within their seed-to-seed spread."""
 
@@ -25,7 +25,7 @@ def _train(tmp_path, url, name, seed, ranks=1):
     cfg.write_text(json.dumps({**JOB, "name": name, "seed": seed}))
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                 f"--master_port={free_port()}"] if ranks > 1 else [sys.executable]
-    out = subprocess.run([*launcher, "-m", "worker", "--db", url, "train", str(cfg), "--checkpoint-dir",
+    out = subprocess.run([*launcher, "-m", "ivon_diag", "--db", url, "train", str(cfg), "--checkpoint-dir",
                           str(tmp_path / "ck")], env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
@@ -62,7 +62,7 @@ def test_two_ranks_agree_with_one_process_within_noise(tmp_path):
 
 @pytest.mark.slow
 def test_queue_worker_under_torchrun(tmp_path):
-    """`torchrun … -m worker worker --once`: rank 0 claims the queued runs and both ranks train each."""
+    """`torchrun … -m ivon_diag worker --once`: rank 0 claims the queued runs and both ranks train each."""
     from app.store import make_engine, upgrade
 
     url = f"sqlite:///{tmp_path / 'q.db'}"
@@ -70,7 +70,7 @@ def test_queue_worker_under_torchrun(tmp_path):
     store = Store(url)
     runs = [store.create_run(f"queued-{i}", {**JOB, "name": f"queued-{i}", "epochs": 2}) for i in range(2)]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "worker", "--db", url, "worker", "--once",
+                          f"--master_port={free_port()}", "-m", "ivon_diag", "--db", url, "worker", "--once",
                           "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -99,7 +99,7 @@ def test_a_rank_that_cannot_start_fails_the_run_on_every_rank(tmp_path):
                                "model": {"name": "logreg"}, "epochs": 1, "early_stopping": {"enabled": False}}))
     env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "worker", "--db", url, "train", str(cfg),
+                          f"--master_port={free_port()}", "-m", "ivon_diag", "--db", url, "train", str(cfg),
                           "--checkpoint-dir", str(tmp_path / "ck")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
@@ -124,7 +124,7 @@ def test_sigterm_under_torchrun_releases_the_job_and_a_new_group_resumes_it(tmp_
 
     def worker(*extra):
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 f"--master_port={free_port()}", "-m", "worker", "--db", url, "worker",
+                                 f"--master_port={free_port()}", "-m", "ivon_diag", "--db", url, "worker",
                                  "--checkpoint-dir", str(tmp_path / "ck"), "--lease", "10", *extra], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

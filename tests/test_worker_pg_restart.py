@@ -38,7 +38,7 @@ def test_worker_survives_a_postgres_restart(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "ivon_diag.cli",
                 "--db",
                 url,
                 "worker",

@@ -114,11 +114,11 @@ class SensitivityConfig(_Strict):
         "otherwise; second_order: the "
         "corrected form's series to two terms (two first-order passes); rayleigh: that series summed as a geometric "
         "series at ΛV's Rayleigh quotient (the same two passes; exact for K = 2 and binary losses); how each tracks "
-        "the retrained LOO: docs/validation.md and python -m worker.validation.caps")
+        "the retrained LOO: docs/validation.md and python -m research.caps")
     max_amplification: Annotated[float, Field(gt=1)] | Literal["auto"] = Field(
         "auto", description="the corrected, second-order and Rayleigh forms' cap on how much the correction may "
         "amplify a residual; auto: 10 with a dense covariance (exact there), 2 otherwise (python -m "
-        "worker.validation.caps: 10 lets the errors of a diagonal σ² through)")
+        "research.caps: 10 lets the errors of a diagonal σ² through)")
     covariance: Literal["optimizer", "optimizer_with_last_layer", "last_layer", "kfac"] = Field(
         "optimizer", description="optimizer: the optimizer's own σ² (IVON: 1/(N(h + δ))); optimizer_with_last_layer: "
         "that σ² for the body and an exact GGN Laplace for the last Linear layer, refitted at each evaluation; "

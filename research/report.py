@@ -8,17 +8,23 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from research import experiments as E
+from research.estimators import DAMPING, ESTIMATORS
+from research.setups import HESS_INIT
+from worker.early_stopping import EarlyStopping
 
-from worker.early_stopping import EarlyStopping  # noqa: E402
-from worker.validation import experiments as E  # noqa: E402
-from worker.validation.estimators import DAMPING, ESTIMATORS  # noqa: E402
-from worker.validation.setups import HESS_INIT  # noqa: E402
+
+def _pyplot():
+    """matplotlib (a dev dependency) only where a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _f(x: float, nd: int = 3) -> str:
@@ -72,6 +78,7 @@ def tracking_table(res: dict) -> list[str]:
 
 def tracking_plot(res: dict, path: Path) -> None:
     """Test NLL of each training run (solid) and each estimator's LOO in its default form (dashed)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     runs = {"ivon": "IVON run", "ivon_b2": "IVON run, matched β2", "adamw": "AdamW run", "sgd": "SGD run"}
     for est, label in runs.items():
@@ -130,6 +137,7 @@ def flips_verdict(rows: list[dict], method: str = "LOO self-confidence (IVON σ�
 
 def selection_section(res: dict, path: Path) -> list[str]:
     out = []
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(res), figsize=(10, 3.5))
     for ax, (kind, r) in zip(np.atleast_1d(axes), res.items()):
         wds = [row["weight_decay"] for row in r["rows"]]

@@ -1,7 +1,7 @@
 """Would a low-rank-plus-diagonal GGN Laplace fix the settings where the default LOO fails? Its LOO against the
 retrained one, by rank, at the IVON mean and at the refined MAP.
 
-    python -m worker.validation.lowrank [--settings digits:3e-3,digits:1e-4,breast_cancer:1e-3] [--ranks 10,30,100,300]
+    python -m research.lowrank [--settings digits:3e-3,digits:1e-4,breast_cancer:1e-3] [--ranks 10,30,100,300]
 
 The precision is the top-k eigenpairs of the GGN G plus a diagonal for the rest, diag(G) − diag(U_k Λ_k U_kᵀ)
 (clipped at 0) plus the prior: exact at k = rank(G). The corrected form with the dense covariance's cap (10), beside
@@ -17,10 +17,10 @@ import argparse
 
 import torch
 
+from research.leverage import setting, settings_arg
 from sensitivity import compute_sensitivities
 from sensitivity.covariance import DenseCovariance, dense_ggn
 from sensitivity.variance import ivon_variance
-from worker.validation.leverage import setting, settings_arg
 
 
 def low_rank_precision(g: torch.Tensor, k: int, prior: float) -> torch.Tensor:

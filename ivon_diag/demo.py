@@ -14,8 +14,9 @@ from torch import nn
 
 from ivon_core import IVON, matched_beta2, nll, predict
 from sensitivity import compute_sensitivities, ivon_variance
+from worker.config import DataConfig, LabelNoiseConfig
+from worker.data import inject_label_noise, load_dataset
 from worker.models import mlp
-from worker.validation.setups import digits, flip_labels
 
 
 def run_demo(epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, eval_every: int = 5,
@@ -24,7 +25,8 @@ def run_demo(epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, eval_e
         raise ValueError(f"Invalid flip fraction: {flip_fraction!r} (must be in [0, 1))")
     if epochs < 1:
         raise ValueError(f"Invalid epochs: {epochs!r} (must be >= 1)")
-    split = flip_labels(digits(seed=seed), flip_fraction, "uniform", seed)
+    split = inject_label_noise(load_dataset(DataConfig(name="digits"), seed),
+                               LabelNoiseConfig(fraction=flip_fraction, seed=seed))
     torch.manual_seed(seed)
     model = mlp(64, 10, (128,))
     steps = epochs * ((split.n + batch - 1) // batch)
@@ -87,7 +89,7 @@ def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int 
               "early_stopping": {"enabled": False}}
     run = store.create_run(config["name"], config)
     checkpoints = "checkpoints-demo"
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "--db", db, "worker", "--checkpoint-dir",
+    worker = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", db, "worker", "--checkpoint-dir",
                                checkpoints])
     print(f"dashboard: http://{host}:{port}/runs/{run.id}   (all runs: http://{host}:{port}/; Ctrl-C stops)",
           flush=True)

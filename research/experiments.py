@@ -13,12 +13,12 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from ivon_core import all_metrics, matched_beta2, predict
+from research.estimators import ESTIMATORS, estimate, refine, test_nll
+from research.setups import HESS_INIT, Split, breast_cancer, digits, flip_labels, make_model, train
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import DenseCovariance, KFACCovariance, prior_from_weight_decay
 from sensitivity.retrain import fit_map, leave_one_out, map_objective
 from worker.data import flip
-from worker.validation.estimators import ESTIMATORS, estimate, refine, test_nll
-from worker.validation.setups import HESS_INIT, Split, breast_cancer, digits, flip_labels, make_model, train
 
 FORMS = ("first_order", "corrected", "rayleigh")  # the last is the default; its cost is reported
 
@@ -202,7 +202,7 @@ def _max_grad(model: nn.Module, split: Split, weight_decay: float) -> float:
 
 def _train_small(cfg, split, epochs, seed, weight_decay, batch, cb):
     """A 64-32-10 MLP in float64 (small enough for the dense Laplace reference)."""
-    from worker.validation import setups
+    from research import setups
 
     torch.manual_seed(seed)
     model = setups.mlp(split.xtr.shape[1], int(split.ytr.max()) + 1, (32,), activation="tanh").double()
@@ -348,7 +348,7 @@ def model_selection(decays=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1
                     epochs: int = 100) -> dict:
     """E2b: across weight decays, LOO at the end of training vs test NLL; does argmin LOO pick the right decay?
     On digits (logistic regression, the tanh MLP) and on breast cancer (the tanh MLP: the second data set)."""
-    from worker.validation import setups
+    from research import setups
 
     out = {}
     for label, kind, dataset, n_train in (("logreg", "logreg", "digits", 1200), ("mlp_tanh", "mlp_tanh", "digits", 300),

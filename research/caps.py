@@ -1,6 +1,6 @@
 """The corrected form's amplification cap for IVON's σ², on the report's five tracking set-ups.
 
-    python -m worker.validation.caps [--caps 1.5,2,3,5] [--forms second_order@2,...] [--estimator ivon_b2]
+    python -m research.caps [--caps 1.5,2,3,5] [--forms second_order@2,...] [--estimator ivon_b2]
                                      [--seed 0] [--quick]
 
 For one estimator (default: IVON's σ² with matched β2; any of ``estimators.ESTIMATORS`` that reads that run):
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from worker.validation import experiments as E
-from worker.validation.estimators import ESTIMATORS
+from research import experiments as E
+from research.estimators import ESTIMATORS
 
 
 def _caps(text: str) -> list[float]:

@@ -1,7 +1,7 @@
 """Leverages ρ_i (the largest eigenvalue of Λ_i V_i, whose correction amplifies by 1/(1 − ρ_i)) from IVON's σ² at
 the mean against the dense GGN Laplace at the refined MAP, with where the retrained LOO comes from.
 
-    python -m worker.validation.leverage [--settings digits:3e-3,digits:1e-4,breast_cancer:1e-3] [--quick]
+    python -m research.leverage [--settings digits:3e-3,digits:1e-4,breast_cancer:1e-3] [--quick]
 
 Per setting (the report's clean tracking set-ups, matched-β2 IVON run, seed 0): the Spearman of the two leverages
 over the training set, their medians, the share of the true LOO carried by the examples whose dense leverage exceeds
@@ -18,14 +18,14 @@ import torch
 from scipy.stats import spearmanr
 
 from ivon_core import matched_beta2
+from research import experiments as E
+from research import setups
+from research.estimators import refine
 from sensitivity.covariance import DenseCovariance, prior_from_weight_decay
 from sensitivity.deviations import _per_example_jacobians, prediction_variance
 from sensitivity.losses import get_loss
 from sensitivity.retrain import leave_one_out
 from sensitivity.variance import as_covariance, ivon_variance
-from worker.validation import experiments as E
-from worker.validation import setups
-from worker.validation.estimators import refine
 
 
 def leverages(model: torch.nn.Module, cov, x: torch.Tensor) -> torch.Tensor:

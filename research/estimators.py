@@ -9,10 +9,10 @@ import time
 import torch
 from torch import nn
 
+from research.setups import HESS_INIT, Split
 from sensitivity import SensitivityResult, adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance, prior_from_weight_decay
 from sensitivity.retrain import fit_map
-from worker.validation.setups import HESS_INIT, Split
 
 # What the validation's hess_init leaves of itself at the end of a matched-β2 run (e^-1 of it): as a fixed damping
 # it keeps the default's level on regularized digits while σ² no longer follows hess_init or the run's progress

@@ -9,18 +9,22 @@ import sys
 
 def _demo(args: argparse.Namespace) -> int:
     if args.terminal:
-        from worker.demo import run_demo
+        from ivon_diag.demo import run_demo
 
         run_demo(epochs=args.epochs, flip_fraction=args.flip, seed=args.seed)
         return 0
-    from worker.demo import serve_demo
+    from ivon_diag.demo import serve_demo
 
     return serve_demo(args.db or "sqlite:///ivon-diag-demo.db", epochs=args.epochs, flip_fraction=args.flip,
                       seed=args.seed, port=args.port)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from worker.validation.report import run_validation
+    try:
+        from research.report import run_validation
+    except ModuleNotFoundError as err:  # the production image ships the product only
+        raise ValueError(f"validate needs the source checkout's research/ and `pip install -e '.[dev]'` "
+                         f"({err})") from None
 
     run_validation(out_dir=args.out, quick=args.quick)
     return 0

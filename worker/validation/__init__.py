@@ -1,1 +1,0 @@
-"""Validation of the LOO estimate and the sensitivities against retraining (`ivon-diag validate`)."""
