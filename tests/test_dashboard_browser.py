@@ -64,6 +64,11 @@ def test_run_page_draws_updates_live_and_escapes(server):
         from app.api.schemas import LOO_VALIDITY
         assert LOO_VALIDITY in page.inner_text("#validity")  # how far the LOO holds, as the API says it
         assert page.eval_on_selector_all("#most .ex", "els => els.length") == 24
+        # every chart says what it shows (plotly.js ignores string titles: a placeholder used to show instead)
+        titles = page.eval_on_selector_all(".gtitle", "els => els.map(e => e.textContent)")
+        assert "NLL: training, test and the LOO estimate" in titles and "click an example below for its history" in titles
+        assert "Click to enter" not in page.inner_text("body")
+        assert "step" in page.eval_on_selector_all("#loss .xtitle", "els => els.map(e => e.textContent)")
         assert page.eval_on_selector_all("#most .ex.flip", "els => els.length") > 0
         assert page.evaluate("document.getElementById('loss').data[2].x.length") == 2
         assert page.is_hidden("#hess-note")  # the curvature was learned (share 0.2): no warning
