@@ -261,8 +261,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
     def hess_init_share(self) -> float:
         """Median over trainable parameters of β2^t · hess_init / h, capped at 1: how much of the curvature h is
         still its initial value after t steps (1 before any step). Near 1, σ² and every LOO estimate from it are
-        set by hess_init and the run's length rather than by the data (docs/validation.md: on digits the
-        default's LOO was 6.3× the retrained LOO at hess_init 0.1 and 0.57× at 1.0). Exact up to
+        set by hess_init and the run's length rather than by the data (docs/validation.md). Exact up to
         ``SHARE_SAMPLE`` parameters; beyond, the median of an evenly strided sample of about that many."""
         tensors = list(self._trainable())
         total = sum(p.numel() for _, p in tensors)

@@ -6,12 +6,10 @@ correlation of the input with itself shifted by δ2 − δ1, summed over the pos
     block(δ1, δ2) = Σ_{q ∈ R(δ1)} x_q x_{q+Δ}ᵀ,   Δ = δ2 − δ1,
 so the (2kh − 1)(2kw − 1) shifts (half of them, by symmetry) give every block from the whole image's correlation
 minus the few border pixels outside R(δ1): ≈ 13 C² products per position for a 3×3 kernel instead of 81 C², and
-no unfolded copy (ResNet-20 layers: 2.3–3.2× faster than unfold + batched products; tests: equal to the unfolded
-Gram). Strided convolutions, those with under ``SHIFT_MIN_CHANNELS`` input channels and every convolution on an
-accelerator keep the unfolded route: on an H200 the ResNet-20 fit (2,048 examples in chunks of 256) took 5.3× an epoch
-with the shifts and 1.8× unfolded (`bench/sensitivity.py --device cuda --n-cnn 2048`, two machines), while one call on
-2,048 examples took 7.8–13.7 ms shifted and 13.5–16.6 ms unfolded: there the shifts' ~300 small kernels and 50
-copies of index tensors to the device per layer and chunk (torch.profiler, 3×3 kernel) cost more than they save.
+no unfolded copy (tests: equal to the unfolded Gram). Strided convolutions, those with under
+``SHIFT_MIN_CHANNELS`` input channels and every convolution on an accelerator keep the unfolded route: there the
+shifts' many small kernels and index copies per layer and chunk cost more than they save (docs/benchmarks.md,
+`bench/sensitivity.py --device cuda`).
 String padding and non-zero padding modes are applied to the input first (``conv_input``), as the layer does.
 """
 

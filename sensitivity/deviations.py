@@ -34,14 +34,9 @@ from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
 FORMS = ("corrected", "first_order", "second_order", "rayleigh", "diagonal")
 TWO_PASS_FORMS = ("second_order", "rayleigh")  # two first-order passes, no V_i
 # "auto": corrected with a dense covariance; rayleigh with a diagonal one (IVON's σ², the AdamW and SGD heuristics);
-# first order with the others (K-FAC, blocks). docs/validation.md: the correction is exact with the full covariance
-# (LOO 1.08× the retrained truth); on IVON's σ² (matched β2) the capped corrected form tracks the truth where the
-# first order lands at half of it (python -m research.caps, seed 0, digits δ = 3e-3: Spearman with the
-# test NLL 0.87 and 1.14× the true LOO, first order 0.90 and 0.58×; breast cancer with 15% flipped labels: 0.82 and
-# 1.53×, first order −0.31 and 0.66×), and rayleigh gives the same figures at the cost of two first-order passes.
-# Uncapped (or capped at 10) the correction amplifies the errors of diagonal and K-FAC covariances (13× and 43×).
-# The cap likewise ("auto"): 10 with a dense covariance, whose correction is right (digits logistic regression at
-# prior precision 0.01: the exact-Laplace LOO is 0.119 uncapped, 0.118 at 10, 0.032 at 2); 2 with the others.
+# first order with the others (K-FAC, blocks). The correction is exact with the full covariance; with a diagonal or
+# K-FAC one, uncapped, it amplifies their errors, so "auto" caps it at 10 with a dense covariance and at 2 otherwise.
+# The measurements behind both choices: docs/validation.md and `python -m research.caps`.
 DEFAULT_FORM = "auto"
 DEFAULT_MAX_AMPLIFICATION = "auto"
 

@@ -12,20 +12,8 @@ from torch import Tensor
 class SensitivityResult:
     """Per-example tensors (row i is the data source's example ``indices[i]``) and the LOO estimate.
 
-    How far the numbers hold (docs/validation.md, `ivon-diag validate`, truth: retraining without each of the N
-    examples): the *ranking* of examples by LOO loss follows the retrained one on digits (per-example Spearman 0.73
-    to 1.00 across covariances) but weakly on breast cancer with 15% flipped labels (0.48 to 0.50); it flags flipped
-    labels (AUROC 0.96 to 0.99 at 10 to 30% uniform flips) and, averaged over a run's evaluations (the store's
-    ``loo_loss_mean``), keeps flagging them after training has memorized them (0.997 to 1.000). The *level* of
-    ``loo`` is exact only with the full covariance and the corrected form at a converged MAP (1.07×); with IVON's
-    diagonal σ² (β2 matched to the run) it is 0.05× to 1.54× the retrained LOO in the Rayleigh form (the default,
-    capped at 2) and 0.02× to 0.66× in the first-order form, with the last-layer Laplace
-    (``DenseCovariance.last_layer``, corrected) 0.60× to 0.91×. Its trend over training holds only in some settings:
-    the default's Spearman with the test NLL 0.87 on digits with δ = 3e-3 and 0.82 on breast cancer with memorized
-    flips, but −0.05 with 20% of digits' labels flipped and memorized (the first-order form: −0.79, falling while
-    the test NLL rises). It is not yet a reliable signal to stop training on. There ``capped`` (the share of
-    examples whose correction hit the cap) followed the test NLL (Spearman 0.98; 0.66 with breast cancer's flips),
-    but it also reached 9% in a clean run: a sign to inspect.
+    ``loo`` is (1/N) Σ ℓ(y_i, f_i + Δ_i); ``capped`` the share of examples whose correction hit its cap. How far
+    the ranking and the level hold against retraining, for each covariance and form: docs/validation.md.
     """
 
     indices: Tensor  # (N,) stable example index

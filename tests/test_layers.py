@@ -2,6 +2,7 @@
 above the product and nothing in it imports them; the API never imports torch."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,15 @@ def test_the_research_harness_is_outside_the_product():
     assert not (ROOT / "worker" / "validation").exists()
     assert not (ROOT / "worker" / "cli.py").exists()
     assert "research" in _imports(ROOT / "ivon_diag" / "cli.py")  # the one entry that may import every layer
+
+
+FIGURE = re.compile(r"\d+(\.\d+)?\s?×(?!\s?\d)|\b(Spearman|Pearson|AUROC)\s+[-−]?\d")
+
+
+def test_figures_live_in_the_documents_that_measure_them():
+    """The README, docstrings, comments, API descriptions and pages link docs/validation.md and docs/benchmarks.md
+    (the validation and benchmarks own their figures); a ratio or a correlation quoted elsewhere drifts."""
+    files = [ROOT / "README.md", *(p for pkg in ("ivon_core", "sensitivity", "worker", "app", "ivon_diag")
+                                   for p in (ROOT / pkg).rglob("*") if p.suffix in (".py", ".html"))]
+    quoted = {str(p.relative_to(ROOT)): m.group(0) for p in files for m in [FIGURE.search(p.read_text())] if m}
+    assert quoted == {}
