@@ -290,3 +290,15 @@ def test_hostile_numbers_and_nul_bytes_are_refused_on_both_backends(api):
     assert len(store.list_runs()) == before  # nothing written
     for name in ("a%00b", "x" * 101, "a b"):
         assert client.get(f"/api/v1/runs/1/metrics/{name}").status_code == 422
+
+
+def test_metric_names_are_listed_and_a_typo_is_a_404_that_names_them(api):
+    client, store, _ = api
+    run = _run_with_data(store)
+    assert client.get(f"/api/v1/runs/{run.id}/metrics").json() == ["loo", "test_nll"]
+    r = client.get(f"/api/v1/runs/{run.id}/metrics/test_nl")
+    assert r.status_code == 404 and "no metric 'test_nl' (it has: loo, test_nll)" in r.json()["detail"]
+    fresh = store.create_run("fresh", {}, enqueue=False)
+    assert client.get(f"/api/v1/runs/{fresh.id}/metrics").json() == []
+    assert client.get(f"/api/v1/runs/{fresh.id}/metrics/loo").json() == {"name": "loo", "points": []}  # not yet
+    assert client.get("/api/v1/runs/987654/metrics").status_code == 404

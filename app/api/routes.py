@@ -25,6 +25,7 @@ from app.api.schemas import (
     RunOut,
 )
 from app.store import Store
+from app.store.job_config import MONITORS
 from app.store.urls import check_webhook_url
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
@@ -74,6 +75,13 @@ def final_model(run_id: RunId, request: Request, store: Store = Depends(get_stor
     return FileResponse(path, media_type="application/octet-stream", filename=f"run{run_id}_model.pt")
 
 
+@router.get("/runs/{run_id}/metrics", response_model=list[str], dependencies=read)
+def metric_names(run_id: RunId, store: Store = Depends(get_store)):
+    """The names of the run's stored metric series (each a ``/metrics/{name}`` curve)."""
+    store.get_run(run_id)
+    return store.metric_names(run_id)
+
+
 @router.get("/runs/{run_id}/metrics/{name}", response_model=Curve, dependencies=read)
 def curve(
     run_id: RunId,
@@ -83,6 +91,8 @@ def curve(
     store: Store = Depends(get_store),
 ):
     store.get_run(run_id)
+    if name not in MONITORS and name not in (names := store.metric_names(run_id)):  # a typo: say what exists
+        raise HTTPException(404, f"run {run_id} has no metric {name!r} (it has: {', '.join(names) or 'none yet'})")
     return Curve(
         name=name, points=[Point(step=s, value=v) for s, v in store.curve(run_id, name, since_step, max_points)]
     )

@@ -206,6 +206,11 @@ class Store(JobQueue, HooksAndTokens):
                                                   for st, v in zip(steps, values)])
             refresh_rollups(s, run_id, {name: steps})
 
+    def metric_names(self, run_id: int) -> list[str]:
+        """The names of the run's stored series (the metric index serves it)."""
+        with self.session() as s:
+            return list(s.scalars(select(Metric.name).where(Metric.run_id == run_id).distinct().order_by(Metric.name)))
+
     def curve(self, run_id: int, name: str, since_step: int | None = None,
               max_points: int = 2000) -> list[tuple[int, float | None]]:
         """A metric series; above ``max_points`` downsampled on the server keeping every bucket's min and max
