@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tqdm import tqdm
 
@@ -19,7 +19,7 @@ def console_log(tty: bool | None = None):
         tqdm.write(msg)  # above a progress bar, not through it
 
     def structured(msg: str, **fields) -> None:
-        line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "msg": msg, **fields}
+        line = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "msg": msg, **fields}
         print(json.dumps(line, default=str), flush=True)
 
     log = plain if tty else structured

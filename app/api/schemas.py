@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -12,7 +12,7 @@ from app.store.job_config import JobConfig
 
 def _utc(value: datetime | None) -> datetime | None:
     """The store keeps UTC; SQLite hands it back naive. Always sent with its zone (ISO 8601, ``Z``)."""
-    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 UTCDatetime = Annotated[datetime, AfterValidator(_utc)]

@@ -10,9 +10,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+import migrations
 from app.store.engine import SchemaOutdated, check_reachable, redact
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS = Path(migrations.__file__).resolve().parent  # the installed package, wherever it lives
 
 
 def alembic_config(engine: Engine) -> Config:

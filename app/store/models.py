@@ -4,7 +4,7 @@ evaluation, so top-k and bottom-k are index range scans; a second index serves o
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
@@ -27,7 +27,7 @@ JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
