@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.deps import LoginRequired, require_page, require_read
-from app.api.routes import router
+from app.api.routes import ROUTERS
 from app.cache import ResponseCache
 from app.dashboard import router as dashboard_router
 from app.limits import BodyLimit
@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_metrics(app, app.state.store)
-    app.include_router(router)
+    for router in ROUTERS:
+        app.include_router(router)
     app.include_router(dashboard_router)
 
     # the schema and its viewers are reads like any other: behind the token when reads are

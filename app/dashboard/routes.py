@@ -9,12 +9,12 @@ from urllib.parse import parse_qs
 
 import plotly
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from app.api.deps import SESSION_COOKIE, get_store, require_page, require_read
+from app.api.deps import SESSION_COOKIE, get_store, require_page
 from app.api.routes import INT32, RunId
-from app.api.schemas import ERRORS, HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
+from app.api.schemas import HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
 
 router = APIRouter()
@@ -111,43 +111,3 @@ def _hess_init(config) -> object:
     """The run's configured hess_init as stored (None: not given, the worker's default)."""
     opt = config.get("optimizer") if isinstance(config, dict) else None
     return opt.get("hess_init") if isinstance(opt, dict) else None
-
-
-@router.get("/api/v1/runs/{run_id}/histogram", dependencies=[Depends(require_read)], tags=["examples"],
-            responses=ERRORS)
-def histogram(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32), bins: int = Query(30, ge=1, le=200),
-              store: Store = Depends(get_store)):
-    """Histogram of the sensitivity scores at a step (default: the latest)."""
-    at, counts, edges = store.score_histogram(run_id, step, bins)
-    return {"step": at, "counts": counts, "edges": edges}
-
-
-@router.get("/api/v1/runs/{run_id}/events", dependencies=[Depends(require_read)], tags=["live"],
-            response_class=StreamingResponse,
-            responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
-                                       "description": "`event: evaluation` per new evaluation, then `event: status`"}})
-async def events(request: Request, run_id: RunId, since_step: int = Query(-1, ge=-1, le=INT32),
-                 store: Store = Depends(get_store)):
-    """Server-Sent Events: one ``evaluation`` event per new evaluation (steps after ``since_step``)."""
-    store.get_run(run_id)
-
-    async def stream():
-        last = since_step
-        yield "retry: 2000\n\n"
-        draining = request.app.state.draining
-        while not draining.is_set() and not await request.is_disconnected():
-            evs = await asyncio.to_thread(store.evaluations, run_id, last, 100)
-            for ev in evs:
-                last = ev.step
-                payload = {"step": ev.step, "loo": ev.loo, **{k: v for k, v in ev.metrics.items()}}
-                yield f"event: evaluation\nid: {ev.step}\ndata: {json.dumps(payload)}\n\n"
-            run = await asyncio.to_thread(store.get_run, run_id)
-            if run.status in ("done", "failed", "cancelled") and not evs:
-                yield f"event: status\ndata: {json.dumps({'status': run.status})}\n\n"
-                return
-            for _ in range(10):  # wake often enough to end promptly when the server drains
-                if draining.is_set():
-                    return
-                await asyncio.sleep(0.1)
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

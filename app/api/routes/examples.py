@@ -1,0 +1,84 @@
+"""Per-example results: ranked pages, one example's history and image, exports, the score histogram."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+
+from app.api.deps import get_store
+from app.api.routes.common import ERRORS, INT32, PREFIX, Idx, RunId, Step, read
+from app.api.schemas import ExampleOut, ExamplesPage
+from app.store import Store
+
+router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["examples"])
+
+
+@router.get("/runs/{run_id}/examples", response_model=ExamplesPage, dependencies=read)
+def examples(
+    run_id: RunId,
+    order: Literal["most", "least"] = "most",
+    by: Literal["score", "loo_mean"] = Query("score", description="rank by the sensitivity at the step, or by the "
+                                             "LOO loss averaged over the evaluations up to it (likely mislabeled)"),
+    step: int | None = Query(None, ge=0, le=INT32),
+    limit: int = Query(50, ge=1, le=INT32, description="capped at 1000"),
+    offset: int = Query(0, ge=0, le=INT32),
+    store: Store = Depends(get_store),
+):
+    limit = min(limit, 1000)
+    at, rows = store.examples_at(run_id, step, limit, offset, least=order == "least", by=by)
+    return ExamplesPage(step=at, order=order, by=by, offset=offset, limit=limit,
+                        items=[ExampleOut(**vars(r)) for r in rows])
+
+
+@router.get("/runs/{run_id}/examples/{idx}", response_model=list[ExampleOut], dependencies=read)
+def example_history(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
+    return [ExampleOut(**vars(r)) for r in store.example_history(run_id, idx)]
+
+
+@router.get(
+    "/runs/{run_id}/examples/{idx}/image",
+    dependencies=read,
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def example_image(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
+    ex = store.get_example(run_id, idx)
+    if ex.thumbnail is None:
+        raise HTTPException(404, f"example {idx} of run {run_id} has no image")
+    return Response(ex.thumbnail, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.get("/runs/{run_id}/evaluations/{step}/examples.{fmt}", dependencies=read, response_class=Response,
+            responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+def export_examples(run_id: RunId, step: Step, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
+    """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, loo_loss_mean, loo_loss_evals,
+    label, flipped."""
+    cols = store.examples_table(run_id, step)
+    name = f"run{run_id}_step{step}_examples.{fmt}"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows(zip(*cols.values()))
+        return Response(buf.getvalue(), media_type="text/csv", headers=headers)
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table(cols), sink)
+    return Response(sink.getvalue(), media_type="application/vnd.apache.parquet", headers=headers)
+
+
+@router.get("/runs/{run_id}/histogram", dependencies=read)
+def histogram(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32), bins: int = Query(30, ge=1, le=200),
+              store: Store = Depends(get_store)):
+    """Histogram of the sensitivity scores at a step (default: the latest)."""
+    at, counts, edges = store.score_histogram(run_id, step, bins)
+    return {"step": at, "counts": counts, "edges": edges}

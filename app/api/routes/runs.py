@@ -1,0 +1,61 @@
+"""Runs: list, create (queue a job), get, stop, the final model, the early-stopping state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+
+from app.api.deps import get_store, require_write
+from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, read
+from app.api.schemas import EarlyStopOut, RunCreate, RunOut
+from app.store import Store
+
+router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["runs"])
+
+
+@router.get("/runs", response_model=list[RunOut], dependencies=read)
+def list_runs(
+    status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
+    limit: int = Query(100, ge=1, le=INT32, description="capped at 1000"),
+    offset: int = Query(0, ge=0, le=INT32),
+    store: Store = Depends(get_store),
+):
+    return store.list_runs(status=status, limit=min(limit, 1000), offset=offset)
+
+
+@router.post("/runs", response_model=RunOut, status_code=201, dependencies=[Depends(require_write)])
+def create_run(body: RunCreate, store: Store = Depends(get_store)):
+    """Validate a job config and queue it for a worker."""
+    return store.create_run(body.config.name, body.config.model_dump(mode="json"))
+
+
+@router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
+def get_run(run_id: RunId, store: Store = Depends(get_store)):
+    return store.get_run(run_id)
+
+
+@router.post("/runs/{run_id}/stop", response_model=RunOut, dependencies=[Depends(require_write)])
+def stop_run(run_id: RunId, store: Store = Depends(get_store)):
+    store.request_stop(run_id)
+    return store.get_run(run_id)
+
+
+@router.get("/runs/{run_id}/model", dependencies=read, response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no final model"}})
+def final_model(run_id: RunId, request: Request, store: Store = Depends(get_store)):
+    """The run's final weights (a ``torch.save`` of ``{"model": state_dict, "step": step}``; load it with
+    ``torch.load(path, weights_only=True)``), kept when the run ends; 404 before that."""
+    run = store.get_run(run_id)
+    path = Path(request.app.state.settings.checkpoint_dir) / run.uid / "model.pt"
+    if not path.is_file():
+        raise HTTPException(404, f"run {run_id} has no final model (status {run.status})")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"run{run_id}_model.pt")
+
+
+@router.get("/runs/{run_id}/early-stopping", response_model=EarlyStopOut | None, dependencies=read)
+def early_stopping(run_id: RunId, store: Store = Depends(get_store)):
+    store.get_run(run_id)
+    return store.early_stop(run_id)
