@@ -30,6 +30,16 @@ def _write(store, run_id, step, n=200):
                            idx=np.arange(n), scores=s, loo_losses=s, prob_label=1 - s)
 
 
+def _open(playwright, errors: list):
+    """Debian's chromium, headless, with a page whose console errors and uncaught exceptions land in ``errors``."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+    page = browser.new_page()
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page
+
+
 def _images(n):
     import torch
 
@@ -51,11 +61,7 @@ def test_run_page_draws_updates_live_and_escapes(server):
         _write(store, run.id, step)
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page = _open(p, errors)
         page.goto(f"{base}/runs/{run.id}")
         page.wait_for_selector("#loss .main-svg")
         page.wait_for_selector("#most .ex img")
@@ -140,11 +146,7 @@ def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tm
         assert httpx.post(base + "/login", data={"token": "wrong"}).status_code == 403
         errors = []
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            browser, page = _open(p, errors)
             page.goto(f"{base}/runs/{run.id}")
             assert "/login" in page.url
             page.fill("input[name=token]", "not-a-token")

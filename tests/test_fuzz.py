@@ -10,16 +10,20 @@ from app.settings import Settings
 from app.store import Store, make_engine, upgrade
 
 
-def _app(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'fuzz.db'}"
+def _seeded(url: str) -> Store:
+    """A migrated store with one run: examples and an evaluation, so that the routes reach their logic."""
     upgrade(make_engine(url))
     store = Store(url)
     run = store.create_run("fuzz", {"name": "fuzz"}, enqueue=False)
     store.add_examples(run.id, range(50), labels=[i % 3 for i in range(50)])
     store.write_evaluation(run.id, 1, loo=0.2, metrics={"test_nll": 0.3}, idx=np.arange(50),
                            scores=np.linspace(0, 1, 50))
-    app = create_app(Settings(), store)
-    return app, store.create_token("fuzz")
+    return store
+
+
+def _app(tmp_path_factory):
+    store = _seeded(f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'fuzz.db'}")
+    return create_app(Settings(), store), store.create_token("fuzz")
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +62,7 @@ def test_the_api_conforms_to_its_openapi_schema(tmp_path):
     from tests.conftest import free_port, serving
 
     url = f"sqlite:///{tmp_path / 'conform.db'}"
-    upgrade(make_engine(url))
-    store = Store(url)
-    run = store.create_run("conform", {"name": "conform"}, enqueue=False)
-    store.add_examples(run.id, range(50), labels=[i % 3 for i in range(50)])
-    store.write_evaluation(run.id, 1, loo=0.2, metrics={"test_nll": 0.3}, idx=np.arange(50),
-                           scores=np.linspace(0, 1, 50))
-    token = store.create_token("conform")
+    token = _seeded(url).create_token("conform")
     port = free_port()
     root = Path(__file__).parents[1]
     with serving(["--db", url, "serve", "--port", str(port)], port) as base:
