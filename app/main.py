@@ -25,7 +25,7 @@ from app.dashboard import router as dashboard_router
 from app.limits import BodyLimit
 from app.metrics import install as install_metrics
 from app.settings import Settings
-from app.store import CorruptData, NotFound, SchemaOutdated, Store, StoreError, WriteRefused, ensure_current
+from app.store import Conflict, CorruptData, NotFound, SchemaOutdated, Store, StoreError, WriteRefused, ensure_current
 
 log = logging.getLogger("ivon_diag.app")
 
@@ -86,6 +86,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             headers["Allow"] = ", ".join(sorted({m for r in app.routes if r.matches(request.scope)[0] != Match.NONE
                                                  for m in getattr(r, "methods", None) or ()}))
         return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=headers)
+
+    @app.exception_handler(Conflict)
+    async def conflict(_: Request, err: Conflict):
+        return JSONResponse({"detail": str(err)}, status_code=409)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, err: NotFound):

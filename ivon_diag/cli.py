@@ -59,6 +59,73 @@ def _token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace):
+    from app.store import Store, ensure_current
+
+    store = Store(args.db)
+    ensure_current(store.engine)
+    return store
+
+
+def _runs_list(args: argparse.Namespace) -> int:
+    runs = _store(args).list_runs(status=args.status, limit=args.limit)
+    print(f"{'id':>5}  {'status':<9}  {'created (UTC)':<16}  name")
+    for r in runs:
+        print(f"{r.id:>5}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {r.name}")
+    return 0
+
+
+def _runs_show(args: argparse.Namespace) -> int:
+    import json
+
+    store = _store(args)
+    run = store.get_run(args.run)
+    step = store.latest_step(run.id)
+    last = [None] if step is None else store.evaluations(run.id, since_step=step - 1, limit=1)
+    print(json.dumps({"id": run.id, "uid": run.uid, "name": run.name, "status": run.status, "error": run.error,
+                      "created_at": str(run.created_at), "finished_at": str(run.finished_at),
+                      "last_evaluation": None if last[0] is None else {"step": last[0].step, "loo": last[0].loo,
+                                                                        **last[0].metrics},
+                      "config": run.config}, indent=2, default=str))
+    return 0
+
+
+def _runs_delete(args: argparse.Namespace) -> int:
+    from worker.checkpoints import Checkpoints
+
+    store = _store(args)
+    uid = store.get_run(args.run).uid
+    store.delete_run(args.run)
+    Checkpoints(args.checkpoint_dir, uid).remove()
+    print(f"run {args.run} deleted, with its checkpoints")
+    return 0
+
+
+def _step(value: str) -> int | None:
+    if value == "latest":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a step nor 'latest'")
+    return int(value)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from app.store.export import table_bytes
+
+    store = _store(args)
+    step = store.resolve_step(args.run, args.step)
+    data = table_bytes(store.examples_table(args.run, step), args.format)
+    if args.out in (None, "-"):
+        if args.format == "parquet":
+            raise ValueError("--format parquet needs --out FILE")
+        sys.stdout.write(data.decode())
+    else:
+        with open(args.out, "wb") as f:
+            f.write(data)
+        print(f"run {args.run}, step {step}: {args.out}", file=sys.stderr)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from app.store import Store, ensure_current, make_engine, upgrade
     from worker import distributed
@@ -184,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--terminal", action="store_true", help="print the diagnostics instead of serving them")
     demo.set_defaults(func=_demo)
+    runs = sub.add_parser("runs", help="list, show and delete runs").add_subparsers(dest="runs_command",
+                                                                                   required=True)
+    ls = runs.add_parser("list", parents=[with_db], help="the newest runs first")
+    ls.add_argument("--status", choices=["queued", "running", "done", "failed", "cancelled"])
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=_runs_list)
+    show = runs.add_parser("show", parents=[with_db], help="a run's status, config and last evaluation (JSON)")
+    show.add_argument("run", type=int)
+    show.set_defaults(func=_runs_show)
+    rm = runs.add_parser("delete", parents=[with_db], help="a run that is not running, its scores and checkpoints")
+    rm.add_argument("run", type=int)
+    rm.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
+    rm.set_defaults(func=_runs_delete)
+    ex = sub.add_parser("export", parents=[with_db], help="an evaluation's per-example table (idx, rank, score, "
+                        "LOO loss, mean LOO loss, label, flipped)")
+    ex.add_argument("run", type=int)
+    ex.add_argument("--step", type=_step, default=None, help="an evaluated step, or latest (default)")
+    ex.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    ex.add_argument("--out", default=None, help="a file (default: CSV to standard output)")
+    ex.set_defaults(func=_export)
     sv = sub.add_parser("serve", parents=[with_db], help="the REST API and the dashboard")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)

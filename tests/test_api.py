@@ -302,3 +302,21 @@ def test_metric_names_are_listed_and_a_typo_is_a_404_that_names_them(api):
     assert client.get(f"/api/v1/runs/{fresh.id}/metrics").json() == []
     assert client.get(f"/api/v1/runs/{fresh.id}/metrics/loo").json() == {"name": "loo", "points": []}  # not yet
     assert client.get("/api/v1/runs/987654/metrics").status_code == 404
+
+
+def test_delete_a_run_and_export_the_latest_evaluation(api):
+    client, store, auth = api
+    run = _run_with_data(store)
+    latest = client.get(f"/api/v1/runs/{run.id}/evaluations/latest/examples.csv")
+    assert latest.status_code == 200 and "step20" in latest.headers["content-disposition"]
+    assert latest.text == client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.csv").text
+    assert client.get(f"/api/v1/runs/{run.id}/evaluations/newest/examples.csv").status_code == 422
+    assert client.delete(f"/api/v1/runs/{run.id}").status_code == 401
+    running = store.create_run("busy", {}, enqueue=True)
+    store.claim_job("w")
+    r = client.delete(f"/api/v1/runs/{running.id}", headers=auth)
+    assert r.status_code == 409 and "stop it first" in r.json()["detail"]
+    assert client.delete(f"/api/v1/runs/{run.id}", headers=auth).status_code == 204
+    assert client.get(f"/api/v1/runs/{run.id}").status_code == 404
+    assert client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.csv").status_code == 404
+    assert store.metric_names(run.id) == [] and client.delete(f"/api/v1/runs/{run.id}", headers=auth).status_code == 404

@@ -102,3 +102,32 @@ def test_the_final_model_is_downloadable_and_the_resume_state_removed(tmp_path, 
     assert model["step"] > 0 and set(model["model"]) == {"1.weight", "1.bias"}
     assert client.get(f"/api/v1/runs/{run.id}").json()["uid"] == run.uid
     assert client.get("/api/v1/runs/999/model").status_code == 404
+
+
+def test_runs_and_export_commands(tmp_path):
+    """`ivon-diag runs list|show|delete` and `ivon-diag export` as processes, with their errors."""
+    db = tmp_path / "ivon-diag.db"
+    assert _train(tmp_path, db, {**JOB, "name": "kept"}).returncode == 0
+    assert _train(tmp_path, db, {**JOB, "name": "gone"}).returncode == 0
+    store = Store(f"sqlite:///{db}")
+    gone = store.get_run(2)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ivon_diag", *args, "--db", f"sqlite:///{db}"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    listed = cli("runs", "list")
+    assert listed.returncode == 0 and [ln.split()[-1] for ln in listed.stdout.splitlines()[1:]] == ["gone", "kept"]
+    shown = json.loads(cli("runs", "show", "1").stdout)
+    assert shown["name"] == "kept" and shown["last_evaluation"]["step"] == store.latest_step(1)
+    out = cli("export", "1")
+    assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("idx,rank,score")
+    assert len(out.stdout.splitlines()) == Store(f"sqlite:///{db}").get_run(1).n_examples + 1
+    assert cli("export", "1", "--format", "parquet", "--out", str(tmp_path / "t.parquet")).returncode == 0
+    assert (tmp_path / "t.parquet").read_bytes()[:4] == b"PAR1"
+    bad = cli("export", "1", "--step", "soon")
+    assert bad.returncode == 2 and "'soon' is neither a step nor 'latest'" in bad.stderr
+    assert "run 9 not found" in cli("export", "9").stderr and "run 9 not found" in cli("runs", "show", "9").stderr
+    assert (tmp_path / "ck" / gone.uid / "model.pt").exists()
+    assert cli("runs", "delete", "2", "--checkpoint-dir", str(tmp_path / "ck")).returncode == 0
+    assert not (tmp_path / "ck" / gone.uid).exists() and [r.id for r in store.list_runs()] == [1]

@@ -27,6 +27,7 @@ ERRORS = {400: {"model": ErrorOut, "description": "a body that is not JSON"},
           401: {"model": ErrorOut, "description": "no token where one is required"},
           403: {"model": ErrorOut, "description": "a wrong or revoked token"},
           404: {"model": ErrorOut, "description": "an unknown run, step, example or hook"},
+          409: {"model": ErrorOut, "description": "not now: the run is running"},
           413: {"model": ErrorOut, "description": "a body over IVON_DIAG_MAX_BODY_BYTES"},
           503: {"model": ErrorOut, "description": "the database is unavailable or refuses writes"}}
 

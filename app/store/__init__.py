@@ -1,6 +1,7 @@
 """The store: SQLAlchemy models, engines, migrations and the repository (the only code that speaks SQL)."""
 
 from app.store.engine import (
+    Conflict,
     CorruptData,
     DatabaseUnavailable,
     NotFound,
@@ -14,5 +15,6 @@ from app.store.engine import (
 from app.store.migrate import ensure_current, upgrade
 from app.store.repository import ScoreRow, Store, finite
 
-__all__ = ["Store", "NotFound", "CorruptData", "ScoreRow", "StoreError", "DatabaseUnavailable", "SchemaOutdated",
-           "WriteRefused", "make_engine", "database_url", "redact", "upgrade", "ensure_current", "finite"]
+__all__ = ["Store", "NotFound", "Conflict", "CorruptData", "ScoreRow", "StoreError", "DatabaseUnavailable",
+           "SchemaOutdated", "WriteRefused", "make_engine", "database_url", "redact", "upgrade", "ensure_current",
+           "finite"]

@@ -20,6 +20,10 @@ class NotFound(StoreError, LookupError):
     """An unknown run, step, example, job, hook or token (the API maps it to 404)."""
 
 
+class Conflict(StoreError):
+    """A request the stored state does not allow now (deleting a running run); the API maps it to 409."""
+
+
 class DatabaseUnavailable(StoreError):
     """The database URL is invalid or the server cannot be reached (the message never shows the password)."""
 

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.access import HooksAndTokens
-from app.store.engine import CorruptData, NotFound, make_engine
+from app.store.engine import Conflict, CorruptData, NotFound, make_engine
 from app.store.models import (
     EarlyStopState,
     Evaluation,
@@ -185,6 +185,22 @@ class Store(JobQueue, HooksAndTokens):
             q = q.where(Evaluation.step > since_step)
         with self.session() as s:
             return list(s.scalars(q))
+
+    def resolve_step(self, run_id: int, step: int | None = None) -> int:
+        """``step``, or the run's latest evaluated one; NotFound for an unknown run or one not evaluated yet."""
+        with self.session() as s:
+            return _resolve_step(s, run_id, step)
+
+    def delete_run(self, run_id: int) -> None:
+        """The run and everything stored for it (its job, evaluations, curves, examples, scores, hooks); refused
+        with Conflict while a worker trains it."""
+        with self.session(write=True) as s, s.begin():
+            run = s.get(Run, run_id)
+            if run is None:
+                raise NotFound(f"run {run_id} not found")
+            if run.status == "running":
+                raise Conflict(f"run {run_id} is running: stop it first (POST /api/v1/runs/{run_id}/stop)")
+            s.delete(run)
 
     def latest_step(self, run_id: int) -> int | None:
         with self.session() as s:

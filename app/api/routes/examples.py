@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import Path as PathParam
 
 from app.api.deps import get_store
-from app.api.routes.common import ERRORS, INT32, PREFIX, Idx, RunId, Step, read
+from app.api.routes.common import ERRORS, INT32, PREFIX, Idx, RunId, read
 from app.api.schemas import ExampleOut, ExamplesPage
 from app.store import Store
+from app.store.export import FORMATS, table_bytes
 
 router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["examples"])
 
@@ -50,30 +52,16 @@ def example_image(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
 
 
 @router.get("/runs/{run_id}/evaluations/{step}/examples.{fmt}", dependencies=read, response_class=Response,
-            responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
-def export_examples(run_id: RunId, step: Step, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
+            responses={200: {"content": {media: {} for media in FORMATS.values()}}})
+def export_examples(run_id: RunId, step: Annotated[str, PathParam(pattern=r"^(\d{1,10}|latest)$",
+                                                                  description="a step, or latest")],
+                    fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
     """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, loo_loss_mean, loo_loss_evals,
     label, flipped."""
-    cols = store.examples_table(run_id, step)
-    name = f"run{run_id}_step{step}_examples.{fmt}"
-    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(cols)
-        w.writerows(zip(*cols.values()))
-        return Response(buf.getvalue(), media_type="text/csv", headers=headers)
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = io.BytesIO()
-    pq.write_table(pa.table(cols), sink)
-    return Response(sink.getvalue(), media_type="application/vnd.apache.parquet", headers=headers)
+    at = store.resolve_step(run_id, None if step == "latest" else int(step))
+    name = f"run{run_id}_step{at}_examples.{fmt}"
+    return Response(table_bytes(store.examples_table(run_id, at), fmt), media_type=FORMATS[fmt],
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @router.get("/runs/{run_id}/histogram", dependencies=read)

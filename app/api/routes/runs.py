@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.api.deps import get_store, require_write
@@ -35,6 +35,14 @@ def create_run(body: RunCreate, store: Store = Depends(get_store)):
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
 def get_run(run_id: RunId, store: Store = Depends(get_store)):
     return store.get_run(run_id)
+
+
+@router.delete("/runs/{run_id}", status_code=204, dependencies=[Depends(require_write)])
+def delete_run(run_id: RunId, store: Store = Depends(get_store)):
+    """Delete a run that is not running and everything stored for it; its checkpoint folder stays on the workers'
+    disk (`ivon-diag runs delete` removes both)."""
+    store.delete_run(run_id)
+    return Response(status_code=204)
 
 
 @router.post("/runs/{run_id}/stop", response_model=RunOut, dependencies=[Depends(require_write)])
