@@ -6,14 +6,17 @@ import contextlib
 import logging
 import os
 import threading
+from pathlib import Path
 from urllib.parse import quote
 
 import anyio.to_thread
+import fastapi_offline
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -60,13 +63,19 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     def openapi():
         return JSONResponse(app.openapi())
 
+    # Swagger UI and ReDoc from the installed fastapi-offline package: the docs work without a network
+    app.mount("/static/docs", StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static"), name="docs")
+
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_page)])
     def swagger():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="ivon-diag API")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="ivon-diag API",
+                                   swagger_js_url="/static/docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/docs/swagger-ui.css", swagger_favicon_url="data:,")
 
     @app.get("/redoc", include_in_schema=False, dependencies=[Depends(require_page)])
     def redoc():
-        return get_redoc_html(openapi_url="/openapi.json", title="ivon-diag API")
+        return get_redoc_html(openapi_url="/openapi.json", title="ivon-diag API", with_google_fonts=False,
+                              redoc_js_url="/static/docs/redoc.standalone.js", redoc_favicon_url="data:,")
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, _: LoginRequired):

@@ -166,3 +166,31 @@ def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tm
             page.goto(f"{base}/")
             assert "/login" in page.url
             browser.close()
+
+
+def test_the_api_docs_render_without_a_network(server):
+    """Before: /docs loaded Swagger UI from a CDN and stayed blank offline."""
+    from playwright.sync_api import sync_playwright
+
+    base, _ = server
+    errors, outside = [], []
+    with sync_playwright() as p:
+        browser, page = _open(p, errors)
+
+        def local_only(route):
+            if route.request.url.startswith(base):
+                return route.continue_()
+            outside.append(route.request.url)
+            return route.abort()
+
+        page.route("**/*", local_only)
+        page.goto(f"{base}/docs")
+        page.wait_for_selector(".swagger-ui .info .title")
+        assert "ivon-diag" in page.inner_text(".swagger-ui .info .title")
+        page.get_by_text("/api/v1/runs/{run_id}/examples", exact=True).first.wait_for()
+        page.goto(f"{base}/redoc")
+        page.get_by_text("/api/v1/runs/{run_id}/model").first.wait_for()
+        browser.close()
+    # ReDoc's bundle asks for its own footer logo; nothing the page needs leaves the machine
+    assert [u for u in outside if u != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []
+    assert errors == ["Failed to load resource: net::ERR_FAILED"] * len(outside)  # that logo, refused here
