@@ -104,10 +104,20 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if not np.isfinite(xtr).all():
         bad = int(np.flatnonzero(~np.isfinite(xtr.reshape(len(xtr), -1)).all(1))[0])
         raise ValueError(f"non-finite input values in training example {bad}")
+    if cfg.standardize if cfg.standardize is not None else cfg.name == "csv":
+        xtr, xte = standardize(np.asarray(xtr, dtype=np.float64), np.asarray(xte, dtype=np.float64))
     t = torch.tensor(ytr, dtype=torch.long)
     return Dataset(torch.tensor(xtr, dtype=torch.float32), t.clone(), torch.tensor(xte, dtype=torch.float32),
                    torch.tensor(yte, dtype=torch.long), num_classes, image_shape, t,
                    torch.zeros(len(t), dtype=torch.bool), model)
+
+
+def standardize(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature to zero mean and unit variance over the training split (the test split with the same
+    statistics; a constant feature is only centred). Raw tabular features on scales of 1e3 made IVON diverge."""
+    mean, std = xtr.mean(0), xtr.std(0)
+    std = np.where(std > 0, std, 1.0)
+    return (xtr - mean) / std, (xte - mean) / std
 
 
 def flip(y: Tensor, num_classes: int, fraction: float, mode: str, seed: int) -> tuple[Tensor, Tensor]:

@@ -285,6 +285,7 @@ class Trainer:
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise JobFailed(f"non-finite {', '.join(bad)} at step {step}")
+        self._check_divergence(metrics["train_nll"], data.num_classes, step)
         loo = metrics.pop("loo")
         self.store.write_evaluation(self.run_id, step, loo=loo, metrics=metrics, idx=res.indices.numpy(),
                                     scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
@@ -300,6 +301,15 @@ class Trainer:
             self.log(msg)
         self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
+
+    DIVERGED = 100.0  # a training NLL this many times chance's, log K: no model that learns gets there
+
+    def _check_divergence(self, train_nll: float, num_classes: int, step: int) -> None:
+        chance = math.log(max(num_classes, 2))
+        if train_nll > self.DIVERGED * chance:
+            raise JobFailed(f"training diverged: training NLL {train_nll:.4g} at step {step}, "
+                            f"{train_nll / chance:.3g} times that of a uniform guess; standardize the features "
+                            "(data.standardize: true) or lower optimizer.lr")
 
     def _checkpoint(self, model, opt, sched, gen, step, perm, es) -> None:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

@@ -71,6 +71,9 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     n_train: Int | None = Field(None, ge=2, le=BIG, description="a stratified subset of the training split")
     n_synthetic: Int = Field(512, ge=8, le=10_000_000)
+    standardize: bool | None = Field(
+        None, description="scale each feature to zero mean and unit variance, fitted on the training split; "
+        "None: on for csv, off for the others")
 
     @model_validator(mode="after")
     def _path_for_files(self):
