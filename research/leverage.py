@@ -22,7 +22,8 @@ from research import experiments as E
 from research import setups
 from research.estimators import refine
 from sensitivity.covariance import DenseCovariance, prior_from_weight_decay
-from sensitivity.deviations import _per_example_jacobians, prediction_variance
+from sensitivity.deviations import prediction_variance
+from sensitivity.jacobians import per_example_jacobians
 from sensitivity.losses import get_loss
 from sensitivity.retrain import leave_one_out
 from sensitivity.variance import as_covariance, ivon_variance
@@ -31,7 +32,7 @@ from sensitivity.variance import as_covariance, ivon_variance
 def leverages(model: torch.nn.Module, cov, x: torch.Tensor) -> torch.Tensor:
     """ρ_i, the largest eigenvalue of Λ_i V_i (as of L_iᵀ V_i L_i, symmetric with the same spectrum)."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    logits, jac = _per_example_jacobians(model, params, x)
+    logits, jac = per_example_jacobians(model, params, x)
     v = prediction_variance(cov, jac)
     lam = get_loss("cross_entropy").hessian_factor(logits.detach())
     m = lam.transpose(1, 2) @ v @ lam

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.conv_factors import input_gram, patch_gram, patch_means
+from sensitivity.jacobians import iter_chunks, per_example_jacobians
 from sensitivity.losses import Loss, get_loss
+from sensitivity.variance import as_covariance
 
 
 def prior_from_weight_decay(weight_decay: float, n_train: int) -> float:
@@ -27,6 +29,8 @@ def _flat(tangents: dict[str, Tensor], names: list[str], shapes: dict[str, torch
 
 class DenseCovariance:
     """Σ as a dense P×P matrix over the named parameters (in the order given)."""
+
+    default_form, default_max_amplification = "corrected", 10.0  # exact with the full covariance
 
     def __init__(self, model: nn.Module, sigma: Tensor, params: list[str] | None = None):
         named = dict(model.named_parameters())
@@ -87,7 +91,6 @@ def dense_ggn(model: nn.Module, data, loss: str | Loss = "cross_entropy", params
               chunk_size: int = 256, noise_var: float = 1.0) -> Tensor:
     """Σ_i J_iᵀ Λ_i J_i over ``params`` (default: every trainable parameter, in the model's order) as a dense P×P
     matrix, from per-example Jacobians in eval mode: small models or a subset of parameters only."""
-    from sensitivity.deviations import _iter_chunks, _per_example_jacobians
 
     lossf = get_loss(loss, noise_var)
     named = dict(model.named_parameters())
@@ -99,9 +102,9 @@ def dense_ggn(model: nn.Module, data, loss: str | Loss = "cross_entropy", params
     was = model.training
     model.eval()
     try:
-        for x, _, _ in _iter_chunks(data, chunk_size, model):
+        for x, _, _ in iter_chunks(data, chunk_size, model):
             with torch.no_grad():
-                logits, jac = _per_example_jacobians(model, sub, x)
+                logits, jac = per_example_jacobians(model, sub, x)
             j = torch.cat([jac[n].flatten(2) for n in names], 2)  # (B, K, P)
             ggn += torch.einsum("bkp,bkl,blq->pq", j, lossf.hessian(logits), j)
     finally:
@@ -113,7 +116,6 @@ def _linear_head_ggn(model: nn.Module, data, lossf: Loss, chunk_size: int, names
     """Σ_i Λ_i ⊗ φ_i φ_iᵀ over the last Linear's (weight, bias), when the model returns that layer's output tensor
     itself: f_i's Jacobian with respect to the head is then I ⊗ φ_iᵀ and no per-example Jacobian is needed
     (one matrix product over the examples). None when the head's output is not the model's."""
-    from sensitivity.deviations import _iter_chunks
 
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     if not names[0].endswith("weight"):
@@ -126,7 +128,7 @@ def _linear_head_ggn(model: nn.Module, data, lossf: Loss, chunk_size: int, names
     ggn = None
     try:
         with torch.no_grad():
-            for x, _, _ in _iter_chunks(data, chunk_size, model):
+            for x, _, _ in iter_chunks(data, chunk_size, model):
                 out = model(x)
                 if out is not seen.get("out") or out.ndim != 2 or seen["phi"].ndim != 2:
                     return None
@@ -167,7 +169,6 @@ class BlockCovariance:
     @classmethod
     def with_last_layer(cls, model: nn.Module, body_variance, head: DenseCovariance) -> BlockCovariance:
         """``body_variance`` (σ² or a covariance) for every parameter but the head's, ``head`` for the head."""
-        from sensitivity.variance import as_covariance
 
         body = [n for n, _ in model.named_parameters() if n not in head.names]
         return cls([as_covariance(model, body_variance), head], [body, head.names])
@@ -222,7 +223,6 @@ class KFACCovariance:
     def fit(cls, model: nn.Module, data, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
             mc_samples: int | None = 1, chunk_size: int = 256, noise_var: float = 1.0,
             generator: torch.Generator | None = None, conv: str = "expand") -> KFACCovariance:
-        from sensitivity.deviations import _iter_chunks
 
         if not prior_precision > 0:
             raise ValueError(f"Invalid prior_precision: {prior_precision!r} (must be > 0)")
@@ -256,7 +256,7 @@ class KFACCovariance:
         was = model.training
         model.eval()
         try:
-            for x, _, _ in _iter_chunks(data, chunk_size, model):
+            for x, _, _ in iter_chunks(data, chunk_size, model):
                 n_total += x.shape[0]
                 with torch.enable_grad():
                     logits = model(x)

@@ -24,12 +24,19 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from sensitivity import layerwise
+from sensitivity.jacobians import functional, iter_chunks, per_example_jacobians
 from sensitivity.losses import Loss, get_loss
 from sensitivity.result import SensitivityResult, concat_results
-from sensitivity.variance import Covariance, DiagonalCovariance, as_covariance
+from sensitivity.variance import (
+    Covariance,
+    DiagonalCovariance,
+    as_covariance,
+    default_form,
+    default_max_amplification,
+)
 
 FORMS = ("corrected", "first_order", "second_order", "rayleigh", "diagonal")
 TWO_PASS_FORMS = ("second_order", "rayleigh")  # two first-order passes, no V_i
@@ -44,9 +51,7 @@ DEFAULT_MAX_AMPLIFICATION = "auto"
 def resolve_amplification(max_amplification: float | str | None, cov) -> float:
     """The cap for ``max_amplification`` ("auto" or None: 10 with a dense covariance, 2 otherwise)."""
     if max_amplification is None or max_amplification == "auto":
-        from sensitivity.covariance import DenseCovariance
-
-        return 10.0 if isinstance(cov, DenseCovariance) else 2.0
+        return default_max_amplification(cov)
     if isinstance(max_amplification, str) or not max_amplification > 1.0:
         raise ValueError(f"Invalid max_amplification: {max_amplification!r} (must be 'auto' or a number > 1)")
     return float(max_amplification)
@@ -55,11 +60,7 @@ def resolve_amplification(max_amplification: float | str | None, cov) -> float:
 def resolve_form(form: str, cov) -> str:
     """The concrete form for ``form`` ("auto" picks by covariance type, see DEFAULT_FORM)."""
     if form == "auto":
-        from sensitivity.covariance import DenseCovariance
-
-        if isinstance(cov, DenseCovariance):
-            return "corrected"
-        return "rayleigh" if isinstance(cov, DiagonalCovariance) else "first_order"
+        return default_form(cov)
     if form not in FORMS:
         raise ValueError(f"Invalid form: {form!r} (must be 'auto' or one of {FORMS})")
     return form
@@ -75,53 +76,6 @@ ACTIVATION_BUDGET = {"cpu": 2**21}
 
 
 # ------------------------------------------------------------------------------------------- data
-def _iter_chunks(data, chunk_size: int, model: nn.Module) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """(inputs, targets, indices) chunks of at most ``chunk_size`` examples from tensors or a loader.
-
-    A loader may yield (inputs, targets) or (inputs, targets, indices); otherwise indices count from 0.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be >= 1)")
-    device = next(model.parameters()).device
-    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], Tensor):
-        batches: object = [tuple(data)]
-    else:
-        batches = data
-    offset = 0
-    for batch in batches:
-        x, y = batch[0], batch[1]
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"inputs have {x.shape[0]} examples but targets {y.shape[0]} (from example {offset})")
-        idx = batch[2] if len(batch) > 2 else torch.arange(offset, offset + x.shape[0])
-        offset += x.shape[0]
-        for s in range(0, x.shape[0], chunk_size):
-            yield x[s : s + chunk_size].to(device), y[s : s + chunk_size].to(device), idx[s : s + chunk_size]
-
-
-def _functional(model: nn.Module, params: dict[str, Tensor]):
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-    buffers = {**dict(model.named_buffers()), **frozen}
-
-    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
-        return out.reshape(-1)
-
-    return f
-
-
-def _per_example_jacobians(model: nn.Module, params: dict[str, Tensor], x: Tensor):
-    """Outputs (B, K) and J_iᵀ as a dict name → (B, K, *shape), by K VJPs per example."""
-    f = _functional(model, params)
-
-    def one(xi: Tensor):
-        out, pull = vjp(lambda p: f(p, xi), params)
-        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
-        (jac,) = vmap(pull)(eye)
-        return out, jac
-
-    return vmap(one)(x)
-
-
 # ------------------------------------------------------------------------------------------- core
 def _generic_first_order(f, params, cov: Covariance, x: Tensor, e: Tensor) -> Tensor:
     """J_i Σ J_iᵀ e_i over ``params`` by one per-example VJP and one JVP."""
@@ -197,8 +151,8 @@ class _Plan:
         self.var_blocks = [b for b in self.blocks if layerwise.is_rank_one(b)]
         self.rest = self._uncovered(self.blocks)
         self.var_rest = self._uncovered(self.var_blocks)
-        self.f_all = _functional(model, params)
-        self.f_rest = _functional(model, self.rest) if self.rest else None
+        self.f_all = functional(model, params)
+        self.f_rest = functional(model, self.rest) if self.rest else None
         self._widest: int | None = None  # elements of the largest layer input/output per example
         self._copy = False  # whether the model changes layer outputs in place (layerwise.forward)
 
@@ -247,7 +201,7 @@ class _Plan:
         if self.var_blocks:
             v = v + layerwise.prediction_variance(self.var_blocks, logits, seen)
         if self.var_rest:
-            _, jac = _per_example_jacobians(self.model, self.var_rest, x)
+            _, jac = per_example_jacobians(self.model, self.var_rest, x)
             v = v + prediction_variance(self.cov, jac)
         return 0.5 * (v + v.transpose(1, 2))
 
@@ -307,7 +261,7 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
     was_training = model.training
     model.eval()  # normalization layers use their running statistics; dropout is off
     try:
-        for x, y, idx in _iter_chunks(data, chunk_size, model):
+        for x, y, idx in iter_chunks(data, chunk_size, model):
             first = form == "first_order" or form in TWO_PASS_FORMS  # no V_i: parts by activations, not Jacobians
             if n_out is None and not first and plan.var_rest:
                 with torch.no_grad():

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jacrev, vmap
 
+from sensitivity.covariance import DenseCovariance
+from sensitivity.jacobians import per_example_jacobians
 from sensitivity.losses import Loss, get_loss
 
 NEWTON_GRAD_TOL = 1e-8  # largest gradient entry of the summed objective at which a Newton refit has converged
@@ -102,8 +104,6 @@ def _refit(model: nn.Module, x: Tensor, y: Tensor, i: int, lossf: Loss, prior: f
 
 def _newton(model: nn.Module, x: Tensor, y: Tensor, indices: list[int], lossf: Loss, prior: float, max_iter: int,
             chunk: int) -> tuple[Tensor, Tensor]:
-    from sensitivity.covariance import DenseCovariance
-    from sensitivity.deviations import _per_example_jacobians
 
     named = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     rest = {**dict(model.named_buffers()),
@@ -127,7 +127,7 @@ def _newton(model: nn.Module, x: Tensor, y: Tensor, indices: list[int], lossf: L
     for start in range(0, len(indices), chunk):
         idx = torch.tensor(indices[start : start + chunk], device=x.device)
         with torch.no_grad():
-            f0, jac = _per_example_jacobians(model, named, x[idx])
+            f0, jac = per_example_jacobians(model, named, x[idx])
         j = torch.cat([jac[n].flatten(2) for n in names], 2)  # (B, K, P)
         lam = lossf.hessian(f0)
         u = j @ hinv  # J_i H⁻¹

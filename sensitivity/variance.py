@@ -13,16 +13,34 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from sensitivity.jacobians import iter_chunks, per_example_jacobians
+from sensitivity.losses import get_loss
+
 
 @runtime_checkable
 class Covariance(Protocol):
+    """What a covariance must do: ``apply``. It may also say which deviation form suits it and how far the
+    correction may amplify a residual, as the class attributes ``default_form`` and ``default_max_amplification``
+    (without them: the first-order form, capped at 2), so that ``form="auto"`` needs no list of classes."""
+
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         """Σ v for each v in ``tangents`` (name → (..., *param.shape)); names absent from Σ give zeros."""
         ...
 
 
+def default_form(cov) -> str:
+    return getattr(cov, "default_form", "first_order")
+
+
+def default_max_amplification(cov) -> float:
+    return float(getattr(cov, "default_max_amplification", 2.0))
+
+
 class DiagonalCovariance:
     """Σ = diag(σ²), stored per parameter name."""
+
+    # the correction's series summed at ΛV's Rayleigh quotient, capped: uncapped it amplifies a diagonal's errors
+    default_form, default_max_amplification = "rayleigh", 2.0
 
     def __init__(self, variances: Mapping[str, Tensor]):
         self.variances = dict(variances)
@@ -119,8 +137,6 @@ def sgd_variance(model: nn.Module, data, loss: str = "cross_entropy", prior_prec
 
     Exact (K per-example vector-Jacobian products of Λ_i^{1/2} columns), refitted on each call.
     """
-    from sensitivity.deviations import _iter_chunks, _per_example_jacobians
-    from sensitivity.losses import get_loss
 
     if not prior_precision > 0:
         raise ValueError(f"Invalid prior_precision: {prior_precision!r} (must be > 0)")
@@ -130,8 +146,8 @@ def sgd_variance(model: nn.Module, data, loss: str = "cross_entropy", prior_prec
     was_training = model.training
     model.eval()
     try:
-        for x, _, _ in _iter_chunks(data, chunk_size, model):
-            logits, jac = _per_example_jacobians(model, params, x)  # jac[name]: (B, K, *shape) = J_iᵀ columns
+        for x, _, _ in iter_chunks(data, chunk_size, model):
+            logits, jac = per_example_jacobians(model, params, x)  # jac[name]: (B, K, *shape) = J_iᵀ columns
             root = lossf.hessian_factor(logits)  # L Lᵀ = Λ
             for n, j in jac.items():
                 jf = j.reshape(j.shape[0], j.shape[1], -1)  # (B, K, P)

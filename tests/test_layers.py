@@ -51,3 +51,51 @@ def test_figures_live_in_the_documents_that_measure_them():
                                    for p in (ROOT / pkg).rglob("*") if p.suffix in (".py", ".html"))]
     quoted = {str(p.relative_to(ROOT)): m.group(0) for p in files for m in [FIGURE.search(p.read_text())] if m}
     assert quoted == {}
+
+
+def test_sensitivity_modules_import_each_other_at_the_top_and_without_a_cycle():
+    """Shared helpers sit in a lower module (sensitivity.jacobians); no function-level imports hide a cycle."""
+    graph = {}
+    for p in (ROOT / "sensitivity").glob("*.py"):
+        tree = ast.parse(p.read_text())
+        nested = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                  for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("sensitivity")]
+        assert nested == [], f"{p.name} imports sensitivity modules inside a function"
+        graph[p.stem] = {n.module.split(".")[1] for n in tree.body if isinstance(n, ast.ImportFrom)
+                         and (n.module or "").startswith("sensitivity.")}
+    seen, done = set(), set()
+
+    def visit(m, path):
+        assert m not in seen or m in done, f"import cycle: {' -> '.join([*path, m])}"
+        if m in done:
+            return
+        seen.add(m)
+        for n in graph.get(m, ()):
+            visit(n, [*path, m])
+        done.add(m)
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_a_new_covariance_chooses_its_own_form_without_a_list_of_classes():
+    import torch
+
+    from sensitivity import compute_sensitivities
+    from sensitivity.deviations import resolve_amplification, resolve_form
+
+    class Scaled:  # a provider from outside the package: Σ = 0.01 I, with its own defaults
+        default_form, default_max_amplification = "second_order", 3.0
+
+        def apply(self, tangents):
+            return {k: 0.01 * v for k, v in tangents.items()}
+
+    class Plain:
+        def apply(self, tangents):
+            return tangents
+
+    assert resolve_form("auto", Scaled()) == "second_order" and resolve_amplification("auto", Scaled()) == 3.0
+    assert resolve_form("auto", Plain()) == "first_order" and resolve_amplification("auto", Plain()) == 2.0
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    assert compute_sensitivities(model, (x, y), Scaled()).loo > 0
