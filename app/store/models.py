@@ -3,8 +3,10 @@ evaluation, so top-k and bottom-k are index range scans; a second index serves o
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +26,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 RUN_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+def finite(x: Any) -> float | None:
+    """The non-finite rule: NaN and ±inf become None (NULL)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def utcnow() -> datetime:

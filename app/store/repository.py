@@ -25,25 +25,18 @@ from app.store.models import (
     Example,
     Job,
     Metric,
-    MetricRollup,
     Run,
     ScoreChunk,
+    finite,
     utcnow,
 )
 from app.store.queue import JobQueue, job_device
 from app.store.records import CHUNK, IDX_CHUNK, RECORD, build, decode, order_by_mean, running_mean
 from app.store.records import chunks as chunks_of
-from app.store.rollups import LEVELS, merge_rollups, refresh_rollups
+from app.store.rollups import refresh_rollups
+from app.store.series import MetricSeries
 
 log = logging.getLogger("ivon_diag.store")
-
-
-def finite(x: Any) -> float | None:
-    """The non-finite rule: NaN and ±inf become None (NULL)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 @dataclass
@@ -60,9 +53,9 @@ class ScoreRow:
     loo_loss_evals: int = 0
 
 
-class Store(JobQueue, HooksAndTokens):
-    """Runs, evaluations, per-example results and curves; the job queue (``JobQueue``); hooks and API tokens
-    (``HooksAndTokens``)."""
+class Store(JobQueue, HooksAndTokens, MetricSeries):
+    """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
+    and API tokens (``HooksAndTokens``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
@@ -207,53 +200,6 @@ class Store(JobQueue, HooksAndTokens):
             return s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
 
     # -------------------------------------------------------------------------------------- queries
-    def log_metrics(self, run_id: int, name: str, steps: Sequence[int], values: Sequence[float]) -> None:
-        """Append (or replace) points of a series, e.g. a per-step training loss."""
-        if len(steps) != len(values):
-            raise ValueError(f"{len(steps)} steps but {len(values)} values")
-        with self.session(write=True) as s, s.begin():
-            if s.get(Run, run_id) is None:
-                raise NotFound(f"run {run_id} not found")
-            steps = [int(x) for x in steps]
-            for lo in range(0, len(steps), 10000):
-                s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.name == name,
-                                               Metric.step.in_(steps[lo : lo + 10000])))
-            s.execute(Metric.__table__.insert(), [{"run_id": run_id, "name": name, "step": st, "value": finite(v)}
-                                                  for st, v in zip(steps, values)])
-            refresh_rollups(s, run_id, {name: steps})
-
-    def metric_names(self, run_id: int) -> list[str]:
-        """The names of the run's stored series (the metric index serves it)."""
-        with self.session() as s:
-            return list(s.scalars(select(Metric.name).where(Metric.run_id == run_id).distinct().order_by(Metric.name)))
-
-    def curve(self, run_id: int, name: str, since_step: int | None = None,
-              max_points: int = 2000) -> list[tuple[int, float | None]]:
-        """A metric series; above ``max_points`` downsampled on the server keeping every bucket's min and max
-        (exact values at their exact steps), read from the rollups rather than from every point."""
-        max_points = max(4, min(int(max_points), 10000))
-        start = -1 if since_step is None else int(since_step)
-        with self.session() as s:
-            coarse = s.execute(select(func.sum(MetricRollup.n)).where(
-                MetricRollup.run_id == run_id, MetricRollup.name == name, MetricRollup.level == LEVELS[-1],
-                MetricRollup.bucket >= start // LEVELS[-1])).scalar() or 0
-            if coarse <= 2 * max_points:
-                pts = s.execute(select(Metric.step, Metric.value).where(
-                    Metric.run_id == run_id, Metric.name == name, Metric.step > start).order_by(Metric.step)).all()
-                if len(pts) <= max_points:
-                    return [tuple(p) for p in pts]
-            span = s.execute(select(func.min(MetricRollup.min_step), func.max(MetricRollup.max_step)).where(
-                MetricRollup.run_id == run_id, MetricRollup.name == name, MetricRollup.level == LEVELS[-1],
-                MetricRollup.bucket >= start // LEVELS[-1])).one()
-            width = (span[1] or 0) - max(span[0] or 0, start + 1) + 1
-            level = next((lv for lv in LEVELS if width / lv <= 2 * max_points), LEVELS[-1])
-            rows = s.execute(select(MetricRollup.bucket, MetricRollup.min_step, MetricRollup.min_value,
-                                    MetricRollup.max_step, MetricRollup.max_value)
-                             .where(MetricRollup.run_id == run_id, MetricRollup.name == name,
-                                    MetricRollup.level == level, MetricRollup.bucket > start // level)
-                             .order_by(MetricRollup.bucket)).all()
-        return merge_rollups(rows, max_points)
-
     def examples_at(self, run_id: int, step: int | None = None, k: int = 50, offset: int = 0,
                     least: bool = False, by: str = "score") -> tuple[int, list[ScoreRow]]:
         """The k most (or least) sensitive examples at ``step`` (default: the latest), with labels and flags.
