@@ -56,6 +56,7 @@ class Trainer:
         self.should_stop, self.log = should_stop, log
         self.progress, self.bar = progress, StepBar(False, 0, 0, "")
         self.writer = D.rank() == 0  # under torchrun, rank 0 alone writes the store, checkpoints and hooks
+        self._above = False  # the last evaluation's training NLL was past the divergence threshold
 
     def _setup(self):
         cfg = self.cfg
@@ -302,11 +303,14 @@ class Trainer:
         self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
 
-    DIVERGED = 100.0  # a training NLL this many times chance's, log K: no model that learns gets there
+    # a training NLL this many times chance's (log K) at two evaluations in a row: diverged (a large learning rate's
+    # first steps can pass a hundred times chance and recover; no run that learns stays past a thousand)
+    DIVERGED = 1000.0
 
     def _check_divergence(self, train_nll: float, num_classes: int, step: int) -> None:
         chance = math.log(max(num_classes, 2))
-        if train_nll > self.DIVERGED * chance:
+        above, self._above = self._above, train_nll > self.DIVERGED * chance
+        if above and self._above:
             raise JobFailed(f"training diverged: training NLL {train_nll:.4g} at step {step}, "
                             f"{train_nll / chance:.3g} times that of a uniform guess; standardize the features "
                             "(data.standardize: true) or lower optimizer.lr")
