@@ -193,4 +193,5 @@ def test_the_api_docs_render_without_a_network(server):
         browser.close()
     # ReDoc's bundle asks for its own footer logo; nothing the page needs leaves the machine
     assert [u for u in outside if u != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []
-    assert errors == ["Failed to load resource: net::ERR_FAILED"] * len(outside)  # that logo, refused here
+    # the only console errors: that logo, refused here (its message may not arrive before the page closes)
+    assert set(errors) <= {"Failed to load resource: net::ERR_FAILED"} and len(errors) <= len(outside)
