@@ -21,6 +21,13 @@ JOB = {"name": "ro", "data": {"name": "synthetic", "n_synthetic": 600}, "model":
        "epochs": 8, "batch_size": 16, "eval_every": 15, "early_stopping": {"enabled": False}}
 
 
+def _until(done, seconds: float) -> None:
+    """Poll ``done`` until it holds or ``seconds`` pass (the caller asserts what it expected)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not done():
+        time.sleep(0.2)
+
+
 def _read_only(url: str, on: bool) -> None:
     """Put a PostgreSQL database in (or out of) read-only mode, as a failover to a replica would, and drop its
     sessions so that every new one sees the setting."""
@@ -74,23 +81,17 @@ def test_postgres_turned_read_only_mid_run(tmp_path):
         with open(log, "w") as out:
             p = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--lease", "2",
                                   "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, stdout=out, stderr=out)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(store.evaluations(run.id)) < 2:
-            time.sleep(0.1)
+        _until(lambda: len(store.evaluations(run.id)) >= 2, 120)
         assert len(store.evaluations(run.id)) >= 2
         _read_only(url, True)
-        deadline = time.time() + 60
-        while time.time() < deadline and "goes back to the queue" not in log.read_text():
-            time.sleep(0.2)
+        _until(lambda: "goes back to the queue" in log.read_text(), 60)
         text = log.read_text()
         assert "refuses writes (the database is read-only)" in text and "goes back to the queue" in text, text
         assert p.poll() is None  # the worker keeps serving
         assert store.get_run(run.id).status == "running"  # not marked failed: it was not the run's fault
         time.sleep(3)  # the lease expires meanwhile
         _read_only(url, False)
-        deadline = time.time() + 240
-        while time.time() < deadline and store.get_run(run.id).status == "running":
-            time.sleep(0.2)
+        _until(lambda: store.get_run(run.id).status != "running", 240)
         assert store.get_run(run.id).status == "done", log.read_text()[-2000:]
         steps = [e.step for e in store.evaluations(run.id)]
         n_train = store.get_run(run.id).n_examples
@@ -124,9 +125,7 @@ def test_sqlite_made_immutable_mid_run_then_writable_the_worker_recovers_by_itse
         p = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--lease", "2",
                               "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, stdout=out, stderr=out)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(store.evaluations(run.id)) < 2:
-            time.sleep(0.1)
+        _until(lambda: len(store.evaluations(run.id)) >= 2, 120)
         client = TestClient(create_app(Settings(db=url)), raise_server_exceptions=False)
         auth = {"Authorization": f"Bearer {store.create_token('t')}"}
         if not _immutable(files, True):
@@ -135,15 +134,11 @@ def test_sqlite_made_immutable_mid_run_then_writable_the_worker_recovers_by_itse
             r = client.post("/api/v1/runs", json={"config": JOB}, headers=auth)
             assert r.status_code == 503 and "refuses writes" in r.json()["detail"], r.text
             assert client.get(f"/api/v1/runs/{run.id}").status_code == 200  # reads go on
-            deadline = time.time() + 60
-            while time.time() < deadline and "refuses writes" not in log.read_text():
-                time.sleep(0.2)
+            _until(lambda: "refuses writes" in log.read_text(), 60)
             assert "refuses writes" in log.read_text() and p.poll() is None
         finally:
             _immutable(files, False)
-        deadline = time.time() + 120
-        while time.time() < deadline and store.get_run(run.id).status == "running":
-            time.sleep(0.2)
+        _until(lambda: store.get_run(run.id).status != "running", 120)
         assert store.get_run(run.id).status == "done", log.read_text()[-3000:]
         steps = [e.step for e in store.evaluations(run.id)]
         assert steps == sorted(set(steps)) and len(steps) >= 4  # none lost, none twice
