@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ivon_core import _functional as F
 from ivon_core._fused import MIN_NUMEL, split
-from ivon_core.noise import counter_keys, draw_segments, fill_counter_many_
+from ivon_core.noise import counter_keys, draw_segments, fill_counter_many_, randn_segments_
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -22,7 +22,7 @@ def state_dtype(p: Tensor) -> torch.dtype:
 class SamplingStage:
     def _sample(self, swapped: list[Tensor]) -> None:
         self._choose()
-        counter = self.noise == "counter"
+        counter, blocks = self.noise == "counter", self.noise == "blocks"
         by_group: list[tuple[dict, list[Tensor], list[Tensor], list[bool], list[dict], list[Tensor]]] = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.requires_grad]
@@ -35,6 +35,8 @@ class SamplingStage:
                 self._claim_grad(p, buf)
                 bufs.append(buf)
             noise = [self._take_spare(buf, p, state_dtype(p)) for buf, p in zip(bufs, ps)]
+            if self.noise == "torch":
+                self._draw_like_ivon_opt(group, dict(zip(ps, noise)))
             by_group.append((group, ps, noise, self._fusable(noise, ps), bufs, hess))
         # noise="counter": one key pair per tensor (whether fused or not, so that fused and unfused runs agree), those
         # that the last step drew if they are for these tensors
@@ -44,7 +46,7 @@ class SamplingStage:
         by_device: dict[torch.device, tuple[list[Tensor], list]] = {}
         for (_, _, noise, fused, _, _), ks in zip(by_group, group_keys):
             for n, f, k in zip(noise, fused, ks):
-                if (counter and not f) or (not counter and n.device.type == "cpu"):
+                if (counter and not f) or (blocks and n.device.type == "cpu"):
                     # fused kernels draw their own counter noise; accelerators draw in scale_noise, a block a chunk
                     tensors, tensor_keys = by_device.setdefault(n.device, ([], []))
                     tensors.append(n)
@@ -69,7 +71,7 @@ class SamplingStage:
             elif fast_p:
                 self._fused.sample_(fast_n, [p.data for p in fast_p], fast_h, **hyper)
             if ps_:
-                F.scale_noise(noise_, hess_, self._scratch, **hyper, draw=dev.type != "cpu" and not counter,
+                F.scale_noise(noise_, hess_, self._scratch, **hyper, draw=dev.type != "cpu" and blocks,
                               generator=self._generator(dev))
                 lean = [(p, n) for p, n in zip(ps_, noise_) if n.dtype == p.dtype]
                 if lean:
@@ -82,6 +84,17 @@ class SamplingStage:
                     buf["noise"] = n
                     p.data = (p.data.to(n.dtype) + n).to(p.dtype)
                 swapped.append(p)
+
+    def _draw_like_ivon_opt(self, group: dict, noise: dict[Tensor, Tensor]) -> None:
+        """ε as ivon-opt draws it: one ``torch.randn`` over the whole group, frozen parameters' share included."""
+        layouts = {(n.device, n.dtype) for n in noise.values()}
+        if len(layouts) > 1:  # a group ivon-opt would refuse: tensor by tensor
+            for n in noise.values():
+                n.normal_(generator=self._generator(n.device))
+            return
+        device, dtype = next(iter(layouts))
+        targets = [noise.get(p) for p in group["params"]]
+        randn_segments_(targets, dtype, device, self._generator(device), [p.numel() for p in group["params"]])
 
     def _counter_keys(self, count: int) -> tuple[list[tuple[Tensor, Tensor]], bool]:
         """Key pairs for ``count`` tensors, and whether they are those the last step drew (and wrote samples with)."""

@@ -196,3 +196,42 @@ class NoiseSource:
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle without the pool
         return {"threads": self.threads, "_gens": self._gens, "_pool": None}
+
+
+RANDN_BLOCK = 1 << 20  # a multiple of 16: the CPU kernel draws every uniform in order, then transforms 16 at a time
+
+
+def randn_segments_(targets: list[Tensor | None], dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator | None, sizes: list[int]) -> None:
+    """Fill ``targets`` with ``torch.randn(sum(sizes))`` split by ``sizes`` (a ``None`` target's share is drawn and
+    dropped): ivon-opt's numbers, which draws one such vector per parameter group. On the CPU in blocks of
+    ``RANDN_BLOCK`` (the same numbers as one draw, without a group-sized temporary); elsewhere in one draw."""
+    total = sum(sizes)
+    if not total:
+        return
+    if device.type != "cpu":
+        _scatter(torch.randn(total, dtype=dtype, device=device, generator=generator), 0, targets, sizes)
+        return
+    buf = torch.empty(min(total, RANDN_BLOCK + 16), dtype=dtype)
+    pos = 0
+    while pos < total:
+        end = total if total - pos < RANDN_BLOCK + 16 else pos + RANDN_BLOCK  # a last block under 16 would differ
+        part = buf[: end - pos]
+        part.normal_(generator=generator)
+        _scatter(part, pos, targets, sizes)
+        pos = end
+
+
+def _scatter(part: Tensor, start: int, targets: list[Tensor | None], sizes: list[int]) -> None:
+    """Copy ``part`` (elements ``start`` onwards of the concatenated targets) into the targets it overlaps."""
+    dst, src, offset, end = [], [], 0, start + part.numel()
+    for t, n in zip(targets, sizes):
+        lo, hi = max(offset, start), min(offset + n, end)
+        if t is not None and lo < hi:
+            dst.append(t.view(-1)[lo - offset : hi - offset])
+            src.append(part[lo - start : hi - start])
+        offset += n
+        if offset >= end:
+            break
+    if dst:
+        torch._foreach_copy_(dst, src)

@@ -11,6 +11,7 @@ of temporaries; ivon-opt allocates about ten. A second MC sample or micro-batch 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,12 +23,14 @@ from torch import Tensor
 from ivon_core import _functional as F
 from ivon_core._fused import MIN_NUMEL, FusedKernels, split
 from ivon_core._sampling import SamplingStage, state_dtype
-from ivon_core._state import all_reduce_mean, check_layout
+from ivon_core._state import all_reduce_mean, bind_group, check_layout
+from ivon_core.compat import from_ivon_opt, is_ivon_opt, to_ivon_opt
 from ivon_core.noise import NoiseSource, counter_keys
 
 HESS_APPROX = ("price", "gradsq")
 SHARE_SAMPLE = 2**20  # parameters read by hess_init_share
-NOISE = ("auto", "torch", "counter")
+NOISE = ("auto", "torch", "blocks", "counter")
+FORMAT = 2  # state_dict layout: 2 when "torch" noise became ivon-opt's numbers (before: "blocks")
 
 
 def matched_beta2(total_steps: int, c: float = 1.0) -> float:
@@ -43,6 +46,23 @@ def matched_beta2(total_steps: int, c: float = 1.0) -> float:
 def _check(name: str, value: Any, ok: bool, rule: str) -> None:
     if not ok:
         raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
+
+
+def _real(name: str, value: Any, finite: bool = True) -> float:
+    """A hyperparameter as a float: Python and numpy numbers and one-element tensors, as ivon-opt takes them."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    _check(name, value, isinstance(value, numbers.Real) and not isinstance(value, bool), "a real number")
+    value = float(value)
+    _check(name, value, math.isfinite(value) or not finite and value == math.inf, "finite")
+    return value
+
+
+_RULES = {  # group hyperparameter: (test, rule)
+    "lr": (lambda v: v >= 0.0, ">= 0"), "ess": (lambda v: v > 0.0, "> 0"), "hess_init": (lambda v: v > 0.0, "> 0"),
+    "beta1": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), "beta2": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0.0, ">= 0"), "clip_radius": (lambda v: v > 0.0, "> 0"),
+}
 
 
 class IVON(SamplingStage, torch.optim.Optimizer):
@@ -102,33 +122,24 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         fused: bool | None = None,
         noise: str = "auto",
     ):
-        _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0.0, ">= 0")
-        _check("ess", ess, isinstance(ess, (int, float)) and ess > 0.0, "> 0")
-        _check("hess_init", hess_init, hess_init > 0.0, "> 0")
-        _check("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)")
-        _check("beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)")
-        _check("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")
-        _check("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1, "an int >= 1")
+        _check("mc_samples", mc_samples, isinstance(mc_samples, numbers.Integral) and not isinstance(mc_samples, bool)
+               and mc_samples >= 1, "an int >= 1")
         _check("hess_approx", hess_approx, hess_approx in HESS_APPROX, f"one of {HESS_APPROX}")
-        _check("clip_radius", clip_radius, clip_radius > 0.0, "> 0")
         _check("fused", fused, fused is None or isinstance(fused, bool), "a bool or None")
         _check("noise", noise, noise in NOISE, f"one of {NOISE}")
         defaults = dict(
             lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-            clip_radius=clip_radius,
+            clip_radius=clip_radius, mc_samples=int(mc_samples),
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check("ess", group["ess"], group["ess"] > 0.0, "> 0")
-            _check("lr", group["lr"], group["lr"] >= 0.0, ">= 0")
-            _check("beta2", group["beta2"], 0.0 <= group["beta2"] < 1.0, "in [0, 1)")
-        self.mc_samples = mc_samples
+        super().__init__(params, defaults)  # each group checked and laid out in add_param_group
+        self.mc_samples = int(mc_samples)
         self.hess_approx = hess_approx
         self.sync = sync
         self.debias = debias
         self.rescale_lr = rescale_lr
         self._buf: dict[Tensor, dict[str, Any]] = {}  # per-step sampling buffers, never saved
         self._sampling = False
+        self._closure = False  # inside step()'s call of a closure
         self._generators: dict[torch.device, torch.Generator] = {}
         self._scratch = F.Scratch()
         self._noise = NoiseSource(min(torch.get_num_threads(), 8) if noise_threads is None else noise_threads)
@@ -163,6 +174,15 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                 for t, q in zip(tensors, partners)]
 
     # ----------------------------------------------------------------------------------------- state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, with the group's hyperparameters checked and its state laid out (``bind_group``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key, (test, rule) in _RULES.items():
+            group[key] = _real(key, group[key], finite=key != "clip_radius")
+            _check(key, group[key], test(group[key]), rule)
+        bind_group(self.state, group, state_dtype)
+
     def _trainable(self) -> Iterator[tuple[dict, Tensor]]:
         for group in self.param_groups:
             for p in group["params"]:
@@ -171,21 +191,34 @@ class IVON(SamplingStage, torch.optim.Optimizer):
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         st = self.state[p]
-        dtype = state_dtype(p)
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["momentum"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-            st["hess"] = torch.full(p.shape, float(group["hess_init"]), dtype=dtype, device=p.device)
-        elif st["momentum"].device != p.device or st["momentum"].dtype != dtype:  # after model.to(...)
-            st["momentum"] = st["momentum"].to(p.device, dtype)
-            st["hess"] = st["hess"].to(p.device, dtype)
+        if not st or st["momentum"].device != p.device or st["momentum"].dtype != state_dtype(p):
+            bind_group(self.state, group, state_dtype)  # unfrozen, or moved by model.to(...)
         return st
 
     @property
     def current_step(self) -> int:
-        """Steps taken (ivon-opt's attribute); saved with the state, unlike ivon-opt's."""
+        """Steps taken (ivon-opt's attribute); saved with the state, unlike ivon-opt's. Setting it sets every
+        parameter's step count (after loading an ivon-opt checkpoint, say)."""
         steps = [int(st["step"]) for st in self.state.values() if "step" in st]
         return max(steps, default=0)
+
+    @current_step.setter
+    def current_step(self, value: int) -> None:
+        _check("current_step", value, isinstance(value, numbers.Integral) and value >= 0, "an int >= 0")
+        for _, p in self._trainable():
+            self.state[p]["step"].fill_(float(value))
+
+    @property
+    def _numel(self) -> int:  # ivon-opt's attributes, for code that reads them
+        return sum(g["numel"] for g in self.param_groups)
+
+    @property
+    def _device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for g in self.param_groups for p in g["params"]), torch.get_default_dtype())
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         """The default generator alone, or a per-rank one under torch.distributed so that ranks draw different noise."""
@@ -200,7 +233,10 @@ class IVON(SamplingStage, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["ivon"] = {
+        for group in sd["param_groups"]:  # views of the per-parameter state: saved once, there
+            for key in ("hess", "momentum", "numel"):
+                group.pop(key, None)
+        sd["ivon"] = {"format": FORMAT,
             "hess_approx": self.hess_approx, "mc_samples": self.mc_samples, "debias": self.debias,
             "rescale_lr": self.rescale_lr,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
@@ -209,7 +245,15 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         }
         return sd
 
+    def ivon_opt_state_dict(self) -> dict[str, Any]:
+        """The state as ivon-opt 0.1.3 saves it, for its ``load_state_dict`` (``ivon_core.compat.to_ivon_opt``)."""
+        return to_ivon_opt(self)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of this optimizer or of ivon-opt's ``IVON`` (its Hessian, momentum and, from
+        ``state_dict["current_step"]``, its step count: ``ivon_core.compat.from_ivon_opt``)."""
+        if is_ivon_opt(state_dict):
+            state_dict = from_ivon_opt(state_dict, self.param_groups, self.debias)
         state_dict = dict(state_dict)
         extra = state_dict.pop("ivon", {})
         check_layout(state_dict, self.param_groups)
@@ -219,6 +263,8 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                 f"{self.hess_approx!r}"
             )
         saved = extra.get("noise_kind", "auto")  # "auto": saved before the first sample, or by another package
+        if saved == "torch" and extra.get("format", 1) < 2:
+            saved = "blocks"  # what "torch" drew before it drew ivon-opt's numbers
         if saved != "auto" and self.noise == "auto":
             self.noise = saved  # resume with the saved run's noise
         elif saved not in ("auto", self.noise):
@@ -233,6 +279,9 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                 st["momentum"] = st["momentum"].to(p.device, state_dtype(p))
                 st["hess"] = st["hess"].to(p.device, state_dtype(p))
                 st["step"] = st["step"].to("cpu", torch.float32)
+        for group in self.param_groups:  # torch replaced the group dicts by the saved ones
+            group.setdefault("mc_samples", self.mc_samples)
+            bind_group(self.state, group, state_dtype)
         self._buf.clear()
         self._generators.clear()
         if "noise" in extra:
@@ -287,6 +336,9 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         With ``train=True`` the gradient found in ``p.grad`` on exit is collected as one MC sample, weighted by
         ``weight``. The mean is restored exactly on exit, also when the block raises.
         """
+        if self._sampling and self._closure:  # an ivon-opt-style closure opens its own block: step's sample
+            yield
+            return
         if self._sampling:
             raise RuntimeError("sampled_params blocks cannot be nested")
         if not (weight > 0 and math.isfinite(weight)):
@@ -311,7 +363,8 @@ class IVON(SamplingStage, torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update from the samples collected since the last step; with a closure, draw ``mc_samples`` first.
 
-        The closure must compute the loss and call ``backward()``; gradients are zeroed before each sample.
+        The closure must compute the loss and call ``backward()``; gradients are zeroed before each sample. A
+        closure written for ivon-opt, which opens ``sampled_params(train=True)`` itself, works too.
         """
         loss = None
         if closure is not None:
@@ -319,8 +372,12 @@ class IVON(SamplingStage, torch.optim.Optimizer):
             for _ in range(self.mc_samples):
                 with self.sampled_params(train=True):
                     self.zero_grad(set_to_none=True)
-                    with torch.enable_grad():
-                        losses.append(closure().detach())
+                    self._closure = True
+                    try:
+                        with torch.enable_grad():
+                            losses.append(torch.as_tensor(closure()).detach())
+                    finally:
+                        self._closure = False
             loss = torch.stack(losses).mean()
         if self._sampling:
             raise RuntimeError("step() called inside sampled_params; call it after the block")
@@ -359,7 +416,8 @@ class IVON(SamplingStage, torch.optim.Optimizer):
             bufs = [c[3] for c, _ in mine]
             gs = [g for _, g in mine]
             steps = [st["step"].add_(1.0) for st in sts]
-            debias = [1.0 - group["beta1"] ** float(s) if self.debias else 1.0 for s in steps]
+            # β1 = 1 keeps the momentum at its initial value: nothing to debias (1 − β1^t would be 0)
+            debias = [1.0 - group["beta1"] ** float(s) if self.debias and group["beta1"] < 1.0 else 1.0 for s in steps]
             hess = [st["hess"] for st in sts]
             fused = self._fusable([p.data for p in ps], hess)
             for p, buf, g, f in zip(ps, bufs, gs, fused):

@@ -33,9 +33,11 @@ def _flat(model):
 
 @pytest.mark.parametrize(
     "kw,name",
-    [({"lr": -1.0}, "lr"), ({"ess": 0.0}, "ess"), ({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),
+    [({"lr": -1.0}, "lr"), ({"ess": 0.0}, "ess"), ({"beta1": 1.5}, "beta1"), ({"beta2": -0.1}, "beta2"),
      ({"hess_approx": "newton"}, "hess_approx"), ({"mc_samples": 0}, "mc_samples"),
-     ({"hess_init": 0.0}, "hess_init"), ({"clip_radius": 0.0}, "clip_radius")],
+     ({"hess_init": 0.0}, "hess_init"), ({"clip_radius": 0.0}, "clip_radius"), ({"lr": float("nan")}, "lr"),
+     ({"ess": float("inf")}, "ess"), ({"weight_decay": 1e400}, "weight_decay"), ({"lr": "0.1"}, "lr"),
+     ({"mc_samples": True}, "mc_samples"), ({"hess_init": torch.ones(2)}, "hess_init")],
 )
 def test_invalid_hyperparameters_name_argument_and_value(kw, name):
     args = {"lr": 0.1, "ess": 10.0, **kw}
