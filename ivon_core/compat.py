@@ -6,9 +6,12 @@ included) and its pending gradient samples in ``state``; it does not save its st
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
+
+from ivon_core._hyper import check
 
 _GROUP_KEYS = ("lr", "mc_samples", "beta1", "beta2", "weight_decay", "hess_init", "ess", "clip_radius")
 
@@ -91,3 +94,36 @@ def to_ivon_opt(optimizer) -> dict[str, Any]:
         groups.append(out)
     return {"state": {"count": 0, "avg_grad": None, "avg_nxg": None, "avg_gsq": None},
             "param_groups": groups, "current_step": optimizer.current_step}
+
+
+class IvonOptCompat:
+    """ivon-opt's attributes on ``ivon_core.IVON`` (mixed in), for code written against ivon-opt."""
+
+    @property
+    def current_step(self) -> int:
+        """Steps taken (ivon-opt's attribute); saved with the state, unlike ivon-opt's. Setting it sets every
+        parameter's step count (after loading an ivon-opt checkpoint, say)."""
+        steps = [int(st["step"]) for st in self.state.values() if "step" in st]
+        return max(steps, default=0)
+
+    @current_step.setter
+    def current_step(self, value: int) -> None:
+        check("current_step", value, isinstance(value, numbers.Integral) and value >= 0, "an int >= 0")
+        for _, p in self._trainable():
+            self.state[p]["step"].fill_(float(value))
+
+    @property
+    def _numel(self) -> int:  # ivon-opt's attributes, for code that reads them
+        return sum(g["numel"] for g in self.param_groups)
+
+    @property
+    def _device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for g in self.param_groups for p in g["params"]), torch.get_default_dtype())
+
+    def ivon_opt_state_dict(self) -> dict[str, Any]:
+        """The state as ivon-opt 0.1.3 saves it, for its ``load_state_dict`` (``ivon_core.compat.to_ivon_opt``)."""
+        return to_ivon_opt(self)

@@ -22,9 +22,10 @@ from torch import Tensor
 
 from ivon_core import _functional as F
 from ivon_core._fused import MIN_NUMEL, FusedKernels, split
+from ivon_core._hyper import RULES, check, real
 from ivon_core._sampling import SamplingStage, state_dtype
 from ivon_core._state import all_reduce_mean, bind_group, check_layout
-from ivon_core.compat import from_ivon_opt, is_ivon_opt, to_ivon_opt
+from ivon_core.compat import IvonOptCompat, from_ivon_opt, is_ivon_opt
 from ivon_core.noise import NoiseSource, counter_keys
 
 HESS_APPROX = ("price", "gradsq")
@@ -43,29 +44,7 @@ def matched_beta2(total_steps: int, c: float = 1.0) -> float:
     return min(0.99999, max(0.0, 1.0 - c / total_steps))
 
 
-def _check(name: str, value: Any, ok: bool, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
-
-
-def _real(name: str, value: Any, finite: bool = True) -> float:
-    """A hyperparameter as a float: Python and numpy numbers and one-element tensors, as ivon-opt takes them."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    _check(name, value, isinstance(value, numbers.Real) and not isinstance(value, bool), "a real number")
-    value = float(value)
-    _check(name, value, math.isfinite(value) or not finite and value == math.inf, "finite")
-    return value
-
-
-_RULES = {  # group hyperparameter: (test, rule)
-    "lr": (lambda v: v >= 0.0, ">= 0"), "ess": (lambda v: v > 0.0, "> 0"), "hess_init": (lambda v: v > 0.0, "> 0"),
-    "beta1": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), "beta2": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    "weight_decay": (lambda v: v >= 0.0, ">= 0"), "clip_radius": (lambda v: v > 0.0, "> 0"),
-}
-
-
-class IVON(SamplingStage, torch.optim.Optimizer):
+class IVON(SamplingStage, IvonOptCompat, torch.optim.Optimizer):
     """Variational learning with the IVON update; constructor and defaults as in ``ivon-opt`` 0.1.3.
 
     Usage (as with ivon-opt)::
@@ -82,22 +61,29 @@ class IVON(SamplingStage, torch.optim.Optimizer):
     gradient of the current sample only when the block exits (zero the gradients inside the block, or
     with ``set_to_none=True`` before it).
 
-    Beyond ivon-opt's arguments, ``noise_threads`` sets how many generators draw the CPU noise in parallel
-    (default: torch's thread count, at most 8). With 1, noise comes from torch's default generator.
-    ``fused=True`` runs each stage on large CPU tensors as one compiled kernel (torch.compile; about 25 s of
-    compilation at the first step, cached on disk after): a third less optimizer work on CPU (bench/optimizer.py);
-    other devices keep the multi-tensor path. ``noise="counter"`` draws ε from a counter-based generator keyed by
-    torch's generator (``ivon_core.noise.counter_normal``) instead of ``normal_``: as reproducible and resumable, not
-    the same numbers; with ``fused=True`` ε is computed inside the kernels (bench/optimizer.py: the draw was over half
-    of the fused step's time), and each ``step()`` writes the next sample in its update kernel (the keys of the next
-    sample are drawn at ``step()`` and saved with the state; if the mean, h, ess or δ change before the next
-    ``sampled_params``, the sample is drawn again, bitwise the same as it would have been). Without ``fused`` it is
-    slower than torch's generator; use the two together.
+    ivon-opt compatibility: ``noise="torch"`` draws ivon-opt's numbers (one ``torch.randn`` per parameter group from
+    torch's generator: the same seed gives the same weights, up to float rounding); ``param_groups`` carry ivon-opt's
+    ``hess``, ``momentum`` (flat views of the per-parameter state, always in sync) and ``numel``; ``load_state_dict``
+    takes ivon-opt's checkpoints and ``ivon_opt_state_dict()`` writes one ivon-opt loads (``ivon_core.compat``); a
+    closure may open ``sampled_params`` itself, as ivon-opt's do. Differences: frozen parameters are neither sampled
+    nor decayed and hold no state; ``current_step`` is saved; under torch.distributed each rank draws its own noise.
+
+    Beyond ivon-opt's arguments, ``noise="blocks"`` draws torch's numbers faster and otherwise: on the CPU with
+    ``noise_threads`` generators in parallel (default: torch's thread count, at most 8), on accelerators a chunk of
+    tensors at a time. ``fused=True`` runs each stage on large CPU tensors as one compiled kernel (torch.compile;
+    about 25 s of compilation at the first step, cached on disk after): a third less optimizer work on CPU
+    (bench/optimizer.py); other devices keep the multi-tensor path. ``noise="counter"`` draws ε from a counter-based
+    generator keyed by torch's generator (``ivon_core.noise.counter_normal``) instead of ``normal_``: as
+    reproducible and resumable, not the same numbers; with ``fused=True`` ε is computed inside the kernels
+    (bench/optimizer.py: the draw was over half of the fused step's time), and each ``step()`` writes the next
+    sample in its update kernel (the keys of the next sample are drawn at ``step()`` and saved with the state; if
+    the mean, h, ess or δ change before the next ``sampled_params``, the sample is drawn again, bitwise the same as
+    it would have been). Without ``fused`` it is slower than torch's generator; use the two together.
 
     The defaults (``fused=None``, ``noise="auto"``) choose at the first sample: where every trainable tensor is on
     the CPU and one holds at least ``MIN_NUMEL`` (65,536) float32/float64 elements, the fused kernels with counter
     noise (the fastest CPU step: about half the multi-tensor path's work); elsewhere (small models, accelerators,
-    or a compiler that fails) the multi-tensor path with torch's generator, the numbers ivon-opt draws. A
+    or a compiler that fails) the multi-tensor path with ``noise="torch"``, the numbers ivon-opt draws. A
     ``state_dict`` keeps the noise chosen, and a default optimizer that loads it draws the same.
     """
 
@@ -122,11 +108,11 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         fused: bool | None = None,
         noise: str = "auto",
     ):
-        _check("mc_samples", mc_samples, isinstance(mc_samples, numbers.Integral) and not isinstance(mc_samples, bool)
+        check("mc_samples", mc_samples, isinstance(mc_samples, numbers.Integral) and not isinstance(mc_samples, bool)
                and mc_samples >= 1, "an int >= 1")
-        _check("hess_approx", hess_approx, hess_approx in HESS_APPROX, f"one of {HESS_APPROX}")
-        _check("fused", fused, fused is None or isinstance(fused, bool), "a bool or None")
-        _check("noise", noise, noise in NOISE, f"one of {NOISE}")
+        check("hess_approx", hess_approx, hess_approx in HESS_APPROX, f"one of {HESS_APPROX}")
+        check("fused", fused, fused is None or isinstance(fused, bool), "a bool or None")
+        check("noise", noise, noise in NOISE, f"one of {NOISE}")
         defaults = dict(
             lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
             clip_radius=clip_radius, mc_samples=int(mc_samples),
@@ -178,9 +164,9 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         """As torch's, with the group's hyperparameters checked and its state laid out (``bind_group``)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key, (test, rule) in _RULES.items():
-            group[key] = _real(key, group[key], finite=key != "clip_radius")
-            _check(key, group[key], test(group[key]), rule)
+        for key, (test, rule) in RULES.items():
+            group[key] = real(key, group[key], finite=key != "clip_radius")
+            check(key, group[key], test(group[key]), rule)
         bind_group(self.state, group, state_dtype)
 
     def _trainable(self) -> Iterator[tuple[dict, Tensor]]:
@@ -194,31 +180,6 @@ class IVON(SamplingStage, torch.optim.Optimizer):
         if not st or st["momentum"].device != p.device or st["momentum"].dtype != state_dtype(p):
             bind_group(self.state, group, state_dtype)  # unfrozen, or moved by model.to(...)
         return st
-
-    @property
-    def current_step(self) -> int:
-        """Steps taken (ivon-opt's attribute); saved with the state, unlike ivon-opt's. Setting it sets every
-        parameter's step count (after loading an ivon-opt checkpoint, say)."""
-        steps = [int(st["step"]) for st in self.state.values() if "step" in st]
-        return max(steps, default=0)
-
-    @current_step.setter
-    def current_step(self, value: int) -> None:
-        _check("current_step", value, isinstance(value, numbers.Integral) and value >= 0, "an int >= 0")
-        for _, p in self._trainable():
-            self.state[p]["step"].fill_(float(value))
-
-    @property
-    def _numel(self) -> int:  # ivon-opt's attributes, for code that reads them
-        return sum(g["numel"] for g in self.param_groups)
-
-    @property
-    def _device(self) -> torch.device:
-        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next((p.dtype for g in self.param_groups for p in g["params"]), torch.get_default_dtype())
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         """The default generator alone, or a per-rank one under torch.distributed so that ranks draw different noise."""
@@ -244,10 +205,6 @@ class IVON(SamplingStage, torch.optim.Optimizer):
             "next_keys": None if self._next_keys is None else [[int(a), int(b)] for a, b in self._next_keys],
         }
         return sd
-
-    def ivon_opt_state_dict(self) -> dict[str, Any]:
-        """The state as ivon-opt 0.1.3 saves it, for its ``load_state_dict`` (``ivon_core.compat.to_ivon_opt``)."""
-        return to_ivon_opt(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of this optimizer or of ivon-opt's ``IVON`` (its Hessian, momentum and, from
@@ -278,7 +235,7 @@ class IVON(SamplingStage, torch.optim.Optimizer):
                 st = self.state[p]
                 st["momentum"] = st["momentum"].to(p.device, state_dtype(p))
                 st["hess"] = st["hess"].to(p.device, state_dtype(p))
-                st["step"] = st["step"].to("cpu", torch.float32)
+                st["step"] = st["step"].to("cpu", torch.float32, copy=True)  # never the saved tensor itself
         for group in self.param_groups:  # torch replaced the group dicts by the saved ones
             group.setdefault("mc_samples", self.mc_samples)
             bind_group(self.state, group, state_dtype)

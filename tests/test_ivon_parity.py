@@ -229,3 +229,21 @@ def test_beta1_of_one_keeps_the_momentum_at_zero_and_the_weights_finite():
     model, opt = _train(IVON, steps=20, beta1=1.0)
     assert torch.isfinite(_flat(model)).all()
     assert all(float(g["momentum"].abs().max()) == 0.0 for g in opt.param_groups)
+
+
+def test_a_state_saved_when_torch_noise_drew_in_blocks_resumes_drawing_the_same():
+    x, y = _data(_mlp(), torch.float32)
+    ref = _mlp()
+    ref_opt = IVON(ref.parameters(), lr=0.05, ess=64, noise="blocks", noise_threads=2)
+    _steps(ref, ref_opt, 10, x, y)
+    saved = ref_opt.state_dict()
+    saved["ivon"] = {k: v for k, v in saved["ivon"].items() if k != "format"}  # as the earlier layout wrote it
+    saved["ivon"]["noise_kind"] = "torch"
+    model = _mlp()
+    model.load_state_dict(ref.state_dict())
+    opt = IVON(model.parameters(), lr=0.05, ess=64)
+    opt.load_state_dict(saved)
+    assert opt.noise == "blocks"
+    _steps(ref, ref_opt, 5, x, y, seed=9)
+    _steps(model, opt, 5, x, y, seed=9)
+    assert torch.equal(_flat(model), _flat(ref))

@@ -104,10 +104,11 @@ class OptimizerConfig(_Strict):
     fused: bool | None = Field(
         None, description="IVON: compiled kernels for large CPU tensors (~25 s to compile once); None: on when every "
         "tensor is on the CPU and one has at least 65,536 elements")
-    noise: Literal["auto", "torch", "counter"] = Field(
+    noise: Literal["auto", "torch", "blocks", "counter"] = Field(
         "auto", description="IVON: 'counter' draws the Gaussian noise from a counter-based generator (inside the "
-        "sampling kernel with fused: the fastest CPU step); 'torch': torch's generator, as ivon-opt; 'auto': "
-        "counter where the fused kernels run, else torch")
+        "sampling kernel with fused: the fastest CPU step); 'torch': ivon-opt's numbers from torch's generator; "
+        "'blocks': torch's generator in parallel blocks (faster, other numbers); 'auto': counter where the fused "
+        "kernels run, else torch")
 
 
 
