@@ -19,13 +19,16 @@ from sensitivity import SensitivityResult
 
 
 class Tracker:
-    def __init__(self, db: str | None, name: str, config: dict | None = None, migrate: bool = True):
+    def __init__(self, db: str | None, name: str, config: dict | None = None, migrate: bool = True,
+                 run_id: int | None = None):
+        """A new run named ``name``, or with ``run_id`` the existing run, continued (a resumed training)."""
         engine = make_engine(db)
         if migrate:
             upgrade(engine)
         ensure_current(engine)
         self.store = Store(engine)
-        self.run = self.store.create_run(name, config or {}, enqueue=False)
+        self.run = self.store.create_run(name, config or {}, enqueue=False) if run_id is None else \
+            self.store.get_run(run_id)
         self.store.set_run_status(self.run.id, "running")
 
     @property
