@@ -39,6 +39,17 @@ class SensitivityResult:
         """Share of examples whose correction's amplification was capped (0 when empty)."""
         return float(self.guarded.double().mean()) if len(self.guarded) else 0.0
 
+    def loo_class_probs(self) -> Tensor:
+        """(N, K) each example's class probabilities predicted without it, softmax(f_i + Δ_i) (for one logit, the
+        binary logistic's [1 − σ, σ]): out-of-sample probabilities in the layout of cleanlab's ``pred_probs``."""
+        if self.loo_probs is None:
+            raise ValueError("class probabilities need a classification loss (cross_entropy or binary_logistic)")
+        logits = self.logits + self.deviations
+        if logits.shape[1] == 1:
+            p = torch.sigmoid(logits[:, 0])
+            return torch.stack([1 - p, p], 1)
+        return torch.softmax(logits, -1)
+
     def __len__(self) -> int:
         return len(self.indices)
 
