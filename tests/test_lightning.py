@@ -110,3 +110,31 @@ def test_the_documented_example_runs(tmp_path, monkeypatch):
     store = Store(make_engine("sqlite:///ivon-diag.db"))
     assert store.get_run(out["diagnostics"].run_id).status == "done"
     assert len(store.evaluations(out["diagnostics"].run_id)) >= 1
+
+
+def test_an_optuna_study_prunes_trials_on_the_loo_and_the_runs_say_so(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    runs = []
+
+    def objective(trial):
+        hess_init = trial.suggest_float("hess_init", 0.01, 10.0, log=True)
+        net = Net()
+        net.configure_optimizers = lambda: IVON(net.parameters(), lr=0.1, ess=240, hess_init=hess_init, beta2=0.99)
+        callback = IVONDiagnostics(db, f"trial-{trial.number}", trial=trial)
+        runs.append(callback)
+        trainer = _trainer(callback, 4)
+        trainer.fit(net, DataLoader(_data(), batch_size=32))
+        return float(trainer.callback_metrics["loo"])
+
+    # a pruner that prunes every trial after the first from its first report: the path is what is tested
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.ThresholdPruner(upper=-1.0),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=2)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED] * 2
+    store = Store(make_engine(db))
+    for cb in runs:
+        run = store.get_run(cb.run_id)
+        assert run.status == "cancelled" and run.error.startswith("optuna: pruned at step 8")
+    assert all(list(t.intermediate_values) == [8] for t in study.trials)  # reported at the first evaluation

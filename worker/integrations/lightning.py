@@ -37,12 +37,14 @@ class IVONDiagnostics(pl.Callback):
     ``module``: the attribute of the LightningModule that maps a batch's inputs to logits (default: the module).
     ``early_stopping``: stop the fit when the LOO (or another monitored metric, Lightning's logged metrics
     included) stops improving; the best weights are restored at the end when it says so.
+    ``trial``: an Optuna trial; each evaluation reports the LOO to it and a pruned trial ends the fit with
+    ``optuna.TrialPruned`` (``worker.integrations.optuna``), the run marked cancelled with the reason.
     """
 
     def __init__(self, db: str | None, name: str, *, train_data: Any = None, module: str | None = None,
                  every_n_epochs: int = 1, every_n_steps: int | None = None, form: str = "auto",
                  chunk_size: int = 256, max_amplification: float | str | None = "auto",
-                 early_stopping: EarlyStopping | None = None, config: dict | None = None):
+                 early_stopping: EarlyStopping | None = None, config: dict | None = None, trial: Any = None):
         if every_n_epochs < 1 or (every_n_steps is not None and every_n_steps < 1):
             raise ValueError("every_n_epochs and every_n_steps must be >= 1")
         self.db, self.name, self.config = db, name, dict(config or {})
@@ -50,6 +52,7 @@ class IVONDiagnostics(pl.Callback):
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.options = dict(form=form, chunk_size=chunk_size, max_amplification=max_amplification)
         self.early_stopping = early_stopping
+        self.trial = trial
         self.tracker: Tracker | None = None
         self.run_id: int | None = None
         self._logged_examples = False
@@ -80,9 +83,11 @@ class IVONDiagnostics(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.tracker is not None:
-            stopped = isinstance(exception, KeyboardInterrupt)
-            self.tracker.finish("stopped" if stopped else "failed",
-                                error=None if stopped else f"{type(exception).__name__}: {exception}")
+            pruned = type(exception).__name__ == "TrialPruned"
+            stopped = pruned or isinstance(exception, KeyboardInterrupt)
+            self.tracker.finish("cancelled" if stopped else "failed",
+                                error=f"optuna: {exception}" if pruned else
+                                None if stopped else f"{type(exception).__name__}: {exception}")
 
     def state_dict(self) -> dict[str, Any]:  # saved in Lightning's checkpoints: a resumed fit logs to the same run
         return {"run_id": self.run_id, "logged_examples": self._logged_examples,
@@ -126,6 +131,10 @@ class IVONDiagnostics(pl.Callback):
         outcome = self._evaluate_here(trainer, pl_module, step) if trainer.is_global_zero else None
         stop, loo = trainer.strategy.broadcast(outcome, src=0)  # every rank logs and stops alike
         pl_module.log("loo", loo)
+        if self.trial is not None:
+            from worker.integrations.optuna import report_loo
+
+            report_loo(self.trial, loo, step)  # every rank: a pruned trial raises on each
         if stop:
             trainer.should_stop = True
 
