@@ -113,8 +113,14 @@ def _export(args: argparse.Namespace) -> int:
     from app.store.export import table_bytes
 
     store = _store(args)
-    step = store.resolve_step(args.run, args.step)
-    data = table_bytes(store.examples_table(args.run, step), args.format)
+    if args.pred_probs:
+        if args.step is not None:
+            raise ValueError("--pred-probs exports the latest evaluation's class probabilities; drop --step")
+        step, cols = store.class_probs_table(args.run)
+    else:
+        step = store.resolve_step(args.run, args.step)
+        cols = store.examples_table(args.run, step)
+    data = table_bytes(cols, args.format)
     if args.out in (None, "-"):
         if args.format == "parquet":
             raise ValueError("--format parquet needs --out FILE")
@@ -270,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--step", type=_step, default=None, help="an evaluated step, or latest (default)")
     ex.add_argument("--format", choices=["csv", "parquet"], default="csv")
     ex.add_argument("--out", default=None, help="a file (default: CSV to standard output)")
+    ex.add_argument("--pred-probs", action="store_true", help="instead, each example's LOO class probabilities at "
+                    "the latest evaluation (idx, label, p_0 ... p_K-1): cleanlab's pred_probs")
     ex.set_defaults(func=_export)
     sv = sub.add_parser("serve", parents=[with_db], help="the REST API and the dashboard")
     sv.add_argument("--host", default="127.0.0.1")

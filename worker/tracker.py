@@ -57,7 +57,8 @@ class Tracker:
         self.store.write_evaluation(
             self.run.id, step, loo=result.loo, metrics={**own, **(metrics or {})}, idx=result.indices.numpy(),
             scores=result.scores.numpy(), loo_losses=result.loo_losses.numpy(),
-            prob_label=None if result.loo_probs is None else result.loo_probs.numpy(), epoch=epoch)
+            prob_label=None if result.loo_probs is None else result.loo_probs.numpy(), epoch=epoch,
+            class_probs=None if result.loo_probs is None else result.loo_class_probs().numpy())
 
     def finish(self, status: str = "done", error: str | None = None) -> None:
         self.store.set_run_status(self.run.id, status, error=error)

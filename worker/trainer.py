@@ -291,7 +291,8 @@ class Trainer:
         self.store.write_evaluation(self.run_id, step, loo=loo, metrics=metrics, idx=res.indices.numpy(),
                                     scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
                                     prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
-                                    epoch=step / spe, wall_time=time.perf_counter() - t)
+                                    epoch=step / spe, wall_time=time.perf_counter() - t,
+                                    class_probs=None if res.loo_probs is None else res.loo_class_probs().numpy())
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
         msg = (f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
                f"test_nll {metrics['test_nll']:.4f}")

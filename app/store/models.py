@@ -158,6 +158,19 @@ class ScoreChunk(Base):
     __table_args__ = (Index("ix_score_chunks_history", "run_id", "kind", "chunk", "step"),)
 
 
+class ClassProbs(Base):
+    """Each example's LOO class probabilities at the run's latest evaluation that had them (cleanlab's
+    ``pred_probs``), in chunks of CLASS_CHUNK examples by index; ``data``: records (idx int64, p float32[classes])."""
+
+    __tablename__ = "class_probs"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(Integer)
+    classes: Mapped[int] = mapped_column(SmallInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class EarlyStopState(Base):
     __tablename__ = "early_stopping"
 

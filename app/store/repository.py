@@ -18,6 +18,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.access import HooksAndTokens
+from app.store.class_probs import ClassProbabilities, write_class_probs
 from app.store.engine import Conflict, CorruptData, NotFound, make_engine
 from app.store.models import (
     EarlyStopState,
@@ -53,9 +54,9 @@ class ScoreRow:
     loo_loss_evals: int = 0
 
 
-class Store(JobQueue, HooksAndTokens, MetricSeries):
+class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
-    and API tokens (``HooksAndTokens``)."""
+    and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
@@ -142,12 +143,14 @@ class Store(JobQueue, HooksAndTokens, MetricSeries):
     def write_evaluation(self, run_id: int, step: int, *, loo: float | None, metrics: dict[str, float],
                          idx: np.ndarray | None = None, scores: np.ndarray | None = None,
                          loo_losses: np.ndarray | None = None, prob_label: np.ndarray | None = None,
-                         epoch: float | None = None, wall_time: float | None = None) -> Evaluation:
+                         epoch: float | None = None, wall_time: float | None = None,
+                         class_probs: np.ndarray | None = None) -> Evaluation:
         """Write one evaluation, its metric points and its per-example rows in one transaction.
 
         Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step). Each
         example's running mean LOO loss folds this evaluation into the run's last one before ``step``; a step written
-        out of order does not update the means of evaluations after it.
+        out of order does not update the means of evaluations after it. ``class_probs`` (examples × classes, rows
+        in ``idx`` order) replaces the run's stored LOO class probabilities (``ClassProbabilities``).
         """
         clean = {k: finite(v) for k, v in metrics.items()}
         n = 0 if idx is None else len(idx)
@@ -169,6 +172,8 @@ class Store(JobQueue, HooksAndTokens, MetricSeries):
             refresh_rollups(s, run_id, {p["name"]: [step] for p in points})
             if chunks:
                 s.execute(ScoreChunk.__table__.insert(), chunks)
+            if class_probs is not None and n:
+                write_class_probs(s, run_id, step, idx, class_probs)
         return ev
 
     def evaluations(self, run_id: int, since_step: int | None = None, limit: int = 1000) -> list[Evaluation]:

@@ -64,6 +64,18 @@ def export_examples(run_id: RunId, step: Annotated[str, PathParam(pattern=r"^(\d
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
+@router.get("/runs/{run_id}/pred_probs.{fmt}", dependencies=read, response_class=Response,
+            responses={200: {"content": {media: {} for media in FORMATS.values()}}})
+def export_pred_probs(run_id: RunId, fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
+    """Each training example's LOO class probabilities at the run's latest evaluation (idx, label, p_0 … p_K−1):
+    out-of-sample predictions from the one run, in the layout of cleanlab's ``pred_probs``
+    (docs/integrations/cleanlab.md)."""
+    step, cols = store.class_probs_table(run_id)
+    name = f"run{run_id}_step{step}_pred_probs.{fmt}"
+    return Response(table_bytes(cols, fmt), media_type=FORMATS[fmt],
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
 @router.get("/runs/{run_id}/histogram", dependencies=read)
 def histogram(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32), bins: int = Query(30, ge=1, le=200),
               store: Store = Depends(get_store)):
