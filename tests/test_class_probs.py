@@ -18,7 +18,7 @@ from worker.service import run_job
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
 
 
-def _probs(n, k, seed):
+def _probs(n, k, seed):  # rows summing to 1
     p = np.random.default_rng(seed).random((n, k)) + 0.01
     return p / p.sum(1, keepdims=True)
 
@@ -28,21 +28,29 @@ def _evaluate(store, run_id, step, idx, probs):
                            loo_losses=np.ones(len(idx)), class_probs=probs)
 
 
-def test_the_latest_evaluations_class_probabilities_are_kept_by_index(store):
+def test_class_probabilities_are_averaged_over_the_evaluations_by_index(store):
     run = store.create_run("probs", {}, enqueue=False)
     store.add_examples(run.id, range(5000), labels=[i % 3 for i in range(5000)])
     idx = np.random.default_rng(0).permutation(5000)  # written in another order than the index
-    first = _probs(5000, 3, 1)
+    first, second, third = _probs(5000, 3, 1), _probs(5000, 3, 2), _probs(5000, 3, 3)
     _evaluate(store, run.id, 10, idx, first)
-    step, got_idx, labels, probs = store.class_probs(run.id)
-    assert step == 10 and np.array_equal(got_idx, np.arange(5000))
+    step, got_idx, labels, probs, evals = store.class_probs(run.id)
+    assert step == 10 and np.array_equal(got_idx, np.arange(5000)) and (evals == 1).all()
     assert np.array_equal(labels, np.arange(5000) % 3)
     assert np.allclose(probs[idx], first, atol=1e-6) and np.allclose(probs.sum(1), 1.0, atol=1e-12)
-    second = _probs(5000, 3, 2)
     _evaluate(store, run.id, 20, np.arange(5000), second)
-    _evaluate(store, run.id, 15, np.arange(5000), first)  # an older step written late does not replace them
-    step, _, _, probs = store.class_probs(run.id)
-    assert step == 20 and np.allclose(probs, second, atol=1e-6)
+    _evaluate(store, run.id, 15, np.arange(5000), third)  # an older step written late is not folded in
+    step, _, _, probs, evals = store.class_probs(run.id)
+    assert step == 20 and (evals == 2).all()
+    assert np.allclose(probs[idx], (first + second[idx]) / 2, atol=1e-6)
+    _evaluate(store, run.id, 20, np.arange(5000), third)  # step 20 evaluated again (a resumed worker): replaced
+    _, _, _, probs, evals = store.class_probs(run.id)
+    assert (evals == 2).all() and np.allclose(probs[idx], (first + third[idx]) / 2, atol=1e-6)
+    _evaluate(store, run.id, 30, np.arange(100), second[:100])  # a subset: the others keep their averages
+    _, _, _, probs, evals = store.class_probs(run.id)
+    assert (evals[:100] == 3).all() and (evals[100:] == 2).all()
+    expect = (first + third[idx]) / 2
+    assert np.allclose(probs[idx[idx >= 100]], expect[idx >= 100], atol=1e-6)
 
 
 def test_bad_class_probabilities_are_refused_and_nothing_is_written(store):
@@ -52,8 +60,12 @@ def test_bad_class_probabilities_are_refused_and_nothing_is_written(store):
         with pytest.raises(ValueError, match=match):
             _evaluate(store, run.id, 1, np.arange(4), probs)
     assert store.evaluations(run.id) == []
+    _evaluate(store, run.id, 1, np.arange(4), _probs(4, 2, 0))
+    with pytest.raises(ValueError, match="3 classes, the run's earlier ones 2"):
+        _evaluate(store, run.id, 2, np.arange(4), _probs(4, 3, 0))
+    assert [e.step for e in store.evaluations(run.id)] == [1]
     with pytest.raises(NotFound, match="no class probabilities"):
-        store.class_probs(run.id)
+        store.class_probs(store.create_run("none", {}, enqueue=False).id)
     with pytest.raises(NotFound, match="run 999999"):
         store.class_probs(999999)
 
@@ -67,7 +79,7 @@ def test_the_api_exports_pred_probs_and_deleting_the_run_removes_them(store):
     r = client.get(f"/api/v1/runs/{run.id}/pred_probs.csv")
     assert r.status_code == 200 and f"run{run.id}_step7_pred_probs.csv" in r.headers["content-disposition"]
     table = np.genfromtxt(io.StringIO(r.text), delimiter=",", names=True)
-    assert table.dtype.names == ("idx", "label", "p_0", "p_1", "p_2", "p_3")
+    assert table.dtype.names == ("idx", "label", "evals", "p_0", "p_1", "p_2", "p_3")
     assert np.allclose(np.stack([table[f"p_{k}"] for k in range(4)], 1), probs, atol=1e-6)
     assert client.get(f"/api/v1/runs/{run.id}/pred_probs.parquet").content[:4] == b"PAR1"
     empty = store.create_run("none", {}, enqueue=False)

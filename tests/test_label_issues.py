@@ -80,3 +80,17 @@ def test_the_documented_example_runs(tmp_path, capsys):
     caught = len(set(out["issues"].tolist()) & set(out["flipped"].tolist()))
     assert caught >= len(out["flipped"]) // 2
     assert "flipped labels among them" in capsys.readouterr().out
+
+
+def test_several_evaluations_are_averaged_by_index():
+    res, _ = _result()
+    half = dataclasses.replace(res, indices=res.indices[:100], targets=res.targets[:100], logits=res.logits[:100],
+                               deviations=res.deviations[:100] * 0.0, loo_probs=res.loo_probs[:100])
+    indices, _, probs = pred_probs([res, half])
+    one = pred_probs(res)[2]
+    inside = np.isin(indices, res.indices[:100].numpy())
+    assert np.allclose(probs[~inside], one[~inside])  # examples in one evaluation keep its probabilities
+    in_sample = res.logits.softmax(-1).double().numpy()[np.argsort(res.indices.numpy())]
+    assert np.allclose(probs[inside], (one[inside] + in_sample[inside]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="no sensitivity results"):
+        pred_probs([])

@@ -159,12 +159,14 @@ class ScoreChunk(Base):
 
 
 class ClassProbs(Base):
-    """Each example's LOO class probabilities at the run's latest evaluation that had them (cleanlab's
-    ``pred_probs``), in chunks of CLASS_CHUNK examples by index; ``data``: records (idx int64, p float32[classes])."""
+    """Each example's LOO class probabilities averaged over the run's evaluations (cleanlab's ``pred_probs``):
+    generation 0 up to the latest evaluation ``step``, 1 up to the one before (what a re-evaluated latest step
+    folds into); chunks of examples by index, ``data`` records of app.store.class_probs."""
 
     __tablename__ = "class_probs"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    gen: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(Integer)
     classes: Mapped[int] = mapped_column(SmallInteger)

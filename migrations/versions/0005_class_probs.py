@@ -1,5 +1,5 @@
-"""class_probs: each training example's LOO class probabilities at a run's latest evaluation (cleanlab's
-``pred_probs``), in chunks of example indices
+"""class_probs: each training example's LOO class probabilities averaged over a run's evaluations (cleanlab's
+``pred_probs``), the latest two generations, in chunks of example indices
 
 Revision ID: 0005
 Revises: 0004
@@ -19,6 +19,7 @@ def upgrade() -> None:
     op.create_table(
         "class_probs",
         sa.Column("run_id", sa.Integer(), sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("gen", sa.SmallInteger(), primary_key=True),
         sa.Column("chunk", sa.Integer(), primary_key=True),
         sa.Column("step", sa.Integer(), nullable=False),
         sa.Column("classes", sa.SmallInteger(), nullable=False),
