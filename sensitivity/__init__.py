@@ -9,6 +9,7 @@ from sensitivity.deviations import (
     iter_sensitivities,
     resolve_form,
 )
+from sensitivity.influence import InfluenceResult, influence
 from sensitivity.losses import LOSSES, Loss
 from sensitivity.variance import (
     Covariance,
@@ -21,5 +22,5 @@ from sensitivity.variance import (
 __all__ = [
     "compute_sensitivities", "iter_sensitivities", "SensitivityResult", "FORMS", "DEFAULT_FORM", "resolve_form",
     "Loss", "LOSSES", "Covariance", "DiagonalCovariance", "ivon_variance", "adamw_variance", "sgd_variance",
-    "DenseCovariance", "KFACCovariance", "BlockCovariance",
+    "DenseCovariance", "KFACCovariance", "BlockCovariance", "influence", "InfluenceResult",
 ]

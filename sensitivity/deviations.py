@@ -101,8 +101,9 @@ def prediction_variance(cov: Covariance, jac: dict[str, Tensor]) -> Tensor:
     return 0.5 * (v + v.transpose(1, 2))
 
 
-def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
-    """Δ = V (I − ΛV)^{-1} e for Λ = L Lᵀ (``factor`` = L), guarded; returns (Δ, guarded).
+def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor,
+                        max_amplification: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Δ = V (I − ΛV)^{-1} e for Λ = L Lᵀ (``factor`` = L), guarded; returns (Δ, guarded, (I − ΛV)^{-1} e).
 
     (I − ΛV)^{-1} = I + L (I − W)^{-1} Lᵀ V with W = Lᵀ V L = Q D Qᵀ; eigenvalues of W (those of ΛV) are capped
     at 1 − 1/max_amplification.
@@ -114,7 +115,7 @@ def corrected_deviation(v: Tensor, factor: Tensor, e: Tensor, max_amplification:
     z = factor.transpose(1, 2) @ (v @ e[:, :, None])
     inv = 1.0 / (1.0 - d.clamp(max=cap))
     u = e[:, :, None] + factor @ (q @ (inv[:, :, None] * (q.transpose(1, 2) @ z)))
-    return (v @ u)[:, :, 0], guarded
+    return (v @ u)[:, :, 0], guarded, u[:, :, 0]
 
 
 def series_correction(c: Tensor, e: Tensor, max_amplification: float) -> tuple[Tensor, Tensor]:
@@ -218,23 +219,24 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
     logits_d = logits.detach()
     e = lossf.residual(logits_d, y)
     none_guarded = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    # the last item: ẽ, the residual the form corrects e to (Δ = V ẽ; the diagonal form has none: e)
     if form == "first_order":
-        return logits_d, e, plan.first_order(x, logits, seen, e), none_guarded, None
+        return logits_d, e, plan.first_order(x, logits, seen, e), none_guarded, None, e
     if form == "second_order":
         ve = plan.first_order(x, logits, seen, e)
         c, guarded = series_correction(lossf.hessian_product(logits_d, ve), e, max_amplification)
-        return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None
+        return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None, e + c
     if form == "rayleigh":
         ve = plan.first_order(x, logits, seen, e)
         u = lossf.hessian_product(logits_d, ve)
         vu = plan.first_order(x, logits, seen, u)
         d, guarded = rayleigh_quotient(u, ve, vu, max_amplification)
-        return logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None
+        return logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None, e + u / (1.0 - d)[:, None]
     v = plan.variance(x, logits, seen)
     if form == "diagonal":
-        return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v
-    dev, guarded = corrected_deviation(v, lossf.hessian_factor(logits_d), e, max_amplification)
-    return logits_d, e, dev, guarded, v
+        return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v, e
+    dev, guarded, corrected = corrected_deviation(v, lossf.hessian_factor(logits_d), e, max_amplification)
+    return logits_d, e, dev, guarded, v, corrected
 
 
 def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cross_entropy", *,
@@ -283,7 +285,7 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
         model.train(was_training)
 
 
-def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v) -> SensitivityResult:
+def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v, corrected) -> SensitivityResult:
     logits, dev = logits.detach(), dev.detach()
     loo_logits = logits + dev
     if form == "diagonal":
@@ -302,6 +304,7 @@ def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v) -> Sensitivit
         indices=ids.cpu(), targets=y.cpu(), logits=logits.cpu(), residuals=e.cpu(), deviations=dev.cpu(),
         scores=scores.cpu(), losses=lossf.value(logits, y).cpu(), loo_losses=loo_losses.cpu(),
         guarded=guarded.cpu(), form=form, loo_probs=None if loo_probs is None else loo_probs.cpu(),
+        corrected_residuals=corrected.detach().cpu(),
     )
 
 

@@ -27,6 +27,7 @@ class SensitivityResult:
     guarded: Tensor  # (N,) bool: the correction's amplification was capped for this example
     form: str
     loo_probs: Tensor | None = None  # (N,) out-of-sample probability of the given label, softmax(f_i + Δ_i)_y
+    corrected_residuals: Tensor | None = None  # (N, K) ẽ_i, with Δ_i = V_i ẽ_i (the form's correction of e_i)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -73,5 +74,6 @@ def concat_results(parts: list[SensitivityResult], form: str) -> SensitivityResu
                                  empty)
     cat = {name: torch.cat([getattr(p, name) for p in parts]) for name in
            ("indices", "targets", "logits", "residuals", "deviations", "scores", "losses", "loo_losses", "guarded")}
-    probs = None if parts[0].loo_probs is None else torch.cat([p.loo_probs for p in parts])
-    return SensitivityResult(**cat, form=form, loo_probs=probs)
+    optional = {name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+                for name in ("loo_probs", "corrected_residuals")}
+    return SensitivityResult(**cat, form=form, **optional)

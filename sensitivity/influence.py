@@ -1,0 +1,140 @@
+"""Which training examples made a prediction: the memory-perturbation influence of each training example on any
+query input, from the posterior covariance the LOO already uses (Nickl et al. 2023).
+
+Removing training example i moves the parameters by about Σ J_iᵀ ẽ_i (ẽ_i: its residual as the deviation form
+corrects it, with Δ_i = V_i ẽ_i for its own outputs), so a query x*'s outputs by
+
+    Δf*_i = J* Σ J_iᵀ ẽ_i,     and its loss by   ℓ(y*, f* + Δf*_i) − ℓ(y*, f*).
+
+The queries' rows Σ J*ᵀ (Q·K parameter vectors) are formed once; then per chunk of training examples their
+weighted gradients J_iᵀ ẽ_i (one per-example VJP) and one matrix product give every (query, example) pair. No
+Jacobian of the training data is formed. Exact for the chosen form and covariance (tests/test_influence.py); how
+far it follows retraining: docs/influence.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+
+from sensitivity.deviations import compute_sensitivities, resolve_amplification, resolve_form
+from sensitivity.jacobians import functional, iter_chunks, per_example_jacobians
+from sensitivity.losses import Loss, get_loss
+from sensitivity.result import SensitivityResult
+from sensitivity.variance import as_covariance
+
+QUERY_BUDGET = 2**26  # elements of the queries' Σ J*ᵀ rows held at once (Q · K · P): 256 MiB of float32
+
+
+@dataclass
+class InfluenceResult:
+    """Row q is query q; column j is the training example ``train_indices[j]``."""
+
+    train_indices: Tensor  # (N,)
+    query_logits: Tensor  # (Q, K) f* at the mean
+    query_targets: Tensor  # (Q,) or (Q, K): the targets the losses are taken at (given, or predicted)
+    output_change: Tensor  # (Q, N, K) Δf*: the query's outputs without the example minus with it
+    loss_change: Tensor  # (Q, N): the query's loss without the example minus with it
+    form: str
+
+    def proponents(self, query: int, k: int = 10) -> tuple[Tensor, Tensor]:
+        """(training indices, loss changes) of the k examples whose removal would raise the query's loss most: those
+        that pushed the prediction toward its target."""
+        order = torch.argsort(self.loss_change[query], descending=True, stable=True)[:k]
+        return self.train_indices[order], self.loss_change[query, order]
+
+    def opponents(self, query: int, k: int = 10) -> tuple[Tensor, Tensor]:
+        """(training indices, loss changes) of the k examples whose removal would lower the query's loss most."""
+        order = torch.argsort(self.loss_change[query], stable=True)[:k]
+        return self.train_indices[order], self.loss_change[query, order]
+
+
+def _predicted(lossf: Loss, logits: Tensor) -> Tensor:
+    if lossf.name == "cross_entropy":
+        return logits.argmax(1)
+    if lossf.name == "binary_logistic":
+        return (logits[:, 0] > 0).to(logits.dtype)
+    raise ValueError(f"the {lossf.name} loss has no predicted label: pass the queries' targets")
+
+
+def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str | Loss = "cross_entropy", *,
+              targets: Tensor | None = None, result: SensitivityResult | None = None, form: str = "auto",
+              chunk_size: int = 256, max_amplification: float | str | None = "auto") -> InfluenceResult:
+    """The change of each query's outputs and loss when each training example is removed.
+
+    ``queries``: inputs (Q, ...); ``targets``: their labels (default: the predicted ones). ``train_data`` and
+    ``variance`` as for ``compute_sensitivities`` (σ², a covariance object: diagonal, K-FAC, last-layer, dense);
+    ``result``: that function's result on ``train_data`` with the same variance, if already computed (its ẽ_i are
+    reused). The diagonal form has no ẽ; it gives first-order influence.
+    """
+    lossf = get_loss(loss)
+    cov = as_covariance(model, variance)
+    form = resolve_form(form, cov)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    device = next(iter(params.values())).device
+    if result is None:
+        result = compute_sensitivities(model, train_data, cov, lossf, form=form, chunk_size=chunk_size,
+                                       max_amplification=resolve_amplification(max_amplification, cov))
+    if result.corrected_residuals is None:
+        raise ValueError("the sensitivity result has no corrected residuals; compute it with this version")
+    was_training = model.training
+    model.eval()
+    try:
+        x_q = queries.to(device)
+        with torch.no_grad():
+            logits_q = torch.func.functional_call(model, {**dict(model.named_buffers()), **params}, (x_q,))
+        if logits_q.ndim == 1:
+            logits_q = logits_q[:, None]
+        y_q = _predicted(lossf, logits_q) if targets is None else targets.to(device)
+        lossf.check_targets(logits_q, y_q)
+        rows = _query_rows(model, params, cov, x_q, logits_q.shape[1])
+        changes = [_chunk_changes(model, params, rows, xs, idx, result) for xs, _, idx in
+                   iter_chunks(train_data, chunk_size, model)]
+    finally:
+        model.train(was_training)
+    idx = torch.cat([c[0] for c in changes]) if changes else torch.empty(0, dtype=torch.long)
+    dout = torch.cat([c[1] for c in changes], 1) if changes else logits_q.new_zeros(len(x_q), 0, logits_q.shape[1])
+    q, n, k = dout.shape
+    base = lossf.value(logits_q, y_q)
+    moved = lossf.value((logits_q[:, None, :] + dout).reshape(q * n, k), y_q.repeat_interleave(n, 0))
+    return InfluenceResult(train_indices=idx, query_logits=logits_q.cpu(), query_targets=y_q.cpu(),
+                           output_change=dout.cpu(), loss_change=(moved.reshape(q, n) - base[:, None]).cpu(), form=form)
+
+
+def _query_rows(model: nn.Module, params: dict[str, Tensor], cov, x_q: Tensor, k: int) -> Tensor:
+    """Σ J*ᵀ for every query and output, flattened over the parameters: (Q·K, P)."""
+    size = sum(p.numel() for p in params.values())
+    per = max(1, QUERY_BUDGET // max(1, k * size))
+    rows = []
+    for s in range(0, len(x_q), per):
+        _, jac = per_example_jacobians(model, params, x_q[s : s + per])
+        applied = cov.apply(jac)
+        rows.append(torch.cat([applied[n].flatten(2) for n in params], 2).flatten(0, 1))
+    return torch.cat(rows)
+
+
+def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, x: Tensor, idx: Tensor,
+                   result: SensitivityResult) -> tuple[Tensor, Tensor]:
+    """(indices, Δf* (Q, B, K)) for one chunk of training examples."""
+    order = torch.argsort(result.indices)
+    known = result.indices[order]
+    at = torch.searchsorted(known, idx).clamp(max=max(len(known) - 1, 0))
+    if len(known) == 0 or not bool((known[at] == idx).all()):
+        raise ValueError("the sensitivity result does not cover every training example (compute it on train_data)")
+    corrected = result.corrected_residuals[order[at]].to(x.device, rows.dtype)
+    f = functional(model, params)
+
+    def pull(xi, ei):
+        _, back = vjp(lambda p: f(p, xi), params)
+        return back(ei)[0]
+
+    grads = vmap(pull)(x, corrected)  # J_iᵀ ẽ_i per example
+    flat = torch.cat([grads[n].flatten(1) for n in params], 1)  # (B, P)
+    k = corrected.shape[1]
+    dout = (rows @ flat.T).reshape(-1, k, len(x)).transpose(1, 2)  # (Q, B, K)
+    return idx, dout
