@@ -36,8 +36,8 @@ class InfluenceResult:
     train_indices: Tensor  # (N,)
     query_logits: Tensor  # (Q, K) f* at the mean
     query_targets: Tensor  # (Q,) or (Q, K): the targets the losses are taken at (given, or predicted)
-    output_change: Tensor  # (Q, N, K) Δf*: the query's outputs without the example minus with it
-    loss_change: Tensor  # (Q, N): the query's loss without the example minus with it
+    output_change: Tensor | None  # (Q, N, K) Δf*: the query's outputs without the example minus with it
+    loss_change: Tensor  # (Q, N): the query's loss without the example minus with it (``outputs=False``: e*ᵀ Δf*)
     form: str
 
     def proponents(self, query: int, k: int = 10) -> tuple[Tensor, Tensor]:
@@ -62,13 +62,17 @@ def _predicted(lossf: Loss, logits: Tensor) -> Tensor:
 
 def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str | Loss = "cross_entropy", *,
               targets: Tensor | None = None, result: SensitivityResult | None = None, form: str = "auto",
-              chunk_size: int = 256, max_amplification: float | str | None = "auto") -> InfluenceResult:
+              chunk_size: int = 256, max_amplification: float | str | None = "auto",
+              outputs: bool = True) -> InfluenceResult:
     """The change of each query's outputs and loss when each training example is removed.
 
     ``queries``: inputs (Q, ...); ``targets``: their labels (default: the predicted ones). ``train_data`` and
     ``variance`` as for ``compute_sensitivities`` (σ², a covariance object: diagonal, K-FAC, last-layer, dense);
     ``result``: that function's result on ``train_data`` with the same variance, if already computed (its ẽ_i are
     reused). The diagonal form has no ẽ; it gives first-order influence.
+
+    ``outputs=False``: the loss change to first order in Δf*, e*ᵀ Δf* (e* the query's residual), without the
+    output changes: one parameter vector per query instead of K, K times less work (bench/influence.py).
     """
     lossf = get_loss(loss)
     cov = as_covariance(model, variance)
@@ -92,49 +96,64 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
             logits_q = logits_q[:, None]
         y_q = _predicted(lossf, logits_q) if targets is None else targets.to(device)
         lossf.check_targets(logits_q, y_q)
-        rows = _query_rows(model, params, cov, x_q, logits_q.shape[1])
-        changes = [_chunk_changes(model, params, rows, xs, idx, result) for xs, _, idx in
+        k = logits_q.shape[1]
+        weights = None if outputs else lossf.residual(logits_q, y_q)  # the loss's gradient in f*
+        rows = _query_rows(model, params, cov, x_q, k, weights)
+        changes = [_chunk_changes(model, params, rows, k if outputs else 1, xs, idx, result) for xs, _, idx in
                    iter_chunks(train_data, chunk_size, model)]
     finally:
         model.train(was_training)
     idx = torch.cat([c[0] for c in changes]) if changes else torch.empty(0, dtype=torch.long)
-    dout = torch.cat([c[1] for c in changes], 1) if changes else logits_q.new_zeros(len(x_q), 0, logits_q.shape[1])
-    q, n, k = dout.shape
+    dout = torch.cat([c[1] for c in changes], 1) if changes else logits_q.new_zeros(len(x_q), 0, k if outputs else 1)
+    if not outputs:
+        return InfluenceResult(train_indices=idx, query_logits=logits_q.cpu(), query_targets=y_q.cpu(),
+                               output_change=None, loss_change=dout[:, :, 0].cpu(), form=form)
+    q, n, _ = dout.shape
     base = lossf.value(logits_q, y_q)
     moved = lossf.value((logits_q[:, None, :] + dout).reshape(q * n, k), y_q.repeat_interleave(n, 0))
     return InfluenceResult(train_indices=idx, query_logits=logits_q.cpu(), query_targets=y_q.cpu(),
                            output_change=dout.cpu(), loss_change=(moved.reshape(q, n) - base[:, None]).cpu(), form=form)
 
 
-def _query_rows(model: nn.Module, params: dict[str, Tensor], cov, x_q: Tensor, k: int) -> Tensor:
-    """Σ J*ᵀ for every query and output, flattened over the parameters: (Q·K, P)."""
+def _query_rows(model: nn.Module, params: dict[str, Tensor], cov, x_q: Tensor, k: int,
+                weights: Tensor | None) -> Tensor:
+    """Σ J*ᵀ for every query and output, flattened over the parameters: (Q·K, P); with ``weights`` (Q, K), Σ J*ᵀ w
+    per query: (Q, P)."""
     size = sum(p.numel() for p in params.values())
     per = max(1, QUERY_BUDGET // max(1, k * size))
     rows = []
     for s in range(0, len(x_q), per):
-        _, jac = per_example_jacobians(model, params, x_q[s : s + per])
-        applied = cov.apply(jac)
-        rows.append(torch.cat([applied[n].flatten(2) for n in params], 2).flatten(0, 1))
+        if weights is None:
+            _, jac = per_example_jacobians(model, params, x_q[s : s + per])
+            applied = cov.apply(jac)
+            rows.append(torch.cat([applied[n].flatten(2) for n in params], 2).flatten(0, 1))
+        else:
+            applied = cov.apply(_weighted_grads(model, params, x_q[s : s + per], weights[s : s + per]))
+            rows.append(torch.cat([applied[n].flatten(1) for n in params], 1))
     return torch.cat(rows)
 
 
-def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, x: Tensor, idx: Tensor,
+def _weighted_grads(model: nn.Module, params: dict[str, Tensor], x: Tensor, w: Tensor) -> dict[str, Tensor]:
+    """J_iᵀ w_i per example (one per-example VJP): name → (B, *shape)."""
+    f = functional(model, params)
+
+    def pull(xi, wi):
+        _, back = vjp(lambda p: f(p, xi), params)
+        return back(wi)[0]
+
+    return vmap(pull)(x, w)
+
+
+def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, per_query: int, x: Tensor, idx: Tensor,
                    result: SensitivityResult) -> tuple[Tensor, Tensor]:
-    """(indices, Δf* (Q, B, K)) for one chunk of training examples."""
+    """(indices, Δf* (Q, B, K), or e*ᵀ Δf* (Q, B, 1) with one row per query) for one chunk of training examples."""
     order = torch.argsort(result.indices)
     known = result.indices[order]
     at = torch.searchsorted(known, idx).clamp(max=max(len(known) - 1, 0))
     if len(known) == 0 or not bool((known[at] == idx).all()):
         raise ValueError("the sensitivity result does not cover every training example (compute it on train_data)")
     corrected = result.corrected_residuals[order[at]].to(x.device, rows.dtype)
-    f = functional(model, params)
-
-    def pull(xi, ei):
-        _, back = vjp(lambda p: f(p, xi), params)
-        return back(ei)[0]
-
-    grads = vmap(pull)(x, corrected)  # J_iᵀ ẽ_i per example
+    grads = _weighted_grads(model, params, x, corrected)  # J_iᵀ ẽ_i per example
     flat = torch.cat([grads[n].flatten(1) for n in params], 1)  # (B, P)
-    k = corrected.shape[1]
-    dout = (rows @ flat.T).reshape(-1, k, len(x)).transpose(1, 2)  # (Q, B, K)
+    dout = (rows @ flat.T).reshape(-1, per_query, len(x)).transpose(1, 2)  # (Q, B, K or 1)
     return idx, dout

@@ -144,3 +144,15 @@ def test_the_loss_change_follows_retraining_without_each_example():
     for q in range(4):  # the top proponent's removal raises the query's loss at least as much as the median's
         top = int(res.proponents(q, k=1)[0])
         assert actual[q, top] >= actual[q].median()
+
+
+def test_without_outputs_the_loss_change_is_first_order_in_the_output_change():
+    model, x, y, xq = _setup()
+    cov = _covariances(model, x, y)["kfac"]
+    full = influence(model, xq, (x, y), cov, form="rayleigh")
+    lean = influence(model, xq, (x, y), cov, form="rayleigh", outputs=False, chunk_size=5)
+    with torch.no_grad():
+        fq = model(xq)
+    e = fq.softmax(-1) - nn.functional.one_hot(fq.argmax(1), 3)
+    assert lean.output_change is None
+    assert torch.allclose(lean.loss_change, torch.einsum("qnk,qk->qn", full.output_change, e), atol=1e-10, rtol=1e-8)
