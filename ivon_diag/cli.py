@@ -90,6 +90,27 @@ def _runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _influence(args: argparse.Namespace) -> int:
+    import json
+
+    from worker.influence import query_run
+
+    rows = query_run(_store(args), args.run, args.test, args.checkpoint_dir, k=args.k, predicted=args.predicted)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"test example {r['test_idx']}: label {r['label']}, predicted {r['predicted']}, loss {r['loss']:.4f} "
+              f"(at {'the prediction' if args.predicted else 'its label'})")
+        for title, key in (("removing raises the loss (proponents)", "proponents"),
+                           ("removing lowers the loss (opponents)", "opponents")):
+            print(f"  {title}:")
+            for e in r[key]:
+                flag = " flipped" if e["flipped"] else ""
+                print(f"    train {e['idx']:>6}  label {e['label']}{flag:8}  {e['loss_change']:+.4g}")
+    return 0
+
+
 def _runs_delete(args: argparse.Namespace) -> int:
     from worker.checkpoints import Checkpoints
 
@@ -279,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--pred-probs", action="store_true", help="instead, each example's LOO class probabilities at "
                     "the latest evaluation (idx, label, p_0 ... p_K-1): cleanlab's pred_probs")
     ex.set_defaults(func=_export)
+    inf = sub.add_parser("influence", parents=[with_db], help="which training examples made a finished run's "
+                         "predictions on test examples (its final weights and posterior)")
+    inf.add_argument("run", type=int)
+    inf.add_argument("--test", type=int, nargs="+", required=True, help="indices into the run's test split")
+    inf.add_argument("--k", type=int, default=10, help="proponents and opponents per test example (default 10)")
+    inf.add_argument("--predicted", action="store_true", help="the loss at the predicted label, not the test label")
+    inf.add_argument("--json", action="store_true", help="JSON instead of a table")
+    inf.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
+    inf.set_defaults(func=_influence)
     sv = sub.add_parser("serve", parents=[with_db], help="the REST API and the dashboard")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)

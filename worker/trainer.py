@@ -46,6 +46,31 @@ def build_model(cfg: JobConfig, data: Dataset) -> nn.Module:
     return models.resnet20(k, c, m.norm)
 
 
+def optimizer_variance(cfg: JobConfig, model: nn.Module, opt, data: Dataset):
+    """σ² from the optimizer's state (IVON, AdamW), or a diagonal Laplace refitted on the data (SGD)."""
+    if isinstance(opt, IVON):
+        return ivon_variance(opt, model)
+    if isinstance(opt, torch.optim.AdamW):
+        return adamw_variance(opt, data.n, model, weight_decay=cfg.optimizer.weight_decay)
+    return sgd_variance(model, (data.xtr, data.ytr), prior_precision=data.n * cfg.optimizer.weight_decay or 1.0)
+
+
+def job_variance(cfg: JobConfig, model: nn.Module, data: Dataset, optimizer_var):
+    """The covariance the job's ``sensitivity.covariance`` names; the refitted ones over the whole training set (every
+    rank holds it: the same on each rank). ``optimizer_var``: σ² from ``optimizer_variance``."""
+    kind = cfg.sensitivity.covariance
+    if kind == "optimizer":
+        return optimizer_var
+    prior = data.n * cfg.optimizer.weight_decay or 1.0
+    train, chunk = (data.xtr, data.ytr), cfg.sensitivity.chunk_size
+    if kind == "kfac":
+        return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
+    head = DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
+    if kind == "last_layer":
+        return head
+    return BlockCovariance.with_last_layer(model, optimizer_var, head)
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path, run_uid: str,
                  should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print,
@@ -156,8 +181,12 @@ class Trainer:
             self._checkpoint(model, opt, sched, gen, step, perm, es)
             if decision["release"]:
                 return "released"
-        if self.writer:
-            self.checkpoints.save_model({"model": model.state_dict(), "step": step})
+        if self.writer:  # with the optimizer's σ² at the end, for influence queries (worker.influence)
+            final = {"model": model.state_dict(), "step": step}
+            if isinstance(opt, (IVON, torch.optim.AdamW)):
+                final["variance"] = {n: v.detach().cpu() for n, v in
+                                     optimizer_variance(self.cfg, model, opt, data).items()}
+            self.checkpoints.save_model(final)
             self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
         return status
 
@@ -237,26 +266,7 @@ class Trainer:
         return total
 
     def _variance(self, model, opt, data: Dataset):
-        kind = self.cfg.sensitivity.covariance
-        if kind != "optimizer":  # refitted over the whole training set (every rank holds it): same on each rank
-            prior = data.n * self.cfg.optimizer.weight_decay or 1.0
-            train = (data.xtr, data.ytr)
-            chunk = self.cfg.sensitivity.chunk_size
-            if kind == "kfac":
-                return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
-            head = DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
-            if kind == "last_layer":
-                return head
-            return BlockCovariance.with_last_layer(model, self._optimizer_variance(model, opt, data), head)
-        return self._optimizer_variance(model, opt, data)
-
-    def _optimizer_variance(self, model, opt, data: Dataset):
-        if isinstance(opt, IVON):
-            return ivon_variance(opt, model)
-        if isinstance(opt, torch.optim.AdamW):
-            return adamw_variance(opt, data.n, model, weight_decay=self.cfg.optimizer.weight_decay)
-        prior = data.n * self.cfg.optimizer.weight_decay or 1.0
-        return sgd_variance(model, (data.xtr, data.ytr), prior_precision=prior)
+        return job_variance(self.cfg, model, data, optimizer_variance(self.cfg, model, opt, data))
 
     def _evaluate(self, model, opt, data: Dataset, sub, step: int, spe: int) -> dict[str, float] | None:
         t = time.perf_counter()

@@ -1,0 +1,68 @@
+"""Influence queries on a finished run: which training examples pushed its predictions on chosen test examples,
+from the run's final weights and posterior variance (saved with its model), its data loaded as the job loaded it.
+
+    rows = query_run(store, run_id, [0, 7], checkpoint_dir)   # or: ivon-diag influence RUN --test 0 7
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from app.store import Store
+from sensitivity import influence
+from worker.checkpoints import MODEL, run_folder
+from worker.config import parse_config
+from worker.data import inject_label_noise, load_dataset
+from worker.trainer import build_model, job_variance, optimizer_variance
+
+MAX_QUERIES = 100
+
+
+def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint_dir: str | Path, k: int = 10,
+              predicted: bool = False) -> list[dict]:
+    """For each test example: its label, prediction and loss, and the k training examples whose removal would raise
+    (proponents) or lower (opponents) that loss most, with their labels and predicted loss changes. The loss is at
+    the test label, or at the predicted one with ``predicted``."""
+    if not test_indices or len(test_indices) > MAX_QUERIES:
+        raise ValueError(f"give 1 to {MAX_QUERIES} test examples, not {len(test_indices)}")
+    if not 1 <= k <= 1000:
+        raise ValueError(f"Invalid k: {k!r} (must be 1 to 1000)")
+    run = store.get_run(run_id)
+    path = run_folder(checkpoint_dir, run.uid) / MODEL
+    if not path.exists():
+        raise FileNotFoundError(f"run {run_id} has no final model at {path}: it has not finished, or its checkpoints "
+                                "live under another --checkpoint-dir")
+    final = torch.load(path, weights_only=True, map_location="cpu")
+    cfg = parse_config(run.config)
+    data = inject_label_noise(load_dataset(cfg.data, cfg.seed), cfg.label_noise)
+    bad = [i for i in test_indices if not 0 <= int(i) < len(data.xte)]
+    if bad:
+        raise ValueError(f"test examples {bad} are outside the run's test set (0 to {len(data.xte) - 1})")
+    model = build_model(cfg, data)
+    model.load_state_dict(final["model"])
+    if "variance" in final:
+        opt_var = final["variance"]
+    elif cfg.optimizer.name == "sgd":
+        opt_var = optimizer_variance(cfg, model, None, data)
+    else:
+        raise ValueError(f"run {run_id}'s final model was saved without its posterior variance (a run finished by an "
+                         "earlier version): train it again to query its influence")
+    ids = torch.as_tensor([int(i) for i in test_indices])
+    res = influence(model, data.xte[ids], (data.xtr, data.ytr), job_variance(cfg, model, data, opt_var),
+                    targets=None if predicted else data.yte[ids], form=cfg.sensitivity.form,
+                    chunk_size=cfg.sensitivity.chunk_size, max_amplification=cfg.sensitivity.max_amplification)
+    losses = torch.nn.functional.cross_entropy(res.query_logits, res.query_targets.long(), reduction="none")
+
+    def rows(found, changes):
+        return [{"idx": int(i), "label": int(data.ytr[i]), "flipped": bool(data.flipped[i]),
+                 "loss_change": float(c)} for i, c in zip(found, changes)]
+
+    out = []
+    for q, i in enumerate(ids.tolist()):
+        out.append({"test_idx": i, "label": int(data.yte[i]), "predicted": int(res.query_logits[q].argmax()),
+                    "target": int(res.query_targets[q]), "loss": float(losses[q]),
+                    "proponents": rows(*res.proponents(q, k)), "opponents": rows(*res.opponents(q, k))})
+    return out
