@@ -48,16 +48,16 @@ class Net(L.LightningModule):
         return IVON(self.parameters(), lr=0.1, ess=self.n, hess_init=0.5, beta2=0.99)
 
 
-def _trainer(callback, epochs, **kw):
+def _trainer(callback, epochs, root, **kw):
     return L.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, accelerator="cpu", devices=1, **kw)
+                     enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=root, **kw)
 
 
 def test_a_lightning_fit_writes_evaluations_scores_and_the_loo_to_the_store(tmp_path):
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     torch.manual_seed(0)
     callback = IVONDiagnostics(db, "lightning-run", config={"source": "test"})
-    trainer = _trainer(callback, 3)
+    trainer = _trainer(callback, 3, tmp_path)
     trainer.fit(Net(), DataLoader(_data(), batch_size=32, shuffle=True))
     store = Store(make_engine(db))
     run = store.get_run(callback.run_id)
@@ -76,7 +76,7 @@ def test_early_stopping_on_the_loo_stops_the_fit_and_is_recorded(tmp_path):
     torch.manual_seed(0)
     es = EarlyStopping(monitor="loo", patience=1, min_delta=10.0)  # no improvement of 10 nats: stops at once
     callback = IVONDiagnostics(db, "stopped", early_stopping=es)
-    trainer = _trainer(callback, 20)
+    trainer = _trainer(callback, 20, tmp_path)
     trainer.fit(Net(), DataLoader(_data(), batch_size=32))
     assert trainer.current_epoch < 5 and es.stopped_step is not None
     stop = Store(make_engine(db)).early_stop(callback.run_id)
@@ -86,11 +86,11 @@ def test_early_stopping_on_the_loo_stops_the_fit_and_is_recorded(tmp_path):
 def test_a_resumed_fit_continues_the_same_run(tmp_path):
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     first = IVONDiagnostics(db, "resumed")
-    trainer = _trainer(first, 2, default_root_dir=tmp_path)
+    trainer = _trainer(first, 2, tmp_path)
     trainer.fit(Net(), DataLoader(_data(), batch_size=32))
     ckpt = trainer.checkpoint_callback.best_model_path
     second = IVONDiagnostics(db, "ignored on resume")
-    _trainer(second, 3, default_root_dir=tmp_path).fit(Net(), DataLoader(_data(), batch_size=32), ckpt_path=ckpt)
+    _trainer(second, 3, tmp_path).fit(Net(), DataLoader(_data(), batch_size=32), ckpt_path=ckpt)
     assert second.run_id == first.run_id
     assert [e.step for e in Store(make_engine(db)).evaluations(first.run_id)] == [8, 16, 24]
 
@@ -98,7 +98,7 @@ def test_a_resumed_fit_continues_the_same_run(tmp_path):
 def test_an_optimizer_other_than_ivon_is_refused_before_training(tmp_path):
     callback = IVONDiagnostics(f"sqlite:///{tmp_path / 'runs.db'}", "adam")
     with pytest.raises(TypeError, match="ivon_core.IVON.*Adam"):
-        _trainer(callback, 1).fit(Net("adam"), DataLoader(_data(), batch_size=32))
+        _trainer(callback, 1, tmp_path).fit(Net("adam"), DataLoader(_data(), batch_size=32))
 
 
 def test_the_documented_example_runs(tmp_path, monkeypatch):
@@ -123,7 +123,7 @@ def test_an_optuna_study_prunes_trials_on_the_loo_and_the_runs_say_so(tmp_path):
         net.configure_optimizers = lambda: IVON(net.parameters(), lr=0.1, ess=240, hess_init=hess_init, beta2=0.99)
         callback = IVONDiagnostics(db, f"trial-{trial.number}", trial=trial)
         runs.append(callback)
-        trainer = _trainer(callback, 4)
+        trainer = _trainer(callback, 4, tmp_path)
         trainer.fit(net, DataLoader(_data(), batch_size=32))
         return float(trainer.callback_metrics["loo"])
 
