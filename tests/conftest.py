@@ -1,5 +1,8 @@
 import os
 import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -112,3 +115,31 @@ def serving(cli_args: list[str], port: int, env: dict | None = None):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def receiver():
+    """A local HTTP endpoint: fails the first `fail_first` requests with 503, records the others."""
+    state = {"fail_first": 0, "seen": 0, "got": [], "delay": 0.0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state["seen"] += 1
+            time.sleep(state["delay"])
+            if state["seen"] <= state["fail_first"]:
+                self.send_response(503)
+                self.end_headers()
+                return
+            state["got"].append((self.headers["X-Ivon-Diag-Signature"], body))
+            state.setdefault("hosts", []).append(self.headers["Host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", state
+    server.shutdown()

@@ -3,44 +3,14 @@
 import hashlib
 import hmac
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from app.store import Store, make_engine, upgrade
 from app.store.urls import allowed_networks
-from worker.hooks import EVENTS, SIGNATURE_HEADER, HookDispatcher, check_url
+from worker.hooks import EVENTS, HookDispatcher, check_url
 from worker.service import run_job
-
-
-@pytest.fixture
-def receiver():
-    """A local HTTP endpoint: fails the first `fail_first` requests with 503, records the others."""
-    state = {"fail_first": 0, "seen": 0, "got": [], "delay": 0.0}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state["seen"] += 1
-            time.sleep(state["delay"])
-            if state["seen"] <= state["fail_first"]:
-                self.send_response(503)
-                self.end_headers()
-                return
-            state["got"].append((self.headers[SIGNATURE_HEADER], body))
-            state.setdefault("hosts", []).append(self.headers["Host"])
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", state
-    server.shutdown()
 
 
 def test_webhook_is_signed_and_retried_with_backoff(receiver):

@@ -4,12 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+from app.main import create_app
+from app.settings import Settings
 from app.store import Store, make_engine, upgrade
-from worker.influence import query_run
+from worker.influence import answer_next, query_run
 from worker.service import run_job
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
@@ -25,6 +29,8 @@ def finished(tmp_path_factory):
     store = Store(url)
     run = store.create_run("influence", JOB)
     assert run_job(store, run.id, tmp / "ck", log=lambda *_: None) == "done"
+    store.request_stop(run.id)  # trained in-process: its queued job is cancelled (no worker below trains it again)
+    store.set_run_status(run.id, "done")  # and the run marked done, as a worker would
     return url, store, run, tmp / "ck"
 
 
@@ -60,3 +66,47 @@ def test_bad_queries_get_the_reason(finished):
         query_run(store, run.id, list(range(101)), ck)
     state = torch.load(next(ck.glob("*/model.pt")), weights_only=True)
     assert set(state["variance"]) == set(state["model"])  # σ² per parameter, saved with the final weights
+
+
+def test_the_api_queues_a_query_a_worker_answers_it_and_webhooks_hear_of_it(finished, receiver, monkeypatch):
+    url, store, run, ck = finished
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {store.create_token('influence-test')}"}
+    hook_url, state = receiver
+    monkeypatch.setenv("IVON_DIAG_WEBHOOK_ALLOW", "127.0.0.1/32")
+    store.add_hook(hook_url, ["influence"], run_id=run.id, secret="k")
+    r = client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [2, 4], "k": 3}, headers=auth)
+    assert r.status_code == 202 and r.json()["status"] == "pending" and r.json()["result"] is None
+    good = r.json()["id"]
+    bad = client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [99999]}, headers=auth).json()["id"]
+    assert answer_next(store, ck, "w-test", log=lambda *_: None)
+    done = client.get(f"/api/v1/influence/{good}").json()
+    assert done["status"] == "done" and done["result"] == query_run(store, run.id, [2, 4], ck, k=3)
+    worker = _cli(url, "worker", "--once", "--checkpoint-dir", str(ck))  # a real worker answers the other
+    assert worker.returncode == 0, worker.stderr
+    failed = client.get(f"/api/v1/influence/{bad}").json()
+    assert failed["status"] == "failed" and "outside the run's test set" in failed["error"]
+    assert [q["id"] for q in client.get(f"/api/v1/runs/{run.id}/influence").json()][:2] == [bad, good]
+    assert not answer_next(store, ck, "w-test", log=lambda *_: None)  # nothing left
+    for _ in range(50):
+        if state["got"]:
+            break
+        time.sleep(0.1)
+    assert json.loads(state["got"][0][1])["event"] == "influence"
+
+
+def test_bad_influence_requests_are_refused_naming_the_field(finished):
+    url, store, run, ck = finished
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {store.create_token('influence-bad')}"}
+    assert client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [1]}).status_code == 401
+    for body, field in (({"test": []}, "test"), ({"test": list(range(101))}, "test"), ({"test": [-1]}, "test"),
+                        ({"test": [1], "k": 0}, "k"), ({"test": [1], "extra": 1}, "extra")):
+        r = client.post(f"/api/v1/runs/{run.id}/influence", json=body, headers=auth)
+        assert r.status_code == 422 and field in str(r.json()["detail"][0]["loc"]), (body, r.text)
+    assert client.post("/api/v1/runs/999999/influence", json={"test": [1]}, headers=auth).status_code == 404
+    queued = store.create_run("still queued", JOB)
+    r = client.post(f"/api/v1/runs/{queued.id}/influence", json={"test": [1]}, headers=auth)
+    assert r.status_code == 409 and "finished run" in r.json()["detail"]
+    store.request_stop(queued.id)  # out of the queue again
+    assert client.get("/api/v1/influence/999999").status_code == 404

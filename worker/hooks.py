@@ -22,7 +22,7 @@ import httpx
 
 from app.store.urls import allowed_networks, check_webhook_url
 
-EVENTS = ("evaluation", "early_stop", "finished", "failed")
+EVENTS = ("evaluation", "early_stop", "finished", "failed", "influence")
 SIGNATURE_HEADER = "X-Ivon-Diag-Signature"
 log = logging.getLogger("ivon_diag.hooks")
 

@@ -2,6 +2,8 @@
 from the run's final weights and posterior variance (saved with its model), its data loaded as the job loaded it.
 
     rows = query_run(store, run_id, [0, 7], checkpoint_dir)   # or: ivon-diag influence RUN --test 0 7
+
+Queries submitted through the API (``POST /api/v1/runs/{id}/influence``) are answered by workers: ``answer_next``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sensitivity import influence
 from worker.checkpoints import MODEL, run_folder
 from worker.config import parse_config
 from worker.data import inject_label_noise, load_dataset
+from worker.hooks import HookDispatcher
 from worker.trainer import build_model, job_variance, optimizer_variance
 
 MAX_QUERIES = 100
@@ -66,3 +69,29 @@ def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint
                     "target": int(res.query_targets[q]), "loss": float(losses[q]),
                     "proponents": rows(*res.proponents(q, k)), "opponents": rows(*res.opponents(q, k))})
     return out
+
+
+def answer_next(store: Store, checkpoint_dir: str | Path, worker_id: str, log=print) -> bool:
+    """Claim the oldest pending influence query and answer it (rows, or the reason it cannot be); the run's webhooks
+    get an ``influence`` event. False when none waits."""
+    query = store.claim_influence(worker_id)
+    if query is None:
+        return False
+    req = query.request
+    rows, error = None, None
+    try:
+        rows = query_run(store, query.run_id, req["test"], checkpoint_dir, k=req["k"], predicted=req["predicted"])
+    except (ValueError, FileNotFoundError) as err:  # the query's or the run's fault, said as it is
+        error = str(err)
+    except Exception as err:  # the worker goes on with other work
+        error = f"{type(err).__name__}: {err}"
+    store.finish_influence(query.id, result=rows, error=error)
+    log(f"worker {worker_id}: influence query {query.id} on run {query.run_id} "
+        + ("answered" if error is None else f"failed: {error}"))
+    hooks = HookDispatcher([(h.url, h.events, h.secret) for h in store.hooks_for(query.run_id)])
+    try:
+        hooks.emit("influence", {"run_id": query.run_id, "query_id": query.id,
+                                 "status": "failed" if error else "done", "error": error})
+    finally:
+        hooks.close()
+    return True

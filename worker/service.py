@@ -17,6 +17,7 @@ from worker import distributed as D
 from worker.checkpoints import Checkpoints
 from worker.config import ConfigError, parse_config
 from worker.hooks import HookDispatcher
+from worker.influence import answer_next
 from worker.resilient import ResilientStore
 from worker.trainer import JobFailed, Trainer
 
@@ -114,6 +115,14 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
             stop.wait(poll_seconds * 5)
             continue
         if job is None:
+            try:  # between jobs: an influence query, if one waits (rank 0 alone: the other ranks idle)
+                answered = answer_next(store, checkpoint_dir, worker_id, log)
+            except (OperationalError, DatabaseUnavailable, WriteRefused) as err:
+                log(f"worker {worker_id}: cannot answer influence queries: {str(err).splitlines()[0][:200]}")
+                answered = False
+            if answered:
+                D.broadcast({"idle": True})
+                continue
             if once:
                 return
             D.broadcast({"idle": True})

@@ -114,7 +114,7 @@ class ExamplesPage(BaseModel):
 class HookCreate(BaseModel):
     url: str = Field(max_length=2000, pattern=r"^[hH][tT][tT][pP][sS]?://[^\x00-\x20/?#]+([/?#][^\x00-\x20]*)?$",
                      description="http(s); public targets only, unless the operator allows others")
-    events: list[Literal["evaluation", "early_stop", "finished", "failed"]] = Field(min_length=1)
+    events: list[Literal["evaluation", "early_stop", "finished", "failed", "influence"]] = Field(min_length=1)
     run_id: int | None = Field(None, ge=0, le=2**31 - 1, description="None: every run")
 
 
@@ -144,3 +144,43 @@ class EarlyStopOut(BaseModel):
     wait: int
     stopped_step: int | None
     reason: str | None
+
+
+class InfluenceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    test: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        min_length=1, max_length=100, description="indices into the run's test split")
+    k: int = Field(10, ge=1, le=100, description="proponents and opponents per test example")
+    predicted: bool = Field(False, description="the loss at the predicted label instead of the test label")
+
+
+class InfluenceExample(BaseModel):
+    idx: int = Field(description="a training example (its page: /runs/{run_id}/examples/{idx})")
+    label: int
+    flipped: bool = Field(description="whether the job flipped its label (label_noise)")
+    loss_change: float = Field(description="the test example's predicted loss without this training example, minus "
+                                           "with it (docs/influence.md: how far it follows retraining)")
+
+
+class InfluenceRow(BaseModel):
+    test_idx: int
+    label: int
+    predicted: int
+    target: int = Field(description="the label the loss is taken at")
+    loss: float
+    proponents: list[InfluenceExample] = Field(description="removing them would raise the loss most")
+    opponents: list[InfluenceExample] = Field(description="removing them would lower the loss most")
+
+
+class InfluenceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    run_id: int
+    status: Literal["pending", "running", "done", "failed"]
+    request: InfluenceCreate
+    result: list[InfluenceRow] | None = Field(description="one row per test example once done")
+    error: str | None
+    created_at: UTCDatetime
+    finished_at: UTCDatetime | None

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.store.access import HooksAndTokens
 from app.store.class_probs import ClassProbabilities, write_class_probs
 from app.store.engine import Conflict, CorruptData, NotFound, make_engine
+from app.store.influence import InfluenceQueries
 from app.store.models import (
     EarlyStopState,
     Evaluation,
@@ -54,9 +55,10 @@ class ScoreRow:
     loo_loss_evals: int = 0
 
 
-class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities):
+class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
-    and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``)."""
+    and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``); influence
+    queries (``InfluenceQueries``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
