@@ -95,7 +95,9 @@ def _influence(args: argparse.Namespace) -> int:
 
     from worker.influence import query_run
 
-    rows = query_run(_store(args), args.run, args.test, args.checkpoint_dir, k=args.k, predicted=args.predicted)
+    store = _store(args)
+    rows = query_run(store, args.run, args.test, args.checkpoint_dir, k=args.k, predicted=args.predicted)
+    store.record_influence(args.run, {"test": args.test, "k": args.k, "predicted": args.predicted}, rows)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the latest evaluation (idx, label, p_0 ... p_K-1): cleanlab's pred_probs")
     ex.set_defaults(func=_export)
     inf = sub.add_parser("influence", parents=[with_db], help="which training examples made a finished run's "
-                         "predictions on test examples (its final weights and posterior)")
+                         "predictions on test examples (its final weights and posterior); stored for the dashboard")
     inf.add_argument("run", type=int)
     inf.add_argument("--test", type=int, nargs="+", required=True, help="indices into the run's test split")
     inf.add_argument("--k", type=int, default=10, help="proponents and opponents per test example (default 10)")

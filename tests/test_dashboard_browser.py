@@ -195,3 +195,42 @@ def test_the_api_docs_render_without_a_network(server):
     assert [u for u in outside if u != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []
     # the only console errors: that logo, refused here (its message may not arrive before the page closes)
     assert set(errors) <= {"Failed to load resource: net::ERR_FAILED"} and len(errors) <= len(outside)
+
+
+def test_test_examples_worst_first_and_one_explained_by_its_training_examples(server):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("<b>influence</b>", {}, enqueue=False)
+    store.add_examples(run.id, range(50), labels=[i % 10 for i in range(50)], flipped=[i == 7 for i in range(50)],
+                       thumbnails=_images(50))
+    _write(store, run.id, 40, n=50)
+    store.add_test_examples(run.id, [i % 10 for i in range(30)], thumbnails=_images(30))
+    probs = np.random.default_rng(0).dirichlet(np.ones(10), 30)
+    store.write_test_predictions(run.id, 40, probs)
+    losses = -np.log(probs[np.arange(30), np.arange(30) % 10])
+    worst = int(np.argmax(losses))
+    rows = [{"idx": i, "label": i % 10, "flipped": i == 7, "loss_change": c} for i, c in ((7, 0.5), (3, 0.1))]
+    store.record_influence(run.id, {"test": [worst], "k": 2, "predicted": False},
+                           [{"test_idx": worst, "label": worst % 10, "predicted": int(probs[worst].argmax()),
+                             "target": worst % 10, "loss": float(losses[worst]), "proponents": rows,
+                             "opponents": [{**r, "loss_change": -r["loss_change"]} for r in rows]}])
+    errors = []
+    with sync_playwright() as p:
+        browser, page = _open(p, errors)
+        page.goto(f"{base}/runs/{run.id}")
+        page.click("#test-link")
+        first = page.locator("#test-examples tr").nth(1)
+        assert first.locator("a").inner_text() == f"#{worst}"  # the highest loss first
+        assert float(first.locator("td").nth(5).inner_text()) == pytest.approx(losses[worst], abs=1e-4)
+        assert page.locator("#test-examples img").count() == 30
+        first.locator("a").click()
+        assert "flipped" in page.locator("#proponents tr").nth(1).inner_text()
+        assert page.locator("#opponents tr").nth(1).locator("td").nth(3).inner_text() == "-0.5"
+        page.locator("#proponents a").first.click()
+        assert page.url.endswith(f"/runs/{run.id}#example-7")
+        page.goto(f"{base}/runs/{run.id}/test/{(worst + 1) % 30}")
+        assert "ivon-diag influence" in page.inner_text("#ask")
+        assert page.evaluate("window.pwned") is None
+        browser.close()
+    assert errors == []

@@ -151,14 +151,15 @@ def inject_label_noise(data: Dataset, cfg: LabelNoiseConfig) -> Dataset:
     return data
 
 
-def thumbnails(data: Dataset, size: int = 32) -> list[bytes | None]:
-    """PNG thumbnails of image examples (None for non-image data)."""
+def thumbnails(data: Dataset, size: int = 32, test: bool = False) -> list[bytes | None]:
+    """PNG thumbnails of the training (or test) images (None for non-image data)."""
+    xs = data.xte if test else data.xtr
     if data.image_shape is None:
-        return [None] * data.n
+        return [None] * len(xs)
     from PIL import Image
 
     out = []
-    x = data.xtr.reshape(data.n, *data.image_shape).cpu().numpy()
+    x = xs.reshape(len(xs), *data.image_shape).cpu().numpy()
     lo, hi = float(x.min()), float(x.max())
     for img in x:
         arr = ((img - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)

@@ -150,6 +150,7 @@ class Trainer:
         elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
                                     data.original.tolist(), thumbnails(data))
+            self.store.add_test_examples(self.run_id, data.yte.tolist(), thumbnails(data, test=True))
         self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")
         sub = None
         if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
@@ -283,6 +284,7 @@ class Trainer:
         metrics = {"train_nll": float(res.losses.double().mean()),
                    "train_acc": float((res.logits.argmax(1) == res.targets).double().mean())}
         metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, data.yte).items()})
+        self.store.write_test_predictions(self.run_id, step, test_mean.cpu().numpy())
         if isinstance(opt, IVON):
             mc = predict(model, data.xte, opt, mc_samples=self.cfg.eval_mc_samples).mc
             metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})

@@ -77,6 +77,11 @@ LOO_MEAN_VALIDITY = (
     "does (against flipped labels and cleanlab: docs/validation.md)"
 )
 
+INFLUENCE_VALIDITY = (
+    "the test example's predicted loss without each training example, minus with it, from the run's final weights "
+    "and posterior; how far it follows retraining, per covariance: docs/influence.md"
+)
+
 
 class EvaluationOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -159,8 +164,7 @@ class InfluenceExample(BaseModel):
     idx: int = Field(description="a training example (its page: /runs/{run_id}/examples/{idx})")
     label: int
     flipped: bool = Field(description="whether the job flipped its label (label_noise)")
-    loss_change: float = Field(description="the test example's predicted loss without this training example, minus "
-                                           "with it (docs/influence.md: how far it follows retraining)")
+    loss_change: float = Field(description=INFLUENCE_VALIDITY)
 
 
 class InfluenceRow(BaseModel):

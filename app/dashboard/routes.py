@@ -8,13 +8,14 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import plotly
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from app.api.deps import SESSION_COOKIE, get_store, require_page
 from app.api.routes import INT32, RunId
-from app.api.schemas import HESS_INIT_SCALE, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
+from app.api.routes.common import Idx
+from app.api.schemas import HESS_INIT_SCALE, INFLUENCE_VALIDITY, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
 
 router = APIRouter()
@@ -26,6 +27,7 @@ def js(obj) -> str:
 
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+PAGE = 100  # test examples per page
 CURVES = ("train_nll", "test_nll", "loo", "test_accuracy", "test_ece", "loo_capped", "hess_init_share")
 
 
@@ -81,6 +83,41 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
         "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
         "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
         "mean_validity": LOO_MEAN_VALIDITY})
+
+
+@router.get("/runs/{run_id}/test", response_class=HTMLResponse, include_in_schema=False,
+            dependencies=[Depends(require_page)])
+def test_examples_page(request: Request, run_id: RunId, offset: int = Query(0, ge=0, le=INT32),
+                       best: bool = Query(False), store: Store = Depends(get_store)):
+    """The run's test examples at its latest evaluation, the highest loss first (or the lowest)."""
+    run = store.get_run(run_id)
+    total, rows = store.test_examples(run_id, limit=PAGE, offset=offset, worst_first=not best)
+    return templates.TemplateResponse(request, "test_examples.html", {
+        "run": run, "rows": rows, "total": total, "offset": offset, "page": PAGE, "best": best})
+
+
+@router.get("/runs/{run_id}/test/{idx}", response_class=HTMLResponse, include_in_schema=False,
+            dependencies=[Depends(require_page)])
+def test_example_page(request: Request, run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
+    """One test example and the training examples that pushed its prediction (its answered influence queries)."""
+    run = store.get_run(run_id)
+    ex = store.test_example(run_id, idx)
+    answer, pending = None, False
+    for q in store.list_influence(run_id, limit=200):  # the newest answer that includes this example
+        if idx in q.request.get("test", []):
+            if q.status == "done" and answer is None:
+                answer = next(r for r in q.result if r["test_idx"] == idx)
+            pending = pending or q.status in ("pending", "running")
+    return templates.TemplateResponse(request, "test_example.html", {
+        "run": run, "ex": ex, "answer": answer, "pending": pending, "influence_validity": INFLUENCE_VALIDITY})
+
+
+@router.get("/runs/{run_id}/test/{idx}/image", include_in_schema=False, dependencies=[Depends(require_page)])
+def test_image(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
+    ex = store.test_example(run_id, idx)
+    if ex.thumbnail is None:
+        raise NotFound(f"test example {idx} of run {run_id} has no image")
+    return Response(ex.thumbnail, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_page)])

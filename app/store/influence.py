@@ -38,6 +38,16 @@ class InfluenceQueries:
             s.add(query)
         return query
 
+    def record_influence(self, run_id: int, request: dict, result: list) -> InfluenceQuery:
+        """An answered query computed elsewhere (``ivon-diag influence``), stored so that the dashboard shows it."""
+        with self.session(write=True) as s, s.begin():
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            query = InfluenceQuery(run_id=run_id, request=request, result=result, status="done",
+                                   finished_at=utcnow())
+            s.add(query)
+        return query
+
     def claim_influence(self, worker_id: str, lease_seconds: float = 300.0) -> InfluenceQuery | None:
         """The oldest pending query, or a running one whose worker's lease expired."""
         now = utcnow()

@@ -215,6 +215,22 @@ class InfluenceQuery(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class TestExample(Base):
+    """A run's test example: its label and thumbnail, and at the latest evaluation its predicted class, that class's
+    probability and the loss at its label (app.store.test_examples)."""
+
+    __tablename__ = "test_examples"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[int | None] = mapped_column(Integer)
+    thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)  # PNG
+    step: Mapped[int | None] = mapped_column(Integer)
+    predicted: Mapped[int | None] = mapped_column(Integer)
+    prob: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+
+
 class ApiToken(Base):
     __tablename__ = "api_tokens"
 

@@ -37,6 +37,7 @@ from app.store.records import CHUNK, IDX_CHUNK, RECORD, build, decode, order_by_
 from app.store.records import chunks as chunks_of
 from app.store.rollups import refresh_rollups
 from app.store.series import MetricSeries
+from app.store.test_examples import TestExamples
 
 log = logging.getLogger("ivon_diag.store")
 
@@ -55,10 +56,10 @@ class ScoreRow:
     loo_loss_evals: int = 0
 
 
-class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries):
+class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
     and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``); influence
-    queries (``InfluenceQueries``)."""
+    queries (``InfluenceQueries``); test examples' predictions (``TestExamples``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)

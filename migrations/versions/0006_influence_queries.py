@@ -1,5 +1,5 @@
 """influence_queries: which training examples made a finished run's predictions, asked through the API and answered
-by a worker
+by a worker; test_examples: each test example's label, thumbnail and, at the latest evaluation, prediction and loss
 
 Revision ID: 0006
 Revises: 0005
@@ -31,7 +31,19 @@ def upgrade() -> None:
     )
     op.create_index("ix_influence_queries_status", "influence_queries", ["status"])
     op.create_index("ix_influence_queries_run_id", "influence_queries", ["run_id"])
+    op.create_table(
+        "test_examples",
+        sa.Column("run_id", sa.Integer(), sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("idx", sa.Integer(), primary_key=True),
+        sa.Column("label", sa.Integer(), nullable=True),
+        sa.Column("thumbnail", sa.LargeBinary(), nullable=True),
+        sa.Column("step", sa.Integer(), nullable=True),
+        sa.Column("predicted", sa.Integer(), nullable=True),
+        sa.Column("prob", sa.Float(), nullable=True),
+        sa.Column("loss", sa.Float(), nullable=True),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("test_examples")
     op.drop_table("influence_queries")
