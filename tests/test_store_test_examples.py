@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from app.store import Conflict, NotFound
+from app.store import NotFound
 
 
 def test_test_predictions_are_paged_worst_first_and_older_steps_ignored(store):
@@ -27,12 +27,14 @@ def test_test_predictions_are_paged_worst_first_and_older_steps_ignored(store):
 
 def test_an_influence_query_is_claimed_once_and_a_dead_workers_lease_expires(store):
     run = store.create_run("influence", {}, enqueue=False)
-    with pytest.raises(Conflict, match="finished run"):
-        store.submit_influence(run.id, [1])
-    store.set_run_status(run.id, "done")
+    with pytest.raises(NotFound, match="run 999999"):
+        store.submit_influence(999999, [1])
     with pytest.raises(ValueError, match="1 to 100"):
         store.submit_influence(run.id, [])
+    store.set_run_status(run.id, "running")
     q = store.submit_influence(run.id, [1, 2], k=3)
+    assert store.claim_influence("w0") is None  # the run has not ended
+    store.set_run_status(run.id, "done")
     assert store.claim_influence("w1", lease_seconds=60).id == q.id  # the session's database: only this test's
     assert store.claim_influence("w2") is None  # held under w1's lease
     store.finish_influence(q.id, error="boom")

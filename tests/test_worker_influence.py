@@ -105,8 +105,19 @@ def test_bad_influence_requests_are_refused_naming_the_field(finished):
         r = client.post(f"/api/v1/runs/{run.id}/influence", json=body, headers=auth)
         assert r.status_code == 422 and field in str(r.json()["detail"][0]["loc"]), (body, r.text)
     assert client.post("/api/v1/runs/999999/influence", json={"test": [1]}, headers=auth).status_code == 404
-    queued = store.create_run("still queued", JOB)
-    r = client.post(f"/api/v1/runs/{queued.id}/influence", json={"test": [1]}, headers=auth)
-    assert r.status_code == 409 and "finished run" in r.json()["detail"]
-    store.request_stop(queued.id)  # out of the queue again
     assert client.get("/api/v1/influence/999999").status_code == 404
+
+
+def test_a_query_on_a_run_still_training_waits_and_one_that_failed_says_why(finished):
+    url, store, run, ck = finished
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {store.create_token('influence-wait')}"}
+    other = store.create_run("training", JOB, enqueue=False)
+    store.set_run_status(other.id, "running")
+    r = client.post(f"/api/v1/runs/{other.id}/influence", json={"test": [1]}, headers=auth)
+    assert r.status_code == 202
+    assert not answer_next(store, ck, "w-wait", log=lambda *_: None)  # waits for the run to end
+    store.set_run_status(other.id, "failed", error="boom")
+    assert answer_next(store, ck, "w-wait", log=lambda *_: None)
+    failed = client.get(f"/api/v1/influence/{r.json()['id']}").json()
+    assert failed["status"] == "failed" and "ended failed: it has no final model" in failed["error"]

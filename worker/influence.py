@@ -80,6 +80,9 @@ def answer_next(store: Store, checkpoint_dir: str | Path, worker_id: str, log=pr
     req = query.request
     rows, error = None, None
     try:
+        status = store.get_run(query.run_id).status
+        if status != "done":
+            raise ValueError(f"run {query.run_id} ended {status}: it has no final model to query")
         rows = query_run(store, query.run_id, req["test"], checkpoint_dir, k=req["k"], predicted=req["predicted"])
     except (ValueError, FileNotFoundError) as err:  # the query's or the run's fault, said as it is
         error = str(err)

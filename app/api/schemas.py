@@ -152,7 +152,7 @@ class EarlyStopOut(BaseModel):
 
 
 class InfluenceCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # 0 is not false, "3" not a test example
 
     test: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
         min_length=1, max_length=100, description="indices into the run's test split")

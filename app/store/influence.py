@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from app.store.engine import Conflict, NotFound
+from app.store.engine import NotFound
 from app.store.models import InfluenceQuery, Run, utcnow
 
 MAX_TEST = 100  # test examples per query
@@ -24,15 +24,12 @@ class InfluenceQueries:
         raise NotImplementedError
 
     def submit_influence(self, run_id: int, test: list[int], k: int = 10, predicted: bool = False) -> InfluenceQuery:
-        """Queue a query on a finished run (Conflict while it trains: the query needs its final model)."""
+        """Queue a query; one on a queued or running run waits until the run ends (it needs the final model)."""
         if not 1 <= len(test) <= MAX_TEST:
             raise ValueError(f"give 1 to {MAX_TEST} test examples, not {len(test)}")
         with self.session(write=True) as s, s.begin():
-            run = s.get(Run, run_id)
-            if run is None:
+            if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
-            if run.status != "done":
-                raise Conflict(f"run {run_id} is {run.status}: influence queries need a finished run's final model")
             query = InfluenceQuery(run_id=run_id, request={"test": [int(i) for i in test], "k": int(k),
                                                            "predicted": bool(predicted)})
             s.add(query)
@@ -49,11 +46,13 @@ class InfluenceQueries:
         return query
 
     def claim_influence(self, worker_id: str, lease_seconds: float = 300.0) -> InfluenceQuery | None:
-        """The oldest pending query, or a running one whose worker's lease expired."""
+        """The oldest pending query whose run has ended, or a running one whose worker's lease expired."""
         now = utcnow()
         claimable = or_(InfluenceQuery.status == "pending",
                         and_(InfluenceQuery.status == "running", InfluenceQuery.lease_expires_at < now))
-        q = select(InfluenceQuery).where(claimable).order_by(InfluenceQuery.id).limit(1)
+        ended = select(Run.id).where(Run.status.not_in(("queued", "running")))
+        q = (select(InfluenceQuery).where(claimable, InfluenceQuery.run_id.in_(ended))
+             .order_by(InfluenceQuery.id).limit(1))
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         with self.session(write=True) as s, s.begin():
