@@ -46,3 +46,37 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
     res.loo_losses[:] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         tracker.log_evaluation(40, res)
+
+
+def test_tracker_logs_test_predictions_and_influence_for_the_dashboard(tmp_path):
+    from sensitivity import influence
+
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 5), torch.randint(0, 3, (120,))
+    xt, yt = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = IVON(model.parameters(), lr=0.1, ess=120)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'own.db'}", "with-test")
+    tracker.log_examples(labels=y.tolist())
+    tracker.log_test_examples(yt.tolist())
+    for _ in range(10):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    variance = ivon_variance(optimizer, model)
+    res = compute_sensitivities(model, (x, y), variance)
+    with torch.no_grad():
+        probs = model(xt).softmax(-1)
+    tracker.log_evaluation(10, res, optimizer=optimizer, test_probs=probs.numpy())
+    ids = [3, 11]
+    inf = influence(model, xt[ids], (x, y), variance, targets=yt[ids], result=res)
+    tracker.log_influence(inf, ids, yt[ids].tolist(), y.tolist(), k=4)
+    tracker.finish()
+    store = tracker.store
+    total, rows = store.test_examples(tracker.run_id)
+    assert total == 20 and rows[0].loss == pytest.approx(float(-probs[rows[0].idx, yt[rows[0].idx]].log()), rel=1e-5)
+    (query,) = store.list_influence(tracker.run_id)
+    assert query.status == "done" and [r["test_idx"] for r in query.result] == ids
+    top = query.result[0]["proponents"][0]
+    assert top["idx"] == int(inf.proponents(0, 1)[0]) and top["label"] == int(y[top["idx"]])

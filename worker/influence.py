@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from app.store import Store
-from sensitivity import influence
+from sensitivity import InfluenceResult, influence
 from worker.checkpoints import MODEL, run_folder
 from worker.config import parse_config
 from worker.data import inject_label_noise, load_dataset
@@ -57,18 +57,23 @@ def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint
     res = influence(model, data.xte[ids], (data.xtr, data.ytr), job_variance(cfg, model, data, opt_var),
                     targets=None if predicted else data.yte[ids], form=cfg.sensitivity.form,
                     chunk_size=cfg.sensitivity.chunk_size, max_amplification=cfg.sensitivity.max_amplification)
+    return influence_rows(res, ids.tolist(), data.yte[ids].tolist(), data.ytr.tolist(), data.flipped.tolist(), k)
+
+
+def influence_rows(res: InfluenceResult, test_indices: Sequence[int], test_labels: Sequence[int],
+                   train_labels: Sequence[int], flipped: Sequence[bool] | None = None, k: int = 10) -> list[dict]:
+    """The stored form of an influence result: per query its test index, label, prediction, loss and k proponents
+    and opponents (training index, label, flipped, loss change)."""
     losses = torch.nn.functional.cross_entropy(res.query_logits, res.query_targets.long(), reduction="none")
 
     def rows(found, changes):
-        return [{"idx": int(i), "label": int(data.ytr[i]), "flipped": bool(data.flipped[i]),
+        return [{"idx": int(i), "label": int(train_labels[i]), "flipped": bool(flipped[i]) if flipped else False,
                  "loss_change": float(c)} for i, c in zip(found, changes)]
 
-    out = []
-    for q, i in enumerate(ids.tolist()):
-        out.append({"test_idx": i, "label": int(data.yte[i]), "predicted": int(res.query_logits[q].argmax()),
-                    "target": int(res.query_targets[q]), "loss": float(losses[q]),
-                    "proponents": rows(*res.proponents(q, k)), "opponents": rows(*res.opponents(q, k))})
-    return out
+    return [{"test_idx": int(i), "label": int(label), "predicted": int(res.query_logits[q].argmax()),
+             "target": int(res.query_targets[q]), "loss": float(losses[q]),
+             "proponents": rows(*res.proponents(q, k)), "opponents": rows(*res.opponents(q, k))}
+            for q, (i, label) in enumerate(zip(test_indices, test_labels))]
 
 
 def answer_next(store: Store, checkpoint_dir: str | Path, worker_id: str, log=print) -> bool:

@@ -8,6 +8,10 @@ without the worker.
     tracker.log_evaluation(step, res, metrics={"test_nll": 0.31}, optimizer=optimizer)
     tracker.finish()
     _, suspects = tracker.store.examples_at(tracker.run_id, k=20, by="loo_mean")  # likely mislabeled
+
+Test examples and influence, for the dashboard's test pages: ``log_test_examples(labels)``, then
+``log_evaluation(..., test_probs=softmax(model(x_test)))`` and
+``log_influence(influence(model, x_test[ids], (x_train, y_train), variance), ids, y_test[ids], y_train)``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class Tracker:
                                 thumbnails=thumbnails)
 
     def log_evaluation(self, step: int, result: SensitivityResult, metrics: dict[str, float] | None = None,
-                       epoch: float | None = None, optimizer=None) -> None:
+                       epoch: float | None = None, optimizer=None, test_probs=None) -> None:
         """Write the LOO estimate, train NLL and accuracy from ``result``, ``metrics``, and the per-example rows.
 
         As the worker does, it records the share of examples whose correction hit its cap (``loo_capped``) and,
@@ -59,6 +63,21 @@ class Tracker:
             scores=result.scores.numpy(), loo_losses=result.loo_losses.numpy(),
             prob_label=None if result.loo_probs is None else result.loo_probs.numpy(), epoch=epoch,
             class_probs=None if result.loo_probs is None else result.loo_class_probs().numpy())
+        if test_probs is not None:  # (test examples, classes), in the order log_test_examples gave them
+            self.store.write_test_predictions(self.run.id, step, test_probs)
+
+    def log_test_examples(self, labels, thumbnails=None) -> None:
+        """The test examples (0..n−1) whose predictions ``log_evaluation(test_probs=...)`` records."""
+        self.store.add_test_examples(self.run.id, list(labels), thumbnails)
+
+    def log_influence(self, result, test_indices, test_labels, train_labels, flipped=None, k: int = 10) -> None:
+        """Store a ``sensitivity.influence`` result for the dashboard's test example pages (queries in the order of
+        ``test_indices``; ``train_labels`` by training index)."""
+        from worker.influence import influence_rows
+
+        rows = influence_rows(result, test_indices, test_labels, train_labels, flipped, k)
+        self.store.record_influence(self.run.id, {"test": [int(i) for i in test_indices], "k": k,
+                                                  "predicted": False}, rows)
 
     def finish(self, status: str = "done", error: str | None = None) -> None:
         self.store.set_run_status(self.run.id, status, error=error)
