@@ -81,14 +81,9 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = next(iter(params.values())).device
-    if result is None:
-        result = compute_sensitivities(model, train_data, cov, lossf, form=form, chunk_size=chunk_size,
-                                       max_amplification=resolve_amplification(max_amplification, cov))
-    if result.corrected_residuals is None:
-        raise ValueError("the sensitivity result has no corrected residuals; compute it with this version")
     was_training = model.training
     model.eval()
-    try:
+    try:  # the queries first: a bad target fails before the pass over the training data
         x_q = queries.to(device)
         with torch.no_grad():
             logits_q = torch.func.functional_call(model, {**dict(model.named_buffers()), **params}, (x_q,))
@@ -96,6 +91,11 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
             logits_q = logits_q[:, None]
         y_q = _predicted(lossf, logits_q) if targets is None else targets.to(device)
         lossf.check_targets(logits_q, y_q)
+        if result is None:
+            result = compute_sensitivities(model, train_data, cov, lossf, form=form, chunk_size=chunk_size,
+                                           max_amplification=resolve_amplification(max_amplification, cov))
+        if result.corrected_residuals is None:
+            raise ValueError("the sensitivity result has no corrected residuals; compute it with this version")
         k = logits_q.shape[1]
         weights = None if outputs else lossf.residual(logits_q, y_q)  # the loss's gradient in f*
         rows = _query_rows(model, params, cov, x_q, k, weights)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from sensitivity import DenseCovariance, DiagonalCovariance, KFACCovariance, influence
+from sensitivity import DenseCovariance, DiagonalCovariance, KFACCovariance, compute_sensitivities, influence
 from sensitivity.retrain import fit_map
 
 D = torch.float64  # every tensor here: the reference is exact to 1e-10
@@ -156,3 +156,16 @@ def test_without_outputs_the_loss_change_is_first_order_in_the_output_change():
     e = fq.softmax(-1) - nn.functional.one_hot(fq.argmax(1), 3)
     assert lean.output_change is None
     assert torch.allclose(lean.loss_change, torch.einsum("qnk,qk->qn", full.output_change, e), atol=1e-10, rtol=1e-8)
+
+
+def test_a_result_that_does_not_cover_the_training_data_is_refused():
+    model, x, y, xq = _setup()
+    cov = _covariances(model, x, y)["diagonal"]
+    partial = compute_sensitivities(model, (x[:10], y[:10]), cov)
+    with pytest.raises(ValueError, match="does not cover every training example"):
+        influence(model, xq, (x, y), cov, result=partial)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        influence(frozen, xq, (x, y), cov)
+    with pytest.raises(ValueError, match="no predicted label"):
+        influence(model, xq, (x, y.double()[:, None].expand(-1, 3).contiguous()), cov, loss="squared_error")
