@@ -166,6 +166,20 @@ def gather(obj) -> list | None:
     return out
 
 
+def merge_filled(values: Tensor) -> Tensor | None:
+    """Rank 0: ``values`` with each NaN filled from the ranks that hold a number there (None on other ranks);
+    the tensor itself without torch.distributed."""
+    if not active():
+        return values
+    parts = gather(values.cpu())
+    if parts is None:
+        return None
+    out = parts[0].clone()
+    for part in parts[1:]:
+        out = torch.where(torch.isnan(out), part, out)
+    return out.to(values.device)
+
+
 def gather_result(res: SensitivityResult) -> SensitivityResult | None:
     """The ranks' sensitivity shards joined on rank 0, in order of example index; None on other ranks."""
     if not active():

@@ -13,6 +13,9 @@ from torch import nn
 class EarlyStopping:
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` evaluations.
 
+    ``min_delta_se``: where the metrics carry the monitored value's standard error (``loo_se`` beside ``loo``: a
+    sampled estimate), an improvement must also exceed this many standard errors, so sampling noise does not count
+    as progress.
     ``check_finite``: a NaN or inf stops at once (reason given); ``stopping_threshold``: stop as soon as the
     monitored value is better than it; ``restore_best_weights``: ``restore(model)`` loads the best weights.
     """
@@ -21,6 +24,7 @@ class EarlyStopping:
     mode: str = "min"
     patience: int = 3
     min_delta: float = 0.0
+    min_delta_se: float = 1.0
     check_finite: bool = True
     stopping_threshold: float | None = None
     restore_best_weights: bool = True
@@ -34,11 +38,12 @@ class EarlyStopping:
     def __post_init__(self):
         if self.mode not in ("min", "max"):
             raise ValueError(f"Invalid mode: {self.mode!r} (must be 'min' or 'max')")
-        if self.patience < 0 or self.min_delta < 0:
-            raise ValueError("patience and min_delta must be >= 0")
+        if self.patience < 0 or self.min_delta < 0 or self.min_delta_se < 0:
+            raise ValueError("patience, min_delta and min_delta_se must be >= 0")
 
-    def _better(self, value: float, than: float) -> bool:
-        return value < than - self.min_delta if self.mode == "min" else value > than + self.min_delta
+    def _better(self, value: float, than: float, se: float = 0.0) -> bool:
+        delta = max(self.min_delta, self.min_delta_se * se if math.isfinite(se) else 0.0)
+        return value < than - delta if self.mode == "min" else value > than + delta
 
     def step(self, metrics: dict[str, float], step: int, model: nn.Module | None = None) -> bool:
         """Record one evaluation; True when training should stop."""
@@ -50,7 +55,8 @@ class EarlyStopping:
                 self.stopped_step, self.reason = step, f"{self.monitor} = {value} is not finite"
                 return True
             return False
-        if self.best is None or self._better(value, self.best):
+        se = metrics.get(f"{self.monitor}_se") or 0.0
+        if self.best is None or self._better(value, self.best, se):
             self.best, self.best_step, self.wait = float(value), step, 0
             if model is not None and self.restore_best_weights:
                 self._best_state = copy.deepcopy(model.state_dict())

@@ -3,6 +3,7 @@ checkpoints at every evaluation so that a killed job resumes to the same final w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -12,11 +13,13 @@ import torch
 from torch import nn
 
 from app.store import Store
-from ivon_core import IVON, all_metrics, matched_beta2, predict
+from app.store.job_config import diagnostics_budget, eval_steps
+from ivon_core import IVON, all_metrics, matched_beta2, predict, preserved_noise
 from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
 from worker import distributed as D
 from worker import models
+from worker.cadence import Cadence, loo_estimate
 from worker.checkpoints import CheckpointMismatch, Checkpoints
 from worker.config import JobConfig
 from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
@@ -144,18 +147,25 @@ class Trainer:
             raise JobFailed(reason if len(failures) == 1 else f"rank {rank}: {reason}")
         es = EarlyStopping(**cfg.early_stopping.model_dump(exclude={"enabled"}))
         gen = torch.Generator().manual_seed(cfg.seed + 1)
+        sub = None
+        if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
+            sub = torch.randperm(data.n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:cfg.sensitivity.subset]
+        pool = torch.arange(data.n) if sub is None else sub  # the examples evaluations may score
+        d = cfg.diagnostics
+        cad = Cadence(data.ytr[pool].cpu().numpy(), diagnostics_budget(cfg), eval_steps(cfg.eval_every, spe), spe,
+                      d.se_target, d.coverage_epochs, seed=cfg.seed + 3, test_labels=data.yte.cpu().numpy(),
+                      test_sample=d.test_sample)
+        seen = torch.full((data.n,), float("nan"), device=data.ytr.device)
         step, perm = 0, None
         if self.checkpoints.has_resume():
-            step, perm = self._resume(model, opt, sched, gen, es)
+            step, perm = self._resume(model, opt, sched, gen, es, cad, seen)
         elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
                                     data.original.tolist(), thumbnails(data))
             self.store.add_test_examples(self.run_id, data.yte.tolist(), thumbnails(data, test=True))
         self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")
-        sub = None
-        if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
-            sub = torch.randperm(data.n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:cfg.sensitivity.subset]
         status = "done"
+        mark, marked = time.perf_counter(), step  # training time is wall time between evaluations
         while step < total:
             pos = step % spe
             if pos == 0 or perm is None:
@@ -163,23 +173,36 @@ class Trainer:
             idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
             if len(idx) >= D.world():  # this rank's share (a last batch smaller than the world goes to all)
                 idx = D.shard(idx)
-            loss = D.mean(self._train_step(model, opt, data.xtr[idx], data.ytr[idx]))
+            loss, per = self._train_step(model, opt, data.xtr[idx], data.ytr[idx])
+            seen[idx.to(seen.device)] = per.float()  # each example's latest training loss: the LOO's control variate
+            loss = D.mean(loss)
             if not math.isfinite(loss):
                 raise JobFailed(f"non-finite training loss ({loss}) at step {step + 1}")
             sched.step()
             step += 1
             self.bar.update()
-            if step % cfg.eval_every and step != total:
+            if cad.needs_plan(step):  # the first evaluation, once some steps are timed
+                cad.trained(time.perf_counter() - mark, step - marked)
+                mark, marked = time.perf_counter(), step
+                cad.apply(D.broadcast(cad.plan(step) if self.writer else None))
+            if not cad.due(step, step == total):
                 continue
-            decision = D.broadcast(self._evaluate_and_decide(model, opt, data, sub, step, spe, es))
+            cad.trained(time.perf_counter() - mark, step - marked)
+            with preserved_noise(opt) if isinstance(opt, IVON) else contextlib.nullcontext():
+                decision = D.broadcast(self._evaluate_and_decide(model, opt, data, pool, cad, seen, step, spe, es,
+                                                                     step == total))
             if decision["fail"]:
                 raise JobFailed(decision["fail"])
+            cad.apply(decision["plan"])
             if decision["stop"]:
                 if es.restore_best_weights and self.writer:
                     es.restore(model)
                 status = "stopped"
                 break
-            self._checkpoint(model, opt, sched, gen, step, perm, es)
+            saving = time.perf_counter()
+            self._checkpoint(model, opt, sched, gen, step, perm, es, cad, seen)
+            cad.spent_s += time.perf_counter() - saving  # the next checkpoint carries it
+            mark, marked = time.perf_counter(), step
             if decision["release"]:
                 return "released"
         if self.writer:  # with the optimizer's σ² at the end, for influence queries (worker.influence)
@@ -191,13 +214,15 @@ class Trainer:
             self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
         return status
 
-    def _evaluate_and_decide(self, model, opt, data, sub, step, spe, es) -> dict | None:
-        """Every rank evaluates its shard; rank 0 writes and returns what all ranks do next (None elsewhere)."""
-        decision = {"fail": None, "stop": False, "release": False}
+    def _evaluate_and_decide(self, model, opt, data, pool, cad, seen, step, spe, es, last) -> dict | None:
+        """Every rank evaluates its shard; rank 0 writes and returns what all ranks do next (None elsewhere): whether
+        to stop, and the next evaluation's step and size (the cadence's plan)."""
+        decision = {"fail": None, "stop": False, "release": False, "plan": None}
         try:
-            metrics = self._evaluate(model, opt, data, sub, step, spe)
+            metrics = self._evaluate(model, opt, data, pool, cad, seen, step, spe, last)
             if not self.writer:
                 return None
+            decision["plan"] = cad.plan(step)
             cfg = self.cfg
             if cfg.early_stopping.enabled and es.step(metrics, step, model):
                 self.store.save_early_stop(self.run_id, monitor=es.monitor, mode=es.mode, best=es.best,
@@ -220,7 +245,7 @@ class Trainer:
                 D.broadcast({**decision, "fail": f"{type(err).__name__}: {err}"})
             raise
 
-    def _resume(self, model, opt, sched, gen, es) -> tuple[int, torch.Tensor | None]:
+    def _resume(self, model, opt, sched, gen, es, cad, seen) -> tuple[int, torch.Tensor | None]:
         try:
             ck = self.checkpoints.load_resume()  # on the CPU: a GPU run can resume on a CPU
         except CheckpointMismatch as err:
@@ -238,63 +263,93 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         gen.set_state(ck["gen"])
         es.load_state_dict(ck["early_stopping"])
+        if ck.get("cadence") is not None:
+            cad.load_state_dict(ck["cadence"])
+            seen.copy_(ck["seen"])
         self.log(f"run {self.run_id}: resumed at step {ck['step']}")
         return ck["step"], ck["perm"]
 
-    def _train_step(self, model, opt, x, y) -> float:
-        """One optimizer step over the batch, in ``micro_batches`` pieces (IVON: one weighted MC sample each)."""
+    def _train_step(self, model, opt, x, y) -> tuple[float, torch.Tensor]:
+        """One optimizer step over the batch, in ``micro_batches`` pieces (IVON: one weighted MC sample each); returns
+        the mean loss and each example's (averaged over MC samples)."""
         model.train()
         pieces = list(zip(x.tensor_split(self.cfg.micro_batches), y.tensor_split(self.cfg.micro_batches)))
         pieces = [(xb, yb) for xb, yb in pieces if len(xb)]
-        total = 0.0
+        per = []
         if isinstance(opt, IVON):
             for xb, yb in pieces:
+                mine = 0.0
                 for _ in range(opt.mc_samples):
                     with opt.sampled_params(train=True, weight=len(xb)):
                         opt.zero_grad(set_to_none=True)
-                        loss = nn.functional.cross_entropy(model(xb), yb)
-                        loss.backward()
-                        total += loss.item() * len(xb) / (len(x) * opt.mc_samples)
+                        losses = nn.functional.cross_entropy(model(xb), yb, reduction="none")
+                        losses.mean().backward()
+                        mine = mine + losses.detach() / opt.mc_samples
+                per.append(mine)
             opt.step()
-            return total
-        opt.zero_grad(set_to_none=True)
-        for xb, yb in pieces:
-            loss = nn.functional.cross_entropy(model(xb), yb) * (len(xb) / len(x))
-            loss.backward()
-            total += loss.item()
-        D.average_gradients(model)
-        opt.step()
-        return total
+        else:
+            opt.zero_grad(set_to_none=True)
+            for xb, yb in pieces:
+                losses = nn.functional.cross_entropy(model(xb), yb, reduction="none")
+                (losses.mean() * (len(xb) / len(x))).backward()
+                per.append(losses.detach())
+            D.average_gradients(model)
+            opt.step()
+        per = torch.cat(per)
+        return float(per.double().mean()), per
 
     def _variance(self, model, opt, data: Dataset):
         return job_variance(self.cfg, model, data, optimizer_variance(self.cfg, model, opt, data))
 
-    def _evaluate(self, model, opt, data: Dataset, sub, step: int, spe: int) -> dict[str, float] | None:
+    def _evaluate(self, model, opt, data: Dataset, pool, cad: Cadence, seen, step: int, spe: int,
+                  last: bool) -> dict[str, float] | None:
         t = time.perf_counter()
-        ids = D.shard(torch.arange(data.n) if sub is None else sub)  # under torchrun, this rank's examples
+        seen = D.merge_filled(seen)  # rank 0: every rank's latest training losses
+        chosen = pool[torch.from_numpy(cad.take())]  # every rank takes the same slice of the rotation
+        ids = D.shard(chosen)  # under torchrun, this rank's examples
         res = compute_sensitivities(model, (data.xtr[ids], data.ytr[ids], ids), self._variance(model, opt, data),
                                     form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size,
                                     max_amplification=self.cfg.sensitivity.max_amplification)
         res = D.gather_result(res)
         if res is None:  # not rank 0: its shard was sent there
             return None
-        model.eval()
-        with torch.no_grad():
-            test_mean = model(data.xte).softmax(-1)
+        scoring = time.perf_counter() - t
         metrics = {"train_nll": float(res.losses.double().mean()),
                    "train_acc": float((res.logits.argmax(1) == res.targets).double().mean())}
-        metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, data.yte).items()})
-        self.store.write_test_predictions(self.run_id, step, test_mean.cpu().numpy())
+        # with a budget, evaluations before the last one measure the test metrics at the mean on a fixed stratified
+        # subset (cad.test_ids: the curve moves with the model, not with the sample) and skip the MC predictive
+        # (eval_mc_samples passes; at each evaluation when early stopping monitors it)
+        whole = cad.full() or last
+        tids = slice(None) if whole else torch.from_numpy(cad.test_ids).to(data.yte.device)
+        xte, yte = data.xte[tids], data.yte[tids]
+        mc = isinstance(opt, IVON) and (whole or self.cfg.early_stopping.monitor.startswith("test_mc_"))
+        pred = predict(model, xte, opt, mc_samples=self.cfg.eval_mc_samples) if mc else None
+        if pred is None:
+            model.eval()
+            with torch.no_grad():
+                test_mean = torch.cat([model(c).softmax(-1) for c in xte.split(256)])
+        else:
+            test_mean = pred.mean.to(yte.device)
+        metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, yte).items()})
+        if not whole:
+            losses = -test_mean.gather(1, yte[:, None]).clamp_min(1e-12).log().squeeze(1).double().cpu().numpy()
+            metrics["test_nll_se"] = loo_estimate(losses, yte.cpu().numpy(), cad.test_population)[1]
+        if whole:
+            self.store.write_test_predictions(self.run_id, step, test_mean.cpu().numpy())
+        if pred is not None:
+            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(pred.mc.to(yte.device), yte).items()})
         if isinstance(opt, IVON):
-            mc = predict(model, data.xte, opt, mc_samples=self.cfg.eval_mc_samples).mc
-            metrics.update({f"test_mc_{k}": v for k, v in all_metrics(mc, data.yte).items()})
             hs = torch.cat([opt.state[p]["hess"].flatten() for p in model.parameters() if p in opt.state])
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
             # near 1: the LOO's scale is hess_init's, not learned from the data (docs/validation.md)
             metrics["hess_init_share"] = opt.hess_init_share()
         # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
         metrics["loo_capped"] = res.capped
-        metrics["loo"] = res.loo
+        # the pool's mean LOO loss from the scored slice (a stratified sample; the whole pool: standard error 0)
+        metrics["loo"], metrics["loo_se"] = loo_estimate(
+            res.loo_losses.numpy(), res.targets.cpu().numpy(), cad.population,
+            control=(seen[res.indices.to(seen.device)].cpu().numpy(), seen[pool.to(seen.device)].cpu().numpy()))
+        metrics["loo_sample"] = float(len(res.indices))
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise JobFailed(f"non-finite {', '.join(bad)} at step {step}")
@@ -303,8 +358,9 @@ class Trainer:
         self.store.write_evaluation(self.run_id, step, loo=loo, metrics=metrics, idx=res.indices.numpy(),
                                     scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
                                     prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
-                                    epoch=step / spe, wall_time=time.perf_counter() - t,
+                                    epoch=step / spe, wall_time=time.perf_counter() - t, carry=not cad.full(),
                                     class_probs=None if res.loo_probs is None else res.loo_class_probs().numpy())
+        cad.evaluated(scoring, time.perf_counter() - t - scoring, len(res.indices), loo, metrics["loo_se"])
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
         msg = (f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
                f"test_nll {metrics['test_nll']:.4f}")
@@ -328,7 +384,7 @@ class Trainer:
                             f"{train_nll / chance:.3g} times that of a uniform guess; standardize the features "
                             "(data.standardize: true) or lower optimizer.lr")
 
-    def _checkpoint(self, model, opt, sched, gen, step, perm, es) -> None:
+    def _checkpoint(self, model, opt, sched, gen, step, perm, es, cad, seen) -> None:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         mine = {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
                 "generators": opt.state_dict()["ivon"]["generators"] if isinstance(opt, IVON) else {}}
@@ -338,4 +394,5 @@ class Trainer:
         self.checkpoints.save_resume({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step, "perm": perm,
-            "early_stopping": es.state_dict(), "ranks": ranks})
+            "early_stopping": es.state_dict(), "cadence": cad.state_dict(), "seen": seen.cpu(),
+            "ranks": ranks})

@@ -105,6 +105,9 @@ class ExampleOut(BaseModel):
     step: int | None = None
     loo_loss_mean: float | None = Field(None, description=LOO_MEAN_VALIDITY)
     loo_loss_evals: int = Field(0, description="how many evaluations up to this step loo_loss_mean averages")
+    scored_step: int | None = Field(None, description="the step whose scoring score and loo_loss come from: "
+                                    "earlier than step when the run scores its examples in rotation "
+                                    "(diagnostics.budget)")
 
 
 class ExamplesPage(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,7 +37,8 @@ Int = Annotated[int, BeforeValidator(_whole)]
 BIG = 10**9  # sizes and counts: bounded, so a typo cannot ask for 2**63 of anything
 SEED = Field(0, ge=0, le=2**32 - 1, description="seeds numpy, torch and scikit-learn alike")
 # what an evaluation records (worker.trainer), the names early stopping may monitor; test_mc_* with IVON only
-MONITORS = ("loo", "train_nll", "train_acc", "loo_capped", "hess_mean", "hess_min", "hess_max", "hess_init_share",
+MONITORS = ("loo", "loo_se", "loo_sample", "test_nll_se", "train_nll", "train_acc", "loo_capped", "hess_mean",
+            "hess_min", "hess_max", "hess_init_share",
             *(f"test_{m}" for m in ("accuracy", "nll", "ece", "brier")),
             *(f"test_mc_{m}" for m in ("accuracy", "nll", "ece", "brier")))
 
@@ -144,9 +146,37 @@ class EarlyStoppingConfig(_Strict):
     mode: Literal["min", "max"] = "min"
     patience: Int = Field(3, ge=0, le=BIG)
     min_delta: float = Field(0.0, ge=0)
+    min_delta_se: float = Field(1.0, ge=0, le=1e6, description="a sampled monitor (loo with its loo_se) must also "
+                                "improve by this many standard errors")
     check_finite: bool = True
     stopping_threshold: float | None = None
     restore_best_weights: bool = True
+
+
+DEFAULT_BUDGET = 0.15  # bench/overhead.py measures what it costs
+
+
+class DiagnosticsConfig(_Strict):
+    budget: float | None = Field(
+        None, gt=0, le=10, description="the evaluations' share of the training time (scoring, test metrics, "
+        f"checkpoints): the worker times itself and picks when to evaluate and how many examples to score; None: "
+        f"{DEFAULT_BUDGET} when eval_every is not set, else every example at each evaluation (worker.cadence)")
+    se_target: float = Field(0.02, gt=0, le=1, description="the LOO estimate's standard error sought, as a share of "
+                             "the estimate (examples are scored in a stratified rotation: each slice is a sample)")
+    coverage_epochs: float = Field(5.0, gt=0, le=1e6, description="score every example at least once in this many "
+                                   "epochs when the budget allows (the run's `coverage period` says what it got)")
+    test_sample: Int = Field(1000, ge=1, le=BIG, description="with a budget, evaluations before the last measure the "
+                             "test metrics (at the posterior mean, no MC) on a fixed stratified subset of this many "
+                             "test examples, with test_nll_se; the last evaluation measures the whole test set")
+
+
+def _positive_count(value: str) -> str:
+    if float(re.match(r"\s*([\d.]+)", value).group(1)) <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+EVAL_EVERY = r"^\s*\d{1,9}(\.\d{1,6})?\s*(steps?|epochs?)\s*$"
 
 
 class JobConfig(_Strict):
@@ -162,7 +192,11 @@ class JobConfig(_Strict):
     batch_size: Int = Field(64, ge=1, le=10_000_000)
     micro_batches: Int = Field(1, ge=1, le=100_000,
                                description="gradient accumulation: each step's batch in this many pieces")
-    eval_every: Int = Field(50, ge=1, le=BIG, description="steps between evaluations")
+    eval_every: Annotated[Int, Field(ge=1, le=BIG)] | Annotated[str, Field(pattern=EVAL_EVERY),
+                                                               AfterValidator(_positive_count)] | None = Field(
+        None, description="a fixed cadence: steps between evaluations (50 or '50 steps') or epochs ('2 epochs', "
+        "'0.5 epoch'); None: diagnostics.budget decides")
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     eval_mc_samples: Int = Field(8, ge=1, le=10_000)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
@@ -185,11 +219,18 @@ class ConfigError(ValueError):
     """An invalid configuration; the message lists every offending field."""
 
 
+def field_path(loc: tuple) -> str:
+    """``eval_every`` for pydantic's loc of a union's branch (``eval_every.function-after[...]``)."""
+    parts = [str(p) for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[(-") and str(p) not in
+             ("int", "str", "float", "bool", "none")]
+    return ".".join(parts) or "config"
+
+
 def parse_config(payload: dict) -> JobConfig:
     try:
         return JobConfig.model_validate(payload)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()]
+        lines = list(dict.fromkeys(f"{field_path(e['loc'])}: {e['msg']}" for e in err.errors()))
         raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
 
 
@@ -232,3 +273,18 @@ def load_config(path: str | Path) -> JobConfig:
     if not isinstance(payload, dict):
         raise ConfigError(f"{path}: the config must be a mapping")
     return parse_config(payload)
+
+
+def eval_steps(every: int | str | None, steps_per_epoch: int) -> int | None:
+    """``eval_every`` in steps (an epoch count rounded to whole steps, at least one); None stays None."""
+    if every is None or isinstance(every, int):
+        return every
+    count, unit = re.match(r"\s*([\d.]+)\s*(\w+)", every).groups()
+    return max(1, round(float(count) * (steps_per_epoch if unit.startswith("epoch") else 1)))
+
+
+def diagnostics_budget(cfg: JobConfig) -> float | None:
+    """The budget a job runs under: the one given, the default without a fixed cadence, else None (score all)."""
+    if cfg.diagnostics.budget is not None:
+        return cfg.diagnostics.budget
+    return DEFAULT_BUDGET if cfg.eval_every is None else None

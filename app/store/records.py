@@ -4,6 +4,9 @@ example's running mean LOO loss over the run's evaluations.
 Layout 1 (revision 0001): idx, rank, score, loo, prob. Layout 2 adds ``loo_mean`` (the mean of the example's finite
 LOO losses over this and every earlier evaluation that included it) and ``evals`` (how many). The mean ranks
 flipped labels after training has memorized them, where the final loss no longer does (docs/validation.md §4).
+Layout 3 adds ``scored``: the step whose scoring the record's score, loss and probability come from. An evaluation
+that scored a slice of the examples (``worker.cadence``'s rotation) carries every other example's last record, so
+each evaluation is a whole snapshot: rankings cover every example, and ``scored`` says how fresh each one is.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ CHUNK = 2048  # ranks per "rank" chunk
 IDX_CHUNK = 256  # example indices per "idx" bucket
 
 _V1 = [("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")]
-LAYOUTS = {1: np.dtype(_V1), 2: np.dtype(_V1 + [("loo_mean", "<f4"), ("evals", "<i4")])}
-LAYOUT = 2  # what this code writes
+_V2 = _V1 + [("loo_mean", "<f4"), ("evals", "<i4")]
+LAYOUTS = {1: np.dtype(_V1), 2: np.dtype(_V2), 3: np.dtype(_V2 + [("scored", "<i4")])}
+LAYOUT = 3  # what this code writes
+UNKNOWN = -1  # ``scored`` of records written before layout 3: the evaluation's own step
 RECORD = LAYOUTS[LAYOUT]
 
 
 def decode(data: bytes, layout: int) -> np.ndarray:
-    """One chunk's records in the current layout (an older layout's missing fields: NaN mean, 0 evaluations)."""
+    """One chunk's records in the current layout (an older layout's missing fields: NaN mean, 0 evaluations,
+    ``scored`` UNKNOWN)."""
     dtype = LAYOUTS.get(layout)
     if dtype is None:
         raise CorruptData(f"per-example records of layout {layout} are unknown to this code (newer? upgrade ivon-diag)")
@@ -35,7 +41,9 @@ def decode(data: bytes, layout: int) -> np.ndarray:
     out = np.zeros(len(recs), dtype=RECORD)
     for name in dtype.names:
         out[name] = recs[name]
-    out["loo_mean"] = np.nan
+    if layout < 2:
+        out["loo_mean"] = np.nan
+    out["scored"] = UNKNOWN
     return out
 
 
@@ -57,8 +65,10 @@ def running_mean(idx: np.ndarray, loo: np.ndarray, prev: np.ndarray | None) -> t
     return mean, evals
 
 
-def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None) -> np.ndarray:
-    """The records of one evaluation (unranked), validated."""
+def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None, step: int = UNKNOWN,
+          carry: bool = False) -> np.ndarray:
+    """The records of one evaluation (unranked), validated. ``carry``: the evaluation scored a slice; every example
+    of ``prev`` it did not score keeps its last record (``scored`` says from when)."""
     n = len(idx)
     rec = np.zeros(n, dtype=RECORD)
     rec["idx"] = np.asarray(idx, dtype=np.int64)
@@ -71,6 +81,9 @@ def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None) -> np.nd
     rec["loo"] = loo
     rec["prob"] = np.nan if prob_label is None else np.asarray(prob_label, dtype=np.float64)
     rec["loo_mean"], rec["evals"] = running_mean(rec["idx"], loo, prev)
+    rec["scored"] = step
+    if carry and prev is not None and len(prev):
+        rec = np.concatenate([rec, prev[~np.isin(prev["idx"], rec["idx"])]])
     return rec
 
 

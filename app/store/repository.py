@@ -33,7 +33,7 @@ from app.store.models import (
     utcnow,
 )
 from app.store.queue import JobQueue, job_device
-from app.store.records import CHUNK, IDX_CHUNK, RECORD, build, decode, order_by_mean, running_mean
+from app.store.records import CHUNK, IDX_CHUNK, RECORD, UNKNOWN, build, decode, order_by_mean, running_mean
 from app.store.records import chunks as chunks_of
 from app.store.rollups import refresh_rollups
 from app.store.series import MetricSeries
@@ -54,6 +54,7 @@ class ScoreRow:
     step: int | None = None
     loo_loss_mean: float | None = None
     loo_loss_evals: int = 0
+    scored_step: int | None = None  # the step whose scoring this row's score and loss come from
 
 
 class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples):
@@ -147,21 +148,24 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
                          idx: np.ndarray | None = None, scores: np.ndarray | None = None,
                          loo_losses: np.ndarray | None = None, prob_label: np.ndarray | None = None,
                          epoch: float | None = None, wall_time: float | None = None,
-                         class_probs: np.ndarray | None = None) -> Evaluation:
+                         class_probs: np.ndarray | None = None, carry: bool = False) -> Evaluation:
         """Write one evaluation, its metric points and its per-example rows in one transaction.
 
         Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step). Each
         example's running mean LOO loss folds this evaluation into the run's last one before ``step``; a step written
         out of order does not update the means of evaluations after it. ``class_probs`` (examples × classes, rows
-        in ``idx`` order) replaces the run's stored LOO class probabilities (``ClassProbabilities``).
+        in ``idx`` order) replaces the run's stored LOO class probabilities (``ClassProbabilities``). ``carry``: the
+        evaluation scored a slice of the examples; the others keep their last records (``records``, layout 3).
         """
         clean = {k: finite(v) for k, v in metrics.items()}
         n = 0 if idx is None else len(idx)
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
-            chunks = chunks_of(run_id, step, build(idx, scores, loo_losses, prob_label,
-                                                   _previous_records(s, run_id, step))) if n else []
+            recs = build(idx, scores, loo_losses, prob_label, _previous_records(s, run_id, step), step,
+                         carry) if n else None
+            chunks = chunks_of(run_id, step, recs) if n else []
+            n = 0 if recs is None else len(recs)
             s.execute(delete(Evaluation).where(Evaluation.run_id == run_id, Evaluation.step == step))
             s.execute(delete(ScoreChunk).where(ScoreChunk.run_id == run_id, ScoreChunk.step == step))
             s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step == step,
@@ -257,6 +261,7 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
         return {"idx": idx, "rank": recs["rank"].tolist(), "score": clean(recs["score"]),
                 "loo_loss": clean(recs["loo"]), "prob_label": clean(recs["prob"]),
                 "loo_loss_mean": clean(recs["loo_mean"]), "loo_loss_evals": recs["evals"].tolist(),
+                "scored_step": np.where(recs["scored"] >= 0, recs["scored"], step).tolist(),
                 "label": [labels.get(i, (None, None))[0] for i in idx],
                 "flipped": [labels.get(i, (None, None))[1] for i in idx]}
 
@@ -282,8 +287,8 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
             for step, layout, data in s.execute(q):
                 recs = decode(data, layout)
                 pos = int(np.searchsorted(recs["idx"], idx))
-                if pos < len(recs) and recs["idx"][pos] == idx:
-                    rows.append(_row(recs[pos], step))
+                if pos < len(recs) and recs["idx"][pos] == idx and recs["scored"][pos] in (step, UNKNOWN):
+                    rows.append(_row(recs[pos], step))  # scored at that step, not carried
             if not rows and s.get(Example, (run_id, idx)) is None:
                 raise NotFound(f"example {idx} of run {run_id} not found")
             return rows
@@ -322,8 +327,9 @@ def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
 
 
 def _row(r, step: int, label=None, flipped=None) -> ScoreRow:
+    scored = int(r["scored"])
     return ScoreRow(int(r["rank"]), int(r["idx"]), finite(r["score"]), finite(r["loo"]), finite(r["prob"]),
-                    label, flipped, step, finite(r["loo_mean"]), int(r["evals"]))
+                    label, flipped, step, finite(r["loo_mean"]), int(r["evals"]), step if scored < 0 else scored)
 
 
 def _chunk_records(s: Session, run_id: int, step: int, kind: str, lo: int = 0, hi: int | None = None,
@@ -361,7 +367,9 @@ def _previous_records(s: Session, run_id: int, step: int) -> np.ndarray | None:
     if prev is None:
         return None
     try:
-        return _fold_earlier(s, run_id, prev, earlier)
+        recs = _fold_earlier(s, run_id, prev, earlier)
+        recs["scored"] = np.where(recs["scored"] >= 0, recs["scored"], prev)
+        return recs
     except CorruptData as err:  # this evaluation is not lost for it: the means restart (loo_loss_evals says so)
         log.warning("run %s: running means restart at step %s: %s", run_id, step, err)
         return None

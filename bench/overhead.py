@@ -1,0 +1,126 @@
+"""Benchmark what diagnostics cost a training job at the defaults (``diagnostics.budget``), all in one run.
+
+    python bench/overhead.py [--n 20000] [--epochs 3] [--models cnn resnet20] [--digits]
+
+For each setting the same job (same seed, so the same final weights: evaluations draw no training randomness) runs
+three times through the worker's ``Trainer``:
+- **off**: one evaluation at the end scoring a token slice: the test metrics and MC predictive a job without
+  diagnostics would still compute (the baseline);
+- **default**: the budgeted cadence, slices in rotation, the sampled LOO with its standard error;
+- **full**: one evaluation at the end scoring every example: the LOO and the rankings the sample stands for.
+It prints wall time ratios (default / off), the evaluations made, the share of examples scored and the coverage
+period in epochs, the final LOO's standard error relative to it, the distance of the sampled LOO from the full
+pass in standard errors, and Spearman between the rotation's rankings (each example's latest score) and the full
+pass's, over the examples the rotation scored. The data: CIFAR-shaped synthetic images (3×32×32, 10 classes, a
+class pattern under noise, 5% flipped labels), written to a temporary npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cifar_like(path: Path, n: int, seed: int = 0) -> None:
+    g = np.random.default_rng(seed)
+    templates = g.normal(size=(10, 3, 8, 8)).astype(np.float32)
+    y = g.integers(0, 10, size=n)
+    x = np.repeat(np.repeat(templates[y], 4, axis=2), 4, axis=3)
+    for i, (a, b) in enumerate(g.integers(-3, 4, size=(n, 2))):
+        x[i] = np.roll(x[i], (a, b), axis=(1, 2))
+    x += g.normal(scale=1.3, size=x.shape).astype(np.float32)
+    np.savez(path, x_train=x, y_train=y)
+
+
+def run_job(job: dict, root: Path, name: str):
+    from app.store import Store, make_engine, upgrade
+    from worker.config import parse_config
+    from worker.trainer import Trainer
+
+    url = f"sqlite:///{root / (name + '.db')}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    cfg = parse_config(job)
+    run = store.create_run(name, cfg.model_dump(mode="json"))
+    t = time.perf_counter()
+    Trainer(cfg, store, run.id, root / "ck", run.uid, log=lambda *a, **k: None).run()
+    return time.perf_counter() - t, store, run.id
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+
+
+def setting(label: str, job: dict, root: Path, spe: int, rounds: int) -> None:
+    total = job["epochs"] * spe
+    off = {**job, "eval_every": total, "diagnostics": {"budget": 1e-9}}
+    full = {**job, "eval_every": total}
+    _, fstore, fid = run_job(full, root, f"{label}-full")  # also the warm-up (imports, threads, caches)
+    times = {"off": [], "default": []}
+    for r in range(rounds):  # alternating, so that drift on the machine falls on both
+        for kind in (("off", "default") if r % 2 == 0 else ("default", "off")):
+            t, store, rid = run_job(off if kind == "off" else job, root, f"{label}-{kind}-{r}")
+            times[kind].append(t)
+            if kind == "default":
+                evs = store.evaluations(rid)
+                table = store.examples_table(rid, evs[-1].step)
+    t_off, t_def = (statistics.median(times[k]) for k in ("off", "default"))
+    last, truth = evs[-1], fstore.evaluations(fid)[-1]
+    ftable = fstore.examples_table(fid, truth.step)
+    n = len(ftable["idx"])
+    scored = sum(e.metrics["loo_sample"] for e in evs)
+    epochs = job["epochs"]
+    period = n / (scored / epochs) if scored else float("inf")
+    mine = dict(zip(table["idx"], table["score"]))
+    ref = dict(zip(ftable["idx"], ftable["score"]))
+    common = [i for i in mine if mine[i] is not None and ref.get(i) is not None]
+    rho = spearman(np.array([mine[i] for i in common]), np.array([ref[i] for i in common]))
+    se = last.metrics["loo_se"]
+    print(f"{label}: default/off wall {t_def / t_off:.3f}x (medians of {rounds}: {t_def:.1f} s vs {t_off:.1f} s); "
+          f"{len(evs)} evaluations; "
+          f"{len(table['idx'])}/{n} examples scored ({len(table['idx']) / n:.1%}), coverage period "
+          f"{period:.1f} epochs; final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass "
+          f"{truth.loo:.4f}: {abs(last.loo - truth.loo) / se if se else float('nan'):.2f} SE apart; Spearman of the "
+          f"rotation's latest scores with the full pass over the {len(common)} scored: {rho:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20_000, help="training images (a test set of a fifth more)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--models", nargs="*", default=["cnn"], choices=["cnn", "resnet20"])
+    ap.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True, help="the digits defaults too")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["IVON_DIAG_DATA_ROOTS"] = str(root)
+        if args.models:
+            cifar_like(root / "images.npz", int(args.n * 1.25))
+        for model in args.models:
+            job = {"data": {"name": "npz", "path": str(root / "images.npz"), "test_fraction": 0.2},
+                   "model": {"name": model}, "epochs": args.epochs, "label_noise": {"fraction": 0.05},
+                   "early_stopping": {"enabled": False}}
+            setting(f"{model}, N={args.n}, {args.epochs} epochs", job, root, -(-args.n // 64), args.rounds)
+        if args.digits:  # the defaults: 20 epochs of an MLP on digits' 1,437 training images
+            job = {"epochs": 20, "early_stopping": {"enabled": False}}
+            setting("digits defaults", job, root, -(-1437 // 64), args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""When to evaluate and which examples to score, within a budget of training time.
+
+Scoring every example costs about two epochs of arithmetic (a per-example gradient and a JVP each), so a job
+cannot score all of them at every evaluation and stay near the cost of training. The ``Cadence`` instead:
+
+- keeps a credit of ``budget`` × the training time so far, spends it on evaluations (scoring, test metrics,
+  checkpoint) and plans the next evaluation for the step where the credit pays for it (the last step always
+  evaluates: a job's final results);
+- scores a slice of a stratified random permutation of the examples at each evaluation (a *rotation*: every example
+  once per cycle), so the slice is a stratified random sample whose mean LOO loss estimates the whole set's with a
+  standard error (``loo_estimate``), and running means over evaluations see every example;
+- sizes the slice to the larger of what brings the standard error to ``se_target`` of the estimate and what
+  completes a cycle every ``coverage_epochs`` epochs at the affordable cadence, but no larger than what still allows
+  one evaluation every ``MAX_GAP_EPOCHS`` epochs.
+
+Costs are measured, not guessed: seconds per scored example and the fixed seconds of an evaluation, as running
+averages of what the trainer reports. A fixed ``eval_every`` keeps its cadence; a budget then sizes the slices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FLOOR = 64  # the smallest slice worth an evaluation's fixed cost (and a usable standard error)
+PILOT = 256  # the first slice, before the losses' spread is known
+MAX_GAP_EPOCHS = 2.0  # slices no larger than what allows an evaluation this often
+PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
+
+
+def stratified_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..n-1 in an order whose every prefix holds the classes in proportion (±1 per class)."""
+    labels = np.asarray(labels)
+    keys = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        keys[members] = (rng.permutation(len(members)) + rng.random(len(members))) / len(members)
+    return np.argsort(keys, kind="stable")
+
+
+def loo_estimate(losses: np.ndarray, labels: np.ndarray, population: np.ndarray,
+                 control: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
+    """(mean, standard error) of the population's mean LOO loss from a sample's LOO losses.
+
+    ``population``: the number of examples of each class in the whole set (by label); with the finite-population
+    correction, a full pass has error 0. ``control``: an auxiliary value of the sampled examples and of the whole
+    population, known for all of them (each example's latest training loss): the regression estimator
+    ȳ + b (X̄ − x̄) then carries the part of the spread the auxiliary explains (most of it: a mislabeled example's
+    training and LOO losses are both large). Otherwise, the classes are the strata, weighted by their share
+    (the simple random sample's formulas when a sampled class has fewer than two examples). A non-finite loss makes
+    both non-finite (the trainer fails the job on it).
+    """
+    losses, labels = np.asarray(losses, np.float64), np.asarray(labels)
+    n, total = len(losses), int(population.sum())
+    if n == 0:
+        return float("nan"), float("nan")
+    if n >= total:
+        return float(losses.mean()), 0.0
+    fpc = 1 - n / total
+    if control is not None and n > 2:
+        x, everyone = (np.asarray(c, np.float64) for c in control)
+        if np.isfinite(x).all() and np.isfinite(everyone).all() and x.var() > 0:
+            b = np.cov(x, losses, ddof=1)[0, 1] / x.var(ddof=1)
+            mean = losses.mean() + b * (everyone.mean() - x.mean())
+            resid = losses - losses.mean() - b * (x - x.mean())
+            return float(mean), float(math.sqrt(resid.var(ddof=2) * fpc / n))
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2 or np.any(population[classes] < counts):
+        return float(losses.mean()), float(math.sqrt(losses.var(ddof=1) * fpc / n)) if n > 1 else float("nan")
+    mean, var = 0.0, 0.0
+    weights = population[classes] / population[classes].sum()
+    for c, w, nh in zip(classes, weights, counts):
+        part = losses[labels == c]
+        big = population[c]
+        mean += w * part.mean()
+        var += w * w * part.var(ddof=1) / nh * (1 - nh / big)
+    return float(mean), float(math.sqrt(max(var, 0.0)))
+
+
+class Cadence:
+    """The budget's bookkeeping and the rotation of examples (see the module's docstring).
+
+    ``labels``: the labels of the examples that may be scored (positions 0..n-1 index them); ``budget``: the
+    evaluations' share of the training time (None: every example at every evaluation, at ``every`` steps);
+    ``every``: a fixed cadence in steps (None: the budget decides); ``steps_per_epoch``: for coverage and the
+    gap cap; ``test_labels`` and ``test_sample``: the test set's labels and the size of its fixed subset (``test_ids``)
+    that the evaluations before the last measure.
+    """
+
+    def __init__(self, labels: np.ndarray, budget: float | None, every: int | None, steps_per_epoch: int,
+                 se_target: float = 0.02, coverage_epochs: float = 5.0, seed: int = 0,
+                 test_labels: np.ndarray | None = None, test_sample: int = 1000):
+        if budget is None and every is None:
+            raise ValueError("a cadence needs a budget or a fixed eval_every")
+        self.labels = np.asarray(labels)
+        self.n = len(self.labels)
+        self.population = np.bincount(self.labels) if self.n else np.zeros(0, np.int64)
+        self.budget, self.every, self.spe = budget, every, max(1, steps_per_epoch)
+        self.se_target, self.coverage_epochs = se_target, coverage_epochs
+        self.rng = np.random.default_rng(seed)
+        test_labels = np.zeros(0, np.int64) if test_labels is None else np.asarray(test_labels)
+        self.test_population = np.bincount(test_labels, minlength=len(self.population))
+        # the test subset of the evaluations before the last: fixed, stratified (the last measures the whole set)
+        self.test_ids = np.sort(stratified_permutation(test_labels, np.random.default_rng(seed + 1))[:test_sample])
+        self.order = np.zeros(0, np.int64)  # this cycle's permutation, ``pos`` of it scored
+        self.pos, self.cycles = 0, 0
+        self.train_s = 0.0  # training seconds so far (this process and before a resume)
+        self.spent_s = 0.0  # evaluation seconds so far
+        self.per_example = None  # seconds per scored example (running average)
+        self.fixed = None  # seconds of an evaluation besides scoring
+        self.cv = None  # the LOO losses' coefficient of variation at the last evaluation
+        self.steps_trained = 0
+        self.next_step: int | None = None if every is None else every
+        self.next_size = self.size()
+
+    # ------------------------------------------------------------------------------ what to score
+    def full(self) -> bool:
+        return self.budget is None
+
+    def size(self) -> int:
+        """Examples to score at the next evaluation."""
+        if self.full() or self.n == 0:
+            return self.n
+        floor = min(self.n, FLOOR)
+        if self.per_example is None:
+            return min(self.n, PILOT)
+        c, f, b = self.per_example, self.fixed or 0.0, self.budget
+        per_step = self.train_s / max(self.steps_trained, 1)
+        if self.every is not None:  # a fixed cadence: what the budget pays for at it
+            return int(min(self.n, max(floor, (b * self.every * per_step - f) / c)))
+        n_se = self.n if self.cv is None else _sample_for(self.cv / self.se_target, self.n)
+        epoch_s = per_step * self.spe
+        rate = self.n / (self.coverage_epochs * max(epoch_s, 1e-9))  # examples per training second for coverage
+        n_cov = rate * f / (b - rate * c) if b > rate * c else self.n
+        n_gap = max((b * MAX_GAP_EPOCHS * epoch_s - f) / c, floor)  # the most that keeps evaluations that close
+        return int(min(self.n, max(floor, min(max(n_se, n_cov), n_gap))))
+
+    def take(self, k: int | None = None) -> np.ndarray:
+        """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
+        scores everything)."""
+        k = self.next_size if k is None else k
+        if self.full() or k >= self.n:
+            return np.arange(self.n)
+        out = self.order[self.pos : self.pos + k]
+        self.pos += len(out)
+        if len(out) < k:  # the cycle ends: a new permutation, the just-taken ones moved to its end
+            self.cycles += 1
+            fresh = stratified_permutation(self.labels, self.rng)
+            taken = np.isin(fresh, out)
+            self.order = np.concatenate([fresh[~taken], fresh[taken]])
+            more = self.order[: k - len(out)]
+            self.pos = len(more)
+            out = np.concatenate([out, more])
+        return np.sort(out)
+
+    # ------------------------------------------------------------------------------ when
+    def cost(self, k: int) -> float:
+        if self.per_example is None:  # the pilot: a scored example ~ 1.5 of training's (measured: 1.1-2), a test
+            # example's forward ~ 1/3
+            train_example = self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
+            return train_example * (1.5 * k + len(self.test_ids) / 3)
+        return (self.fixed or 0.0) + self.per_example * k
+
+    def plan(self, step: int) -> dict:
+        """The next evaluation's step and size, decided from this process's measurements (under torchrun: rank 0's,
+        sent to every rank with ``apply``)."""
+        size = self.size()
+        if self.every is not None:
+            return {"step": (step // self.every + 1) * self.every, "size": size}
+        per_step = self.train_s / max(self.steps_trained, 1)
+        need = self.cost(size) - (self.budget * self.train_s - self.spent_s)
+        return {"step": step + max(1, math.ceil(need / max(self.budget * per_step, 1e-12))), "size": size}
+
+    def apply(self, plan: dict) -> None:
+        self.next_step, self.next_size = int(plan["step"]), int(plan["size"])
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether to evaluate after ``step``; the last step always is."""
+        return last or (self.next_step is not None and step >= self.next_step)
+
+    def needs_plan(self, step: int) -> bool:
+        """Before the first evaluation: plan once a few steps have been timed."""
+        return self.next_step is None and step >= min(PLAN_AFTER, self.spe)
+
+    # ------------------------------------------------------------------------------ measurements
+    def trained(self, seconds: float, steps: int = 1) -> None:
+        self.train_s += seconds
+        self.steps_trained += steps
+
+    def evaluated(self, scoring_s: float, other_s: float, scored: int, estimate: float | None = None,
+                  se: float | None = None) -> None:
+        """Record an evaluation's seconds and its estimate's relative spread (for the next slice's size)."""
+        self.spent_s += scoring_s + other_s
+        if scored:
+            self.per_example = _blend(self.per_example, scoring_s / scored)
+        self.fixed = _blend(self.fixed, other_s)
+        if se is not None and estimate and 1 < scored < self.n and math.isfinite(se):
+            # the spread of one example (se = sd × sqrt(fpc / n)), relative to the estimate
+            self.cv = float(se / abs(estimate) * math.sqrt(scored / (1 - scored / self.n)))
+
+    def coverage_period(self) -> float | None:
+        """Evaluations per full cycle at the current slice size (None when every example is scored each time)."""
+        return None if self.full() else self.n / max(self.size(), 1)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "pos": self.pos,
+                "cycles": self.cycles, "train_s": self.train_s, "spent_s": self.spent_s,
+                "per_example": self.per_example, "fixed": self.fixed, "cv": self.cv,
+                "steps_trained": self.steps_trained, "next_step": self.next_step, "next_size": self.next_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        for key in ("pos", "cycles", "train_s", "spent_s", "per_example", "fixed", "cv", "steps_trained", "next_step",
+                    "next_size"):
+            setattr(self, key, state[key])
+        self.order = np.asarray(state["order"], dtype=np.int64)
+
+
+def _sample_for(cv_over_target: float, n: int) -> float:
+    """The simple random sample size whose standard error is the target (cv / target = sd / (target × mean)),
+    with the finite-population correction."""
+    n0 = cv_over_target ** 2
+    return n0 / (1 + n0 / n)
+
+
+def _blend(old: float | None, new: float, weight: float = 0.5) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
