@@ -105,6 +105,44 @@ def test_run_page_draws_updates_live_and_escapes(server):
     assert errors == []
 
 
+def test_a_budgeted_run_shows_its_sample_its_error_bars_and_each_scores_age(server, tmp_path):
+    """Slices in rotation: one line says how many examples the LOO came from and how many are scored so far; the LOO
+    carries error bars that follow live; a card whose score is older than the step says when it was scored."""
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("budgeted", {}, enqueue=False)
+    store.add_examples(run.id, range(300), labels=[i % 10 for i in range(300)], flipped=[False] * 300,
+                       thumbnails=_images(300))
+
+    def write(step, idx, se):
+        s = np.random.default_rng(step).random(len(idx)) + step / 10
+        store.write_evaluation(run.id, step, loo=0.5, metrics={"train_nll": 0.3, "test_nll": 0.6, "loo_se": se,
+                                                               "loo_sample": float(len(idx))},
+                               idx=np.asarray(idx), scores=s, loo_losses=s, prob_label=1 - s / 10, carry=True)
+
+    write(10, range(0, 100), 0.04)
+    write(20, range(100, 200), 0.02)
+    errors = []
+    with sync_playwright() as p:
+        browser, page = _open(p, errors)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#loss .main-svg")
+        page.wait_for_selector("#least .ex")
+        line = page.inner_text("#cadence")
+        assert "± 0.02" in line and "sample of 100 of 300" in line and "200 of 300 scored so far" in line
+        assert page.evaluate("document.getElementById('loss').data[2].error_y.array") == [0.04, 0.02]
+        assert "(scored at step 10)" in page.inner_text("#least")  # the lowest scores: step 10's, carried
+        assert page.eval_on_selector_all("#loss .errorbar", "els => els.length") >= 2  # drawn, not only set
+        write(30, range(200, 300), 0.01)
+        page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
+        page.wait_for_function("document.getElementById('loss').data[2].error_y.array.length === 3")
+        assert page.evaluate("document.getElementById('loss').data[2].error_y.array") == [0.04, 0.02, 0.01]
+        page.screenshot(path=str(tmp_path / "budgeted.png"), full_page=True)
+        browser.close()
+    assert errors == []
+
+
 def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
     """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
     carried no token, so a protected dashboard could not work in a browser."""

@@ -136,3 +136,27 @@ def test_counter_draws_are_the_inverse_normal_cdf_of_their_uniforms():
     edge = torch.tensor([-1 + 2**-23, 1 - 2**-23, -2**-23, 2**-23, 0.5], dtype=torch.float32)
     w = -_log((1.0 - edge) * (1.0 + edge)).double().numpy()
     assert np.allclose(w, -np.log1p(-edge.double().numpy() ** 2), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("noise,fused", [("torch", False), ("blocks", False), ("counter", True)])
+def test_sampling_inside_preserved_noise_leaves_the_training_noise_as_it_was(noise, fused):
+    """predict (or any sampling) inside preserved_noise between steps: the same weights as without it."""
+    from ivon_core import predict, preserved_noise
+
+    def train(evaluate_at):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 3))
+        opt = IVON(model.parameters(), lr=0.1, ess=100, noise=noise, fused=fused)
+        x, y = torch.randn(64, 300), torch.randint(0, 3, (64,))
+        for i in range(5):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if i in evaluate_at:
+                with preserved_noise(opt):
+                    predict(model, x, opt, mc_samples=3)
+                    torch.randn(10)  # torch's generator moved by anything else inside, too
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(train(()), train((1, 3)))

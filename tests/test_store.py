@@ -236,3 +236,31 @@ def test_the_stored_ends_by_mean_agree_with_the_full_sort():
         for k in (1, 7, 2048):
             assert _first_by_mean(rec, k)["idx"].tolist() == full[:k].tolist()
             assert _first_by_mean(rec, k, last=True)["idx"].tolist() == full[-k:].tolist()
+
+
+def test_an_evaluation_of_a_slice_carries_every_other_examples_last_record(store):
+    """Slices in rotation: each evaluation's snapshot holds every example scored so far, with the step of its
+    scoring; the running means fold only real scorings; history lists only those; rankings cover the snapshot."""
+    run = store.create_run("rotation", enqueue=False)
+    slices = {10: [0, 1, 2], 20: [3, 4, 5], 30: [0, 4, 6]}
+    loss = {10: 1.0, 20: 2.0, 30: 3.0}
+    for step, idx in slices.items():
+        store.write_evaluation(run.id, step, loo=0.5, metrics={"loo_se": 0.1}, idx=np.array(idx),
+                               scores=np.array(idx, float) + step, loo_losses=np.full(len(idx), loss[step]),
+                               prob_label=None, carry=True)
+    table = store.examples_table(run.id, 30)
+    rows = {i: (sc, m, e, st) for i, sc, m, e, st in zip(table["idx"], table["score"], table["loo_loss_mean"],
+                                                         table["loo_loss_evals"], table["scored_step"])}
+    assert rows == {0: (30.0, 2.0, 2, 30), 1: (11.0, 1.0, 1, 10), 2: (12.0, 1.0, 1, 10), 3: (23.0, 2.0, 1, 20),
+                    4: (34.0, 2.5, 2, 30), 5: (25.0, 2.0, 1, 20), 6: (36.0, 3.0, 1, 30)}
+    assert store.evaluations(run.id)[-1].n_examples == 7
+    _, top = store.examples_at(run.id, k=3)
+    assert [(r.idx, r.scored_step) for r in top] == [(6, 30), (4, 30), (0, 30)]
+    _, stale = store.examples_at(run.id, k=3, least=True)
+    assert [(r.idx, r.scored_step, r.step) for r in stale] == [(1, 10, 30), (2, 10, 30), (3, 20, 30)]
+    assert [(h.step, h.loo_loss) for h in store.example_history(run.id, 1)] == [(10, 1.0)]  # not the carried rows
+    assert [(h.step, h.loo_loss_evals) for h in store.example_history(run.id, 4)] == [(20, 1), (30, 2)]
+    # without carry (a fixed subset, a hand-written loop): the evaluation holds what it scored, as before
+    store.write_evaluation(run.id, 40, loo=0.5, metrics={}, idx=np.array([1]), scores=np.array([1.0]),
+                           loo_losses=np.array([4.0]), prob_label=None)
+    assert store.examples_table(run.id, 40)["idx"] == [1]

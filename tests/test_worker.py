@@ -111,6 +111,13 @@ def test_early_stopping_follows_lightning_semantics():
     assert es3.step({"loo": float("nan")}, 3) and "not finite" in es3.reason
     with pytest.raises(KeyError, match="monitors 'loo'"):
         EarlyStopping().step({"test_nll": 1.0}, 0)
+    # a sampled monitor: an improvement inside one standard error is sampling noise, not progress
+    es4 = EarlyStopping(patience=2)
+    seq = [(1.0, 0.05), (0.97, 0.05), (0.96, 0.05), (0.90, 0.05)]
+    assert [es4.step({"loo": v, "loo_se": se}, i) for i, (v, se) in enumerate(seq[:3])] == [False, False, True]
+    assert es4.best == 1.0 and es4.stopped_step == 2
+    es5 = EarlyStopping(patience=2, min_delta_se=0.0)  # the old behaviour
+    assert not any(es5.step({"loo": v, "loo_se": se}, i) for i, (v, se) in enumerate(seq)) and es5.best == 0.90
 
 
 @pytest.mark.parametrize("opt_name", ["ivon", "adamw"])

@@ -169,7 +169,8 @@ class Cadence:
         if self.every is not None:
             return {"step": (step // self.every + 1) * self.every, "size": size}
         per_step = self.train_s / max(self.steps_trained, 1)
-        need = self.cost(size) - (self.budget * self.train_s - self.spent_s)
+        cost = self.cost(size)  # credit saved up pays at most half of it: evaluations do not bunch up
+        need = max(cost - (self.budget * self.train_s - self.spent_s), cost / 2)
         return {"step": step + max(1, math.ceil(need / max(self.budget * per_step, 1e-12))), "size": size}
 
     def apply(self, plan: dict) -> None:

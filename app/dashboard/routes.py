@@ -28,7 +28,7 @@ def js(obj) -> str:
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 PAGE = 100  # test examples per page
-CURVES = ("train_nll", "test_nll", "loo", "test_accuracy", "test_ece", "loo_capped", "hess_init_share")
+CURVES = ("train_nll", "test_nll", "loo", "loo_se", "test_accuracy", "test_ece", "loo_capped", "hess_init_share")
 
 
 @router.get("/static/plotly.min.js", include_in_schema=False)
@@ -79,8 +79,10 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
     run = store.get_run(run_id)
     curves = {name: store.curve(run_id, name, max_points=2000) for name in CURVES}
     es = store.early_stop(run_id)
+    latest = store.evaluations(run_id, since_step=max(store.latest_step(run_id) or 0, 1) - 1, limit=1)
     return templates.TemplateResponse(request, "run.html", {
         "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
+        "latest": latest[-1] if latest else None,
         "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
         "mean_validity": LOO_MEAN_VALIDITY})
 

@@ -1,0 +1,147 @@
+"""worker.cadence: the rotation covers every example once per cycle, the sampled LOO's standard error is what
+repeated sampling gives, the control variate shrinks it, the plan keeps evaluations within the budget."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from worker.cadence import FLOOR, Cadence, loo_estimate, stratified_permutation
+
+
+def test_every_prefix_of_a_stratified_permutation_holds_the_classes_in_proportion():
+    labels = np.repeat([0, 1, 2], [500, 300, 200])
+    order = stratified_permutation(labels, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(1000))
+    for k in (10, 50, 137, 600):
+        counts = np.bincount(labels[order[:k]], minlength=3)
+        assert np.all(np.abs(counts - k * np.array([0.5, 0.3, 0.2])) <= 1.0)
+
+
+def test_the_rotation_scores_every_example_once_per_cycle_and_never_twice_in_one_evaluation():
+    labels = np.random.default_rng(1).integers(0, 4, size=103)
+    cad = Cadence(labels, budget=0.1, every=None, steps_per_epoch=10)
+    seen = []
+    for _ in range(12):  # 12 slices of 25 across three cycle boundaries (103 is not a multiple of 25)
+        part = cad.take(25)
+        assert len(part) == len(set(part.tolist())) == 25
+        seen.append(part)
+    flat = np.concatenate(seen)
+    assert len(set(flat[:100].tolist())) == 100  # the first cycle: each example once
+    assert set(np.concatenate(seen[:5]).tolist()) == set(range(103))  # and the fifth slice finishes it
+    assert cad.cycles == 3
+    counts = np.bincount(flat, minlength=103)
+    assert counts.min() >= 2 and counts.max() <= 3  # 300 scorings over 103 examples, spread evenly
+
+
+def test_a_full_pass_has_no_sampling_error_and_the_stratified_error_matches_repeated_sampling():
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], [3000, 1000])
+    losses = np.where(labels == 0, rng.exponential(0.2, 4000), rng.exponential(2.0, 4000))
+    pop = np.bincount(labels)
+    assert loo_estimate(losses, labels, pop) == (pytest.approx(losses.mean()), 0.0)
+    estimates, errors = [], []
+    for seed in range(400):
+        take = stratified_permutation(labels, np.random.default_rng(seed))[:200]
+        m, se = loo_estimate(losses[take], labels[take], pop)
+        estimates.append(m)
+        errors.append(se)
+    assert np.mean(estimates) == pytest.approx(losses.mean(), rel=0.01)  # unbiased
+    assert np.median(errors) == pytest.approx(np.std(estimates), rel=0.15)  # the error it states is the real one
+
+
+def test_a_correlated_control_variate_shrinks_the_error_and_keeps_the_estimate_unbiased():
+    rng = np.random.default_rng(3)
+    n = 5000
+    labels = rng.integers(0, 10, n)
+    train = rng.exponential(0.3, n) + 5 * (rng.random(n) < 0.05)  # a few mislabeled: large losses
+    loo = train * 1.2 + rng.normal(0, 0.05, n)
+    pop = np.bincount(labels)
+    plain, controlled, estimates = [], [], []
+    for seed in range(300):
+        take = np.random.default_rng(seed).choice(n, 150, replace=False)
+        plain.append(loo_estimate(loo[take], labels[take], pop)[1])
+        m, se = loo_estimate(loo[take], labels[take], pop, control=(train[take], train))
+        controlled.append(se)
+        estimates.append(m)
+    assert np.median(controlled) < 0.2 * np.median(plain)
+    assert np.mean(estimates) == pytest.approx(loo.mean(), rel=0.01)
+    assert np.median(controlled) == pytest.approx(np.std(estimates), rel=0.2)
+    nan = np.full(n, np.nan)  # examples not trained on yet: no control
+    assert loo_estimate(loo[:150], labels[:150], pop, control=(nan[:150], nan))[1] == pytest.approx(
+        loo_estimate(loo[:150], labels[:150], pop)[1])
+
+
+def test_the_plan_keeps_the_evaluations_within_the_budget():
+    labels = np.random.default_rng(4).integers(0, 10, 20000)
+    cad = Cadence(labels, budget=0.15, every=None, steps_per_epoch=300)
+    step_s, per_example, fixed = 0.01, 0.002, 0.2  # a simulated job's seconds
+    step, evaluations, scored = 0, 0, 0
+    while step < 3000:
+        step += 1
+        cad.trained(step_s)
+        if cad.needs_plan(step):
+            cad.apply(cad.plan(step))
+        if cad.due(step, step == 3000):
+            k = len(cad.take())
+            scored += k
+            evaluations += 1
+            cad.evaluated(per_example * k, fixed, k, estimate=0.5, se=0.5 * 2 / np.sqrt(k))
+            cad.apply(cad.plan(step))
+    train = 3000 * step_s
+    last = fixed + per_example * cad.next_size  # the last evaluation is due whatever the credit
+    assert cad.spent_s <= 0.15 * train + last + 1e-9
+    assert evaluations >= 4 and scored >= 4 * FLOOR
+
+
+def test_a_fixed_cadence_scores_everything_without_a_budget_and_what_the_budget_pays_with_one():
+    labels = np.arange(1000) % 5
+    full = Cadence(labels, budget=None, every=7, steps_per_epoch=100)
+    due = []
+    for s in range(1, 30):
+        if full.due(s, False):
+            due.append(s)
+            full.apply(full.plan(s))
+    assert due == [7, 14, 21, 28]
+    assert len(full.take()) == 1000
+    capped = Cadence(labels, budget=0.1, every=50, steps_per_epoch=100)
+    capped.trained(1.0, 100)  # 10 ms a step
+    capped.evaluated(0.5, 0.01, 500)  # 1 ms an example
+    # 50 steps x 10 ms x 0.1 = 50 ms: 40 examples after the fixed 10 ms, raised to the floor
+    assert capped.plan(50) == {"step": 100, "size": FLOOR}
+
+
+def test_the_state_survives_a_checkpoint_loaded_with_weights_only():
+    labels = np.random.default_rng(5).integers(0, 3, 500)
+    a = Cadence(labels, budget=0.2, every=None, steps_per_epoch=20, seed=9)
+    a.trained(3.0, 100)
+    a.take(70)
+    a.evaluated(0.3, 0.1, 70, estimate=1.0, se=0.1)
+    a.apply(a.plan(100))
+    buf = io.BytesIO()
+    torch.save({"cadence": a.state_dict()}, buf)
+    buf.seek(0)
+    b = Cadence(labels, budget=0.2, every=None, steps_per_epoch=20, seed=0)
+    b.load_state_dict(torch.load(buf, weights_only=True)["cadence"])
+    assert b.plan(100) == a.plan(100)
+    assert b.take(300).tolist() == a.take(300).tolist()  # the same rotation, across the cycle's end
+
+
+def test_the_job_config_takes_a_cadence_in_steps_or_epochs_and_names_a_bad_one():
+    from app.store.job_config import diagnostics_budget, eval_steps
+    from worker.config import ConfigError, parse_config
+
+    for every, steps in ((25, 25), (25.0, 25), ("25 steps", 25), ("2 epochs", 20), ("0.5 epoch", 5), ("0.01 epoch", 1)):
+        cfg = parse_config({"eval_every": every})
+        assert eval_steps(cfg.eval_every, 10) == steps and diagnostics_budget(cfg) is None
+    cfg = parse_config({})
+    assert cfg.eval_every is None and diagnostics_budget(cfg) == 0.15  # the default: the budget decides
+    assert diagnostics_budget(parse_config({"eval_every": 5, "diagnostics": {"budget": 0.3}})) == 0.3
+    for bad, field in (({"eval_every": "0 epochs"}, "eval_every"), ({"eval_every": "2 weeks"}, "eval_every"),
+                       ({"eval_every": 0}, "eval_every"), ({"diagnostics": {"budget": 0}}, "diagnostics.budget"),
+                       ({"diagnostics": {"budget": 1e999}}, "diagnostics.budget"),
+                       ({"diagnostics": {"se_target": -1}}, "diagnostics.se_target"),
+                       ({"early_stopping": {"min_delta_se": -1}}, "early_stopping.min_delta_se")):
+        with pytest.raises(ConfigError, match=rf"\n  {field}: "):
+            parse_config(bad)
