@@ -145,3 +145,14 @@ def test_the_job_config_takes_a_cadence_in_steps_or_epochs_and_names_a_bad_one()
                        ({"early_stopping": {"min_delta_se": -1}}, "early_stopping.min_delta_se")):
         with pytest.raises(ConfigError, match=rf"\n  {field}: "):
             parse_config(bad)
+
+
+def test_the_last_evaluation_scores_no_more_than_the_credit_left_pays_for():
+    cad = Cadence(np.arange(5000) % 10, budget=0.1, every=None, steps_per_epoch=100)
+    cad.trained(10.0, 1000)  # credit 1 s
+    cad.evaluated(0.4, 0.2, 400, estimate=1.0, se=0.05)  # 1 ms an example, 0.2 s fixed: 0.4 s of credit left
+    cad.apply({"step": 2000, "size": 3000})
+    assert cad.last_size() in (199, 200)  # (0.4 - 0.2) s / 1 ms, floored
+    cad.spent_s = 5.0
+    assert cad.last_size() == FLOOR  # out of credit: the floor still
+    assert Cadence(np.arange(50) % 2, budget=None, every=5, steps_per_epoch=10).last_size() == 50

@@ -136,6 +136,13 @@ class Cadence:
         n_gap = max((b * MAX_GAP_EPOCHS * epoch_s - f) / c, floor)  # the most that keeps evaluations that close
         return int(min(self.n, max(floor, min(max(n_se, n_cov), n_gap))))
 
+    def last_size(self) -> int:
+        """The last evaluation's slice: due whatever the credit, so no larger than what the credit left pays for."""
+        if self.full() or self.per_example is None:
+            return self.next_size
+        credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
+        return int(min(self.next_size, max(min(self.n, FLOOR), credit / self.per_example)))
+
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
         scores everything)."""

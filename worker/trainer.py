@@ -306,7 +306,7 @@ class Trainer:
                   last: bool) -> dict[str, float] | None:
         t = time.perf_counter()
         seen = D.merge_filled(seen)  # rank 0: every rank's latest training losses
-        chosen = pool[torch.from_numpy(cad.take())]  # every rank takes the same slice of the rotation
+        chosen = pool[torch.from_numpy(cad.take(cad.last_size() if last else None))]  # the same slice on every rank
         ids = D.shard(chosen)  # under torchrun, this rank's examples
         variance = self._variance(model, opt, data)
 
