@@ -1,5 +1,6 @@
 """Memory-perturbation sensitivities, leave-one-out estimates and variance providers (torch.func)."""
 
+from sensitivity.batch_scores import BatchScores
 from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
 from sensitivity.deviations import (
     DEFAULT_FORM,
@@ -22,5 +23,5 @@ from sensitivity.variance import (
 __all__ = [
     "compute_sensitivities", "iter_sensitivities", "SensitivityResult", "FORMS", "DEFAULT_FORM", "resolve_form",
     "Loss", "LOSSES", "Covariance", "DiagonalCovariance", "ivon_variance", "adamw_variance", "sgd_variance",
-    "DenseCovariance", "KFACCovariance", "BlockCovariance", "influence", "InfluenceResult",
+    "DenseCovariance", "KFACCovariance", "BlockCovariance", "influence", "InfluenceResult", "BatchScores",
 ]
