@@ -113,6 +113,19 @@ def _influence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.clear:
+        store.clear_review(args.run, args.idx)
+        print(f"run {args.run}, example {args.idx}: unreviewed")
+        return 0
+    decision = "relabel" if args.relabel is not None else "drop" if args.drop else "keep"
+    r = store.set_review(args.run, args.idx, decision, args.relabel, args.note)
+    change = f" {r.given_label} -> {r.label}" if r.label is not None else ""
+    print(f"run {args.run}, example {args.idx} (label {r.given_label}): {r.decision}{change}")
+    return 0
+
+
 def _runs_delete(args: argparse.Namespace) -> int:
     from worker.checkpoints import Checkpoints
 
@@ -136,7 +149,16 @@ def _export(args: argparse.Namespace) -> int:
     from app.store.export import table_bytes
 
     store = _store(args)
-    if args.pred_probs:
+    if args.corrected:
+        from worker.corrected import write_corrected
+
+        counts = write_corrected(store, args.run, args.corrected)
+        print(f"run {args.run}: {args.corrected}: {counts['kept']} training examples ({counts['relabeled']} "
+              f"relabeled, {counts['dropped']} dropped) and the test split", file=sys.stderr)
+        return 0
+    if args.reviews:
+        step, cols = None, store.reviews_table(args.run)
+    elif args.pred_probs:
         if args.step is not None:
             raise ValueError("--pred-probs exports the latest evaluation's class probabilities; drop --step")
         step, cols = store.class_probs_table(args.run)
@@ -151,7 +173,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         with open(args.out, "wb") as f:
             f.write(data)
-        print(f"run {args.run}, step {step}: {args.out}", file=sys.stderr)
+        print(f"run {args.run}, {'reviews' if step is None else f'step {step}'}: {args.out}", file=sys.stderr)
     return 0
 
 
@@ -299,9 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--step", type=_step, default=None, help="an evaluated step, or latest (default)")
     ex.add_argument("--format", choices=["csv", "parquet"], default="csv")
     ex.add_argument("--out", default=None, help="a file (default: CSV to standard output)")
-    ex.add_argument("--pred-probs", action="store_true", help="instead, each example's LOO class probabilities at "
-                    "the latest evaluation (idx, label, p_0 ... p_K-1): cleanlab's pred_probs")
+    what = ex.add_mutually_exclusive_group()
+    what.add_argument("--pred-probs", action="store_true", help="instead, each example's LOO class probabilities at "
+                      "the latest evaluation (idx, label, p_0 ... p_K-1): cleanlab's pred_probs")
+    what.add_argument("--reviews", action="store_true", help="instead, the label review's decisions (idx, "
+                      "given_label, flipped, decision, label, note)")
+    what.add_argument("--corrected", metavar="OUT.npz", help="instead, the corrected data set: the training split "
+                      "with the decisions applied and the test split, an npz a job reads back (data.name: npz)")
     ex.set_defaults(func=_export)
+    rv = sub.add_parser("review", parents=[with_db], help="decide on a training example: keep it (default), "
+                        "relabel it or drop it from the corrected data set (export --corrected)")
+    rv.add_argument("run", type=int)
+    rv.add_argument("idx", type=int, help="the example's index in the run (as the API and exports name it)")
+    how = rv.add_mutually_exclusive_group()
+    how.add_argument("--relabel", type=int, metavar="CLASS", help="the new label")
+    how.add_argument("--drop", action="store_true")
+    how.add_argument("--clear", action="store_true", help="back to unreviewed")
+    rv.add_argument("--note", default=None)
+    rv.set_defaults(func=_review)
     inf = sub.add_parser("influence", parents=[with_db], help="which training examples made a finished run's "
                          "predictions on test examples (its final weights and posterior); stored for the dashboard")
     inf.add_argument("run", type=int)

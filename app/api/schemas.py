@@ -191,3 +191,28 @@ class InfluenceOut(BaseModel):
     error: str | None
     created_at: UTCDatetime
     finished_at: UTCDatetime | None
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    decision: Literal["keep", "relabel", "drop"] = Field(description="keep the example as labeled, relabel it to "
+                                                         "`label`, or drop it from the corrected data set")
+    label: int | None = Field(None, ge=0, le=2**31 - 1, description="the new class; with relabel only")
+    note: str | None = Field(None, max_length=2000, pattern=r"^[^\x00]*$")
+
+
+class ReviewOut(BaseModel):
+    idx: int
+    given_label: int | None = Field(description="the label the run trained on")
+    flipped: bool | None = Field(description="label noise the job injected on purpose (null for real data)")
+    decision: Literal["keep", "relabel", "drop"]
+    label: int | None
+    note: str | None
+    updated_at: UTCDatetime
+
+
+class ReviewsPage(BaseModel):
+    total: int
+    counts: dict[str, int] = Field(description="examples per decision")
+    items: list[ReviewOut]

@@ -135,6 +135,19 @@ class Example(Base):
     thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)  # PNG
 
 
+class Review(Base):
+    """A decision on one training example: keep it, relabel it to ``label``, or drop it."""
+
+    __tablename__ = "reviews"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    decision: Mapped[str] = mapped_column(String(8))
+    label: Mapped[int | None] = mapped_column(Integer)
+    note: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ScoreChunk(Base):
     """Per-example results of one evaluation, stored column-wise in chunks of CHUNK examples.
 

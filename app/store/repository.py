@@ -35,6 +35,7 @@ from app.store.models import (
 from app.store.queue import JobQueue, job_device
 from app.store.records import CHUNK, IDX_CHUNK, RECORD, UNKNOWN, build, decode, order_by_mean, running_mean
 from app.store.records import chunks as chunks_of
+from app.store.reviews import Reviews
 from app.store.rollups import refresh_rollups
 from app.store.series import MetricSeries
 from app.store.test_examples import TestExamples
@@ -57,10 +58,10 @@ class ScoreRow:
     scored_step: int | None = None  # the step whose scoring this row's score and loss come from
 
 
-class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples):
+class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples, Reviews):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
     and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``); influence
-    queries (``InfluenceQueries``); test examples' predictions (``TestExamples``)."""
+    queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review (``Reviews``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
