@@ -143,6 +143,50 @@ def test_a_budgeted_run_shows_its_sample_its_error_bars_and_each_scores_age(serv
     assert errors == []
 
 
+def test_suspects_are_reviewed_on_the_page_with_a_write_token(server, tmp_path):
+    """A token typed once for the tab: keep, drop and relabel buttons on the suspects, their decisions shown and
+    counted; a refused token says so and saves nothing."""
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("review", {}, enqueue=False)
+    store.add_examples(run.id, range(60), labels=[i % 10 for i in range(60)], flipped=[i < 6 for i in range(60)],
+                       thumbnails=_images(60))
+    _write(store, run.id, 10, n=60)
+    token = store.create_token("reviewer")
+    errors = []
+    with sync_playwright() as p:
+        browser, page = _open(p, errors)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#suspects .ex")
+        assert page.inner_text("#review-summary") == "no decisions yet"
+        assert page.eval_on_selector_all("#suspects .review button", "els => els.length") == 0  # no token: no buttons
+        page.fill("#review-token", "not-a-token")
+        page.click("#review-start")
+        page.wait_for_selector("#suspects .review button")
+        page.click("#suspects .ex >> nth=0 >> text=drop")
+        page.wait_for_function("document.getElementById('review-error').textContent.includes('refused')")
+        assert store.reviews(run.id) == []
+        page.fill("#review-token", token)
+        page.click("#review-start")
+        page.wait_for_selector("#suspects .review button")
+        first, second = page.eval_on_selector_all("#suspects .ex", "els => els.slice(0, 2).map(e => +e.dataset.idx)")
+        page.click("#suspects .ex >> nth=0 >> text=drop")
+        page.wait_for_function("document.getElementById('review-summary').textContent.startsWith('1 reviewed')")
+        label = store.get_example(run.id, second).label
+        target = (label + 1) % 10
+        page.select_option("#suspects .ex >> nth=1 >> select", str(target))
+        page.wait_for_function("document.getElementById('review-summary').textContent.startsWith('2 reviewed')")
+        assert [(r.idx, r.decision, r.label) for r in store.reviews(run.id)] == sorted(
+            [(first, "drop", None), (second, "relabel", target)])
+        page.wait_for_function("[...document.querySelectorAll('#suspects .review b')].slice(0, 2)"
+                               f".map(e => e.textContent).join('|') === 'drop|→ {target}'")
+        assert page.inner_text("#review-error") == ""
+        page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        browser.close()
+    assert [e for e in errors if "(Forbidden)" not in e] == []  # the refused token: the one console error
+
+
 def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
     """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
     carried no token, so a protected dashboard could not work in a browser."""

@@ -82,7 +82,7 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
     latest = store.evaluations(run_id, since_step=max(store.latest_step(run_id) or 0, 1) - 1, limit=1)
     return templates.TemplateResponse(request, "run.html", {
         "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
-        "latest": latest[-1] if latest else None,
+        "latest": latest[-1] if latest else None, "classes": store.num_classes(run_id),
         "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
         "mean_validity": LOO_MEAN_VALIDITY})
 

@@ -75,6 +75,13 @@ class Reviews:
                  .where(Review.run_id == run_id).order_by(Review.idx))
             return [_row(r, e) for r, e in s.execute(q).all()]
 
+    def num_classes(self, run_id: int) -> int:
+        """The run's number of classes (what a relabel may choose from)."""
+        with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} not found")
+            return _classes(s, run_id)
+
     def reviews_table(self, run_id: int) -> dict[str, list]:
         """The decisions as columns: idx, given_label, flipped, decision, label (the new one), note (a note that a
         spreadsheet would run as a formula, =, +, -, @ first, is written as text)."""
