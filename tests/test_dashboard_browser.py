@@ -187,6 +187,49 @@ def test_suspects_are_reviewed_on_the_page_with_a_write_token(server, tmp_path):
     assert [e for e in errors if "(Forbidden)" not in e] == []  # the refused token: the one console error
 
 
+def test_an_example_page_shows_the_image_labels_class_probabilities_history_and_review(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("examples", {}, enqueue=False)
+    store.add_examples(run.id, range(40), labels=[i % 4 for i in range(40)], flipped=[i == 5 for i in range(40)],
+                       original=[2 if i == 5 else i % 4 for i in range(40)], thumbnails=_images(40))
+    rng = np.random.default_rng(0)
+    for step in (10, 20):
+        p = rng.dirichlet(np.ones(4), 40)
+        p[5] = [0.05, 0.1, 0.8, 0.05]  # the flipped example: its original class is the LOO prediction
+        s = rng.random(40)
+        store.write_evaluation(run.id, step, loo=0.5, metrics={}, idx=np.arange(40), scores=s, loo_losses=s,
+                               prob_label=1 - s, class_probs=p)
+    token = store.create_token("example-page")
+    errors = []
+    with sync_playwright() as pw:
+        browser, page = _open(pw, errors)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#suspects .ex a")
+        href = page.get_attribute("#suspects .ex a >> nth=0", "href")
+        assert href.startswith(f"/runs/{run.id}/examples/")
+        page.goto(f"{base}/runs/{run.id}/examples/5")
+        page.wait_for_selector("#probs .main-svg")
+        page.wait_for_selector("#history .main-svg")
+        summary = page.inner_text("#summary")
+        assert "label 1 (flipped on purpose from 2)" in summary and "LOO prediction 2 (0.800)" in summary
+        assert "averaged over 2 evaluations up to step 20" in summary
+        assert page.evaluate("document.getElementById('probs').data[0].y") == pytest.approx([0.05, 0.1, 0.8, 0.05])
+        assert page.evaluate("document.getElementById('history').data[0].x") == [10, 20]
+        assert page.inner_text("#current") == "unreviewed"
+        page.fill("#review-token", token)
+        page.click("#review-start")
+        page.wait_for_selector("#current select")
+        page.select_option("#current select", "2")
+        page.wait_for_function("document.querySelector('#current b').textContent === '→ 2'")
+        assert [(r.idx, r.decision, r.label) for r in store.reviews(run.id)] == [(5, "relabel", 2)]
+        page.screenshot(path=str(tmp_path / "example.png"), full_page=True)
+        assert page.goto(f"{base}/runs/{run.id}/examples/999").status == 404
+        browser.close()
+    assert [e for e in errors if "(Not Found)" not in e] == []
+
+
 def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
     """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
     carried no token, so a protected dashboard could not work in a browser."""
