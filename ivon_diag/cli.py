@@ -154,7 +154,7 @@ def _export(args: argparse.Namespace) -> int:
 
         counts = write_corrected(store, args.run, args.corrected)
         print(f"run {args.run}: {args.corrected}: {counts['kept']} training examples ({counts['relabeled']} "
-              f"relabeled, {counts['dropped']} dropped) and the test split", file=sys.stderr)
+              f"relabeled, {counts['dropped']} dropped)", file=sys.stderr)
         return 0
     if args.reviews:
         step, cols = None, store.reviews_table(args.run)
@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "the latest evaluation (idx, label, p_0 ... p_K-1): cleanlab's pred_probs")
     what.add_argument("--reviews", action="store_true", help="instead, the label review's decisions (idx, "
                       "given_label, flipped, decision, label, note)")
-    what.add_argument("--corrected", metavar="OUT.npz", help="instead, the corrected data set: the training split "
-                      "with the decisions applied and the test split, an npz a job reads back (data.name: npz)")
+    what.add_argument("--corrected", metavar="OUT", help="instead, the corrected data set with the decisions applied, "
+                      "as a job reads it back: OUT.npz (the training and test splits; any source but a factory) or "
+                      "OUT.csv (a run on a CSV: the file itself, the decided rows changed)")
     ex.set_defaults(func=_export)
     rv = sub.add_parser("review", parents=[with_db], help="decide on a training example: keep it (default), "
                         "relabel it or drop it from the corrected data set (export --corrected)")

@@ -85,8 +85,8 @@ def test_the_api_sets_lists_exports_and_clears_decisions_with_a_token(store):
     assert page["total"] == 2 and page["counts"] == {"keep": 0, "relabel": 1, "drop": 1}
     assert [(i["idx"], i["decision"], i["label"]) for i in page["items"]] == [(3, "relabel", 2), (4, "drop", None)]
     csv = client.get(f"/api/v1/runs/{rid}/reviews.csv")
-    assert csv.status_code == 200 and csv.text.splitlines()[0] == "idx,given_label,flipped,decision,label,note"
-    assert csv.text.splitlines()[1] == "3,3,True,relabel,2,a two"
+    assert csv.status_code == 200 and csv.text.splitlines()[0] == "idx,source,given_label,flipped,decision,label,note"
+    assert csv.text.splitlines()[1] == "3,,3,True,relabel,2,a two"
     assert client.get(f"/api/v1/runs/{rid}/reviews.parquet").status_code == 200
     assert client.delete(url, headers=auth).status_code == 204
     assert client.get(f"/api/v1/runs/{rid}/reviews").json()["total"] == 1
@@ -138,3 +138,50 @@ def test_a_reviewed_run_exports_a_corrected_data_set_that_a_job_trains_on(tmp_pa
     monkeypatch.setenv("IVON_DIAG_DATA_ROOTS", str(tmp_path))
     assert run_job(store, again.id, tmp_path / "ck", log=lambda *_: None) == "done"
     assert store.get_run(again.id).n_examples == n - 1
+
+
+def test_a_csv_run_keeps_lines_and_class_names_and_exports_a_corrected_csv(tmp_path, monkeypatch):
+    """Wine as a CSV with class names: each example knows its line, the run its class names; the corrected CSV is
+    the file with the decided lines changed (names stay names), and a job reads it back."""
+    from sklearn.datasets import load_wine
+
+    from worker.corrected import write_corrected
+    from worker.service import run_job
+
+    monkeypatch.setenv("IVON_DIAG_DATA_ROOTS", str(tmp_path))
+    wine = load_wine()
+    names = ["barolo", "grignolino", "barbera"]
+    lines = [",".join(wine.feature_names) + ",cultivar"]
+    lines += [",".join(f"{v:g}" for v in row) + f",{names[y]}" for row, y in zip(wine.data, wine.target)]
+    path = tmp_path / "wine.csv"
+    path.write_text("\n".join(lines) + "\n")
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    config = {"data": {"name": "csv", "path": str(path), "label_column": "cultivar"}, "epochs": 2,
+              "model": {"name": "mlp", "hidden": [8]}, "eval_every": 1000, "early_stopping": {"enabled": False}}
+    run = store.create_run("wine", config)
+    assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "done"
+    classes = store.get_run(run.id).class_names
+    assert classes == sorted(names)  # labels numbered in the names' sorted order
+    ex = store.get_example(run.id, 0)
+    line = int(ex.source.split()[1])  # "line N" of the file, the header being line 1
+    assert lines[line - 1].endswith("," + classes[ex.label])
+    _, top = store.examples_at(run.id, k=3)
+    assert all(r.source.startswith("line ") for r in top)
+    drop, relabel = store.get_example(run.id, 1), store.get_example(run.id, 2)
+    store.set_review(run.id, 1, "drop")
+    store.set_review(run.id, 2, "relabel", (relabel.label + 1) % 3)
+    out = tmp_path / "fixed.csv"
+    counts = write_corrected(store, run.id, out)
+    assert counts == {"kept": store.get_run(run.id).n_examples - 1, "relabeled": 1, "dropped": 1}
+    fixed = out.read_text().splitlines()
+    assert len(fixed) == len(lines) - 1 and fixed[0] == lines[0]
+    assert lines[int(drop.source.split()[1]) - 1] not in fixed
+    changed = lines[int(relabel.source.split()[1]) - 1].rsplit(",", 1)[0] + "," + classes[(relabel.label + 1) % 3]
+    assert changed in fixed
+    again = store.create_run("fixed", {**config, "data": {**config["data"], "path": str(out)}})
+    assert run_job(store, again.id, tmp_path / "ck", log=lambda *_: None) == "done"
+    with pytest.raises(ValueError, match="needs a run on a CSV"):
+        digits = store.create_run("digits", {"data": {"name": "digits"}}, enqueue=False)
+        write_corrected(store, digits.id, tmp_path / "d.csv")

@@ -46,8 +46,14 @@ def test_csv_with_class_names_and_a_test_file(tmp_path):
     assert d.n == 60 and len(d.xte) == 12 and d.num_classes == 3 and d.xtr.shape == (60, 2)
     assert d.ytr[:3].tolist() == [0, 1, 2]  # names numbered in sorted order
     assert d.image_shape is None and thumbnails(d) == [None] * 60
-    split = _load(name="csv", path=str(train), test_fraction=0.25)
+    split = _load(name="csv", path=str(train), test_fraction=0.25, standardize=False)
     assert split.n == 45 and len(split.xte) == 15
+    # each training example knows its line (the header is line 1) through the shuffled split; the names are kept
+    assert d.class_names == ["cat", "dog", "emu"] and d.refs[:2] == ["line 2", "line 3"]
+    lines = train.read_text().splitlines()
+    for ref, x, y in zip(split.refs, split.xtr, split.ytr):
+        row = lines[int(ref.split()[1]) - 1].split(",")
+        assert float(row[0]) == pytest.approx(float(x[0]), rel=1e-6) and row[2] == split.class_names[int(y)]
 
 
 def test_bad_csv_files_name_the_fault(tmp_path):
@@ -108,6 +114,8 @@ def test_image_folder_resized_with_thumbnails(tmp_path):
     assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (32, 32)
     gray = _load(name="image_folder", path=str(_image_folder(tmp_path / "g")), test_fraction=0.5)
     assert gray.image_shape == (1, 12, 12)
+    assert d.class_names == ["ant", "bee"] and d.refs[:2] == ["ant/0.png", "ant/1.png"] and d.refs[-1] == "bee/5.png"
+    assert sorted(gray.refs) == sorted({r for r in gray.refs}) and all(r.endswith(".png") for r in gray.refs)
 
 
 def test_bad_image_folders_name_the_fault(tmp_path):

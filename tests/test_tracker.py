@@ -15,7 +15,8 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = IVON(model.parameters(), lr=0.1, ess=200)
     tracker = Tracker(f"sqlite:///{tmp_path / 'own.db'}", "my-run", config={"lr": 0.1})
-    tracker.log_examples(labels=y.tolist())
+    tracker.log_examples(labels=y.tolist(), sources=[f"shard-3.parquet:{i}" for i in range(200)],
+                         class_names=["ant", "bee", "cow"])
     losses = []
     for step in range(1, 31):
         with optimizer.sampled_params(train=True):
@@ -37,6 +38,8 @@ def test_tracker_logs_a_users_own_loop(tmp_path):
     assert 0.9 < last["hess_init_share"] <= 1.0  # 30 steps at the default β2: h is still hess_init
     _, top = store.examples_at(tracker.run_id, k=5)
     assert top[0].idx == int(res.top_k(1)[0]) and top[0].label == int(y[top[0].idx])
+    assert top[0].source == f"shard-3.parquet:{top[0].idx}"  # traced back to the user's data
+    assert store.get_run(tracker.run_id).class_names == ["ant", "bee", "cow"]
     # each example's LOO loss averaged over the three evaluations, ranked: the "likely mislabeled" list
     mean = torch.stack(losses).double().mean(0)
     _, suspects = store.examples_at(tracker.run_id, k=3, by="loo_mean")

@@ -30,6 +30,8 @@ class Dataset:
     original: Tensor  # training labels before label noise
     flipped: Tensor  # bool per training example
     model: torch.nn.Module | None = None  # a factory's own model
+    refs: list[str] | None = None  # each training example's place in the source (CSV line, image path, row)
+    class_names: list[str] | None = None  # label k's name, where the source names classes
 
     @property
     def n(self) -> int:
@@ -41,10 +43,12 @@ class Dataset:
                        yte=self.yte.to(device))
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+def _split(x: np.ndarray, y: np.ndarray, refs: np.ndarray, test_fraction: float, seed: int):
+    """(xtr, xte, ytr, yte, refs of the training split): a stratified split, the same for a seed."""
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    xtr, xte, ytr, yte, rtr, _ = train_test_split(x, y, refs, test_size=test_fraction, stratify=y, random_state=seed)
+    return xtr, xte, ytr, yte, rtr
 
 
 def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
@@ -65,27 +69,30 @@ def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    image_shape, model = None, None
+    image_shape, model, names = None, None, None
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
 
         x, y = load_digits(return_X_y=True)
         x = (x / 16.0).reshape(-1, 1, 8, 8)
         image_shape = (1, 8, 8)
-        xtr, xte, ytr, yte = _split(x, y, cfg.test_fraction, seed)
+        xtr, xte, ytr, yte, refs = _split(x, y, _rows(len(x)), cfg.test_fraction, seed)
     elif cfg.name == "synthetic":
         g = np.random.default_rng(seed)
         centers = g.normal(size=(4, 16)) * 2
         y = g.integers(0, 4, size=cfg.n_synthetic)
         x = centers[y] + g.normal(size=(cfg.n_synthetic, 16))
-        xtr, xte, ytr, yte = _split(x, y, cfg.test_fraction, seed)
+        xtr, xte, ytr, yte, refs = _split(x, y, _rows(len(x)), cfg.test_fraction, seed)
     else:
         src = _read_source(cfg, seed)
-        model, image_shape = src.model, src.image_shape
+        model, image_shape, names = src.model, src.image_shape, src.class_names
+        refs = _rows(len(src.x_train)) if src.refs_train is None else np.asarray(src.refs_train, dtype=object)
+        if len(refs) != len(src.x_train):
+            raise ValueError(f"the source gave {len(refs)} references for {len(src.x_train)} training examples")
         if src.x_test is not None and src.y_test is not None:
             xtr, ytr, xte, yte = src.x_train, src.y_train, src.x_test, src.y_test
         else:
-            xtr, xte, ytr, yte = _split(src.x_train, src.y_train, cfg.test_fraction, seed)
+            xtr, xte, ytr, yte, refs = _split(src.x_train, src.y_train, refs, cfg.test_fraction, seed)
     ytr, yte = np.asarray(ytr), np.asarray(yte)
     if not np.issubdtype(ytr.dtype, np.integer) or not np.issubdtype(yte.dtype, np.integer) \
             or min(ytr.min(initial=0), yte.min(initial=0)) < 0:
@@ -95,7 +102,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.n_train is not None and cfg.n_train < len(xtr):
         from sklearn.model_selection import train_test_split
 
-        xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=cfg.n_train, stratify=ytr, random_state=seed)
+        xtr, _, ytr, _, refs, _ = train_test_split(xtr, ytr, refs, train_size=cfg.n_train, stratify=ytr,
+                                                   random_state=seed)
     num_classes = cfg.num_classes or int(max(ytr.max(), yte.max())) + 1
     for labels, split in ((ytr, "training"), (yte, "test")):
         if len(labels) and labels.max() >= num_classes:
@@ -107,9 +115,16 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.standardize if cfg.standardize is not None else cfg.name == "csv":
         xtr, xte = standardize(np.asarray(xtr, dtype=np.float64), np.asarray(xte, dtype=np.float64))
     t = torch.tensor(ytr, dtype=torch.long)
+    if names is not None and len(names) < num_classes:
+        names = names + [str(k) for k in range(len(names), num_classes)]
     return Dataset(torch.tensor(xtr, dtype=torch.float32), t.clone(), torch.tensor(xte, dtype=torch.float32),
                    torch.tensor(yte, dtype=torch.long), num_classes, image_shape, t,
-                   torch.zeros(len(t), dtype=torch.bool), model)
+                   torch.zeros(len(t), dtype=torch.bool), model, [str(r) for r in refs], names)
+
+
+def _rows(n: int) -> np.ndarray:
+    """References for a source without its own: the row of its training arrays."""
+    return np.array([f"row {i}" for i in range(n)], dtype=object)
 
 
 def standardize(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,8 @@ class Arrays:
     y_test: np.ndarray | None = None
     image_shape: tuple[int, ...] | None = None
     model: Any = None  # a factory's own model (a torch.nn.Module), else None
+    refs_train: list[str] | None = None  # where each training example comes from (CSV line, image path); None: its row
+    class_names: list[str] | None = None  # label k's name, where the source names its classes
 
 
 def _existing(path: str | Path, kind: str = "file") -> Path:
@@ -57,19 +59,19 @@ def read_npz(path: str) -> Arrays:
                   tuple(x.shape[1:]) if x.ndim == 4 else None)
 
 
-def _labels(values: list[str], where: str) -> np.ndarray:
-    """Integer labels as given; other labels (class names) numbered in sorted order."""
+def _labels(values: list[str], where: str) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels as given; other labels (class names) numbered in sorted order, with the names."""
     try:
-        return np.array([int(v) for v in values], dtype=np.int64)
+        return np.array([int(v) for v in values], dtype=np.int64), None
     except ValueError:
         names = sorted(set(values))
         if len(names) > 10_000:
             raise ValueError(f"{where}: {len(names)} distinct non-integer labels; is the label column right?") from None
         index = {n: i for i, n in enumerate(names)}
-        return np.array([index[v] for v in values], dtype=np.int64)
+        return np.array([index[v] for v in values], dtype=np.int64), names
 
 
-def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str]]:
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], list[int]]:
     """Errors name the file, line and column number, never a cell's or the header's text: a data path may point at
     a file that is not meant to be read back (the error is stored on the run, readable through the API)."""
     raw = path.read_bytes()
@@ -100,7 +102,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str]]:
         except ValueError:
             bad = next(i for i in feats if not _is_float(row[i]))
             raise ValueError(f"{path}, line {line}, column {bad + 1}: not a number") from None
-    return x, [row[j] for _, row in body]
+    return x, [row[j] for _, row in body], [line for line, _ in body]
 
 
 def _is_float(s: str) -> bool:
@@ -113,15 +115,18 @@ def _is_float(s: str) -> bool:
 
 def read_csv(path: str, label_column: str = "label", test_path: str | None = None) -> Arrays:
     """A header row; one column of labels (integers or class names), every other column a number."""
-    x, labels = _read_csv(_existing(path), label_column)
+    x, labels, lines = _read_csv(_existing(path), label_column)
+    refs = [f"line {n}" for n in lines]
     if test_path is None:
-        return Arrays(x, _labels(labels, path))
-    xt, labels_t = _read_csv(_existing(test_path), label_column)
-    y = _labels(labels + labels_t, path)
-    return Arrays(x, y[: len(x)], xt, y[len(x):])
+        y, names = _labels(labels, path)
+        return Arrays(x, y, refs_train=refs, class_names=names)
+    xt, labels_t, _ = _read_csv(_existing(test_path), label_column)
+    y, names = _labels(labels + labels_t, path)
+    return Arrays(x, y[: len(x)], xt, y[len(x):], refs_train=refs, class_names=names)
 
 
-def _read_images(root: Path, size: int | None, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_images(root: Path, size: int | None,
+                 classes: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     from PIL import Image, UnidentifiedImageError
 
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -130,7 +135,7 @@ def _read_images(root: Path, size: int | None, classes: list[str] | None) -> tup
         raise ValueError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
     if unknown := sorted(set(found) - set(classes)):
         raise ValueError(f"{root}: classes {unknown} are not in the training folder")
-    xs, ys, mode = [], [], None
+    xs, ys, refs, mode = [], [], [], None
     for label, name in enumerate(classes):
         files = sorted(f for f in (root / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) \
             if (root / name).is_dir() else []
@@ -146,21 +151,22 @@ def _read_images(root: Path, size: int | None, classes: list[str] | None) -> tup
             arr = np.asarray(img, dtype=np.float32) / 255.0
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(label)
+            refs.append(f"{name}/{f.name}")
     if not xs:
         raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class subfolders")
-    return np.stack(xs), np.array(ys, dtype=np.int64), classes
+    return np.stack(xs), np.array(ys, dtype=np.int64), classes, refs
 
 
 def read_image_folder(path: str, test_path: str | None = None, image_size: int | None = None) -> Arrays:
     """``path/<class>/<image>``; classes numbered in sorted order; images resized to ``image_size`` squares
     (default: the first image's width), grayscale or RGB as the first image is."""
-    x, y, classes = _read_images(_existing(path, "folder"), image_size, None)
+    x, y, classes, refs = _read_images(_existing(path, "folder"), image_size, None)
     xt = yt = None
     if test_path is not None:
-        xt, yt, _ = _read_images(_existing(test_path, "folder"), x.shape[-1], classes)
+        xt, yt, _, _ = _read_images(_existing(test_path, "folder"), x.shape[-1], classes)
         if xt.shape[1] != x.shape[1]:
             xt = xt.mean(1, keepdims=True) if x.shape[1] == 1 else np.repeat(xt, 3, axis=1)
-    return Arrays(x, y, xt, yt, tuple(x.shape[1:]))
+    return Arrays(x, y, xt, yt, tuple(x.shape[1:]), refs_train=refs, class_names=classes)
 
 
 def _open_maybe_gz(path: Path) -> bytes:

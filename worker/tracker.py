@@ -39,10 +39,13 @@ class Tracker:
     def run_id(self) -> int:
         return self.run.id
 
-    def log_examples(self, labels=None, flipped=None, thumbnails=None, indices=None) -> None:
+    def log_examples(self, labels=None, flipped=None, thumbnails=None, indices=None, sources=None,
+                     class_names=None) -> None:
+        """The training examples: labels, PNG thumbnails, ``sources`` (where each comes from in your data: a file
+        name, a row) and ``class_names`` (label k's name), shown on the dashboard and kept in the exports."""
         n = len(labels if labels is not None else indices)
         self.store.add_examples(self.run.id, indices if indices is not None else list(range(n)), labels, flipped,
-                                thumbnails=thumbnails)
+                                thumbnails=thumbnails, sources=sources, class_names=class_names)
 
     def log_evaluation(self, step: int, result: SensitivityResult, metrics: dict[str, float] | None = None,
                        epoch: float | None = None, optimizer=None, test_probs=None) -> None:

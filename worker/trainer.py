@@ -162,7 +162,8 @@ class Trainer:
             step, perm = self._resume(model, opt, sched, gen, es, cad, seen)
         elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
-                                    data.original.tolist(), thumbnails(data))
+                                    data.original.tolist(), thumbnails(data), sources=data.refs,
+                                    class_names=data.class_names)
             self.store.add_test_examples(self.run_id, data.yte.tolist(), thumbnails(data, test=True))
         self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")
         status = "done"

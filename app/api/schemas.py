@@ -45,6 +45,8 @@ class RunOut(BaseModel):
     finished_at: UTCDatetime | None
     error: str | None
     stop_requested: bool
+    class_names: list[str] | None = Field(None, description="label k's name, where the data names its classes "
+                                          "(CSV class names, image folders)")
 
 
 class RunCreate(BaseModel):
@@ -105,6 +107,8 @@ class ExampleOut(BaseModel):
     step: int | None = None
     loo_loss_mean: float | None = Field(None, description=LOO_MEAN_VALIDITY)
     loo_loss_evals: int = Field(0, description="how many evaluations up to this step loo_loss_mean averages")
+    source: str | None = Field(None, description="where the example comes from in the data: 'line N' of a CSV, "
+                               "'class/file' of an image folder, 'row i' of the source's training arrays")
     scored_step: int | None = Field(None, description="the step whose scoring score and loo_loss come from: "
                                     "earlier than step when the run scores its examples in rotation "
                                     "(diagnostics.budget)")
@@ -210,6 +214,7 @@ class ReviewOut(BaseModel):
     label: int | None
     note: str | None
     updated_at: UTCDatetime
+    source: str | None = Field(None, description="where the example comes from in the data")
 
 
 class ReviewsPage(BaseModel):

@@ -59,6 +59,7 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     n_examples: Mapped[int | None] = mapped_column(Integer)
+    class_names: Mapped[list | None] = mapped_column(JSON)  # label k's name, where the data names classes
 
 
 class Job(Base):
@@ -133,6 +134,7 @@ class Example(Base):
     flipped: Mapped[bool | None] = mapped_column(Boolean)
     original_label: Mapped[int | None] = mapped_column(Integer)
     thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)  # PNG
+    source: Mapped[str | None] = mapped_column(String(1000))  # CSV line, image path, row of the source's arrays
 
 
 class Review(Base):

@@ -56,6 +56,7 @@ class ScoreRow:
     loo_loss_mean: float | None = None
     loo_loss_evals: int = 0
     scored_step: int | None = None  # the step whose scoring this row's score and loss come from
+    source: str | None = None  # where the example comes from in the data
 
 
 class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples, Reviews):
@@ -131,19 +132,26 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
 
     def add_examples(self, run_id: int, idx: Sequence[int], labels: Sequence[int] | None = None,
                      flipped: Sequence[bool] | None = None, original: Sequence[int] | None = None,
-                     thumbnails: Sequence[bytes | None] | None = None) -> None:
+                     thumbnails: Sequence[bytes | None] | None = None, sources: Sequence[str] | None = None,
+                     class_names: Sequence[str] | None = None) -> None:
+        """The run's training examples (replacing any): labels, injected flips, thumbnails, and where each comes
+        from in the data (``sources``: a CSV line, an image path); ``class_names``: label k's name."""
         n = len(idx)
+        if class_names is not None and (len(class_names) > 100_000 or any(len(str(c)) > 1000 for c in class_names)):
+            raise ValueError("class names: at most 100,000, each at most 1,000 characters")
         rows = [{"run_id": run_id, "idx": int(idx[i]), "label": None if labels is None else int(labels[i]),
                  "flipped": None if flipped is None else bool(flipped[i]),
                  "original_label": None if original is None else int(original[i]),
-                 "thumbnail": None if thumbnails is None else thumbnails[i]} for i in range(n)]
+                 "thumbnail": None if thumbnails is None else thumbnails[i],
+                 "source": None if sources is None else str(sources[i])[:1000]} for i in range(n)]
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
             s.execute(delete(Example).where(Example.run_id == run_id))
             if rows:
                 s.execute(Example.__table__.insert(), rows)
-            s.execute(update(Run).where(Run.id == run_id).values(n_examples=len(rows)))
+            s.execute(update(Run).where(Run.id == run_id).values(
+                n_examples=len(rows), class_names=None if class_names is None else [str(c) for c in class_names]))
 
     def write_evaluation(self, run_id: int, step: int, *, loo: float | None, metrics: dict[str, float],
                          idx: np.ndarray | None = None, scores: np.ndarray | None = None,
@@ -239,9 +247,9 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
             recs = recs[first - base : last - base + 1]
             if least:
                 recs = recs[::-1]
-            labels = {e.idx: (e.label, e.flipped) for e in s.scalars(
+            labels = {e.idx: (e.label, e.flipped, e.source) for e in s.scalars(
                 select(Example).where(Example.run_id == run_id, Example.idx.in_(recs["idx"].tolist())))}
-            rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None))) for r in recs]
+            rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None, None))) for r in recs]
             return step, rows
 
     def examples_table(self, run_id: int, step: int) -> dict[str, list]:
@@ -253,7 +261,8 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
             recs = _chunk_records(s, run_id, step, "rank")
             if not len(recs):
                 raise NotFound(f"run {run_id} has no per-example scores at step {step}")
-            labels = {e.idx: (e.label, e.flipped) for e in s.scalars(select(Example).where(Example.run_id == run_id))}
+            labels = {e.idx: (e.label, e.flipped, e.source) for e in s.scalars(
+                select(Example).where(Example.run_id == run_id))}
 
         def clean(a):
             return [None if not math.isfinite(v) else v for v in a.astype(np.float64).tolist()]
@@ -263,8 +272,9 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
                 "loo_loss": clean(recs["loo"]), "prob_label": clean(recs["prob"]),
                 "loo_loss_mean": clean(recs["loo_mean"]), "loo_loss_evals": recs["evals"].tolist(),
                 "scored_step": np.where(recs["scored"] >= 0, recs["scored"], step).tolist(),
-                "label": [labels.get(i, (None, None))[0] for i in idx],
-                "flipped": [labels.get(i, (None, None))[1] for i in idx]}
+                "label": [labels.get(i, (None, None, None))[0] for i in idx],
+                "flipped": [labels.get(i, (None, None, None))[1] for i in idx],
+                "source": [labels.get(i, (None, None, None))[2] for i in idx]}
 
     def score_histogram(self, run_id: int, step: int | None = None, bins: int = 30) -> tuple[int, list, list]:
         """(step, counts, edges) of the finite sensitivity scores at ``step`` (default: the latest)."""
@@ -327,10 +337,11 @@ def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
     return step
 
 
-def _row(r, step: int, label=None, flipped=None) -> ScoreRow:
+def _row(r, step: int, label=None, flipped=None, source=None) -> ScoreRow:
     scored = int(r["scored"])
     return ScoreRow(int(r["rank"]), int(r["idx"]), finite(r["score"]), finite(r["loo"]), finite(r["prob"]),
-                    label, flipped, step, finite(r["loo_mean"]), int(r["evals"]), step if scored < 0 else scored)
+                    label, flipped, step, finite(r["loo_mean"]), int(r["evals"]), step if scored < 0 else scored,
+                    source)
 
 
 def _chunk_records(s: Session, run_id: int, step: int, kind: str, lo: int = 0, hi: int | None = None,

@@ -25,6 +25,7 @@ class ReviewRow:
     label: int | None
     note: str | None
     updated_at: datetime
+    source: str | None = None
 
 
 class Reviews:
@@ -83,10 +84,11 @@ class Reviews:
             return _classes(s, run_id)
 
     def reviews_table(self, run_id: int) -> dict[str, list]:
-        """The decisions as columns: idx, given_label, flipped, decision, label (the new one), note (a note that a
-        spreadsheet would run as a formula, =, +, -, @ first, is written as text)."""
+        """The decisions as columns: idx, source, given_label, flipped, decision, label (the new one), note (a note
+        that a spreadsheet would run as a formula, =, +, -, @ first, is written as text)."""
         rows = self.reviews(run_id)
-        cols = {k: [getattr(r, k) for r in rows] for k in ("idx", "given_label", "flipped", "decision", "label")}
+        cols = {k: [getattr(r, k) for r in rows] for k in ("idx", "source", "given_label", "flipped", "decision",
+                                                           "label")}
         cols["note"] = ["'" + r.note if r.note and r.note[0] in "=+-@\t\r" else r.note for r in rows]
         return cols
 
@@ -129,4 +131,4 @@ def _classes(s: Session, run_id: int) -> int:
 
 
 def _row(r: Review, ex: Example) -> ReviewRow:
-    return ReviewRow(r.idx, ex.label, ex.flipped, r.decision, r.label, r.note, r.updated_at)
+    return ReviewRow(r.idx, ex.label, ex.flipped, r.decision, r.label, r.note, r.updated_at, ex.source)
