@@ -68,10 +68,30 @@ def _store(args: argparse.Namespace):
 
 
 def _runs_list(args: argparse.Namespace) -> int:
-    runs = _store(args).list_runs(status=args.status, limit=args.limit)
-    print(f"{'id':>5}  {'status':<9}  {'created (UTC)':<16}  name")
+    store = _store(args)
+    runs = store.list_runs(status=args.status, limit=args.limit, tag=args.tag, name=args.name)
+    latest = store.latest_evaluations([r.id for r in runs])
+    print(f"{'id':>5}  {'status':<9}  {'created (UTC)':<16}  {'LOO':>8}  {'test NLL':>8}  name [tags]")
     for r in runs:
-        print(f"{r.id:>5}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {r.name}")
+        ev = latest.get(r.id)
+        loo = "" if ev is None or ev.loo is None else f"{ev.loo:.4f}"
+        nll = "" if ev is None or ev.metrics.get("test_nll") is None else f"{ev.metrics['test_nll']:.4f}"
+        tags = f" [{', '.join(r.tags)}]" if r.tags else ""
+        print(f"{r.id:>5}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {loo:>8}  {nll:>8}  {r.name}{tags}")
+    return 0
+
+
+def _runs_update(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.runs_command == "rename":
+        run = store.update_run(args.run, name=args.name)
+    elif args.runs_command == "note":
+        run = store.update_run(args.run, notes=args.text)
+    else:
+        current = set(store.get_run(args.run).tags or [])
+        tags = current - set(args.tags) if args.remove else current | set(args.tags)
+        run = store.update_run(args.run, tags=sorted(tags))
+    print(f"run {run.id}: {run.name}" + (f" [{', '.join(run.tags)}]" if run.tags else ""))
     return 0
 
 
@@ -302,12 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--terminal", action="store_true", help="print the diagnostics instead of serving them")
     demo.set_defaults(func=_demo)
-    runs = sub.add_parser("runs", help="list, show and delete runs").add_subparsers(dest="runs_command",
-                                                                                   required=True)
-    ls = runs.add_parser("list", parents=[with_db], help="the newest runs first")
+    runs = sub.add_parser("runs", help="list, show, rename, tag, annotate and delete runs").add_subparsers(
+        dest="runs_command", required=True)
+    ls = runs.add_parser("list", parents=[with_db], help="the newest runs first, with their latest LOO and test NLL")
     ls.add_argument("--status", choices=["queued", "running", "done", "failed", "cancelled"])
+    ls.add_argument("--tag", help="runs carrying this tag")
+    ls.add_argument("--name", help="runs whose name contains this")
     ls.add_argument("--limit", type=int, default=50)
     ls.set_defaults(func=_runs_list)
+    ren = runs.add_parser("rename", parents=[with_db], help="give a run a new name")
+    ren.add_argument("run", type=int)
+    ren.add_argument("name")
+    ren.set_defaults(func=_runs_update)
+    tag = runs.add_parser("tag", parents=[with_db], help="add tags to a run (or --remove them)")
+    tag.add_argument("run", type=int)
+    tag.add_argument("tags", nargs="+", help="letters, digits and _ . : - (at most 50 each, 20 per run)")
+    tag.add_argument("--remove", action="store_true")
+    tag.set_defaults(func=_runs_update)
+    note = runs.add_parser("note", parents=[with_db], help="set a run's notes (replacing them)")
+    note.add_argument("run", type=int)
+    note.add_argument("text")
+    note.set_defaults(func=_runs_update)
     show = runs.add_parser("show", parents=[with_db], help="a run's status, config and last evaluation (JSON)")
     show.add_argument("run", type=int)
     show.set_defaults(func=_runs_show)

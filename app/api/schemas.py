@@ -47,6 +47,17 @@ class RunOut(BaseModel):
     stop_requested: bool
     class_names: list[str] | None = Field(None, description="label k's name, where the data names its classes "
                                           "(CSV class names, image folders)")
+    tags: list[str] | None = None
+    notes: str | None = None
+
+
+class RunPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00]*\S[^\x00]*$")
+    tags: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,50}$")]] | None = Field(
+        None, max_length=20, description="replaces the run's tags")
+    notes: str | None = Field(None, max_length=10_000, pattern=r"^[^\x00]*$")
 
 
 class RunCreate(BaseModel):

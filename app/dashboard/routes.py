@@ -29,6 +29,7 @@ def js(obj) -> str:
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 PAGE = 100  # test examples per page
+RUNS_PAGE = 100
 CURVES = ("train_nll", "test_nll", "loo", "loo_se", "test_accuracy", "test_ece", "loo_capped", "hess_init_share")
 
 
@@ -70,8 +71,18 @@ def logout():
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(require_page)])
-def runs_page(request: Request, store: Store = Depends(get_store)):
-    return templates.TemplateResponse(request, "runs.html", {"runs": store.list_runs(limit=200)})
+def runs_page(request: Request, status: str | None = Query(None, pattern="^(queued|running|done|failed|cancelled)?$"),
+              tag: str | None = Query(None, pattern=r"^[A-Za-z0-9_.:-]{0,50}$"),
+              q: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$"),
+              offset: int = Query(0, ge=0, le=INT32), store: Store = Depends(get_store)):
+    """The runs, newest first, a page at a time, with each one's latest LOO and test metrics; filtered by status,
+    tag and name."""
+    status, tag, q = status or None, tag or None, q or None
+    runs = store.list_runs(status=status, limit=RUNS_PAGE, offset=offset, tag=tag, name=q)
+    total = store.count_runs(status=status, tag=tag, name=q)
+    return templates.TemplateResponse(request, "runs.html", {
+        "runs": runs, "latest": store.latest_evaluations([r.id for r in runs]), "total": total, "offset": offset,
+        "page": RUNS_PAGE, "status": status or "", "tag": tag or "", "q": q or ""})
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False,

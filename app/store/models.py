@@ -60,6 +60,8 @@ class Run(Base):
     stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     n_examples: Mapped[int | None] = mapped_column(Integer)
     class_names: Mapped[list | None] = mapped_column(JSON)  # label k's name, where the data names classes
+    tags: Mapped[list | None] = mapped_column(JSON)
+    notes: Mapped[str | None] = mapped_column(Text)
 
 
 class Job(Base):

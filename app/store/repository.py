@@ -37,6 +37,7 @@ from app.store.records import CHUNK, IDX_CHUNK, RECORD, UNKNOWN, build, decode, 
 from app.store.records import chunks as chunks_of
 from app.store.reviews import Reviews
 from app.store.rollups import refresh_rollups
+from app.store.run_fields import RunManagement, run_filters
 from app.store.series import MetricSeries
 from app.store.test_examples import TestExamples
 
@@ -59,10 +60,12 @@ class ScoreRow:
     source: str | None = None  # where the example comes from in the data
 
 
-class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples, Reviews):
+class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples, Reviews,
+            RunManagement):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
     and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``); influence
-    queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review (``Reviews``)."""
+    queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review (``Reviews``); names,
+    tags and notes (``RunManagement``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
@@ -92,10 +95,12 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
                 raise NotFound(f"run {run_id} not found")
             return run
 
-    def list_runs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[Run]:
+    def list_runs(self, status: str | None = None, limit: int = 100, offset: int = 0, tag: str | None = None,
+                  name: str | None = None) -> list[Run]:
+        """Newest first; ``tag``: runs carrying it; ``name``: runs whose name contains it (any case)."""
         q = select(Run).order_by(Run.id.desc()).limit(min(limit, 1000)).offset(offset)
-        if status:
-            q = q.where(Run.status == status)
+        for cond in run_filters(status, tag, name):
+            q = q.where(cond)
         with self.session() as s:
             return list(s.scalars(q))
 

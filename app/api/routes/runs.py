@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import get_store, require_write
 from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, read
-from app.api.schemas import EarlyStopOut, RunCreate, RunOut
+from app.api.schemas import EarlyStopOut, RunCreate, RunOut, RunPatch
 from app.store import Store
 
 router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["runs"])
@@ -21,9 +21,11 @@ def list_runs(
     status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
     limit: int = Query(100, ge=1, le=INT32, description="capped at 1000"),
     offset: int = Query(0, ge=0, le=INT32),
+    tag: str | None = Query(None, pattern=r"^[A-Za-z0-9_.:-]{1,50}$", description="runs carrying this tag"),
+    q: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$", description="runs whose name contains this"),
     store: Store = Depends(get_store),
 ):
-    return store.list_runs(status=status, limit=min(limit, 1000), offset=offset)
+    return store.list_runs(status=status, limit=min(limit, 1000), offset=offset, tag=tag, name=q)
 
 
 @router.post("/runs", response_model=RunOut, status_code=201, dependencies=[Depends(require_write)])
@@ -35,6 +37,12 @@ def create_run(body: RunCreate, store: Store = Depends(get_store)):
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
 def get_run(run_id: RunId, store: Store = Depends(get_store)):
     return store.get_run(run_id)
+
+
+@router.patch("/runs/{run_id}", response_model=RunOut, dependencies=[Depends(require_write)])
+def update_run(run_id: RunId, body: RunPatch, store: Store = Depends(get_store)):
+    """Rename a run, replace its tags or its notes (fields left out stay as they are)."""
+    return store.update_run(run_id, body.name, body.tags, body.notes)
 
 
 @router.delete("/runs/{run_id}", status_code=204, dependencies=[Depends(require_write)])
