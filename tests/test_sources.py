@@ -376,3 +376,44 @@ def test_csv_features_are_standardized_and_a_diverged_run_says_why(tmp_path):
     assert store.evaluations(ok.id)[-1].metrics["test_accuracy"] > 0.9
     assert run_job(store, bad.id, tmp_path / "ck", log=lambda *_: None) == "failed"
     assert "training diverged" in store.get_run(bad.id).error and "data.standardize" in store.get_run(bad.id).error
+
+
+def test_a_memory_mapped_npz_trains_to_the_same_weights_and_scores_as_one_in_memory(tmp_path, monkeypatch):
+    import torch
+
+    from app.store import make_engine, upgrade
+    from worker.service import run_job
+
+    monkeypatch.setenv("IVON_DIAG_DATA_ROOTS", str(tmp_path))
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = (rng.normal(size=(300, 1, 6, 6)) + y[:, None, None, None]).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:])
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    finals, tables = [], []
+    for mapped in (False, True):
+        cfg = {"data": {"name": "npz", "path": str(tmp_path / "d.npz"), "memory_map": mapped},
+               "model": {"name": "cnn"}, "epochs": 2, "batch_size": 32, "eval_every": 8,
+               "early_stopping": {"enabled": False}}
+        run = store.create_run(f"mapped={mapped}", cfg)
+        assert run_job(store, run.id, tmp_path / "ck", log=lambda *_: None) == "done"
+        finals.append(torch.load(tmp_path / "ck" / store.get_run(run.id).uid / "model.pt", weights_only=True))
+        tables.append(store.examples_table(run.id, store.resolve_step(run.id)))
+    assert all(torch.equal(finals[0]["model"][k], finals[1]["model"][k]) for k in finals[0]["model"])
+    assert tables[0]["score"] == tables[1]["score"] and tables[0]["loo_loss"] == tables[1]["loo_loss"]
+    assert (tmp_path / "d.npz").read_bytes()[:2] == b"PK"  # the file is only read
+    cfg = {"data": {"name": "npz", "path": str(tmp_path / "d.npz"), "memory_map": True}}
+    d = _load(**cfg["data"])
+    assert isinstance(d.xtr, torch.Tensor) and d.xtr.untyped_storage().nbytes() == 240 * 36 * 4
+    np.savez_compressed(tmp_path / "c.npz", x_train=x, y_train=y)
+    with pytest.raises(ValueError, match="cannot be memory-mapped: its members are compressed"):
+        _load(name="npz", path=str(tmp_path / "c.npz"), memory_map=True)
+    np.savez(tmp_path / "n.npz", x_train=x, y_train=y)
+    with pytest.raises(ValueError, match="no test split of its own"):
+        _load(name="npz", path=str(tmp_path / "n.npz"), memory_map=True)
+    np.savez(tmp_path / "f64.npz", x_train=x.astype(np.float64), y_train=y, x_test=x, y_test=y)
+    with pytest.raises(ValueError, match="inputs are float64, not float32"):
+        _load(name="npz", path=str(tmp_path / "f64.npz"), memory_map=True)
+    assert _load(name="npz", path=str(tmp_path / "c.npz")).n == 240  # auto: a small or compressed file loads

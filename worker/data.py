@@ -58,7 +58,9 @@ def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
     path = str(access.confined(cfg.path, "data.path"))
     test_path = None if cfg.test_path is None else str(access.confined(cfg.test_path, "data.test_path"))
     if cfg.name == "npz":
-        return sources.read_npz(path)
+        reason = "data.n_train takes a subset (a copy)" if cfg.n_train is not None else \
+            "data.standardize rescales the inputs (a copy)" if cfg.standardize else None
+        return sources.read_npz(path, cfg.memory_map, reason)
     if cfg.name == "csv":
         return sources.read_csv(path, cfg.label_column, test_path)
     if cfg.name == "image_folder":
@@ -109,17 +111,26 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         if len(labels) and labels.max() >= num_classes:
             i = int(np.argmax(labels >= num_classes))
             raise ValueError(f"label {int(labels[i])} of {split} example {i} is outside the {num_classes} classes")
-    if not np.isfinite(xtr).all():
-        bad = int(np.flatnonzero(~np.isfinite(xtr.reshape(len(xtr), -1)).all(1))[0])
-        raise ValueError(f"non-finite input values in training example {bad}")
+    for lo in range(0, len(xtr), 4096):  # in chunks: a memory-mapped set is read, not copied whole
+        part = np.asarray(xtr[lo : lo + 4096]).reshape(min(4096, len(xtr) - lo), -1)
+        if not np.isfinite(part).all():
+            bad = lo + int(np.flatnonzero(~np.isfinite(part).all(1))[0])
+            raise ValueError(f"non-finite input values in training example {bad}")
     if cfg.standardize if cfg.standardize is not None else cfg.name == "csv":
         xtr, xte = standardize(np.asarray(xtr, dtype=np.float64), np.asarray(xte, dtype=np.float64))
     t = torch.tensor(ytr, dtype=torch.long)
     if names is not None and len(names) < num_classes:
         names = names + [str(k) for k in range(len(names), num_classes)]
-    return Dataset(torch.tensor(xtr, dtype=torch.float32), t.clone(), torch.tensor(xte, dtype=torch.float32),
+    return Dataset(_inputs(xtr), t.clone(), _inputs(xte),
                    torch.tensor(yte, dtype=torch.long), num_classes, image_shape, t,
                    torch.zeros(len(t), dtype=torch.bool), model, [str(r) for r in refs], names)
+
+
+def _inputs(x) -> Tensor:
+    """float32 inputs as a tensor; a memory-mapped array stays in its file (the tensor shares its pages)."""
+    if isinstance(x, np.memmap):
+        return torch.from_numpy(x)
+    return torch.tensor(x, dtype=torch.float32)
 
 
 def _rows(n: int) -> np.ndarray:

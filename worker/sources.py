@@ -45,8 +45,18 @@ def _existing(path: str | Path, kind: str = "file") -> Path:
     return p
 
 
-def read_npz(path: str) -> Arrays:
+MAP_AUTO_BYTES = 256 * 2**20  # memory_map=None maps files from this size on
+
+
+def read_npz(path: str, memory_map: bool | None = False, reason_not: str | None = None) -> Arrays:
+    """x_train, y_train[, x_test, y_test]; ``memory_map``: the inputs stay in the file (``worker.npz_map``), True
+    insisting (ValueError saying why it cannot), None when the file is large and it can; ``reason_not``: why the
+    job's other settings rule it out."""
     p = _existing(path)
+    if memory_map or (memory_map is None and reason_not is None and p.stat().st_size >= MAP_AUTO_BYTES):
+        mapped = _mapped(p, reason_not, insist=bool(memory_map))
+        if mapped is not None:
+            return mapped
     try:
         with np.load(p, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -69,6 +79,31 @@ def _labels(values: list[str], where: str) -> tuple[np.ndarray, list[str] | None
             raise ValueError(f"{where}: {len(names)} distinct non-integer labels; is the label column right?") from None
         index = {n: i for i, n in enumerate(names)}
         return np.array([index[v] for v in values], dtype=np.int64), names
+
+
+def _mapped(p: Path, reason_not: str | None, insist: bool) -> Arrays | None:
+    from worker.npz_map import mapped_members
+
+    why = reason_not
+    members = None
+    if why is None:
+        try:
+            members = mapped_members(p, ("x_train", "y_train", "x_test", "y_test"))
+        except Exception as err:
+            raise ValueError(f"cannot read {p} as .npz: {err}") from None
+        if members is None:
+            why = "its members are compressed (np.savez_compressed); write it with np.savez"
+        elif not {"x_train", "y_train", "x_test", "y_test"} <= set(members):
+            why = f"it has no test split of its own (x_test, y_test; has {sorted(members)})"
+        elif members["x_train"].dtype != np.float32 or members["x_test"].dtype != np.float32:
+            why = f"its inputs are {members['x_train'].dtype}, not float32"
+    if why is not None:
+        if insist:
+            raise ValueError(f"data.memory_map: {p} cannot be memory-mapped: {why}")
+        return None
+    x, xt = members["x_train"], members["x_test"]
+    return Arrays(x, np.array(members["y_train"]), xt, np.array(members["y_test"]),
+                  tuple(x.shape[1:]) if x.ndim == 4 else None)
 
 
 def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], list[int]]:

@@ -74,6 +74,19 @@ def job_variance(cfg: JobConfig, model: nn.Module, data: Dataset, optimizer_var)
     return BlockCovariance.with_last_layer(model, optimizer_var, head)
 
 
+class Rows:
+    """(inputs, targets, indices) of chosen examples, gathered a chunk at a time as the sensitivity pass reads them
+    (a memory-mapped data set is never copied whole); iterable again for passes that read twice."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, chunk: int):
+        self.x, self.y, self.ids, self.chunk = x, y, ids, chunk
+
+    def __iter__(self):
+        for part in self.ids.split(self.chunk):
+            at = part.to(self.x.device)
+            yield self.x[at], self.y[at], part
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, store: Store, run_id: int, checkpoint_dir: str | Path, run_uid: str,
                  should_stop: Callable[[], bool] = lambda: False, log: Callable[[str], None] = print,
@@ -312,7 +325,8 @@ class Trainer:
         variance = self._variance(model, opt, data)
 
         def score(ids):
-            return compute_sensitivities(model, (data.xtr[ids], data.ytr[ids], ids), variance,
+            return compute_sensitivities(model, Rows(data.xtr, data.ytr, ids, self.cfg.sensitivity.chunk_size),
+                                         variance,
                                          form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size,
                                          max_amplification=self.cfg.sensitivity.max_amplification)
 

@@ -76,6 +76,10 @@ class DataConfig(_Strict):
     standardize: bool | None = Field(
         None, description="scale each feature to zero mean and unit variance, fitted on the training split; "
         "None: on for csv, off for the others")
+    memory_map: bool | None = Field(
+        None, description="npz: read x_train and x_test from the file as steps and evaluations touch them instead of "
+        "holding them in memory (an uncompressed npz, float32 inputs, its own test split, no n_train or "
+        "standardize); None: when the file is 256 MiB or more and can be")
 
     @model_validator(mode="after")
     def _path_for_files(self):

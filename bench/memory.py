@@ -1,0 +1,111 @@
+"""Benchmark a job's peak memory with its npz held in memory against the same npz memory-mapped
+(``data.memory_map``), each job in a process of its own, in one run.
+
+    python bench/memory.py [--n 50000] [--epochs 1]
+
+The data: CIFAR-shaped synthetic images (3×32×32 float32, 10 classes) with a test split of a fifth of N, written
+uncompressed to a temporary npz. Printed per path: the job's wall time, peak anonymous memory (the process's own
+pages: what memory pressure cannot drop) and peak resident memory (with the file's pages the mapping has read,
+which the kernel drops under pressure), and the ratios mapped / in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+peak = {"anon": 0, "rss": 0}
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+def sample():
+    while True:
+        s = status()
+        peak["anon"] = max(peak["anon"], s.get("RssAnon", 0))
+        peak["rss"] = max(peak["rss"], s.get("VmRSS", 0))
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+from app.store import Store, make_engine, upgrade
+from worker.config import parse_config
+from worker.trainer import Trainer
+job = json.loads(sys.argv[2])
+url = "sqlite:///" + sys.argv[3]
+upgrade(make_engine(url))
+store = Store(url)
+cfg = parse_config(job)
+run = store.create_run("memory", cfg.model_dump(mode="json"))
+t = time.perf_counter()
+Trainer(cfg, store, run.id, sys.argv[4], run.uid, log=lambda *a, **k: None).run()
+seconds = time.perf_counter() - t
+time.sleep(0.05)
+print(json.dumps({**peak, "seconds": seconds}))
+"""
+
+
+def images(path: Path, n: int, seed: int = 0) -> None:
+    g = np.random.default_rng(seed)
+    templates = g.normal(size=(10, 3, 8, 8)).astype(np.float32)
+
+    def part(m):
+        y = g.integers(0, 10, size=m)
+        x = np.repeat(np.repeat(templates[y], 4, axis=2), 4, axis=3)
+        x += g.normal(scale=1.3, size=x.shape).astype(np.float32)
+        return x, y
+
+    x, y = part(n)
+    xt, yt = part(n // 5)
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=50_000)
+    ap.add_argument("--epochs", type=int, default=1)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        images(root / "images.npz", args.n)
+        size = (root / "images.npz").stat().st_size
+        env = {**os.environ, "IVON_DIAG_DATA_ROOTS": str(root), "OMP_NUM_THREADS": "2"}
+        out = {}
+        for mapped in (False, True):
+            job = {"data": {"name": "npz", "path": str(root / "images.npz"), "memory_map": mapped},
+                   "model": {"name": "cnn"}, "epochs": args.epochs, "early_stopping": {"enabled": False}}
+            done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(job),
+                                   str(root / f"m{mapped}.db"), str(root / "ck")], env=env, capture_output=True,
+                                  text=True, timeout=3600)
+            if done.returncode:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return 1
+            out[mapped] = json.loads(done.stdout.strip().splitlines()[-1])
+            mib = {k: v / 2**20 for k, v in out[mapped].items() if k != "seconds"}
+            print(f"{'memory-mapped' if mapped else 'in memory':>13}: {out[mapped]['seconds']:.1f} s, peak anonymous "
+                  f"{mib['anon']:.0f} MiB, peak resident {mib['rss']:.0f} MiB")
+        a, b = out[False], out[True]
+        print(f"N={args.n} ({size / 2**20:.0f} MiB npz), {args.epochs} epoch(s), small CNN, defaults: mapped / in "
+              f"memory: peak anonymous {b['anon'] / a['anon']:.2f}x, peak resident {b['rss'] / a['rss']:.2f}x, "
+              f"wall {b['seconds'] / a['seconds']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
