@@ -127,8 +127,9 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def _inputs(x) -> Tensor:
-    """float32 inputs as a tensor; a memory-mapped array stays in its file (the tensor shares its pages)."""
-    if isinstance(x, np.memmap):
+    """float32 inputs as a tensor sharing the array's memory where it can (a memory-mapped array stays in its file;
+    a loaded one is not held twice); other dtypes are converted."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable:
         return torch.from_numpy(x)
     return torch.tensor(x, dtype=torch.float32)
 
