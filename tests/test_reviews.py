@@ -75,7 +75,9 @@ def test_the_api_sets_lists_exports_and_clears_decisions_with_a_token(store):
     assert r.status_code == 200 and r.json()["label"] == 2 and r.json()["updated_at"].endswith("Z")
     assert client.put(f"/api/v1/runs/{rid}/examples/4/review", json={"decision": "drop"}, headers=auth).status_code \
         == 200
-    for body, field in (({"decision": "relabel"}, "label"), ({"decision": "relabel", "label": 9}, "label"),
+    conflict = client.put(url, json={"decision": "relabel", "label": 9}, headers=auth)  # not a class of this run
+    assert conflict.status_code == 409 and "label 9 is not a class" in conflict.json()["detail"]
+    for body, field in (({"decision": "relabel"}, "label"), ({"decision": "drop", "label": 1}, "label"),
                         ({"decision": "fix"}, "decision"), ({"decision": "keep", "label": "1"}, "label"),
                         ({"decision": "keep", "extra": 1}, "extra"),
                         ({"decision": "keep", "note": "x" * 3000}, "note")):

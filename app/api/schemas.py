@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.store.job_config import JobConfig
+from app.store.job_config import Int, JobConfig
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -209,12 +209,24 @@ class InfluenceOut(BaseModel):
 
 
 class ReviewIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # label with relabel only, as the validator below says
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"allOf": [{
+        "if": {"properties": {"decision": {"const": "relabel"}}, "required": ["decision"]},
+        "then": {"required": ["label"],
+                 "properties": {"label": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}},
+        "else": {"properties": {"label": {"type": "null"}}}}]})
 
     decision: Literal["keep", "relabel", "drop"] = Field(description="keep the example as labeled, relabel it to "
                                                          "`label`, or drop it from the corrected data set")
-    label: int | None = Field(None, ge=0, le=2**31 - 1, description="the new class; with relabel only")
+    label: Int | None = Field(None, ge=0, le=2**31 - 1, description="the new class; with relabel only")
     note: str | None = Field(None, max_length=2000, pattern=r"^[^\x00]*$")
+
+    @model_validator(mode="after")
+    def _label_with_relabel(self):
+        if (self.label is not None) != (self.decision == "relabel"):
+            raise ValueError("label goes with decision 'relabel' only" if self.label is not None
+                             else "decision 'relabel' needs the new label")
+        return self
 
 
 class ReviewOut(BaseModel):

@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Response
 
 from app.api.deps import get_store, require_write
 from app.api.routes.common import ERRORS, PREFIX, Idx, RunId, read
@@ -23,12 +22,12 @@ router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["review"])
             dependencies=[Depends(require_write)])
 def set_review(run_id: RunId, idx: Idx, body: ReviewIn, store: Store = Depends(get_store)):
     """Keep, relabel (to `label`, a class of the run other than the given one) or drop a training example; a
-    second call replaces the first."""
+    second call replaces the first. 409 when the label does not fit the run (not one of its classes, or the one
+    the example has)."""
     try:
         return store.set_review(run_id, idx, body.decision, body.label, body.note)
-    except ValueError as err:  # the same shape as every other 422
-        field = "note" if "note" in str(err) else "label"
-        raise RequestValidationError([{"loc": ("body", field), "msg": str(err), "type": "value_error"}]) from None
+    except ValueError as err:  # what the schema cannot know: the run's classes, the example's label
+        raise HTTPException(409, str(err)) from None
 
 
 @router.delete("/runs/{run_id}/examples/{idx}/review", status_code=204, dependencies=[Depends(require_write)])
