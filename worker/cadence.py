@@ -163,7 +163,7 @@ class Cadence:
 
     # ------------------------------------------------------------------------------ when
     def cost(self, k: int) -> float:
-        if self.per_example is None:  # the pilot: a scored example ~ 1.5 of training's (measured: 1.1-2), a test
+        if self.per_example is None:  # the pilot: a scored example ~ 1.5 of training's (bench/overhead.py), a test
             # example's forward ~ 1/3
             train_example = self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
             return train_example * (1.5 * k + len(self.test_ids) / 3)
