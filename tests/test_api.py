@@ -57,16 +57,21 @@ def test_reads(api):
     assert client.get(f"/api/v1/runs/{run.id}/metrics/loo", params={"since_step": 10}).json()["points"][0]["step"] == 20
     page = client.get(f"/api/v1/runs/{run.id}/examples", params={"limit": 5000}).json()
     assert page["step"] == 20 and len(page["items"]) == 300 and page["items"][0]["rank"] == 0
+    assert page["limit"] == 1000 and page["total"] == 300  # the cap said, and how many there are
     least = client.get(f"/api/v1/runs/{run.id}/examples", params={"order": "least", "limit": 3, "step": 10}).json()
     assert [i["rank"] for i in least["items"]] == [299, 298, 297]
     hist = client.get(f"/api/v1/runs/{run.id}/examples/7").json()
     assert [h["step"] for h in hist] == [10, 20]
+    assert {(h["label"], h["flipped"]) for h in hist} == {(7, False)}  # history rows carry the example's labels
     assert [h["loo_loss_evals"] for h in hist] == [1, 2]
     s10, s20 = (np.random.default_rng(step).random(300) for step in (10, 20))
     assert hist[1]["loo_loss_mean"] == pytest.approx((s10[7] + s20[7]) / 2, rel=1e-6)
     suspects = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "limit": 5}).json()
     assert suspects["by"] == "loo_mean"
     assert [i["idx"] for i in suspects["items"]] == np.argsort(-(s10 + s20) / 2, kind="stable")[:5].tolist()
+    assert [i["rank"] for i in suspects["items"]] == [0, 1, 2, 3, 4]  # the rank by the mean, as asked
+    tail = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "order": "least", "limit": 2})
+    assert [i["rank"] for i in tail.json()["items"]] == [299, 298]
     assert client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loss"}).status_code == 422
     unevaluated = client.get(f"/api/v1/runs/{run.id}/examples", params={"by": "loo_mean", "step": 15})
     assert unevaluated.status_code == 404 and "no evaluation at step 15" in unevaluated.json()["detail"]

@@ -134,6 +134,18 @@ def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_p
         page.check(f".pick[value='{a.id}']")
         page.check(f".pick[value='{b.id}']")
         assert page.get_attribute("#compare-link", "href") == f"/compare?ids={b.id},{a.id}"
+        # live: a queued run on the page starts; the row follows without a reload, the ticks stay
+        live = store.create_run("live", {}, enqueue=False)
+        store.update_run(live.id, tags=["pair"])
+        page.goto(f"{base}/?tag=pair")
+        page.check(f".pick[value='{a.id}']")
+        page.check(f".pick[value='{b.id}']")
+        store.set_run_status(live.id, "running")
+        store.write_evaluation(live.id, 5, loo=0.7, metrics={"test_nll": 0.8})
+        page.wait_for_function("document.body.dataset.refreshed !== undefined", timeout=15000)
+        row = page.inner_text(f"#runs tr:has(.pick[value='{live.id}'])")
+        assert "running" in row and "0.7000" in row
+        assert page.is_checked(f".pick[value='{a.id}']") and page.is_checked(f".pick[value='{b.id}']")
         page.click("#compare-link")
         page.wait_for_selector("#compare .main-svg")
         page.goto(f"{base}/")

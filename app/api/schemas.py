@@ -109,7 +109,8 @@ class EvaluationOut(BaseModel):
 
 class ExampleOut(BaseModel):
     idx: int
-    rank: int = Field(description="0 = most sensitive at this step")
+    rank: int = Field(description="0 = most sensitive at this step (by=score), or the highest mean LOO loss "
+                      "(by=loo_mean)")
     score: float | None = Field(description=SCORE_VALIDITY)
     loo_loss: float | None
     prob_label: float | None = Field(description="leave-one-out probability of the given label, softmax(f_i + Δ_i)_y")
@@ -130,7 +131,8 @@ class ExamplesPage(BaseModel):
     order: str
     by: str = "score"
     offset: int
-    limit: int
+    limit: int = Field(description="the page's size after the cap of 1000")
+    total: int = Field(0, description="examples in the evaluation")
     items: list[ExampleOut]
 
 

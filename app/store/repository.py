@@ -257,6 +257,12 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
             rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None, None))) for r in recs]
             return step, rows
 
+    def evaluation_size(self, run_id: int, step: int) -> int:
+        """How many examples the evaluation at ``step`` holds (0 when there is none)."""
+        with self.session() as s:
+            return s.scalar(select(Evaluation.n_examples).where(Evaluation.run_id == run_id,
+                                                                Evaluation.step == step)) or 0
+
     def examples_table(self, run_id: int, step: int) -> dict[str, list]:
         """Every example of one evaluation, by rank: idx, rank, score, loo_loss, prob_label, loo_loss_mean,
         loo_loss_evals, label, flipped."""
@@ -299,13 +305,15 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
             q = (select(ScoreChunk.step, ScoreChunk.layout, ScoreChunk.data)
                  .where(ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.chunk == idx // IDX_CHUNK)
                  .order_by(ScoreChunk.step))
+            ex = s.get(Example, (run_id, idx))
+            label, flipped, source = (None, None, None) if ex is None else (ex.label, ex.flipped, ex.source)
             rows = []
             for step, layout, data in s.execute(q):
                 recs = decode(data, layout)
                 pos = int(np.searchsorted(recs["idx"], idx))
                 if pos < len(recs) and recs["idx"][pos] == idx and recs["scored"][pos] in (step, UNKNOWN):
-                    rows.append(_row(recs[pos], step))  # scored at that step, not carried
-            if not rows and s.get(Example, (run_id, idx)) is None:
+                    rows.append(_row(recs[pos], step, label, flipped, source))  # scored at that step, not carried
+            if not rows and ex is None:
                 raise NotFound(f"example {idx} of run {run_id} not found")
             return rows
 

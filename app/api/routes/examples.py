@@ -29,8 +29,12 @@ def examples(
 ):
     limit = min(limit, 1000)
     at, rows = store.examples_at(run_id, step, limit, offset, least=order == "least", by=by)
-    return ExamplesPage(step=at, order=order, by=by, offset=offset, limit=limit,
-                        items=[ExampleOut(**vars(r)) for r in rows])
+    total = store.evaluation_size(run_id, at)
+    items = [ExampleOut(**vars(r)) for r in rows]
+    if by == "loo_mean":  # the rank in the order asked for, not the score's
+        for i, it in enumerate(items):
+            it.rank = offset + i if order == "most" else total - 1 - offset - i
+    return ExamplesPage(step=at, order=order, by=by, offset=offset, limit=limit, total=total, items=items)
 
 
 @router.get("/runs/{run_id}/examples/{idx}", response_model=list[ExampleOut], dependencies=read)
