@@ -192,17 +192,20 @@ def test_compare_page_warns_when_runs_differ_in_hess_init(api):
     b = store.create_run("b", {"optimizer": {"hess_init": 1.0}}, enqueue=False)
     c = store.create_run("c", {}, enqueue=False)  # the worker's default
     d = store.create_run("d", {"optimizer": {"hess_init": 0.1}}, enqueue=False)
-    page = client.get("/compare", params={"ids": f"{a.id},{b.id},{c.id}"}).text
+    e = store.create_run("e", {"optimizer": {"hess_init": 0.3}}, enqueue=False)  # the default, written out
+    page = client.get("/compare", params={"ids": f"{a.id},{b.id},{c.id},987654"}).text
     assert 'id="hess-warning"' in page
-    assert f"run {a.id}: 0.1, run {b.id}: 1.0, run {c.id}: default" in " ".join(page.split())
+    assert f"run {a.id}: 0.1, run {b.id}: 1, run {c.id}: 0.3 (the default)" in " ".join(page.split())
+    assert "Not found: run 987654" in " ".join(page.split())  # an unknown id is said, not dropped silently
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id},{d.id}"}).text
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id}"}).text
+    assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{c.id},{e.id}"}).text
     # whatever a stored config holds is shown escaped, and a config without an optimizer mapping reads as the default
     odd = store.create_run("odd", {"optimizer": {"hess_init": "<b>x</b>"}}, enqueue=False)
     flat = store.create_run("flat", {"optimizer": "ivon"}, enqueue=False)
     page = client.get("/compare", params={"ids": f"{odd.id},{flat.id}"})
     assert page.status_code == 200 and "&lt;b&gt;x&lt;/b&gt;" in page.text and "<b>x</b>" not in page.text
-    assert f"run {flat.id}: default" in " ".join(page.text.split())
+    assert f"run {flat.id}: not stated" in " ".join(page.text.split())
 
 
 def test_huge_ids_are_refused_not_crashed(api):

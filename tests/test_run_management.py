@@ -148,6 +148,11 @@ def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_p
         assert page.is_checked(f".pick[value='{a.id}']") and page.is_checked(f".pick[value='{b.id}']")
         page.click("#compare-link")
         page.wait_for_selector("#compare .main-svg")
+        page.wait_for_selector("#compare-accuracy .main-svg")
+        traces = page.evaluate("document.getElementById('compare').data.map(t => [t.name, t.line.color])")
+        assert len(traces) == 6 and len({c for _, c in traces[:3]}) == 1 and traces[0][1] != traces[3][1]
+        assert [n.endswith(k) for (n, _), k in zip(traces[:3], ("LOO", "test NLL", "training NLL"))] == [True] * 3
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
         page.goto(f"{base}/")
         page.screenshot(path=str(tmp_path / "runs.png"))
         browser.close()

@@ -161,23 +161,36 @@ def compare_page(request: Request, ids: str = Query("", description="comma-separ
         run_ids = [r for r in run_ids if 0 <= r <= INT32][:10]
     except ValueError:
         run_ids = []
-    data, hess_inits = {}, {}
+    data, hess_inits, missing = {}, {}, []
     for rid in run_ids:
         try:
             run = store.get_run(rid)
         except NotFound:
+            missing.append(rid)
             continue
-        data[f"{rid}: {run.name}"] = {n: store.curve(rid, n, max_points=2000) for n in ("loo", "test_nll")}
+        data[f"{rid}: {run.name}"] = {n: store.curve(rid, n, max_points=2000) for n in COMPARED}
         hess_inits[rid] = _hess_init(run.config)
     # the default LOO's scale follows IVON's hess_init (docs/validation.md): levels of runs that differ in it
     # are not comparable
-    differ = len(set(map(repr, hess_inits.values()))) > 1
+    differ = len({h[0] for h in hess_inits.values()}) > 1
     return templates.TemplateResponse(request, "compare.html", {"data_json": js(data), "ids": ids,
                                                                 "hess_inits": hess_inits if differ else None,
+                                                                "missing": missing,
                                                                 "hess_init_scale": HESS_INIT_SCALE})
 
 
-def _hess_init(config) -> object:
-    """The run's configured hess_init as stored (None: not given, the worker's default)."""
+COMPARED = ("loo", "test_nll", "train_nll", "test_accuracy")
+
+
+def _hess_init(config) -> tuple[object, str]:
+    """(the hess_init a run trained with, how to say it): a job's config as the worker reads it, its default filled
+    in; another config (a Tracker's) as stored, or "not stated"."""
+    from app.store.job_config import ConfigError, parse_config
+
     opt = config.get("optimizer") if isinstance(config, dict) else None
-    return opt.get("hess_init") if isinstance(opt, dict) else None
+    given = opt.get("hess_init") if isinstance(opt, dict) else None
+    try:
+        value = parse_config(config).optimizer.hess_init
+    except (ConfigError, AttributeError, TypeError):
+        return (repr(given), "not stated" if given is None else str(given))
+    return (value, f"{value:g}" + (" (the default)" if given is None else ""))
