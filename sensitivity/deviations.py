@@ -73,6 +73,8 @@ JACOBIAN_BUDGET_ACCELERATOR = 2**28
 # ResNet-20 (16K elements a layer) took 4.25x an epoch unsplit in chunks of 256, 3.13x in parts of 128
 # (bench/sensitivity.py --cases resnet10); ResNet-18 (65K) 10.8 s in parts of 64, 8.4 s in parts of 32.
 ACTIVATION_BUDGET = {"cpu": 2**21}
+# outputs up to which the corrected and diagonal forms keep V_i for rescaling (sensitivity.calibration)
+MAX_KEPT_OUTPUTS = 32
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -219,24 +221,39 @@ def _chunk(plan: _Plan, lossf: Loss, x, y, offset, form, max_amplification):
     logits_d = logits.detach()
     e = lossf.residual(logits_d, y)
     none_guarded = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    # the last item: ẽ, the residual the form corrects e to (Δ = V ẽ; the diagonal form has none: e)
+    # the last two items: ẽ, the residual the form corrects e to (Δ = V ẽ; the diagonal form has none: e), and what
+    # the deviation at a scaled covariance αΣ is recomputed from (sensitivity.calibration)
     if form == "first_order":
-        return logits_d, e, plan.first_order(x, logits, seen, e), none_guarded, None, e
+        ve = plan.first_order(x, logits, seen, e)
+        return logits_d, e, ve, none_guarded, None, e, {"ve": ve}
     if form == "second_order":
         ve = plan.first_order(x, logits, seen, e)
-        c, guarded = series_correction(lossf.hessian_product(logits_d, ve), e, max_amplification)
-        return logits_d, e, ve + plan.first_order(x, logits, seen, c), guarded, None, e + c
+        raw = lossf.hessian_product(logits_d, ve)
+        c, guarded = series_correction(raw, e, max_amplification)
+        vc = plan.first_order(x, logits, seen, c)
+        scale = _ratio(c, raw)
+        return logits_d, e, ve + vc, guarded, None, e + c, {"ve": ve, "c": raw, "vc": vc / scale[:, None]}
     if form == "rayleigh":
         ve = plan.first_order(x, logits, seen, e)
         u = lossf.hessian_product(logits_d, ve)
         vu = plan.first_order(x, logits, seen, u)
+        d_raw, _ = rayleigh_quotient(u, ve, vu, float("inf"))
         d, guarded = rayleigh_quotient(u, ve, vu, max_amplification)
-        return logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None, e + u / (1.0 - d)[:, None]
+        return (logits_d, e, ve + vu / (1.0 - d)[:, None], guarded, None, e + u / (1.0 - d)[:, None],
+                {"ve": ve, "u": u, "vu": vu, "d": d_raw})
     v = plan.variance(x, logits, seen)
+    kept = {"v": v} if v.shape[1] <= MAX_KEPT_OUTPUTS else {}  # K×K per example: kept for small K only
     if form == "diagonal":
-        return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v, e
+        return logits_d, e, torch.diagonal(v, dim1=1, dim2=2) * e, none_guarded, v, e, kept
     dev, guarded, corrected = corrected_deviation(v, lossf.hessian_factor(logits_d), e, max_amplification)
-    return logits_d, e, dev, guarded, v, corrected
+    return logits_d, e, dev, guarded, v, corrected, kept
+
+
+def _ratio(scaled: Tensor, raw: Tensor) -> Tensor:
+    """Per row, the factor ``series_correction`` scaled ``raw`` by (1 where raw vanishes)."""
+    n = torch.linalg.vector_norm(raw, dim=1)
+    return torch.where(n > 0, torch.linalg.vector_norm(scaled, dim=1) / n.clamp_min(torch.finfo(raw.dtype).tiny),
+                       torch.ones_like(n))
 
 
 def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cross_entropy", *,
@@ -280,12 +297,13 @@ def iter_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "cro
                 except layerwise.Reused:
                     plan.drop_fast()
                     out = _chunk(plan, lossf, xs, ys, offset, form, max_amplification)
-                yield _result(lossf, form, ids, ys, *out)
+                yield _result(lossf, form, ids, ys, *out, max_amplification)
     finally:
         model.train(was_training)
 
 
-def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v, corrected) -> SensitivityResult:
+def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v, corrected, parts,
+            max_amplification) -> SensitivityResult:
     logits, dev = logits.detach(), dev.detach()
     loo_logits = logits + dev
     if form == "diagonal":
@@ -304,7 +322,8 @@ def _result(lossf: Loss, form, ids, y, logits, e, dev, guarded, v, corrected) ->
         indices=ids.cpu(), targets=y.cpu(), logits=logits.cpu(), residuals=e.cpu(), deviations=dev.cpu(),
         scores=scores.cpu(), losses=lossf.value(logits, y).cpu(), loo_losses=loo_losses.cpu(),
         guarded=guarded.cpu(), form=form, loo_probs=None if loo_probs is None else loo_probs.cpu(),
-        corrected_residuals=corrected.detach().cpu(),
+        corrected_residuals=corrected.detach().cpu(), loss=lossf, max_amplification=max_amplification,
+        scale_parts={k: t.detach().cpu() for k, t in parts.items()},
     )
 
 

@@ -29,6 +29,10 @@ class SensitivityResult:
     loo_probs: Tensor | None = None  # (N,) out-of-sample probability of the given label, softmax(f_i + Δ_i)_y
     corrected_residuals: Tensor | None = None  # (N, K) ẽ_i, with Δ_i = V_i ẽ_i (the form's correction of e_i)
     extra: dict = field(default_factory=dict)
+    # what ``sensitivity.calibration.rescale`` recomputes the deviations at a scaled covariance from
+    loss: object | None = None  # the sensitivity.losses.Loss the pass used
+    max_amplification: float | None = None
+    scale_parts: dict[str, Tensor] | None = None
 
     @property
     def loo(self) -> float:
@@ -76,4 +80,8 @@ def concat_results(parts: list[SensitivityResult], form: str) -> SensitivityResu
            ("indices", "targets", "logits", "residuals", "deviations", "scores", "losses", "loo_losses", "guarded")}
     optional = {name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
                 for name in ("loo_probs", "corrected_residuals")}
-    return SensitivityResult(**cat, form=form, **optional)
+    scale_parts = None
+    if parts[0].scale_parts is not None:
+        scale_parts = {k: torch.cat([p.scale_parts[k] for p in parts]) for k in parts[0].scale_parts}
+    return SensitivityResult(**cat, form=form, **optional, loss=parts[0].loss,
+                             max_amplification=parts[0].max_amplification, scale_parts=scale_parts)

@@ -196,3 +196,16 @@ def thumbnails(data: Dataset, size: int = 32, test: bool = False) -> list[bytes 
         pil.save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+class Rows:
+    """(inputs, targets, indices) of chosen examples, gathered a chunk at a time as the sensitivity pass reads them
+    (a memory-mapped data set is never copied whole); iterable again for passes that read twice."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, chunk: int):
+        self.x, self.y, self.ids, self.chunk = x, y, ids, chunk
+
+    def __iter__(self):
+        for part in self.ids.split(self.chunk):
+            at = part.to(self.x.device)
+            yield self.x[at], self.y[at], part

@@ -191,12 +191,16 @@ def gather_result(res: SensitivityResult) -> SensitivityResult | None:
     for name, value in parts[0].items():
         if isinstance(value, Tensor):
             joined[name] = torch.cat([p[name] for p in parts])
-        elif value is None or name in ("form",):
+        elif value is None or name in ("form", "loss", "max_amplification"):
             joined[name] = value
+        elif name == "scale_parts":
+            joined[name] = {k: torch.cat([p[name][k] for p in parts]) for k in value}
         else:
             joined[name] = {k: v for p in parts for k, v in (p[name] or {}).items()}
     order = torch.argsort(joined["indices"])
     for name, value in joined.items():
         if isinstance(value, Tensor) and len(value) == len(order):
             joined[name] = value[order]
+    if joined.get("scale_parts"):
+        joined["scale_parts"] = {k: v[order] for k, v in joined["scale_parts"].items()}
     return SensitivityResult(**joined)

@@ -15,11 +15,13 @@ import torch
 
 from app.store import Store
 from sensitivity import InfluenceResult, influence
+from worker.calibration import Calibration
 from worker.checkpoints import MODEL, run_folder
 from worker.config import parse_config
-from worker.data import inject_label_noise, load_dataset
+from worker.covariances import job_variance, optimizer_variance
+from worker.data import Rows, inject_label_noise, load_dataset
 from worker.hooks import HookDispatcher
-from worker.trainer import build_model, job_variance, optimizer_variance
+from worker.trainer import build_model
 
 MAX_QUERIES = 100
 
@@ -46,15 +48,21 @@ def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint
         raise ValueError(f"test examples {bad} are outside the run's test set (0 to {len(data.xte) - 1})")
     model = build_model(cfg, data)
     model.load_state_dict(final["model"])
+    # the examples the run trained on (its calibration split held out), as the trainer chose them
+    trained = torch.from_numpy(Calibration(cfg.calibration, data.ytr.numpy(), 0, cfg.seed + 4).trained(data.n))
     if "variance" in final:
         opt_var = final["variance"]
     elif cfg.optimizer.name == "sgd":
-        opt_var = optimizer_variance(cfg, model, None, data)
+        opt_var = optimizer_variance(cfg, model, None, data, trained)
     else:
         raise ValueError(f"run {run_id}'s final model was saved without its posterior variance (a run finished by an "
                          "earlier version): train it again to query its influence")
     ids = torch.as_tensor([int(i) for i in test_indices])
-    res = influence(model, data.xte[ids], (data.xtr, data.ytr), job_variance(cfg, model, data, opt_var),
+    scale = final.get("calibration_scale", 1.0)  # the LOO's calibrated scale on σ², the same for influence
+    var = job_variance(cfg, model, data, opt_var, trained)
+    if scale != 1.0:
+        var = {n: v * scale for n, v in var.items()} if isinstance(var, dict) else var
+    res = influence(model, data.xte[ids], Rows(data.xtr, data.ytr, trained, cfg.sensitivity.chunk_size), var,
                     targets=None if predicted else data.yte[ids], form=cfg.sensitivity.form,
                     chunk_size=cfg.sensitivity.chunk_size, max_amplification=cfg.sensitivity.max_amplification)
     return influence_rows(res, ids.tolist(), data.yte[ids].tolist(), data.ytr.tolist(), data.flipped.tolist(), k)

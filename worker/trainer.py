@@ -15,14 +15,16 @@ from torch import nn
 from app.store import Store
 from app.store.job_config import diagnostics_budget, eval_steps
 from ivon_core import IVON, all_metrics, matched_beta2, predict, preserved_noise
-from sensitivity import adamw_variance, compute_sensitivities, ivon_variance, sgd_variance
-from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
+from sensitivity import compute_sensitivities
+from sensitivity.covariance import KFACCovariance
 from worker import distributed as D
 from worker import models
 from worker.cadence import Cadence, loo_estimate
+from worker.calibration import Calibration, heldout_nll, variance_level
 from worker.checkpoints import CheckpointMismatch, Checkpoints
 from worker.config import JobConfig
-from worker.data import Dataset, inject_label_noise, load_dataset, thumbnails
+from worker.covariances import job_variance, optimizer_variance
+from worker.data import Dataset, Rows, inject_label_noise, load_dataset, thumbnails
 from worker.early_stopping import EarlyStopping
 from worker.hooks import HookDispatcher
 from worker.progress import StepBar
@@ -47,44 +49,6 @@ def build_model(cfg: JobConfig, data: Dataset) -> nn.Module:
     if m.name == "cnn":
         return models.small_cnn(c, k, side)
     return models.resnet20(k, c, m.norm)
-
-
-def optimizer_variance(cfg: JobConfig, model: nn.Module, opt, data: Dataset):
-    """σ² from the optimizer's state (IVON, AdamW), or a diagonal Laplace refitted on the data (SGD)."""
-    if isinstance(opt, IVON):
-        return ivon_variance(opt, model)
-    if isinstance(opt, torch.optim.AdamW):
-        return adamw_variance(opt, data.n, model, weight_decay=cfg.optimizer.weight_decay)
-    return sgd_variance(model, (data.xtr, data.ytr), prior_precision=data.n * cfg.optimizer.weight_decay or 1.0)
-
-
-def job_variance(cfg: JobConfig, model: nn.Module, data: Dataset, optimizer_var):
-    """The covariance the job's ``sensitivity.covariance`` names; the refitted ones over the whole training set (every
-    rank holds it: the same on each rank). ``optimizer_var``: σ² from ``optimizer_variance``."""
-    kind = cfg.sensitivity.covariance
-    if kind == "optimizer":
-        return optimizer_var
-    prior = data.n * cfg.optimizer.weight_decay or 1.0
-    train, chunk = (data.xtr, data.ytr), cfg.sensitivity.chunk_size
-    if kind == "kfac":
-        return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
-    head = DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
-    if kind == "last_layer":
-        return head
-    return BlockCovariance.with_last_layer(model, optimizer_var, head)
-
-
-class Rows:
-    """(inputs, targets, indices) of chosen examples, gathered a chunk at a time as the sensitivity pass reads them
-    (a memory-mapped data set is never copied whole); iterable again for passes that read twice."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, chunk: int):
-        self.x, self.y, self.ids, self.chunk = x, y, ids, chunk
-
-    def __iter__(self):
-        for part in self.ids.split(self.chunk):
-            at = part.to(self.x.device)
-            yield self.x[at], self.y[at], part
 
 
 class Trainer:
@@ -118,12 +82,16 @@ class Trainer:
                 KFACCovariance.check(model)
             except ValueError as err:
                 raise JobFailed(str(err)) from None
-        spe = math.ceil(data.n / cfg.batch_size)
+        cal = Calibration(cfg.calibration, data.ytr.cpu().numpy(), 0, seed=cfg.seed + 4)
+        self.trained = torch.from_numpy(cal.trained(data.n))  # all but the calibration split
+        spe = math.ceil(len(self.trained) / cfg.batch_size)
         total = cfg.epochs * spe
+        cal.total = total
+        self.cal = cal
         o = cfg.optimizer
         if o.name == "ivon":
             beta2 = matched_beta2(total) if o.beta2 == "matched" else float(o.beta2)
-            opt = IVON(model.parameters(), lr=o.lr, ess=o.ess or data.n, hess_init=o.hess_init, beta2=beta2,
+            opt = IVON(model.parameters(), lr=o.lr, ess=o.ess or len(self.trained), hess_init=o.hess_init, beta2=beta2,
                        weight_decay=o.weight_decay, mc_samples=o.mc_samples,
                        clip_radius=o.clip_radius or float("inf"), sync=D.active(), fused=o.fused,
                        noise=o.noise)
@@ -161,10 +129,11 @@ class Trainer:
             raise JobFailed(reason if len(failures) == 1 else f"rank {rank}: {reason}")
         es = EarlyStopping(**cfg.early_stopping.model_dump(exclude={"enabled"}))
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        sub = None
-        if cfg.sensitivity.subset and cfg.sensitivity.subset < data.n:
-            sub = torch.randperm(data.n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:cfg.sensitivity.subset]
-        pool = torch.arange(data.n) if sub is None else sub  # the examples evaluations may score
+        trained = self.trained
+        pool = trained  # the examples evaluations may score
+        if cfg.sensitivity.subset and cfg.sensitivity.subset < len(trained):
+            pick = torch.randperm(len(trained), generator=torch.Generator().manual_seed(cfg.seed + 2))
+            pool = trained[pick[:cfg.sensitivity.subset]]
         d = cfg.diagnostics
         cad = Cadence(data.ytr[pool].cpu().numpy(), diagnostics_budget(cfg), eval_steps(cfg.eval_every, spe), spe,
                       d.se_target, d.coverage_epochs, seed=cfg.seed + 3, test_labels=data.yte.cpu().numpy(),
@@ -184,7 +153,7 @@ class Trainer:
         while step < total:
             pos = step % spe
             if pos == 0 or perm is None:
-                perm = torch.randperm(data.n, generator=gen)
+                perm = trained[torch.randperm(len(trained), generator=gen)]
             idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
             if len(idx) >= D.world():  # this rank's share (a last batch smaller than the world goes to all)
                 idx = D.shard(idx)
@@ -221,10 +190,10 @@ class Trainer:
             if decision["release"]:
                 return "released"
         if self.writer:  # with the optimizer's σ² at the end, for influence queries (worker.influence)
-            final = {"model": model.state_dict(), "step": step}
+            final = {"model": model.state_dict(), "step": step, "calibration_scale": self.cal.last}
             if isinstance(opt, (IVON, torch.optim.AdamW)):
                 final["variance"] = {n: v.detach().cpu() for n, v in
-                                     optimizer_variance(self.cfg, model, opt, data).items()}
+                                     optimizer_variance(self.cfg, model, opt, data, self.trained).items()}
             self.checkpoints.save_model(final)
             self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
         return status
@@ -281,6 +250,8 @@ class Trainer:
         if ck.get("cadence") is not None:
             cad.load_state_dict(ck["cadence"])
             seen.copy_(ck["seen"])
+        if ck.get("calibration") is not None:
+            self.cal.load_state_dict(ck["calibration"])
         self.log(f"run {self.run_id}: resumed at step {ck['step']}")
         return ck["step"], ck["perm"]
 
@@ -314,7 +285,8 @@ class Trainer:
         return float(per.double().mean()), per
 
     def _variance(self, model, opt, data: Dataset):
-        return job_variance(self.cfg, model, data, optimizer_variance(self.cfg, model, opt, data))
+        return job_variance(self.cfg, model, data, optimizer_variance(self.cfg, model, opt, data, self.trained),
+                            self.trained)
 
     def _evaluate(self, model, opt, data: Dataset, pool, cad: Cadence, seen, step: int, spe: int,
                   last: bool) -> dict[str, float] | None:
@@ -369,12 +341,18 @@ class Trainer:
             metrics.update({"hess_mean": float(hs.mean()), "hess_min": float(hs.min()), "hess_max": float(hs.max())})
             # near 1: the LOO's scale is hess_init's, not learned from the data (docs/validation.md)
             metrics["hess_init_share"] = opt.hess_init_share()
+        # the pool's mean LOO loss from the scored slice (a stratified sample; the whole pool: standard error 0)
+        control = (seen[res.indices.to(seen.device)].cpu().numpy(), seen[pool.to(seen.device)].cpu().numpy())
+
+        def estimate(losses):
+            return loo_estimate(losses.numpy(), res.targets.cpu().numpy(), cad.population, control=control)
+
+        res, cal = self._calibrate(model, data, res, lambda losses: estimate(losses)[0], metrics, variance, step,
+                                   len(yte))
+        metrics.update(cal)
         # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
         metrics["loo_capped"] = res.capped
-        # the pool's mean LOO loss from the scored slice (a stratified sample; the whole pool: standard error 0)
-        metrics["loo"], metrics["loo_se"] = loo_estimate(
-            res.loo_losses.numpy(), res.targets.cpu().numpy(), cad.population,
-            control=(seen[res.indices.to(seen.device)].cpu().numpy(), seen[pool.to(seen.device)].cpu().numpy()))
+        metrics["loo"], metrics["loo_se"] = estimate(res.loo_losses)
         metrics["loo_sample"] = float(len(res.indices))
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
@@ -399,6 +377,22 @@ class Trainer:
         self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
 
+    def _calibrate(self, model, data: Dataset, res, estimate, metrics, variance, step, n_test):
+        """(the result at the calibrated scale, the calibration's metrics): worker.calibration."""
+        cal = self.cal
+        if not cal.active or cal.fixed:
+            return cal.update(res, estimate, None, step, None)
+        if cal.cfg.source == "test":  # the test metrics just measured (a stratified subset with a budget)
+            target, se, n = metrics["test_nll"], metrics.get("test_nll_se"), n_test
+        else:
+            target, se = heldout_nll(model, data.xtr, data.ytr, torch.from_numpy(cal.held))
+            n = len(cal.held)
+        res, out = cal.update(res, estimate, target, step, variance_level(variance))
+        out.update({"calibration_nll": target, "calibration_examples": float(n)})
+        if se is not None and math.isfinite(se):
+            out["calibration_nll_se"] = se
+        return res, out
+
     # a training NLL this many times chance's (log K) at two evaluations in a row: diverged (a large learning rate's
     # first steps can pass a hundred times chance and recover; no run that learns stays past a thousand)
     DIVERGED = 1000.0
@@ -422,4 +416,5 @@ class Trainer:
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step, "perm": perm,
             "early_stopping": es.state_dict(), "cadence": cad.state_dict(), "seen": seen.cpu(),
+            "calibration": self.cal.state_dict(),
             "ranks": ranks})

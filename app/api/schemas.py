@@ -64,6 +64,24 @@ class RunCreate(BaseModel):
     config: JobConfig = Field(description="a job config (see the README); validated before the job is queued")
 
 
+class CalibrationOut(BaseModel):
+    step: int | None = Field(description="the evaluation it describes (the latest); None before the first")
+    source: Literal["split", "test", "none", "fixed"] = Field(
+        description="split: training examples held out of training; test: the test split; fixed: a given scale")
+    mode: Literal["refit", "frozen", "frozen_variance", "fixed"]
+    calibrated: bool
+    examples: int | None = Field(description="held-out examples the scale was fitted on")
+    heldout_nll: float | None
+    heldout_nll_se: float | None
+    scale: float | None = Field(description="the scale on σ² the LOO is read at")
+    fit: float | None = Field(description="the scale that would match the held-out NLL now")
+    fitted_step: int | None = Field(description="frozen modes: the last step the scale was fitted at")
+    drift: float | None = Field(description="fit / scale: how far the frozen scale is from matching now")
+    warning: bool = Field(description="drift beyond ±25%: the frozen LOO no longer predicts the held-out level")
+    loo_raw: float | None = Field(description="the LOO at σ² as trained (uncalibrated)")
+    line: str = Field(description="the calibration in one sentence, as the run page shows it")
+
+
 class Point(BaseModel):
     step: int
     value: float | None

@@ -18,6 +18,7 @@ from app.api.routes import INT32, RunId
 from app.api.routes.common import Idx
 from app.api.schemas import HESS_INIT_SCALE, INFLUENCE_VALIDITY, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
 from app.store import NotFound, Store
+from app.store.calibration import calibration_summary
 
 router = APIRouter()
 
@@ -96,7 +97,8 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
         "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
         "latest": latest[-1] if latest else None, "classes": store.num_classes(run_id),
         "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
-        "mean_validity": LOO_MEAN_VALIDITY})
+        "mean_validity": LOO_MEAN_VALIDITY,
+        "calibration": calibration_summary(run.config, latest[-1].metrics if latest else None)})
 
 
 @router.get("/runs/{run_id}/examples/{idx}", response_class=HTMLResponse, include_in_schema=False,

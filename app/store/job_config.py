@@ -38,7 +38,8 @@ BIG = 10**9  # sizes and counts: bounded, so a typo cannot ask for 2**63 of anyt
 SEED = Field(0, ge=0, le=2**32 - 1, description="seeds numpy, torch and scikit-learn alike")
 # what an evaluation records (worker.trainer), the names early stopping may monitor; test_mc_* with IVON only
 MONITORS = ("loo", "loo_se", "loo_sample", "test_nll_se", "train_nll", "train_acc", "loo_capped", "hess_mean",
-            "hess_min", "hess_max", "hess_init_share",
+            "hess_min", "hess_max", "hess_init_share", "loo_raw", "calibration_scale", "calibration_fit",
+            "calibration_nll", "calibration_nll_se", "calibration_examples", "calibration_step",
             *(f"test_{m}" for m in ("accuracy", "nll", "ece", "brier")),
             *(f"test_mc_{m}" for m in ("accuracy", "nll", "ece", "brier")))
 
@@ -174,6 +175,26 @@ class DiagnosticsConfig(_Strict):
                              "test examples, with test_nll_se; the last evaluation measures the whole test set")
 
 
+class CalibrationConfig(_Strict):
+    source: Literal["split", "test", "none"] = Field(
+        "split", description="what the LOO's level is calibrated against: split: a stratified split of the training "
+        "set held out of training; test: the job's test split (then the LOO's level is the test NLL's); none: "
+        "uncalibrated (σ² as trained: its level follows hess_init, docs/validation.md)")
+    mode: Literal["refit", "frozen", "frozen_variance"] = Field(
+        "frozen_variance", description="refit: the scale is refitted at every evaluation (the LOO's mean then "
+        "equals the held-out NLL); frozen: fitted over the first freeze_at of the run, then fixed; "
+        "frozen_variance: frozen, and the level of the scaled σ² held there as σ² grows by schedule. How each holds "
+        "against held-out truth: docs/calibration.md")
+    fraction: float = Field(0.05, gt=0, le=0.5, description="split: the share of the training set held out")
+    max_examples: Int = Field(2000, ge=1, le=BIG, description="split: at most this many examples held out")
+    min_examples: Int = Field(50, ge=1, le=BIG, description="fewer held-out examples than this: uncalibrated (the "
+                              "run says so)")
+    freeze_at: float = Field(0.2, gt=0, le=1, description="frozen modes: the share of the run's steps whose "
+                             "evaluations fit the scale")
+    scale: float | None = Field(None, gt=0, le=1e6, description="a fixed scale on σ² (e.g. another run's "
+                                "calibration_scale): no data held out, nothing fitted")
+
+
 def _positive_count(value: str) -> str:
     if float(re.match(r"\s*([\d.]+)", value).group(1)) <= 0:
         raise ValueError("must be more than 0")
@@ -201,6 +222,7 @@ class JobConfig(_Strict):
         None, description="a fixed cadence: steps between evaluations (50 or '50 steps') or epochs ('2 epochs', "
         "'0.5 epoch'); None: diagnostics.budget decides")
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval_mc_samples: Int = Field(8, ge=1, le=10_000)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)

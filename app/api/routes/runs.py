@@ -10,8 +10,9 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import get_store, require_write
 from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, read
-from app.api.schemas import EarlyStopOut, RunCreate, RunOut, RunPatch
+from app.api.schemas import CalibrationOut, EarlyStopOut, RunCreate, RunOut, RunPatch
 from app.store import Store
+from app.store.calibration import calibration_summary
 
 router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["runs"])
 
@@ -37,6 +38,16 @@ def create_run(body: RunCreate, store: Store = Depends(get_store)):
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=read)
 def get_run(run_id: RunId, store: Store = Depends(get_store)):
     return store.get_run(run_id)
+
+
+@router.get("/runs/{run_id}/calibration", response_model=CalibrationOut, dependencies=read)
+def get_calibration(run_id: RunId, store: Store = Depends(get_store)):
+    """What the run's LOO level is calibrated on at its latest evaluation: held-out examples, the scale on σ², the
+    drift of a frozen scale (docs/calibration.md)."""
+    run = store.get_run(run_id)
+    latest = store.latest_evaluations([run_id]).get(run_id)
+    summary = calibration_summary(run.config, latest.metrics if latest else None)
+    return {"step": latest.step if latest else None, **summary}
 
 
 @router.patch("/runs/{run_id}", response_model=RunOut, dependencies=[Depends(require_write)])

@@ -1,0 +1,59 @@
+"""What a run's LOO level is calibrated on, read from its config and its latest evaluation (worker.calibration
+writes the metrics; docs/calibration.md measures how each mode holds)."""
+
+from __future__ import annotations
+
+from app.store.job_config import CalibrationConfig
+
+DRIFT_WARN = 1.25  # a frozen scale this far from the one that would match now: the frozen LOO no longer predicts
+
+
+def _config(config: dict | None) -> CalibrationConfig:
+    raw = (config or {}).get("calibration") if isinstance(config, dict) else None
+    try:
+        return CalibrationConfig.model_validate(raw or {})
+    except ValueError:  # a Tracker run's free-form config
+        return CalibrationConfig()
+
+
+def calibration_summary(config: dict | None, metrics: dict | None, n_examples: int | None = None) -> dict:
+    """The calibration's state at an evaluation: source, mode, held-out examples, scale, drift, and one line."""
+    cfg, m = _config(config), metrics or {}
+    out = {"source": cfg.source, "mode": cfg.mode, "calibrated": "calibration_scale" in m,
+           "examples": int(m["calibration_examples"]) if "calibration_examples" in m else None,
+           "heldout_nll": m.get("calibration_nll"), "heldout_nll_se": m.get("calibration_nll_se"),
+           "scale": m.get("calibration_scale"), "fit": m.get("calibration_fit"),
+           "fitted_step": int(m["calibration_step"]) if "calibration_step" in m else None,
+           "loo_raw": m.get("loo_raw"), "drift": None, "warning": False}
+    if cfg.scale is not None and out["calibrated"]:
+        out.update(source="fixed", mode="fixed")
+        out["line"] = (f"LOO calibrated by a fixed scale {cfg.scale:.3g} on σ² (calibration.scale, e.g. another "
+                       f"run's): uncalibrated it would read {m.get('loo_raw', float('nan')):.4g}; how a scale carries "
+                       "between runs: docs/calibration.md.")
+        return out
+    if not out["calibrated"]:
+        why = ("calibration.source is none" if cfg.source == "none" else
+               "no evaluation yet" if not m else
+               f"its held-out split would be fewer than calibration.min_examples ({cfg.min_examples})")
+        out["line"] = (f"LOO uncalibrated ({why}): its level follows IVON's hess_init and the run's length, so "
+                       "compare it between evaluations, not with a test loss (docs/calibration.md).")
+        return out
+    held = (f"{out['examples']:,} training examples held out of training" if cfg.source == "split"
+            else f"{out['examples']:,} test examples")
+    nll = f"held-out NLL {out['heldout_nll']:.4g}" + (f" ± {out['heldout_nll_se']:.2g}" if out["heldout_nll_se"]
+                                                      else "")
+    if cfg.mode == "refit" or out["fit"] is None:
+        out["line"] = (f"LOO calibrated on {held} ({nll}), its scale on σ² ({out['scale']:.3g}) refitted at every "
+                       "evaluation: its mean is the held-out NLL's; the per-example values are at that level "
+                       "(docs/calibration.md).")
+        return out
+    out["drift"] = out["fit"] / out["scale"] if out["scale"] else None
+    drift = out["drift"]
+    out["warning"] = drift is not None and not (1 / DRIFT_WARN <= drift <= DRIFT_WARN)
+    since = f" up to step {out['fitted_step']}" if out["fitted_step"] is not None else ""
+    held_level = ", with σ²'s level held" if cfg.mode == "frozen_variance" else ""
+    verdict = ("beyond ±25%: the frozen LOO no longer predicts the held-out level" if out["warning"]
+               else "within ±25%")
+    out["line"] = (f"LOO calibrated on {held}{since}, then frozen{held_level} (scale {out['scale']:.3g} on σ²); "
+                   f"the {nll} now asks for {out['fit']:.3g}: drift {drift:.2f}×, {verdict} (docs/calibration.md).")
+    return out

@@ -1,0 +1,152 @@
+"""The LOO at a scaled covariance (sensitivity.calibration) and the worker's calibration of its level."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app.store.calibration import calibration_summary
+from app.store.job_config import CalibrationConfig
+from sensitivity import compute_sensitivities
+from sensitivity.calibration import fit_scale, loo_at, rescale
+from worker.calibration import Calibration, heldout_nll, variance_level
+
+
+def _setup(k=3, n=40):
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 5, dtype=torch.float64), torch.randint(0, k, (n,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, k)).double()
+    var = [torch.rand_like(p) * 0.5 for p in model.parameters()]
+    return model, x, y, var
+
+
+@pytest.mark.parametrize("form", ["first_order", "second_order", "rayleigh", "diagonal", "corrected"])
+def test_rescaling_a_result_equals_the_pass_at_the_scaled_covariance(form):
+    model, x, y, var = _setup()
+    res = compute_sensitivities(model, (x, y), var, form=form)
+    for alpha in (0.2, 5.0, 40.0):  # 40: the caps engage
+        ref = compute_sensitivities(model, (x, y), [v * alpha for v in var], form=form)
+        got = rescale(res, alpha)
+        torch.testing.assert_close(got.loo_losses, ref.loo_losses, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got.deviations, ref.deviations, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got.scores, ref.scores, rtol=1e-9, atol=1e-11)
+        assert torch.equal(got.guarded, ref.guarded)
+        assert got.loo_probs is not None and torch.allclose(got.loo_probs, ref.loo_probs)
+    assert rescale(res, 1.0) is res
+
+
+def test_fit_scale_reaches_a_target_and_says_when_it_cannot():
+    model, x, y, var = _setup()
+    res = compute_sensitivities(model, (x, y), var)
+    target = res.loo * 1.7
+    alpha, reached = fit_scale(res, target)
+    assert reached and alpha > 1 and math.isclose(loo_at(res, alpha), target, rel_tol=1e-3)
+    # below the training loss (α → 0) no scale reaches it: the lower bound, not reached
+    alpha, reached = fit_scale(res, float(res.losses.double().mean()) * 0.5)
+    assert not reached and alpha == pytest.approx(1e-6)
+    # a weighted estimate in place of the mean
+    w = torch.linspace(0.5, 1.5, len(res), dtype=torch.float64)
+    alpha, reached = fit_scale(res, target, lambda v: float((v * w).sum() / w.sum()))
+    assert reached and math.isclose(float((rescale(res, alpha).loo_losses * w).sum() / w.sum()), target, rel_tol=1e-3)
+
+
+def test_bad_scales_and_targets_are_refused_by_name():
+    model, x, y, var = _setup()
+    res = compute_sensitivities(model, (x, y), var)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Invalid scale"):
+            rescale(res, bad)
+    with pytest.raises(ValueError, match="Invalid target"):
+        fit_scale(res, float("nan"))
+    model, x, y, var = _setup(k=40, n=10)
+    wide = compute_sensitivities(model, (x, y), var, form="corrected")
+    with pytest.raises(ValueError, match="up to 32 outputs"):
+        rescale(wide, 2.0)
+
+
+def test_the_split_is_stratified_bounded_and_refused_when_too_small():
+    labels = np.repeat(np.arange(4), [500, 300, 150, 50])
+    cal = Calibration(CalibrationConfig(), labels, 1000, seed=0)
+    assert len(cal.held) == 50 and cal.active  # 5% of 1,000
+    counts = np.bincount(labels[cal.held], minlength=4)
+    assert np.abs(counts - np.array([25, 15, 7.5, 2.5])).max() <= 1
+    assert set(cal.trained(1000)) | set(cal.held) == set(range(1000)) and not set(cal.trained(1000)) & set(cal.held)
+    capped = Calibration(CalibrationConfig(fraction=0.5, max_examples=120), labels, 1000, seed=0)
+    assert len(capped.held) == 120
+    small = Calibration(CalibrationConfig(), labels[:400], 1000, seed=0)  # 20 < min_examples
+    assert not small.active and len(small.held) == 0 and "min_examples" in small.note
+    assert len(small.trained(400)) == 400
+    off = Calibration(CalibrationConfig(source="none"), labels, 1000, seed=0)
+    assert not off.active and len(off.held) == 0
+
+
+
+
+@pytest.mark.parametrize("mode", ["refit", "frozen", "frozen_variance"])
+def test_modes_fit_freeze_and_hold_the_variance_level(mode):
+    model, x, y, var = _setup()
+    res = compute_sensitivities(model, (x, y), var)
+    cal = Calibration(CalibrationConfig(source="test", mode=mode, freeze_at=0.3), np.zeros(0), 100, seed=0)
+    mean = lambda v: float(v.double().mean())  # noqa: E731
+    targets = [res.loo * f for f in (1.5, 1.6, 2.5, 3.0)]
+    levels = [1.0, 1.0, 2.0, 4.0]
+    scales, fits = [], []
+    for step, target, level in zip((10, 30, 60, 100), targets, levels):
+        out, m = cal.update(res, mean, target, step, level)
+        scales.append(m["calibration_scale"])
+        fits.append(m["calibration_fit"])
+        assert m["loo_raw"] == pytest.approx(res.loo) and out.loo == pytest.approx(loo_at(res, m["calibration_scale"]))
+    if mode == "refit":
+        assert scales == fits
+    else:
+        frozen = math.exp((math.log(fits[0]) + math.log(fits[1])) / 2)  # the fits up to 30% of 100 steps
+        expect = [fits[0], frozen, frozen, frozen]
+        if mode == "frozen_variance":
+            expect = [fits[0], frozen, frozen / 2, frozen / 4]  # σ² doubled, then quadrupled: ασ² held
+        assert scales == pytest.approx(expect)
+        state = cal.state_dict()
+        again = Calibration(CalibrationConfig(source="test", mode=mode, freeze_at=0.3), np.zeros(0), 100, seed=0)
+        again.load_state_dict(state)
+        _, m = again.update(res, mean, targets[-1], 120, levels[-1])
+        assert m["calibration_scale"] == pytest.approx(expect[-1])
+
+
+def test_a_fixed_scale_fits_nothing():
+    model, x, y, var = _setup()
+    res = compute_sensitivities(model, (x, y), var)
+    cal = Calibration(CalibrationConfig(scale=3.0), np.arange(1000) % 2, 100, seed=0)
+    assert len(cal.held) == 0 and cal.fixed
+    out, m = cal.update(res, lambda v: float(v.mean()), None, 5, None)
+    assert m["calibration_scale"] == 3.0 and "calibration_fit" not in m
+    assert out.loo == pytest.approx(loo_at(res, 3.0))
+
+
+def test_heldout_nll_and_variance_level():
+    model, x, y, var = _setup()
+    nll, se = heldout_nll(model, x, y, torch.arange(0, 40, 2), chunk=3)
+    ref = nn.functional.cross_entropy(model(x[::2]), y[::2], reduction="none").double().detach()
+    assert nll == pytest.approx(float(ref.mean())) and se == pytest.approx(float(ref.std() / math.sqrt(20)))
+    assert variance_level({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([0.0, 16.0])}) == pytest.approx(4.0)
+    assert variance_level(object()) is None
+
+
+def test_the_summary_says_what_the_level_is_calibrated_on():
+    on = {"calibration": {"mode": "frozen_variance"}}
+    m = {"calibration_scale": 2.0, "calibration_fit": 2.8, "calibration_nll": 0.41, "calibration_nll_se": 0.02,
+         "calibration_examples": 1000, "calibration_step": 600, "loo_raw": 0.2}
+    s = calibration_summary(on, m)
+    assert s["calibrated"] and s["drift"] == pytest.approx(1.4) and s["warning"]
+    assert "1,000 training examples held out" in s["line"] and "step 600" in s["line"] and "1.40×" in s["line"]
+    ok = calibration_summary(on, {**m, "calibration_fit": 2.2})
+    assert not ok["warning"] and "within ±25%" in ok["line"]
+    refit = calibration_summary({"calibration": {"mode": "refit"}}, {**m, "calibration_fit": 2.0})
+    assert "refitted at every evaluation" in refit["line"] and refit["drift"] is None
+    none = calibration_summary({"calibration": {"source": "none"}}, {"loo_raw": 0.1})
+    assert not none["calibrated"] and "calibration.source is none" in none["line"]
+    few = calibration_summary({}, {"loo_raw": 0.1})
+    assert "min_examples" in few["line"]
+    fixed = calibration_summary({"calibration": {"scale": 3.0}}, {"calibration_scale": 3.0, "loo_raw": 0.1})
+    assert fixed["source"] == "fixed" and "fixed scale 3" in fixed["line"]
+    assert calibration_summary({"calibration": "garbage"}, None)["line"].startswith("LOO uncalibrated (no evaluation")
