@@ -98,6 +98,8 @@ def _runs_update(args: argparse.Namespace) -> int:
 def _runs_show(args: argparse.Namespace) -> int:
     import json
 
+    from app.store.calibration import calibration_summary
+
     store = _store(args)
     run = store.get_run(args.run)
     step = store.latest_step(run.id)
@@ -106,6 +108,7 @@ def _runs_show(args: argparse.Namespace) -> int:
                       "created_at": str(run.created_at), "finished_at": str(run.finished_at),
                       "last_evaluation": None if last[0] is None else {"step": last[0].step, "loo": last[0].loo,
                                                                         **last[0].metrics},
+                      "calibration": calibration_summary(run.config, None if last[0] is None else last[0].metrics),
                       "config": run.config}, indent=2, default=str))
     return 0
 

@@ -6,14 +6,16 @@ Each setting trains IVON (matched β2) on a training set less a stratified calib
 evaluates every epoch at the posterior mean: the LOO on a fixed stratified sample of the training set (rayleigh
 form, σ² as trained), the NLL on the calibration split and on a large held-out test set (the truth). The
 candidates differ only in the scale α on σ² the LOO is read at (no retraining between them):
-  raw        α = 1 (the uncalibrated default)
+  raw        α = 1 (uncalibrated: calibration.source none)
   refit      α refitted at every evaluation so that the LOO equals the calibration split's NLL
   frozen     α fitted at the evaluations in the first 20% of the run (geometric mean), then fixed
   frozen_σ²  frozen, and divided by the growth of σ²'s geometric mean since then: σ² grows by schedule
              (hess_init's remainder decays under the matched β2), so this freezes the level of αΣ instead
+(the job config's calibration.mode refit, frozen and frozen_variance, read through worker.calibration itself)
 Scores: level (final LOO / final test NLL), trend (Spearman over evaluations with the test NLL), stopping (test NLL
-where early stopping on the LOO restores, over the best evaluation's), transfer (a frozen α from another seed,
-weight decay or run length). A small setting compares per-example LOO losses with leave-one-out retraining.
+where early stopping on the LOO restores, over the best evaluation's), transfer (the last scale of another run,
+another seed, weight decay or run length, used as a fixed ``calibration.scale``). A small setting compares
+per-example LOO losses with leave-one-out retraining.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from sklearn.datasets import make_classification
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from app.store.job_config import CalibrationConfig
 from ivon_core import IVON, matched_beta2
 from research.setups import Split
 from sensitivity import compute_sensitivities, ivon_variance
-from sensitivity.calibration import fit_scale, loo_at, rescale
+from sensitivity.calibration import fit_scale, rescale
+from worker.calibration import Calibration
 from worker.data import flip
 from worker.models import mlp, small_cnn
 
@@ -116,7 +120,7 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
                beta2=matched_beta2(steps))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
-    evals, t_train, t_eval = [], 0.0, 0.0
+    evals, t_train, t_eval, t_cal = [], 0.0, 0.0, 0.0
     for ep in range(1, epochs + 1):
         t = time.perf_counter()
         model.train()
@@ -131,39 +135,39 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
         var = ivon_variance(opt, model)
         res = compute_sensitivities(model, (split.xtr[sample], split.ytr[sample]), var)
         sig = torch.cat([v.flatten() for v in var.values()])
-        evals.append({"epoch": ep, "res": res, "cal_nll": _nll(model, split.xtr[cal], split.ytr[cal]),
+        t_cal -= time.perf_counter()  # the calibration's own cost: the split's NLL here, the fit below
+        cal_nll = _nll(model, split.xtr[cal], split.ytr[cal])
+        t_cal += time.perf_counter()
+        evals.append({"epoch": ep, "res": res, "cal_nll": cal_nll,
                       "test_nll": _nll(model, split.xte, split.yte), "test_acc": _acc(model, split.xte, split.yte),
                       "sigma_level": float(sig[sig > 0].log().mean().exp()),
                       "share": opt.hess_init_share()})
         t_eval += time.perf_counter() - t
     for e in evals:
+        t = time.perf_counter()
         e["alpha_fit"], e["reached"] = fit_scale(e["res"], e["cal_nll"])
+        t_cal += time.perf_counter() - t
         e["raw"] = e["res"].loo
-    return {"evals": evals, "n_train": len(train), "n_cal": len(cal), "train_s": t_train, "eval_s": t_eval}
+    return {"evals": evals, "n_train": len(train), "n_cal": len(cal), "train_s": t_train, "eval_s": t_eval,
+            "cal_s": t_cal}
 
 
-def frozen_alpha(evals: list[dict]) -> tuple[float, int]:
-    """(α, index of the last evaluation it was fitted on): geometric mean of the fits that reached the held-out NLL
-    in the first FREEZE_AT of the run (the first such fit if none is that early), as worker.calibration freezes."""
-    k = max(1, int(round(FREEZE_AT * len(evals))))
-    reached = [i for i, e in enumerate(evals) if e["reached"]]
-    used = [i for i in reached if i < k] or reached[:1] or [0]
-    return float(np.exp(np.mean([math.log(evals[i]["alpha_fit"]) for i in used]))), used[-1]
-
-
-def series(evals: list[dict], policy: str, alpha: float | None = None, at: int | None = None,
-           level: float | None = None) -> np.ndarray:
-    """The LOO over evaluations under a policy; ``alpha``/``at``/``level``: a frozen α from elsewhere (transfer)."""
+def series(evals: list[dict], policy: str, scale: float | None = None) -> tuple[np.ndarray, float]:
+    """(the LOO over evaluations, the last scale in use) under a policy, read through the product's own
+    ``worker.calibration.Calibration`` (the fits against the calibration split's NLL); ``scale``: a fixed scale
+    from another run (transfer, the job config's ``calibration.scale``)."""
     if policy == "raw":
-        return np.array([e["raw"] for e in evals])
-    if policy == "refit":
-        return np.array([loo_at(e["res"], e["alpha_fit"]) for e in evals])
-    if alpha is None:
-        alpha, at = frozen_alpha(evals)
-        level = evals[at]["sigma_level"]
-    if policy == "frozen":
-        return np.array([loo_at(e["res"], alpha) for e in evals])
-    return np.array([loo_at(e["res"], alpha * level / e["sigma_level"]) for e in evals])  # frozen_σ²
+        return np.array([e["raw"] for e in evals]), 1.0
+    mode = {"frozen_σ²": "frozen_variance"}.get(policy, policy)
+    cfg = CalibrationConfig(source="test", mode=mode if scale is None else "frozen", freeze_at=FREEZE_AT,
+                            scale=scale)
+    cal = Calibration(cfg, np.zeros(0, np.int64), evals[-1]["epoch"], seed=0)
+    out = []
+    for e in evals:
+        res, m = cal.update(e["res"], lambda v: float(v.double().mean()), e["cal_nll"], e["epoch"],
+                            e["sigma_level"])
+        out.append(res.loo)
+    return np.array(out), cal.last
 
 
 POLICIES = ("raw", "refit", "frozen", "frozen_σ²")
@@ -192,13 +196,14 @@ def score(loo: np.ndarray, evals: list[dict]) -> dict:
 def per_example(seed: int = 0) -> dict:
     """Digits, 300 examples, float64 tanh MLP: per-example LOO losses at several α against exact retraining."""
     from research.estimators import refine
-    from research.setups import digits, make_model
+    from research.setups import digits
     from sensitivity.covariance import prior_from_weight_decay
     from sensitivity.retrain import leave_one_out
 
     split = digits(300, seed, torch.float64)
     wd, epochs, batch = 3e-3, 100, 32
-    model = make_model("mlp_tanh", seed, torch.float64)
+    torch.manual_seed(seed)
+    model = mlp(64, 10, (32,), activation="tanh").double()  # the validation's 64-32-10 (exact batched refits)
     steps = epochs * math.ceil(split.n / batch)
     opt = IVON(model.parameters(), lr=0.5, ess=split.n, hess_init=0.3, weight_decay=wd, beta2=matched_beta2(steps))
     gen = torch.Generator().manual_seed(seed)
@@ -248,32 +253,33 @@ def measure(quick: bool = False) -> dict:
         rows = {}
         for seed, r in runs.items():
             ev = r["evals"]
-            rows[seed] = {p: score(series(ev, p), ev) for p in POLICIES}
+            rows[seed] = {p: score(series(ev, p)[0], ev) for p in POLICIES}
             rows[seed]["meta"] = {"n_train": r["n_train"], "n_cal": r["n_cal"],
-                                  "cost": r["eval_s"] / r["train_s"], "alpha_frozen": frozen_alpha(ev)[0],
+                                  "cost": r["eval_s"] / r["train_s"], "cal_cost": r["cal_s"] / r["train_s"],
+                                  "alpha_frozen": series(ev, "frozen")[1],
                                   "alpha_first": ev[0]["alpha_fit"], "alpha_last": ev[-1]["alpha_fit"],
                                   "share": ev[-1]["share"], "test_acc": ev[-1]["test_acc"],
                                   "unreached": sum(not e["reached"] for e in ev),
                                   "test_nll": [e["test_nll"] for e in ev], "epoch": [e["epoch"] for e in ev],
-                                  **{p: series(ev, p).tolist() for p in POLICIES}}
+                                  "cal_nll": [e["cal_nll"] for e in ev],
+                                  **{p: series(ev, p)[0].tolist() for p in POLICIES}}
         out["settings"][name] = {"clean": clean, "epochs": epochs, "hess_init": hess_init, "weight_decay": wd,
                                  "seeds": rows}
-        # transfer across seeds: seed 0's frozen α read on seed 1's run
-        a, at = frozen_alpha(runs[0]["evals"])
+        print(report(out, 0, "partial"), file=sys.stderr, flush=True)
+        # transfer across seeds: seed 0's scales read on seed 1's run as a fixed calibration.scale
         ev1 = runs[1]["evals"]
         out["transfer"][f"{name}: seed 0 → seed 1"] = {
-            "frozen": score(series(ev1, "frozen", a, at, runs[0]["evals"][at]["sigma_level"]), ev1),
-            "frozen_σ²": score(series(ev1, "frozen_σ²", a, at, runs[0]["evals"][at]["sigma_level"]), ev1)}
+            f"{p} scale of seed 0": score(series(ev1, p, series(runs[0]["evals"], p)[1])[0], ev1)
+            for p in ("refit", "frozen")}
     if not quick:
         # transfer across weight decay and run length on the 20k setting
         make_split, make_model = SETTINGS["synthetic 20k, MLP 512-512, hess_init 0.3"][:2]
-        base = run(make_split(0), make_model, 30, 0.3, 1e-3, 0)
-        a, at = frozen_alpha(base["evals"])
-        lvl = base["evals"][at]["sigma_level"]
+        base = run(make_split(0), make_model, 30, 0.3, 1e-3, 0)["evals"]
         for label, (epochs, wd) in {"weight decay 1e-3 → 1e-4": (30, 1e-4), "30 → 15 epochs": (15, 1e-3)}.items():
             other = run(make_split(0), make_model, epochs, 0.3, wd, 0)["evals"]
             out["transfer"][f"synthetic 20k: {label}"] = {
-                p: score(series(other, p, a, at, lvl), other) for p in ("frozen", "frozen_σ²")}
+                f"{p} scale of the first": score(series(other, p, series(base, p)[1])[0], other)
+                for p in ("refit", "frozen")}
         out["per_example"] = per_example()
     return out
 
@@ -290,6 +296,15 @@ def report(res: dict, seconds: float, command: str) -> str:
              "Goals: level (final LOO / final held-out NLL) within 0.75–1.25 and trend (Spearman with the held-out "
              "NLL over evaluations) ≥ 0.8 in every clean setting; stopping (held-out NLL where early stopping on "
              "the LOO restores / the best evaluation's) ≤ 1.10; under memorized flips the trend ≥ 0.8 too.", ""]
+    lines += ["## Summary", "", "Over every setting and seed below (the flipped setting included):", "",
+              "| candidate | runs passing | level range | lowest trend | worst stopping |", "|---|---|---|---|---|"]
+    for p in POLICIES:
+        rows = [m[p] for s in res["settings"].values() for m in s["seeds"].values()]
+        ok = sum(0.75 <= r["level"] <= 1.25 and r["trend"] >= 0.8 and r["stopping"] <= 1.10 for r in rows)
+        lines.append(f"| {p} | {ok} of {len(rows)} | {_f(min(r['level'] for r in rows))}–"
+                     f"{_f(max(r['level'] for r in rows))} | {_f(min(r['trend'] for r in rows))} | "
+                     f"{_f(max(r['stopping'] for r in rows), 3)} |")
+    lines.append("")
     for name, s in res["settings"].items():
         lines += [f"## {name}", "",
                   f"{s['epochs']} epochs, hess_init {s['hess_init']}, weight decay {s['weight_decay']}; "
@@ -297,7 +312,8 @@ def report(res: dict, seconds: float, command: str) -> str:
                               f"split, test accuracy {_f(m['meta']['test_acc'], 3)}, hess_init share "
                               f"{_f(m['meta']['share'], 3)}, α fitted {_f(m['meta']['alpha_first'])} at the first "
                               f"evaluation, {_f(m['meta']['alpha_last'])} at the last, evaluation cost "
-                              f"{_f(m['meta']['cost'])}× training" for k, m in s["seeds"].items()), "",
+                              f"{_f(m['meta']['cost'])}× training, of which the calibration (the split's NLL and "
+                              f"the fit) {m['meta']['cal_cost']:.3f}×" for k, m in s["seeds"].items()), "",
                   "| candidate | seed | level | trend | stopping | verdict |", "|---|---|---|---|---|---|"]
         for p in POLICIES:
             for seed, m in s["seeds"].items():
@@ -307,7 +323,7 @@ def report(res: dict, seconds: float, command: str) -> str:
                              f"{'PASS' if ok else 'FAIL'} |")
         lines.append("")
     if res["transfer"]:
-        lines += ["## Transfer: a frozen α fitted on one run, read on another", "",
+        lines += ["## Transfer: one run's last scale, read on another as a fixed calibration.scale", "",
                   "| transfer | candidate | level | trend | stopping |", "|---|---|---|---|---|"]
         for name, t in res["transfer"].items():
             for p, r in t.items():
@@ -316,10 +332,10 @@ def report(res: dict, seconds: float, command: str) -> str:
     if "per_example" in res:
         pe = res["per_example"]
         lines += ["## Per-example fidelity against retraining", "",
-                  f"digits, 300 examples, float64 tanh MLP, weight decay 0.003, 100 epochs; truth: retraining without "
-                  f"each example (true LOO {_f(pe['true_loo'], 3)}); α fitted on the 360 test examples: "
-                  f"{_f(pe['alpha_test'])}.", "", "| scale | per-example Spearman vs retraining | level vs true LOO |",
-                  "|---|---|---|"]
+                  "digits, 300 examples, float64 tanh MLP 64-32-10, weight decay 0.003, 100 epochs; truth: "
+                  f"retraining without each example (true LOO {_f(pe['true_loo'], 3)}); α fitted on the 360 test "
+                  f"examples: {_f(pe['alpha_test'])}.", "",
+                  "| scale | per-example Spearman vs retraining | level vs true LOO |", "|---|---|---|"]
         for k in ("raw", "alpha/10", "alpha", "alpha*10"):
             lines.append(f"| {k} ({_f(pe[k]['scale'], 3)}) | {_f(pe[k]['rank'], 3)} | {_f(pe[k]['ratio'])} |")
         lines.append("")

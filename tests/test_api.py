@@ -200,6 +200,11 @@ def test_compare_page_warns_when_runs_differ_in_hess_init(api):
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id},{d.id}"}).text
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id}"}).text
     assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{c.id},{e.id}"}).text
+    # calibrated runs take their level from held-out data: their levels compare whatever their hess_init
+    for r in (a, b):
+        store.write_evaluation(r.id, 10, loo=0.5, metrics={"calibration_scale": 2.0, "loo_raw": 0.1})
+    assert 'id="hess-warning"' not in client.get("/compare", params={"ids": f"{a.id},{b.id}"}).text
+    assert 'id="hess-warning"' in client.get("/compare", params={"ids": f"{a.id},{b.id},{c.id}"}).text
     # whatever a stored config holds is shown escaped, and a config without an optimizer mapping reads as the default
     odd = store.create_run("odd", {"optimizer": {"hess_init": "<b>x</b>"}}, enqueue=False)
     flat = store.create_run("flat", {"optimizer": "ivon"}, enqueue=False)
@@ -328,3 +333,22 @@ def test_delete_a_run_and_export_the_latest_evaluation(api):
     assert client.get(f"/api/v1/runs/{run.id}").status_code == 404
     assert client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.csv").status_code == 404
     assert store.metric_names(run.id) == [] and client.delete(f"/api/v1/runs/{run.id}", headers=auth).status_code == 404
+
+
+def test_calibration_endpoint_says_what_the_level_is_calibrated_on(api):
+    client, store, _ = api
+    run = store.create_run("cal", {"calibration": {"mode": "frozen_variance"}}, enqueue=False)
+    r = client.get(f"/api/v1/runs/{run.id}/calibration")
+    assert r.status_code == 200 and r.json()["step"] is None and not r.json()["calibrated"]
+    assert "no evaluation yet" in r.json()["line"]
+    store.write_evaluation(run.id, 40, loo=0.52, metrics={
+        "loo_raw": 0.12, "calibration_scale": 3.0, "calibration_fit": 4.5, "calibration_nll": 0.5,
+        "calibration_nll_se": 0.03, "calibration_examples": 500.0, "calibration_step": 20.0})
+    assert client.get(f"/api/v1/runs/{run.id}/calibration", params={"step": 39}).status_code == 404
+    body = client.get(f"/api/v1/runs/{run.id}/calibration", params={"step": 40}).json()
+    assert body["step"] == 40 and body["calibrated"] and body["examples"] == 500 and body["fitted_step"] == 20
+    assert body["drift"] == 1.5 and body["warning"] and body["loo_raw"] == 0.12
+    assert "500 training examples held out of training" in body["line"] and "drift 1.50×" in body["line"]
+    assert client.get("/api/v1/runs/987654/calibration").status_code == 404
+    page = client.get(f"/runs/{run.id}").text
+    assert 'id="calibration"' in page and "drift 1.50×" in page and 'data-calibrated="yes"' in page

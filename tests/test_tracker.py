@@ -83,3 +83,42 @@ def test_tracker_logs_test_predictions_and_influence_for_the_dashboard(tmp_path)
     assert query.status == "done" and [r["test_idx"] for r in query.result] == ids
     top = query.result[0]["proponents"][0]
     assert top["idx"] == int(inf.proponents(0, 1)[0]) and top["label"] == int(y[top["idx"]])
+
+
+def test_tracker_calibrates_the_loo_on_the_users_held_out_data(tmp_path):
+    from sensitivity.calibration import loo_at
+
+    torch.manual_seed(1)
+    x, y = torch.randn(300, 5), torch.randint(0, 3, (300,))
+    xv, yv = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = IVON(model.parameters(), lr=0.1, ess=300)
+    with pytest.raises(ValueError, match="total_steps"):
+        Tracker(f"sqlite:///{tmp_path / 'cal.db'}", "frozen", calibration="frozen")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'cal.db'}", "calibrated", calibration="frozen_variance",
+                      total_steps=40, freeze_at=0.5)
+    tracker.log_examples(labels=y.tolist())
+    for step in range(1, 41):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if step % 10 == 0:
+            res = compute_sensitivities(model, (x, y), ivon_variance(optimizer, model))
+            with torch.no_grad():
+                val = float(nn.functional.cross_entropy(model(xv), yv))
+            if step == 10:
+                with pytest.raises(ValueError, match="heldout_nll"):
+                    tracker.log_evaluation(step, res, optimizer=optimizer)
+            tracker.log_evaluation(step, res, optimizer=optimizer, heldout_nll=val, heldout_examples=100)
+            ev = tracker.store.evaluations(tracker.run_id)[-1]
+            m = ev.metrics
+            assert m["loo_raw"] == pytest.approx(res.loo) and m["calibration_nll"] == val
+            assert ev.loo == pytest.approx(loo_at(res, m["calibration_scale"]))
+            if step <= 20:  # fitting: the LOO matches the held-out NLL it was fitted to, as far as a scale can
+                assert m["calibration_step"] == step
+    assert m["calibration_step"] == 20  # frozen after half the run
+    from app.store.calibration import calibration_summary
+
+    line = calibration_summary(tracker.store.get_run(tracker.run_id).config, m)["line"]
+    assert "100 held-out examples" in line and "step 20" in line and "drift" in line

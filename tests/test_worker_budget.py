@@ -33,7 +33,7 @@ def test_a_budgeted_job_samples_the_loo_with_its_error_and_rotates_the_examples(
     assert status == "done"
     evs = store.evaluations(rid)
     assert len(evs) >= 3
-    n = 2000  # the training split of 2,500
+    n = 1900  # the training split of 2,500 less the calibration split (5%)
     *before, last = evs
     for e in before:
         assert 0 < e.metrics["loo_sample"] < n and e.metrics["loo_se"] > 0
@@ -57,7 +57,8 @@ def test_evaluations_do_not_change_what_training_computes(tmp_path):
         store, rid, _ = _train(tmp_path, {**JOB, "epochs": 3, **extra}, name)
         finals.append(_final(tmp_path, store, rid))
         if name == "epochs":
-            assert [e.step for e in store.evaluations(rid)] == [63, 126, 189]  # 2000 / 32 → 63 steps an epoch
+            # 2000 less the 100 held out for calibration, in batches of 32 → 60 steps an epoch
+            assert [e.step for e in store.evaluations(rid)] == [60, 120, 180]
     assert all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in finals[0])
 
 

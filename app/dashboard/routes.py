@@ -172,9 +172,11 @@ def compare_page(request: Request, ids: str = Query("", description="comma-separ
             continue
         data[f"{rid}: {run.name}"] = {n: store.curve(rid, n, max_points=2000) for n in COMPARED}
         hess_inits[rid] = _hess_init(run.config)
-    # the default LOO's scale follows IVON's hess_init (docs/validation.md): levels of runs that differ in it
-    # are not comparable
-    differ = len({h[0] for h in hess_inits.values()}) > 1
+    # an uncalibrated LOO's scale follows IVON's hess_init (docs/validation.md): levels of runs that differ in it
+    # are not comparable; calibrated ones take their level from held-out data
+    latest = store.latest_evaluations(list(hess_inits))
+    uncalibrated = any(r not in latest or "calibration_scale" not in (latest[r].metrics or {}) for r in hess_inits)
+    differ = uncalibrated and len({h[0] for h in hess_inits.values()}) > 1
     return templates.TemplateResponse(request, "compare.html", {"data_json": js(data), "ids": ids,
                                                                 "hess_inits": hess_inits if differ else None,
                                                                 "missing": missing,

@@ -39,7 +39,7 @@ def calibration_summary(config: dict | None, metrics: dict | None, n_examples: i
                        "compare it between evaluations, not with a test loss (docs/calibration.md).")
         return out
     held = (f"{out['examples']:,} training examples held out of training" if cfg.source == "split"
-            else f"{out['examples']:,} test examples")
+            else f"{out['examples']:,} held-out examples (the test split, or the Tracker's)")
     nll = f"held-out NLL {out['heldout_nll']:.4g}" + (f" ± {out['heldout_nll_se']:.2g}" if out["heldout_nll_se"]
                                                       else "")
     if cfg.mode == "refit" or out["fit"] is None:

@@ -181,7 +181,7 @@ class CalibrationConfig(_Strict):
         "set held out of training; test: the job's test split (then the LOO's level is the test NLL's); none: "
         "uncalibrated (σ² as trained: its level follows hess_init, docs/validation.md)")
     mode: Literal["refit", "frozen", "frozen_variance"] = Field(
-        "frozen_variance", description="refit: the scale is refitted at every evaluation (the LOO's mean then "
+        "refit", description="refit: the scale is refitted at every evaluation (the LOO's mean then "
         "equals the held-out NLL); frozen: fitted over the first freeze_at of the run, then fixed; "
         "frozen_variance: frozen, and the level of the scaled σ² held there as σ² grows by schedule. How each holds "
         "against held-out truth: docs/calibration.md")

@@ -41,13 +41,19 @@ def get_run(run_id: RunId, store: Store = Depends(get_store)):
 
 
 @router.get("/runs/{run_id}/calibration", response_model=CalibrationOut, dependencies=read)
-def get_calibration(run_id: RunId, store: Store = Depends(get_store)):
-    """What the run's LOO level is calibrated on at its latest evaluation: held-out examples, the scale on σ², the
-    drift of a frozen scale (docs/calibration.md)."""
+def get_calibration(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32, description="the evaluation at "
+                    "this step (default: the latest)"), store: Store = Depends(get_store)):
+    """What the run's LOO level is calibrated on at an evaluation: held-out examples, the scale on σ², the drift of
+    a frozen scale (docs/calibration.md)."""
     run = store.get_run(run_id)
-    latest = store.latest_evaluations([run_id]).get(run_id)
-    summary = calibration_summary(run.config, latest.metrics if latest else None)
-    return {"step": latest.step if latest else None, **summary}
+    if step is None:
+        ev = store.latest_evaluations([run_id]).get(run_id)
+    else:
+        found = store.evaluations(run_id, since_step=step - 1, limit=1)
+        ev = found[0] if found and found[0].step == step else None
+        if ev is None:
+            raise HTTPException(404, f"Not found: run {run_id} has no evaluation at step {step}")
+    return {"step": ev.step if ev else None, **calibration_summary(run.config, ev.metrics if ev else None)}
 
 
 @router.patch("/runs/{run_id}", response_model=RunOut, dependencies=[Depends(require_write)])
