@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c requirements/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint bench demo validate clean
+.PHONY: install test test-all lint bench demo validate validate-calibration clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/ivon-diag validate
+
+# the LOO's calibration at N up to 20,000, on images and under memorized flips: docs/calibration.md
+validate-calibration: $(STAMP)
+	$(BIN)/python -m research.calibration
 
 demo: $(STAMP)
 	$(BIN)/ivon-diag demo

@@ -145,8 +145,30 @@ def test_the_summary_says_what_the_level_is_calibrated_on():
     assert "refitted at every evaluation" in refit["line"] and refit["drift"] is None
     none = calibration_summary({"calibration": {"source": "none"}}, {"loo_raw": 0.1})
     assert not none["calibrated"] and "calibration.source is none" in none["line"]
-    few = calibration_summary({}, {"loo_raw": 0.1})
+    few = calibration_summary({"calibration": {}}, {"loo_raw": 0.1})
     assert "min_examples" in few["line"]
+    assert "none configured" in calibration_summary({"lr": 0.1}, {"train_nll": 0.1})["line"]
     fixed = calibration_summary({"calibration": {"scale": 3.0}}, {"calibration_scale": 3.0, "loo_raw": 0.1})
     assert fixed["source"] == "fixed" and "fixed scale 3" in fixed["line"]
     assert calibration_summary({"calibration": "garbage"}, None)["line"].startswith("LOO uncalibrated (no evaluation")
+
+
+def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
+    """research.calibration's pipeline on a small setting: the refit policy's LOO is the split's NLL, the report
+    says what each candidate scored."""
+    from research.calibration import POLICIES, report, run, score, series, synthetic
+    from worker.models import mlp
+
+    out = run(synthetic(600, 400, 0), lambda: mlp(40, 10, (32,)), 4, 0.3, 1e-3, 0, batch=64)
+    ev = out["evals"]
+    assert out["n_cal"] == 30 and out["n_train"] == 570 and len(ev) == 4
+    refit, _ = series(ev, "refit")
+    for e, loo in zip(ev, refit):
+        if e["reached"]:
+            assert loo == pytest.approx(e["cal_nll"], rel=1e-3)
+    rows = {p: score(series(ev, p)[0], ev) for p in POLICIES}
+    meta = {"n_train": 570, "n_cal": 30, "cost": 1.0, "cal_cost": 0.01, "alpha_first": 1.0, "alpha_last": 2.0,
+            "share": 0.9, "test_acc": 0.5}
+    text = report({"settings": {"tiny": {"clean": True, "epochs": 4, "hess_init": 0.3, "weight_decay": 1e-3,
+                                         "seeds": {0: {**rows, "meta": meta}}}}, "transfer": {}}, 1.0, "test")
+    assert "| refit | 0 |" in text and "## Summary" in text

@@ -359,3 +359,37 @@ def test_test_examples_worst_first_and_one_explained_by_its_training_examples(se
         assert page.evaluate("window.pwned") is None
         browser.close()
     assert errors == []
+
+
+def test_the_run_page_says_what_the_loo_is_calibrated_on_and_flags_drift_live(server):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("calibrated", {"calibration": {"mode": "frozen"}}, enqueue=False)
+    store.add_examples(run.id, range(50), labels=[i % 10 for i in range(50)], thumbnails=_images(50))
+
+    def write(step, fit):
+        s = np.random.default_rng(step).random(50)
+        store.write_evaluation(run.id, step, loo=0.4, metrics={
+            "train_nll": 0.2, "test_nll": 0.41, "hess_init_share": 0.95, "loo_raw": 0.1, "calibration_scale": 3.0,
+            "calibration_fit": fit, "calibration_nll": 0.4, "calibration_nll_se": 0.02,
+            "calibration_examples": 1000.0, "calibration_step": 10.0}, idx=np.arange(50), scores=s, loo_losses=s)
+
+    write(10, 3.0)
+    errors = []
+    with sync_playwright() as p:
+        browser, page = _open(p, errors)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#loss .main-svg")
+        line = page.inner_text("#calibration")
+        assert "1,000 training examples held out of training" in line and "drift 1.00×" in line
+        assert page.get_attribute("#calibration", "class") == ""
+        # calibrated: hess_init no longer sets the level, so its warning stays hidden at a share of 0.95
+        assert page.is_hidden("#hess-note")
+        write(20, 4.5)  # the held-out data now asks for a scale 1.5 times the frozen one
+        page.wait_for_function("document.body.dataset.lastStep === '20'", timeout=15000)
+        page.wait_for_function("document.getElementById('calibration').textContent.includes('1.50×')")
+        assert page.get_attribute("#calibration", "class") == "status-failed"
+        assert page.is_hidden("#hess-note")
+        browser.close()
+    assert errors == []

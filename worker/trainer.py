@@ -147,6 +147,8 @@ class Trainer:
                                     data.original.tolist(), thumbnails(data), sources=data.refs,
                                     class_names=data.class_names)
             self.store.add_test_examples(self.run_id, data.yte.tolist(), thumbnails(data, test=True))
+        if self.writer and not self.cal.active:
+            self.log(f"run {self.run_id}: LOO {self.cal.note}")
         self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")
         status = "done"
         mark, marked = time.perf_counter(), step  # training time is wall time between evaluations

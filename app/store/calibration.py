@@ -32,8 +32,10 @@ def calibration_summary(config: dict | None, metrics: dict | None, n_examples: i
                        "between runs: docs/calibration.md.")
         return out
     if not out["calibrated"]:
+        given = isinstance(config, dict) and isinstance(config.get("calibration"), dict)
         why = ("calibration.source is none" if cfg.source == "none" else
                "no evaluation yet" if not m else
+               "none configured: a Tracker run without calibration, or a run from before it" if not given else
                f"its held-out split would be fewer than calibration.min_examples ({cfg.min_examples})")
         out["line"] = (f"LOO uncalibrated ({why}): its level follows IVON's hess_init and the run's length, so "
                        "compare it between evaluations, not with a test loss (docs/calibration.md).")
