@@ -288,6 +288,10 @@ def _f(x: float, nd: int = 2) -> str:
     return "nan" if x != x else f"{x:.{nd}f}"
 
 
+def _split_ratio(meta: dict) -> str:
+    return _f(meta["cal_nll"][-1] / meta["test_nll"][-1]) if meta.get("cal_nll") else "nan"
+
+
 def report(res: dict, seconds: float, command: str) -> str:
     lines = ["# Calibrating the LOO estimate's level", "",
              f"Written by `{command}` in {seconds / 60:.1f} min on {platform.machine()} with "
@@ -313,7 +317,9 @@ def report(res: dict, seconds: float, command: str) -> str:
                               f"{_f(m['meta']['share'], 3)}, α fitted {_f(m['meta']['alpha_first'])} at the first "
                               f"evaluation, {_f(m['meta']['alpha_last'])} at the last, evaluation cost "
                               f"{_f(m['meta']['cost'])}× training, of which the calibration (the split's NLL and "
-                              f"the fit) {m['meta']['cal_cost']:.3f}×" for k, m in s["seeds"].items()), "",
+                              f"the fit) {m['meta']['cal_cost']:.3f}×, the split's final NLL / the test set's "
+                              f"{_split_ratio(m['meta'])} (what refit's level inherits)"
+                              for k, m in s["seeds"].items()), "",
                   "| candidate | seed | level | trend | stopping | verdict |", "|---|---|---|---|---|---|"]
         for p in POLICIES:
             for seed, m in s["seeds"].items():
