@@ -365,7 +365,8 @@ def test_the_run_page_says_what_the_loo_is_calibrated_on_and_flags_drift_live(se
     from playwright.sync_api import sync_playwright
 
     base, store = server
-    run = store.create_run("calibrated", {"calibration": {"mode": "frozen"}}, enqueue=False)
+    run = store.create_run("calibrated", {"calibration": {"mode": "frozen"},
+                                          "x": "</pre><script>window.pwned=1</script>"}, enqueue=False)
     store.add_examples(run.id, range(50), labels=[i % 10 for i in range(50)], thumbnails=_images(50))
 
     def write(step, fit):
@@ -386,6 +387,8 @@ def test_the_run_page_says_what_the_loo_is_calibrated_on_and_flags_drift_live(se
         assert page.get_attribute("#calibration", "class") == ""
         # calibrated: hess_init no longer sets the level, so its warning stays hidden at a share of 0.95
         assert page.is_hidden("#hess-note")
+        page.click("#config summary")  # the run's config, escaped
+        assert '"mode": "frozen"' in page.inner_text("#config") and page.evaluate("window.pwned") is None
         write(20, 4.5)  # the held-out data now asks for a scale 1.5 times the frozen one
         page.wait_for_function("document.body.dataset.lastStep === '20'", timeout=15000)
         page.wait_for_function("document.getElementById('calibration').textContent.includes('1.50×')")
