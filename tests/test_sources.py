@@ -417,3 +417,13 @@ def test_a_memory_mapped_npz_trains_to_the_same_weights_and_scores_as_one_in_mem
     with pytest.raises(ValueError, match="inputs are float64, not float32"):
         _load(name="npz", path=str(tmp_path / "f64.npz"), memory_map=True)
     assert _load(name="npz", path=str(tmp_path / "c.npz")).n == 240  # auto: a small or compressed file loads
+
+
+def test_every_file_source_the_config_admits_has_a_reader():
+    """A data source is a reader in worker.sources plus its name in the job config: nothing else dispatches."""
+    from app.store.job_config import FILE_SOURCES, DataConfig
+    from worker.sources import READERS
+
+    assert set(READERS) == set(FILE_SOURCES)
+    names = DataConfig.model_json_schema()["properties"]["name"]["enum"]
+    assert set(names) == {"digits", "synthetic", "factory", *FILE_SOURCES}

@@ -57,17 +57,7 @@ def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
         return sources.load_factory(cfg.factory, seed)
     path = str(access.confined(cfg.path, "data.path"))
     test_path = None if cfg.test_path is None else str(access.confined(cfg.test_path, "data.test_path"))
-    if cfg.name == "npz":
-        reason = "data.n_train takes a subset (a copy)" if cfg.n_train is not None else \
-            "data.standardize rescales the inputs (a copy)" if cfg.standardize else None
-        return sources.read_npz(path, cfg.memory_map, reason)
-    if cfg.name == "csv":
-        return sources.read_csv(path, cfg.label_column, test_path)
-    if cfg.name == "image_folder":
-        return sources.read_image_folder(path, test_path, cfg.image_size)
-    if cfg.name == "mnist":
-        return sources.read_mnist(path)
-    return sources.read_cifar10(path)
+    return sources.READERS[cfg.name](cfg, path, test_path)
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:

@@ -379,3 +379,20 @@ def load_factory(spec: str, seed: int) -> Arrays:
     if test is not None:
         xt, yt = (np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for v in test)
     return Arrays(arr[0], arr[1], xt, yt, tuple(arr[0].shape[1:]) if arr[0].ndim == 4 else None, model)
+
+
+# A file source: its reader from (data config, confined path, confined test path or None) to Arrays. A new source
+# is a reader here plus its name in app.store.job_config's DataConfig.name and FILE_SOURCES.
+def _npz(cfg, path: str, test_path: str | None) -> Arrays:
+    reason = "data.n_train takes a subset (a copy)" if cfg.n_train is not None else \
+        "data.standardize rescales the inputs (a copy)" if cfg.standardize else None
+    return read_npz(path, cfg.memory_map, reason)
+
+
+READERS = {
+    "npz": _npz,
+    "csv": lambda cfg, path, test_path: read_csv(path, cfg.label_column, test_path),
+    "image_folder": lambda cfg, path, test_path: read_image_folder(path, test_path, cfg.image_size),
+    "mnist": lambda cfg, path, test_path: read_mnist(path),
+    "cifar10": lambda cfg, path, test_path: read_cifar10(path),
+}

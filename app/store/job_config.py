@@ -44,7 +44,7 @@ MONITORS = ("loo", "loo_se", "loo_sample", "test_nll_se", "train_nll", "train_ac
             *(f"test_mc_{m}" for m in ("accuracy", "nll", "ece", "brier")))
 
 
-FILE_SOURCES = ("npz", "csv", "image_folder", "mnist", "cifar10")
+FILE_SOURCES = ("npz", "csv", "image_folder", "mnist", "cifar10")  # each read by worker.sources.READERS[name]
 
 
 def _required_when(field: str, names: tuple[str, ...], schema: dict) -> dict:
@@ -58,7 +58,7 @@ class DataConfig(_Strict):
         _required_when("path", FILE_SOURCES, {"type": "string", "minLength": 1, "maxLength": 4096}),
         _required_when("factory", ("factory",), {"type": "string", "minLength": 3, "maxLength": 200})]})
 
-    name: Literal["digits", "synthetic", "npz", "csv", "image_folder", "mnist", "cifar10", "factory"] = "digits"
+    name: Literal[("digits", "synthetic", *FILE_SOURCES, "factory")] = "digits"
     path: Text | None = Field(None, max_length=4096, description="npz: a .npz with x_train, y_train[, x_test, "
                               "y_test]; csv: a file with a header; image_folder: path/<class>/<image>; mnist: the "
                               "folder of its 4 idx files; cifar10: the cifar-10-batches-py folder")
