@@ -345,7 +345,9 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
     for i, tr in enumerate(track):
         md += [*tracking_table(tr), "", f"![tracking](validation_tracking_{i}.png)", ""]
     md += ["### The default and its goals", "",
-           "The library's default (what the worker uses and the dashboard shows): IVON's σ² = 1/(N(h + δ)) with "
+           "The library's default estimator, uncalibrated (a job then reads it at the scale on σ² that matches "
+           "held-out data: docs/calibration.md; the tables here show the estimators as they come, against "
+           "retraining): IVON's σ² = 1/(N(h + δ)) with "
            "β2 = 1 − 1/steps (`ivon_core.matched_beta2`) so that h moves from hess_init within the run (how far: "
            "below), the Rayleigh form "
            "(the corrected form's series summed geometrically at ΛV's Rayleigh quotient, from two first-order "
