@@ -12,7 +12,7 @@ COPY sensitivity sensitivity
 COPY worker worker
 COPY migrations migrations
 COPY ivon_diag ivon_diag
-RUN pip install -c requirements/constraints.txt . && useradd --create-home ivon && mkdir -p /data && chown ivon /data
+RUN pip install -c requirements/constraints.txt ".[cleanlab]" && useradd --create-home ivon && mkdir -p /data && chown ivon /data
 USER ivon
 EXPOSE 8000
 CMD ["ivon-diag", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -352,3 +352,31 @@ def test_calibration_endpoint_says_what_the_level_is_calibrated_on(api):
     assert client.get("/api/v1/runs/987654/calibration").status_code == 404
     page = client.get(f"/runs/{run.id}").text
     assert 'id="calibration"' in page and "drift 1.50×" in page and 'data-calibrated="yes"' in page
+
+
+def test_label_issues_are_estimated_by_cleanlab_on_the_averaged_class_probabilities(api):
+    from cleanlab.filter import find_label_issues
+
+    client, store, _ = api
+    run = store.create_run("li", {}, enqueue=False)
+    rng = np.random.default_rng(0)
+    labels = np.arange(300) % 3
+    store.add_examples(run.id, range(300), labels=labels.tolist())
+    body = client.get(f"/api/v1/runs/{run.id}/label_issues").json()
+    assert body["estimated"] is None and body["step"] is None and "no class probabilities yet" in body["line"]
+    probs = np.full((300, 3), 0.05)
+    probs[np.arange(300), labels] = 0.9
+    wrong = rng.choice(300, 30, replace=False)  # 30 examples whose probabilities point elsewhere
+    probs[wrong] = np.roll(probs[wrong], 1, axis=1)
+    probs += rng.random(probs.shape) * 0.05
+    probs /= probs.sum(1, keepdims=True)
+    store.write_evaluation(run.id, 10, loo=0.5, metrics={"calibration_scale": 2.0}, idx=np.arange(300),
+                           scores=np.ones(300), loo_losses=np.ones(300), class_probs=probs)
+    assert client.get(f"/api/v1/runs/{run.id}/label_issues", params={"step": 11}).status_code == 404
+    body = client.get(f"/api/v1/runs/{run.id}/label_issues", params={"step": 10}).json()
+    expected = int(find_label_issues(labels, store.class_probs(run.id)[3], n_jobs=1).sum())
+    assert body["step"] == 10 and body["examples"] == 300 and body["estimated"] == expected
+    assert 20 <= expected <= 40 and 0.8 < body["health"] < 0.95 and body["calibrated"]
+    assert f"cleanlab estimates {expected} label issues among 300 examples" in body["line"]
+    assert "uncalibrated" not in body["line"]
+    assert client.get("/api/v1/runs/987654/label_issues").status_code == 404

@@ -33,6 +33,7 @@ def test_compose_file_is_complete_and_has_no_default_secrets():
     assert re.search(r"POSTGRES_PASSWORD:\s*\$\{POSTGRES_PASSWORD:\?", text)  # required, never defaulted
     docker = (ROOT / "Dockerfile").read_text()
     assert "torch==2.13.0" in docker and "whl/cpu" in docker
+    assert '".[cleanlab]"' in docker  # the run page's label-issue estimate (GET /runs/{id}/label_issues)
     env = c["x-app"]["environment"]  # what jobs may touch is the operator's, set for every service
     assert env["IVON_DIAG_DATA_ROOTS"] and env["IVON_DIAG_CHECKPOINT_DIR"] == "/data/checkpoints"
     assert "checkpoints:/data/checkpoints:ro" in api["volumes"]  # the API serves final models, never writes them

@@ -374,7 +374,8 @@ def test_the_run_page_says_what_the_loo_is_calibrated_on_and_flags_drift_live(se
         store.write_evaluation(run.id, step, loo=0.4, metrics={
             "train_nll": 0.2, "test_nll": 0.41, "hess_init_share": 0.95, "loo_raw": 0.1, "calibration_scale": 3.0,
             "calibration_fit": fit, "calibration_nll": 0.4, "calibration_nll_se": 0.02,
-            "calibration_examples": 1000.0, "calibration_step": 10.0}, idx=np.arange(50), scores=s, loo_losses=s)
+            "calibration_examples": 1000.0, "calibration_step": 10.0}, idx=np.arange(50), scores=s, loo_losses=s,
+            class_probs=np.eye(10)[(np.arange(50) + (np.arange(50) % 7 == 0)) % 10] * 0.9 + 0.01)
 
     write(10, 3.0)
     errors = []
@@ -387,6 +388,9 @@ def test_the_run_page_says_what_the_loo_is_calibrated_on_and_flags_drift_live(se
         assert page.get_attribute("#calibration", "class") == ""
         # calibrated: hess_init no longer sets the level, so its warning stays hidden at a share of 0.95
         assert page.is_hidden("#hess-note")
+        # cleanlab's count on the averaged class probabilities (8 of the 50 point away from their label)
+        page.wait_for_selector("#label-issues:not([hidden])")
+        assert "label issues among 50 examples" in page.inner_text("#label-issues")
         page.click("#config summary")  # the run's config, escaped
         assert '"mode": "frozen"' in page.inner_text("#config") and page.evaluate("window.pwned") is None
         write(20, 4.5)  # the held-out data now asks for a scale 1.5 times the frozen one

@@ -82,6 +82,18 @@ class CalibrationOut(BaseModel):
     line: str = Field(description="the calibration in one sentence, as the run page shows it")
 
 
+class LabelIssuesOut(BaseModel):
+    step: int | None = Field(description="the latest evaluation the averaged class probabilities reach")
+    examples: int = Field(description="training examples with class probabilities (scored at least once)")
+    estimated: int | None = Field(description="examples cleanlab's find_label_issues flags on the LOO class "
+                                  "probabilities averaged over the evaluations; None before there are any")
+    health: float | None = Field(description="cleanlab's overall label health score (1 − the estimated share "
+                                 "mislabeled)")
+    calibrated: bool = Field(description="whether the probabilities were read at a calibrated scale; uncalibrated "
+                             "they are over-confident and the count is low (docs/label-issues.md)")
+    line: str
+
+
 class Point(BaseModel):
     step: int
     value: float | None

@@ -9,8 +9,8 @@ from fastapi import Path as PathParam
 
 from app.api.deps import get_store
 from app.api.routes.common import ERRORS, INT32, PREFIX, Idx, RunId, read
-from app.api.schemas import ExampleOut, ExamplesPage
-from app.store import Store
+from app.api.schemas import ExampleOut, ExamplesPage, LabelIssuesOut
+from app.store import NotFound, Store
 from app.store.export import FORMATS, table_bytes
 
 router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["examples"])
@@ -78,6 +78,44 @@ def export_pred_probs(run_id: RunId, fmt: Literal["csv", "parquet"], store: Stor
     name = f"run{run_id}_step{step}_pred_probs.{fmt}"
     return Response(table_bytes(cols, fmt), media_type=FORMATS[fmt],
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.get("/runs/{run_id}/label_issues", response_model=LabelIssuesOut, dependencies=read,
+            responses={501: {"description": "the cleanlab extra is not installed where the API runs"}})
+def label_issues(run_id: RunId, step: int | None = Query(None, ge=0, le=INT32, description="answer only once the "
+                 "class probabilities reach this evaluation (404 before); default: whatever they reach"),
+                 store: Store = Depends(get_store)):
+    """How many training labels cleanlab estimates to be wrong, from the run's LOO class probabilities averaged over
+    its evaluations (how far the count holds, calibrated and not: docs/label-issues.md)."""
+    try:
+        from cleanlab.dataset import overall_label_health_score
+        from cleanlab.filter import find_label_issues
+    except ModuleNotFoundError:
+        raise HTTPException(501, "label-issue estimates need cleanlab: pip install 'ivon-diagnostics[cleanlab]'") \
+            from None
+    latest = store.latest_evaluations([run_id]).get(run_id)
+    calibrated = bool(latest and "calibration_scale" in (latest.metrics or {}))
+    try:
+        at, _, labels, probs, _ = store.class_probs(run_id)
+    except NotFound:
+        store.get_run(run_id)  # an unknown run is a 404; a run without class probabilities yet is said
+        return {"step": None, "examples": 0, "estimated": None, "health": None, "calibrated": calibrated,
+                "line": "no class probabilities yet (a classification run stores them at each evaluation)"}
+    if step is not None and at < step:
+        raise HTTPException(404, f"Not found: run {run_id}'s class probabilities reach step {at}, not {step}")
+    keep = labels >= 0
+    labels, probs = labels[keep], probs[keep]
+    if len(labels) < 2 or len(set(labels.tolist())) < 2 or labels.max() >= probs.shape[1]:
+        raise HTTPException(409, f"run {run_id}: cleanlab needs labelled examples of at least two classes within "
+                            f"the model's {probs.shape[1]} outputs")
+    flagged = int(find_label_issues(labels, probs, n_jobs=1).sum())
+    health = float(overall_label_health_score(labels, probs, verbose=False))
+    line = (f"cleanlab estimates {flagged:,} label issues among {len(labels):,} examples (label health "
+            f"{health:.3f}) from the LOO class probabilities averaged over the evaluations"
+            + ("" if calibrated else "; uncalibrated, they are over-confident and the count is low")
+            + " (docs/label-issues.md).")
+    return {"step": at, "examples": len(labels), "estimated": flagged, "health": health, "calibrated": calibrated,
+            "line": line}
 
 
 @router.get("/runs/{run_id}/histogram", dependencies=read)
