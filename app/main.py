@@ -33,6 +33,16 @@ from app.store import Conflict, CorruptData, NotFound, SchemaOutdated, Store, St
 log = logging.getLogger("ivon_diag.app")
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml), "unknown" from a bare source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ivon-diagnostics")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -43,7 +53,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         anyio.to_thread.current_default_thread_limiter().total_tokens = threads
         yield
 
-    app = FastAPI(title="ivon-diag", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="ivon-diag", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, description="Generalization and data-sensitivity diagnostics during training.")
     app.state.settings = settings
     app.state.draining = threading.Event()  # set on SIGTERM: live streams end, /readyz says so, requests finish

@@ -380,3 +380,10 @@ def test_label_issues_are_estimated_by_cleanlab_on_the_averaged_class_probabilit
     assert f"cleanlab estimates {expected} label issues among 300 examples" in body["line"]
     assert "uncalibrated" not in body["line"]
     assert client.get("/api/v1/runs/987654/label_issues").status_code == 404
+
+
+def test_the_api_states_the_installed_version(api):
+    from importlib.metadata import version
+
+    client, _, _ = api
+    assert client.get("/openapi.json").json()["info"]["version"] == version("ivon-diagnostics")
