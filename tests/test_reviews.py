@@ -127,7 +127,8 @@ def test_a_reviewed_run_exports_a_corrected_data_set_that_a_job_trains_on(tmp_pa
     done = cli("export", str(run.id), "--corrected", str(out))
     assert done.returncode == 0 and f"({len(flipped) - 1} relabeled, 1 dropped)" in done.stderr, done.stderr
     z = np.load(out)
-    n = len(rows["idx"])
+    n = store.get_run(run.id).n_examples  # every training example, the calibration split's too (never scored)
+    assert n == len(rows["idx"]) + int(0.05 * n)
     assert len(z["y_train"]) == len(z["x_train"]) == len(z["idx"]) == n - 1 and z["x_train"].shape[1:] == (1, 8, 8)
     assert flipped[-1] not in z["idx"].tolist()
     by_idx = dict(zip(z["idx"].tolist(), z["y_train"].tolist()))
