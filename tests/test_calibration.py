@@ -172,3 +172,17 @@ def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
     text = report({"settings": {"tiny": {"clean": True, "epochs": 4, "hess_init": 0.3, "weight_decay": 1e-3,
                                          "seeds": {0: {**rows, "meta": meta}}}}, "transfer": {}}, 1.0, "test")
     assert "| refit | 0 |" in text and "## Summary" in text
+
+
+def test_bad_calibration_configs_are_refused_naming_the_field():
+    from app.store.job_config import ConfigError, parse_config
+
+    for bad, field in (({"fraction": 0}, "calibration.fraction"), ({"fraction": 0.9}, "calibration.fraction"),
+                       ({"mode": "bogus"}, "calibration.mode"), ({"scale": -1.0}, "calibration.scale"),
+                       ({"scale": float("nan")}, "calibration.scale"), ({"max_examples": 10**12},
+                                                                        "calibration.max_examples"),
+                       ({"source": "elsewhere"}, "calibration.source"), ({"freeze_at": 0}, "calibration.freeze_at"),
+                       ({"extra": 1}, "calibration.extra")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            parse_config({"calibration": bad})
+    assert parse_config({"calibration": {"max_examples": 500.0}}).calibration.max_examples == 500  # JSON's 500.0
