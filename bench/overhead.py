@@ -3,11 +3,13 @@
     python bench/overhead.py [--n 20000] [--epochs 3] [--models cnn resnet20] [--digits]
 
 For each setting the same job (same seed, so the same final weights: evaluations draw no training randomness) runs
-three times through the worker's ``Trainer``:
+four times through the worker's ``Trainer``:
 - **off**: one evaluation at the end scoring a token slice: the test metrics and MC predictive a job without
   diagnostics would still compute (the baseline);
 - **default**: the budgeted cadence, slices in rotation, the sampled LOO with its standard error;
-- **full**: one evaluation at the end scoring every example: the LOO and the rankings the sample stands for.
+- **full**: one evaluation at the end scoring every example: the LOO and the rankings the sample stands for;
+- **uncalibrated**: the default without the calibration split and fit (``calibration.source: none``): what the
+  calibration adds (its held-out NLL and the fit at each evaluation, and 5% fewer examples trained on).
 It prints wall time ratios (default / off), the evaluations made, the share of examples scored and the coverage
 period in epochs, the final LOO's standard error relative to it, the distance of the sampled LOO from the full
 pass in standard errors, and Spearman between the rotation's rankings (each example's latest score) and the full
@@ -66,16 +68,19 @@ def setting(label: str, job: dict, root: Path, spe: int, rounds: int) -> None:
     total = job["epochs"] * spe
     off = {**job, "eval_every": total, "diagnostics": {"budget": 1e-9}}
     full = {**job, "eval_every": total}
+    uncalibrated = {**job, "calibration": {"source": "none"}}  # the default cadence without the calibration
     _, fstore, fid = run_job(full, root, f"{label}-full")  # also the warm-up (imports, threads, caches)
-    times = {"off": [], "default": []}
-    for r in range(rounds):  # alternating, so that drift on the machine falls on both
-        for kind in (("off", "default") if r % 2 == 0 else ("default", "off")):
-            t, store, rid = run_job(off if kind == "off" else job, root, f"{label}-{kind}-{r}")
+    times = {"off": [], "default": [], "uncalibrated": []}
+    jobs = {"off": off, "default": job, "uncalibrated": uncalibrated}
+    for r in range(rounds):  # rotating, so that drift on the machine falls on each
+        kinds = ("off", "default", "uncalibrated")
+        for kind in kinds[r % 3:] + kinds[:r % 3]:
+            t, store, rid = run_job(jobs[kind], root, f"{label}-{kind}-{r}")
             times[kind].append(t)
             if kind == "default":
                 evs = store.evaluations(rid)
                 table = store.examples_table(rid, evs[-1].step)
-    t_off, t_def = (statistics.median(times[k]) for k in ("off", "default"))
+    t_off, t_def, t_unc = (statistics.median(times[k]) for k in ("off", "default", "uncalibrated"))
     last, truth = evs[-1], fstore.evaluations(fid)[-1]
     ftable = fstore.examples_table(fid, truth.step)
     n = len(ftable["idx"])
@@ -92,7 +97,8 @@ def setting(label: str, job: dict, root: Path, spe: int, rounds: int) -> None:
           f"{len(table['idx'])}/{n} examples scored ({len(table['idx']) / n:.1%}), coverage period "
           f"{period:.1f} epochs; final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass "
           f"{truth.loo:.4f}: {abs(last.loo - truth.loo) / se if se else float('nan'):.2f} SE apart; Spearman of the "
-          f"rotation's latest scores with the full pass over the {len(common)} scored: {rho:.3f}")
+          f"rotation's latest scores with the full pass over the {len(common)} scored: {rho:.3f}; default / the "
+          f"same without calibration (calibration.source none) {t_def / t_unc:.3f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
