@@ -142,7 +142,10 @@ def test_the_summary_says_what_the_level_is_calibrated_on():
     ok = calibration_summary(on, {**m, "calibration_fit": 2.2})
     assert not ok["warning"] and "within ±25%" in ok["line"]
     refit = calibration_summary({"calibration": {"mode": "refit"}}, {**m, "calibration_fit": 2.0})
-    assert "refitted at every evaluation" in refit["line"] and refit["drift"] is None
+    assert "refitted at every evaluation" in refit["line"] and refit["drift"] is None and not refit["warning"]
+    tiny = calibration_summary({"calibration": {"mode": "refit"}}, {**m, "calibration_nll_se": 0.2,
+                                                                    "calibration_examples": 71})
+    assert tiny["warning"] and "With 71 held-out examples the level itself is uncertain by ±49%" in tiny["line"]
     none = calibration_summary({"calibration": {"source": "none"}}, {"loo_raw": 0.1})
     assert not none["calibrated"] and "calibration.source is none" in none["line"]
     few = calibration_summary({"calibration": {}}, {"loo_raw": 0.1})

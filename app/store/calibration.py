@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from app.store.job_config import CalibrationConfig
 
-DRIFT_WARN = 1.25  # a frozen scale this far from the one that would match now: the frozen LOO no longer predicts
+DRIFT_WARN = 1.25  # a frozen scale this far from the one that would match now: the frozen LOO no longer predicts;
+# a held-out NLL whose standard error passes DRIFT_WARN − 1 of it: the level is that uncertain
 
 
 def _config(config: dict | None) -> CalibrationConfig:
@@ -44,18 +45,23 @@ def calibration_summary(config: dict | None, metrics: dict | None, n_examples: i
             else f"{out['examples']:,} held-out examples (the test split, or the Tracker's)")
     nll = f"held-out NLL {out['heldout_nll']:.4g}" + (f" ± {out['heldout_nll_se']:.2g}" if out["heldout_nll_se"]
                                                       else "")
+    share = (out["heldout_nll_se"] or 0.0) / out["heldout_nll"] if out["heldout_nll"] else 0.0
+    small = (f" With {out['examples']:,} held-out examples the level itself is uncertain by ±{share:.0%}: raise "
+             "calibration.fraction or max_examples." if share > DRIFT_WARN - 1 else "")
     if cfg.mode == "refit" or out["fit"] is None:
+        out["warning"] = bool(small)
         out["line"] = (f"LOO calibrated on {held} ({nll}), its scale on σ² ({out['scale']:.3g}) refitted at every "
                        "evaluation: its mean is the held-out NLL's; the per-example values are at that level "
-                       "(docs/calibration.md).")
+                       f"(docs/calibration.md).{small}")
         return out
     out["drift"] = out["fit"] / out["scale"] if out["scale"] else None
     drift = out["drift"]
-    out["warning"] = drift is not None and not (1 / DRIFT_WARN <= drift <= DRIFT_WARN)
+    out["warning"] = drift is not None and not (1 / DRIFT_WARN <= drift <= DRIFT_WARN) or bool(small)
     since = f" up to step {out['fitted_step']}" if out["fitted_step"] is not None else ""
     held_level = ", with σ²'s level held" if cfg.mode == "frozen_variance" else ""
     verdict = ("beyond ±25%: the frozen LOO no longer predicts the held-out level" if out["warning"]
                else "within ±25%")
     out["line"] = (f"LOO calibrated on {held}{since}, then frozen{held_level} (scale {out['scale']:.3g} on σ²); "
-                   f"the {nll} now asks for {out['fit']:.3g}: drift {drift:.2f}×, {verdict} (docs/calibration.md).")
+                   f"the {nll} now asks for {out['fit']:.3g}: drift {drift:.2f}×, {verdict} (docs/calibration.md)."
+                   f"{small}")
     return out
