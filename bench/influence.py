@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivon_core import IVON  # noqa: E402
 from sensitivity import compute_sensitivities, influence, ivon_variance  # noqa: E402
+from sensitivity.influence import influence_form  # noqa: E402
 
 
 def _data(n: int, d: int = 64, k: int = 10, seed: int = 0):
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs.append(_epoch(model, opt, x, y))
         var = ivon_variance(opt, model)
         t = time.perf_counter()
-        res = compute_sensitivities(model, (x, y), var)
+        res = compute_sensitivities(model, (x, y), var, form=influence_form("auto", var))
         passes.append(time.perf_counter() - t)
         t = time.perf_counter()
         out = influence(model, xq, (x, y), var, result=res)

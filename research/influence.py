@@ -20,12 +20,13 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 from research.setups import digits
-from sensitivity import DenseCovariance, KFACCovariance, influence, sgd_variance
+from sensitivity import BlockCovariance, DenseCovariance, KFACCovariance, influence, sgd_variance
 from sensitivity.retrain import fit_map
 
 OUT = Path(__file__).parents[1] / "docs" / "influence.md"
 PRIOR = 1.0
 REMOVE = 10  # examples removed per query in the removal test
+SEEDS = (0, 1, 2, 3, 4)
 
 
 def _setup(n_train: int, n_queries: int, seed: int):
@@ -61,7 +62,32 @@ def _tracin(model: nn.Module, x, y, xq, yq) -> torch.Tensor:
     return grads(xq, yq) @ grads(x, y).T
 
 
-def faithfulness(n_train: int = 150, n_queries: int = 10, seed: int = 0) -> tuple[list[dict], list[dict], dict]:
+COVARIANCES = {  # name → (covariance at the MAP, form, loss changes from the output changes or first order in them)
+    "dense Laplace (exact GGN), corrected": (lambda m, d: DenseCovariance.laplace(m, d, prior_precision=PRIOR),
+                                             "corrected", True),
+    "dense Laplace, corrected, loss first order in Δf* (outputs=False)": (
+        lambda m, d: DenseCovariance.laplace(m, d, prior_precision=PRIOR), "corrected", False),
+    "dense Laplace, first order": (lambda m, d: DenseCovariance.laplace(m, d, prior_precision=PRIOR), "first_order",
+                                   True),
+    "K-FAC, first order (auto)": (lambda m, d: KFACCovariance.fit(m, d, prior_precision=PRIOR, mc_samples=None),
+                                  "first_order", True),
+    "K-FAC, corrected": (lambda m, d: KFACCovariance.fit(m, d, prior_precision=PRIOR, mc_samples=None), "corrected",
+                         True),
+    "diagonal body + dense last layer, first order (auto)": (
+        lambda m, d: BlockCovariance.with_last_layer(m, sgd_variance(m, d, prior_precision=PRIOR).variances,
+                                                     DenseCovariance.last_layer(m, d, prior_precision=PRIOR)),
+        "first_order", True),
+    "diagonal Laplace (what IVON's σ² estimates), first order (auto)": (
+        lambda m, d: sgd_variance(m, d, prior_precision=PRIOR), "first_order", True),
+    "diagonal Laplace, Rayleigh (the LOO's form)": (lambda m, d: sgd_variance(m, d, prior_precision=PRIOR),
+                                                   "rayleigh", True),
+}
+DENSE = "dense Laplace (exact GGN), corrected"
+DIAGONAL = "diagonal Laplace (what IVON's σ² estimates), first order (auto)"
+
+
+def _instance(n_train: int, n_queries: int, seed: int) -> tuple[dict, dict, dict]:
+    """One model instance: every covariance's Pearson/Spearman with retraining, and the removal test's rises."""
     model, x, y, xq = _setup(n_train, n_queries, seed)
     with torch.no_grad():
         yq = model(xq).argmax(1)  # the predicted labels, as a query without a label
@@ -69,38 +95,26 @@ def faithfulness(n_train: int = 150, n_queries: int = 10, seed: int = 0) -> tupl
     t = time.perf_counter()
     actual = torch.stack([_losses(_refit_without(model, x, y, [i]), xq, yq) - base for i in range(len(x))], 1)
     refit_s = time.perf_counter() - t
-    covs = {
-        "dense Laplace (exact GGN), corrected": (DenseCovariance.laplace(model, (x, y), prior_precision=PRIOR),
-                                                 "corrected"),
-        "dense Laplace, first order": (DenseCovariance.laplace(model, (x, y), prior_precision=PRIOR), "first_order"),
-        "K-FAC, first order": (KFACCovariance.fit(model, (x, y), prior_precision=PRIOR, mc_samples=None),
-                               "first_order"),
-        "last-layer Laplace, corrected": (DenseCovariance.last_layer(model, (x, y), prior_precision=PRIOR),
-                                          "corrected"),
-        "diagonal Laplace (what IVON's σ² estimates), Rayleigh": (
-            sgd_variance(model, (x, y), prior_precision=PRIOR), "rayleigh"),
-    }
-    rows, results = [], {}
-    for name, (cov, form) in covs.items():
+    stats, results = {}, {}
+    for name, (make, form, outputs) in COVARIANCES.items():
+        cov = make(model, (x, y))
         t = time.perf_counter()
-        res = influence(model, xq, (x, y), cov, form=form)
+        res = influence(model, xq, (x, y), cov, form=form, outputs=outputs)
         seconds = time.perf_counter() - t
         results[name] = res
         pred, true = res.loss_change.flatten().numpy(), actual.flatten().numpy()
         per_query = [pearsonr(res.loss_change[q].numpy(), actual[q].numpy())[0] for q in range(len(xq))]
-        rows.append({"covariance": name, "pearson": float(pearsonr(pred, true)[0]),
-                     "spearman": float(spearmanr(pred, true)[0]), "median_query_pearson": float(np.median(per_query)),
-                     "seconds": seconds})
+        stats[name] = {"pearson": float(pearsonr(pred, true)[0]), "spearman": float(spearmanr(pred, true)[0]),
+                       "median_query_pearson": float(np.median(per_query)), "seconds": seconds}
     tracin = _tracin(model, x, y, xq, yq)
     gen = torch.Generator().manual_seed(seed)
     choosers = {
-        "influence, dense Laplace": lambda q: results["dense Laplace (exact GGN), corrected"].proponents(q, REMOVE)[0],
-        "influence, diagonal Laplace": lambda q: results[
-            "diagonal Laplace (what IVON's σ² estimates), Rayleigh"].proponents(q, REMOVE)[0],
+        "influence, dense Laplace": lambda q: results[DENSE].proponents(q, REMOVE)[0],
+        "influence, diagonal Laplace": lambda q: results[DIAGONAL].proponents(q, REMOVE)[0],
         "TracIn (final weights)": lambda q: torch.argsort(tracin[q], descending=True)[:REMOVE],
         "random": lambda q: torch.randperm(len(x), generator=gen)[:REMOVE],
     }
-    removal = []
+    removal = {}
     for name, choose in choosers.items():
         rises, flips = [], 0
         for q in range(len(xq)):
@@ -108,38 +122,61 @@ def faithfulness(n_train: int = 150, n_queries: int = 10, seed: int = 0) -> tupl
             rises.append(float(_losses(refit, xq[q : q + 1], yq[q : q + 1])[0] - base[q]))
             with torch.no_grad():
                 flips += int(refit(xq[q : q + 1]).argmax(1)) != int(yq[q])
+        removal[name] = {"rises": rises, "flips": flips}
+    info = {"n_train": len(x), "params": sum(p.numel() for p in model.parameters()), "refit_s": refit_s}
+    return stats, removal, info
+
+
+def faithfulness(n_train: int = 150, n_queries: int = 10, seeds: tuple[int, ...] = SEEDS
+                 ) -> tuple[list[dict], list[dict], dict]:
+    runs = [_instance(n_train, n_queries, seed) for seed in seeds]
+    rows = []
+    for name in COVARIANCES:
+        per = [r[0][name] for r in runs]
+        pearson = [p["pearson"] for p in per]
+        rows.append({"covariance": name, "pearson": float(np.median(pearson)), "pearson_min": min(pearson),
+                     "pearson_max": max(pearson), "spearman": float(np.median([p["spearman"] for p in per])),
+                     "median_query_pearson": float(np.median([p["median_query_pearson"] for p in per])),
+                     "seconds": float(np.median([p["seconds"] for p in per]))})
+    removal = []
+    for name in runs[0][1]:
+        rises = [v for r in runs for v in r[1][name]["rises"]]
         removal.append({"chooser": name, "mean_rise": float(np.mean(rises)), "median_rise": float(np.median(rises)),
-                        "flips": flips})
-    info = {"n_train": len(x), "n_queries": len(xq), "params": sum(p.numel() for p in model.parameters()),
-            "refit_s": refit_s}
+                        "flips": sum(r[1][name]["flips"] for r in runs)})
+    info = {**runs[0][2], "refit_s": sum(r[2]["refit_s"] for r in runs), "n_queries": n_queries,
+            "seeds": len(seeds)}
     return rows, removal, info
 
 
 def report(rows: list[dict], removal: list[dict], info: dict, seconds: float) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    queries = info["n_queries"] * info["seeds"]
     lines = [
         "# Influence queries against retraining", "",
         f"Generated by `python -m research.influence` on {when} ({platform.machine()}, {torch.get_num_threads()} "
         f"threads, {seconds:.0f} s); do not edit by hand. Exactness against a naive Jacobian reference for every form "
         "and covariance: `tests/test_influence.py`; speed: `python bench/influence.py`.", "",
         f"sklearn's digits, {info['n_train']} training images, an MLP 64-12-10 (tanh, {info['params']} parameters) "
-        f"at its MAP (L-BFGS, prior precision {PRIOR:g}), float64. For each of {info['n_queries']} test images (at "
-        "their predicted labels) and each training example: the predicted change of the test image's loss when the "
-        "example is removed (`sensitivity.influence`), against the change after refitting without it (warm-started "
-        f"L-BFGS, {info['refit_s']:.0f} s for all refits).", "",
-        "| covariance, form | Pearson | Spearman | median Pearson per test image | seconds |",
-        "|---|---|---|---|---|",
+        f"at its MAP (L-BFGS, prior precision {PRIOR:g}, then Newton steps to a gradient below 1e-8), float64, "
+        f"{info['seeds']} instances (data subset and initialization by seed). For each of {info['n_queries']} test "
+        "images per instance (at their predicted labels) and each training example: the predicted change of the "
+        "test image's loss when the example is removed (`sensitivity.influence`), against the change after "
+        f"refitting without it (warm-started, converged as the MAP is; {info['refit_s']:.0f} s for all refits). "
+        "Pearson over all (test image, training example) pairs of an instance: the median over instances, and "
+        "their range; \"(auto)\" marks the form `influence` picks for that covariance.", "",
+        "| covariance, form | Pearson (median) | Pearson (range) | Spearman | median Pearson per test image | "
+        "seconds |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['covariance']} | {r['pearson']:.3f} | {r['spearman']:.3f} | "
-                     f"{r['median_query_pearson']:.3f} | {r['seconds']:.2f} |")
-    lines += ["", f"Removing {REMOVE} training examples per test image, chosen as its top proponents (or at "
-              "random), then refitting: how much the test image's loss rises (mean and median over the test images), "
+        lines.append(f"| {r['covariance']} | {r['pearson']:.3f} | {r['pearson_min']:.3f}–{r['pearson_max']:.3f} | "
+                     f"{r['spearman']:.3f} | {r['median_query_pearson']:.3f} | {r['seconds']:.2f} |")
+    lines += ["", f"Removing {REMOVE} training examples per test image ({queries} test images), chosen as its top "
+              "proponents (or at random), then refitting: how much the test image's loss rises (mean and median), "
               "and for how many of them the predicted label changes.", "",
               "| chosen by | mean loss rise | median loss rise | predictions changed |", "|---|---|---|---|"]
     for r in removal:
-        lines.append(f"| {r['chooser']} | {r['mean_rise']:.4f} | {r['median_rise']:.4f} | "
-                     f"{r['flips']} of {info['n_queries']} |")
+        lines.append(f"| {r['chooser']} | {r['mean_rise']:.4f} | {r['median_rise']:.4f} | {r['flips']} of {queries} |")
     return "\n".join(lines) + "\n"
 
 

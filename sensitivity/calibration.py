@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sensitivity.deviations import MAX_KEPT_OUTPUTS, corrected_deviation, series_correction
 from sensitivity.result import SensitivityResult
+from sensitivity.variance import as_covariance
 
 SCALE_RANGE = (1e-6, 1e6)
 
@@ -93,3 +94,16 @@ def fit_scale(res: SensitivityResult, target: float, estimate: Callable[[Tensor]
             return math.exp(mid), True
         lo, hi = (mid, hi) if value < target else (lo, mid)
     return math.exp(0.5 * (lo + hi)), True
+
+
+def scale_covariance(model, variance, alpha: float):
+    """αΣ as a covariance of the same kind (its fast paths kept): what a query at the calibrated scale uses, so that
+    its deviations equal ``rescale``'s. ``variance``: σ² or a covariance object with a ``scaled`` method."""
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"Invalid scale: {alpha!r} (must be a finite number > 0)")
+    cov = as_covariance(model, variance)
+    if alpha == 1.0:
+        return cov
+    if not hasattr(cov, "scaled"):
+        raise TypeError(f"{type(cov).__name__} has no scaled(alpha) method: it cannot be read at a calibrated scale")
+    return cov.scaled(float(alpha))

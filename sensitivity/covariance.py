@@ -8,6 +8,8 @@ Precision convention: the loss summed over the N training examples plus a Gaussi
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +47,12 @@ class DenseCovariance:
         if not torch.isfinite(sigma).all():
             raise ValueError("DenseCovariance: Σ has non-finite entries")
         self.sigma = sigma.detach()
+
+    def scaled(self, alpha: float) -> DenseCovariance:
+        """αΣ."""
+        out = copy.copy(self)
+        out.sigma = alpha * self.sigma
+        return out
 
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {n: torch.zeros_like(t) for n, t in tangents.items() if n not in self.shapes}
@@ -172,6 +180,10 @@ class BlockCovariance:
 
         body = [n for n, _ in model.named_parameters() if n not in head.names]
         return cls([as_covariance(model, body_variance), head], [body, head.names])
+
+    def scaled(self, alpha: float) -> BlockCovariance:
+        """αΣ: every block scaled."""
+        return BlockCovariance([b.scaled(alpha) for b in self.blocks], self.covers)
 
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {n: torch.zeros_like(t) for n, t in tangents.items()}
@@ -321,6 +333,13 @@ class KFACCovariance:
             rows = g.sum((2, 3)) if isinstance(mod, nn.Conv2d) else g.reshape(-1, g.shape[-1])
             gg = rows.T @ rows
         st["G"] = gg if st["G"] is None else st["G"] + gg
+
+    def scaled(self, alpha: float) -> KFACCovariance:
+        """αΣ = ((A ⊗ G) / α + prior / α)⁻¹: the eigenvalues of G and the prior divided by α."""
+        out = copy.copy(self)
+        out.layers = {name: {**f, "lg": f["lg"] / alpha, "prior": f["prior"] / alpha}
+                      for name, f in self.layers.items()}
+        return out
 
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}

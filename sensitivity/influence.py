@@ -24,7 +24,7 @@ from sensitivity.deviations import compute_sensitivities, resolve_amplification,
 from sensitivity.jacobians import functional, iter_chunks, per_example_jacobians
 from sensitivity.losses import Loss, get_loss
 from sensitivity.result import SensitivityResult
-from sensitivity.variance import as_covariance
+from sensitivity.variance import as_covariance, default_form
 
 QUERY_BUDGET = 2**26  # elements of the queries' Σ J*ᵀ rows held at once (Q · K · P): 256 MiB of float32
 
@@ -60,6 +60,13 @@ def _predicted(lossf: Loss, logits: Tensor) -> Tensor:
     raise ValueError(f"the {lossf.name} loss has no predicted label: pass the queries' targets")
 
 
+def influence_form(form: str, cov) -> str:
+    """The concrete form an influence query uses for ``form`` ("auto": see ``influence``)."""
+    if form == "auto":
+        return "corrected" if default_form(cov) == "corrected" else "first_order"
+    return resolve_form(form, cov)
+
+
 def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str | Loss = "cross_entropy", *,
               targets: Tensor | None = None, result: SensitivityResult | None = None, form: str = "auto",
               chunk_size: int = 256, max_amplification: float | str | None = "auto",
@@ -71,12 +78,17 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
     ``result``: that function's result on ``train_data`` with the same variance, if already computed (its ẽ_i are
     reused). The diagonal form has no ẽ; it gives first-order influence.
 
+    ``form="auto"``: corrected with a dense covariance (exact there), first order with any other: an approximate
+    covariance's own leverage on example i amplifies its errors into every query's change (docs/influence.md).
+
     ``outputs=False``: the loss change to first order in Δf*, e*ᵀ Δf* (e* the query's residual), without the
     output changes: one parameter vector per query instead of K, K times less work (bench/influence.py).
     """
     lossf = get_loss(loss)
     cov = as_covariance(model, variance)
-    form = resolve_form(form, cov)
+    form = influence_form(form, cov)
+    if result is not None and result.form != form:
+        raise ValueError(f"the sensitivity result was computed in the {result.form} form, the query asks for {form}")
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("the model has no trainable parameters")

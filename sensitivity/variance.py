@@ -45,6 +45,10 @@ class DiagonalCovariance:
     def __init__(self, variances: Mapping[str, Tensor]):
         self.variances = dict(variances)
 
+    def scaled(self, alpha: float) -> DiagonalCovariance:
+        """αΣ."""
+        return DiagonalCovariance({n: alpha * v for n, v in self.variances.items()})
+
     def apply(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for name, t in tangents.items():

@@ -9,8 +9,9 @@ from torch import nn
 
 from app.store.calibration import calibration_summary
 from app.store.job_config import CalibrationConfig
-from sensitivity import compute_sensitivities
-from sensitivity.calibration import fit_scale, loo_at, rescale
+from sensitivity import compute_sensitivities, influence
+from sensitivity.calibration import fit_scale, loo_at, rescale, scale_covariance
+from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
 from worker.calibration import Calibration, heldout_nll, variance_level
 
 
@@ -35,6 +36,35 @@ def test_rescaling_a_result_equals_the_pass_at_the_scaled_covariance(form):
         assert torch.equal(got.guarded, ref.guarded)
         assert got.loo_probs is not None and torch.allclose(got.loo_probs, ref.loo_probs)
     assert rescale(res, 1.0) is res
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "dense", "kfac", "block"])
+def test_a_scaled_covariance_gives_the_rescaled_result_and_influence(kind):
+    model, x, y, var = _setup()
+    data = (x, y)
+    cov = {"diagonal": lambda: var, "dense": lambda: DenseCovariance.laplace(model, data),
+           "kfac": lambda: KFACCovariance.fit(model, data, mc_samples=None),
+           "block": lambda: BlockCovariance.with_last_layer(model, var, DenseCovariance.last_layer(model, data)),
+           }[kind]()
+    form = "rayleigh" if kind == "diagonal" else "corrected"
+    res = compute_sensitivities(model, data, cov, form=form)
+    probe = {n: torch.randn(4, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    base = scale_covariance(model, cov, 1.0)
+    for alpha in (0.3, 7.0):
+        scaled = scale_covariance(model, cov, alpha)
+        assert type(scaled) is type(base)  # the kind (and its fast paths) kept
+        for n, t in scaled.apply(probe).items():
+            torch.testing.assert_close(t, alpha * base.apply(probe)[n], rtol=1e-10, atol=1e-12)
+        ref = rescale(res, alpha)
+        got = compute_sensitivities(model, data, scaled, form=form)
+        torch.testing.assert_close(got.loo_losses, ref.loo_losses, rtol=1e-8, atol=1e-10)
+        # influence at the scaled covariance: the output changes scale as the deviations do (first order exactly)
+        fo = influence(model, x[:3], data, scaled, form="first_order")
+        fo1 = influence(model, x[:3], data, base, form="first_order")
+        torch.testing.assert_close(fo.output_change, alpha * fo1.output_change, rtol=1e-8, atol=1e-12)
+    for bad in (0.0, float("nan"), -2.0):
+        with pytest.raises(ValueError, match="Invalid scale"):
+            scale_covariance(model, cov, bad)
 
 
 def test_fit_scale_reaches_a_target_and_says_when_it_cannot():

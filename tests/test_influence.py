@@ -10,7 +10,9 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from sensitivity import DenseCovariance, DiagonalCovariance, KFACCovariance, compute_sensitivities, influence
+from sensitivity.influence import influence_form
 from sensitivity.retrain import fit_map
+from sensitivity.variance import as_covariance
 
 D = torch.float64  # every tensor here: the reference is exact to 1e-10
 
@@ -146,6 +148,19 @@ def test_the_loss_change_follows_retraining_without_each_example():
         assert actual[q, top] >= actual[q].median()
 
 
+def test_auto_is_corrected_with_a_dense_covariance_and_first_order_with_an_approximate_one():
+    model, x, y, xq = _setup()
+    covs = _covariances(model, x, y)
+    for kind, cov in covs.items():
+        want = "corrected" if isinstance(cov, DenseCovariance) else "first_order"
+        assert influence_form("auto", as_covariance(model, cov)) == want, kind
+        auto = influence(model, xq, (x, y), cov)
+        explicit = influence(model, xq, (x, y), cov, form=want)
+        assert auto.form == want and torch.equal(auto.loss_change, explicit.loss_change)
+    with pytest.raises(ValueError, match="Invalid form"):
+        influence_form("newton", as_covariance(model, covs["diagonal"]))
+
+
 def test_without_outputs_the_loss_change_is_first_order_in_the_output_change():
     model, x, y, xq = _setup()
     cov = _covariances(model, x, y)["kfac"]
@@ -161,11 +176,25 @@ def test_without_outputs_the_loss_change_is_first_order_in_the_output_change():
 def test_a_result_that_does_not_cover_the_training_data_is_refused():
     model, x, y, xq = _setup()
     cov = _covariances(model, x, y)["diagonal"]
-    partial = compute_sensitivities(model, (x[:10], y[:10]), cov)
+    partial = compute_sensitivities(model, (x[:10], y[:10]), cov, form="first_order")
     with pytest.raises(ValueError, match="does not cover every training example"):
         influence(model, xq, (x, y), cov, result=partial)
+    other_form = compute_sensitivities(model, (x, y), cov, form="rayleigh")
+    with pytest.raises(ValueError, match="computed in the rayleigh form, the query asks for first_order"):
+        influence(model, xq, (x, y), cov, result=other_form)
     frozen = copy.deepcopy(model).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         influence(frozen, xq, (x, y), cov)
     with pytest.raises(ValueError, match="no predicted label"):
         influence(model, xq, (x, y.double()[:, None].expand(-1, 3).contiguous()), cov, loss="squared_error")
+
+
+def test_the_influence_study_runs_end_to_end_on_a_small_instance():
+    from research.influence import COVARIANCES, faithfulness, report
+
+    rows, removal, info = faithfulness(n_train=30, n_queries=2, seeds=(0,))
+    assert [r["covariance"] for r in rows] == list(COVARIANCES)
+    assert all(-1.0 <= r["pearson_min"] <= r["pearson"] <= r["pearson_max"] <= 1.0 for r in rows)
+    assert {r["chooser"] for r in removal} >= {"influence, dense Laplace", "random"}
+    text = report(rows, removal, info, 1.0)
+    assert "| dense Laplace (exact GGN), corrected |" in text and "of 2 |" in text

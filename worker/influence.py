@@ -15,6 +15,7 @@ import torch
 
 from app.store import Store
 from sensitivity import InfluenceResult, influence
+from sensitivity.calibration import scale_covariance
 from worker.calibration import Calibration
 from worker.checkpoints import MODEL, run_folder
 from worker.config import parse_config
@@ -59,9 +60,7 @@ def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint
                          "earlier version): train it again to query its influence")
     ids = torch.as_tensor([int(i) for i in test_indices])
     scale = final.get("calibration_scale", 1.0)  # the LOO's calibrated scale on σ², the same for influence
-    var = job_variance(cfg, model, data, opt_var, trained)
-    if scale != 1.0:
-        var = {n: v * scale for n, v in var.items()} if isinstance(var, dict) else var
+    var = scale_covariance(model, job_variance(cfg, model, data, opt_var, trained), scale)
     res = influence(model, data.xte[ids], Rows(data.xtr, data.ytr, trained, cfg.sensitivity.chunk_size), var,
                     targets=None if predicted else data.yte[ids], form=cfg.sensitivity.form,
                     chunk_size=cfg.sensitivity.chunk_size, max_amplification=cfg.sensitivity.max_amplification)
