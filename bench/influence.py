@@ -1,10 +1,10 @@
 """Benchmark influence queries against training epochs: a batch of queries over N training examples, its cost in
 epochs of IVON training on the same data (forward, backward, step at batch 128), all in one run.
 
-    python bench/influence.py [--n 10000] [--queries 100] [--rounds 3]
+    python bench/influence.py [--n 10000] [--queries 100] [--rounds 3] [--model mlp|cnn]
 
-The influence pass includes the sensitivity pass that gives each example's corrected residual; the two are also
-printed apart (a worker that evaluates anyway has the second already).
+Each arm is a whole query: the first-order form (``influence``'s choice with IVON's σ²) needs no sensitivity pass;
+the Rayleigh form first runs one for each example's corrected residual.
 """
 
 from __future__ import annotations
@@ -21,16 +21,22 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivon_core import IVON  # noqa: E402
-from sensitivity import compute_sensitivities, influence, ivon_variance  # noqa: E402
-from sensitivity.influence import influence_form  # noqa: E402
+from sensitivity import influence, ivon_variance  # noqa: E402
+from worker.models import small_cnn  # noqa: E402
 
 
-def _data(n: int, d: int = 64, k: int = 10, seed: int = 0):
+def _data(n: int, shape: tuple[int, ...], k: int = 10, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    teacher = torch.randn(d, k, generator=g)
-    y = (x @ teacher + 2.0 * torch.randn(n, k, generator=g)).argmax(1)
+    x = torch.randn(n, *shape, generator=g)
+    teacher = torch.randn(x[0].numel(), k, generator=torch.Generator().manual_seed(99))
+    y = (x.flatten(1) @ teacher + 2.0 * torch.randn(n, k, generator=g)).argmax(1)
     return x, y
+
+
+MODELS = {  # name → (input shape, model, description)
+    "mlp": ((64,), lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), "MLP 64-128-10"),
+    "cnn": ((3, 32, 32), lambda: small_cnn(3, 10, 32), "the product's small CNN on 3×32×32 images"),
+}
 
 
 def _epoch(model: nn.Module, opt: IVON, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
@@ -48,35 +54,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", choices=sorted(MODELS), default="mlp")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    x, y = _data(args.n)
-    xq, _ = _data(args.queries, seed=1)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    shape, make, described = MODELS[args.model]
+    x, y = _data(args.n, shape)
+    xq, _ = _data(args.queries, shape, seed=1)
+    model = make()
     opt = IVON(model.parameters(), lr=0.1, ess=args.n, hess_init=0.3)
     _epoch(model, opt, x, y)  # warm-up
-    epochs, passes, totals, leans = [], [], [], []
+    arms = {  # name → one query batch, timed whole (any sensitivity pass its form needs included)
+        "a worker's query: loss changes, first order (auto)": lambda var: influence(model, xq, (x, y), var,
+                                                                                 outputs=False),
+        "every output change, first order (auto)": lambda var: influence(model, xq, (x, y), var),
+        "loss changes, Rayleigh form (a sensitivity pass first)": lambda var: influence(model, xq, (x, y), var,
+                                                                                       form="rayleigh", outputs=False),
+    }
+    epochs, times = [], {name: [] for name in arms}
     for _ in range(args.rounds):  # the arms take turns: a busy machine slows them alike
         epochs.append(_epoch(model, opt, x, y))
         var = ivon_variance(opt, model)
-        t = time.perf_counter()
-        res = compute_sensitivities(model, (x, y), var, form=influence_form("auto", var))
-        passes.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out = influence(model, xq, (x, y), var, result=res)
-        totals.append(time.perf_counter() - t + passes[-1])
-        t = time.perf_counter()
-        influence(model, xq, (x, y), var, result=res, outputs=False)
-        leans.append(time.perf_counter() - t + passes[-1])
-    epoch, sens, total, lean = (statistics.median(v) for v in (epochs, passes, totals, leans))
+        for name, run in arms.items():
+            t = time.perf_counter()
+            run(var)
+            times[name].append(time.perf_counter() - t)
+    epoch = statistics.median(epochs)
     p = sum(q.numel() for q in model.parameters())
-    print(f"{args.queries} queries over N={args.n:,} training examples, MLP 64-128-10 (P={p:,}), "
+    print(f"{args.queries} queries over N={args.n:,} training examples, {described} (P={p:,}), "
           f"{torch.get_num_threads()} threads; epoch {epoch:.3f} s (median of {args.rounds})")
-    print(f"   influence, sensitivity pass included  {total / epoch:6.2f}x epoch")
-    print(f"   the sensitivity pass alone            {sens / epoch:6.2f}x epoch")
-    print(f"   the influence pass alone              {(total - sens) / epoch:6.2f}x epoch "
-          f"({tuple(out.output_change.shape)} output changes)")
-    print(f"   loss changes only (outputs=False)     {lean / epoch:6.2f}x epoch, sensitivity pass included")
+    for name, ts in times.items():
+        print(f"   {name:<58} {statistics.median(ts) / epoch:6.2f}x epoch")
+    macs = args.queries * args.n * p
+    print(f"   (the query rows × per-example gradients product alone: {macs / 1e9:.1f} G multiply-adds)")
     return 0
 
 

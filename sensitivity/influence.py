@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from sensitivity import layerwise
 from sensitivity.deviations import compute_sensitivities, resolve_amplification, resolve_form
 from sensitivity.jacobians import functional, iter_chunks, per_example_jacobians
 from sensitivity.losses import Loss, get_loss
@@ -78,15 +79,16 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
     ``result``: that function's result on ``train_data`` with the same variance, if already computed (its ẽ_i are
     reused). The diagonal form has no ẽ; it gives first-order influence.
 
-    ``form="auto"``: corrected with a dense covariance (exact there), first order with any other: an approximate
-    covariance's own leverage on example i amplifies its errors into every query's change (docs/influence.md).
+    ``form="auto"``: the form of ``result`` where one is given; else corrected with a dense covariance (exact
+    there), first order with any other: an approximate covariance's own leverage on example i amplifies its errors
+    into every query's change (docs/influence.md).
 
     ``outputs=False``: the loss change to first order in Δf*, e*ᵀ Δf* (e* the query's residual), without the
     output changes: one parameter vector per query instead of K, K times less work (bench/influence.py).
     """
     lossf = get_loss(loss)
     cov = as_covariance(model, variance)
-    form = influence_form(form, cov)
+    form = result.form if result is not None and form == "auto" else influence_form(form, cov)
     if result is not None and result.form != form:
         raise ValueError(f"the sensitivity result was computed in the {result.form} form, the query asks for {form}")
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -103,16 +105,16 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
             logits_q = logits_q[:, None]
         y_q = _predicted(lossf, logits_q) if targets is None else targets.to(device)
         lossf.check_targets(logits_q, y_q)
-        if result is None:
+        if result is None and form != "first_order":  # first order: ẽ_i = e_i, from each chunk's own forward pass
             result = compute_sensitivities(model, train_data, cov, lossf, form=form, chunk_size=chunk_size,
                                            max_amplification=resolve_amplification(max_amplification, cov))
-        if result.corrected_residuals is None:
+        if result is not None and result.corrected_residuals is None:
             raise ValueError("the sensitivity result has no corrected residuals; compute it with this version")
         k = logits_q.shape[1]
         weights = None if outputs else lossf.residual(logits_q, y_q)  # the loss's gradient in f*
         rows = _query_rows(model, params, cov, x_q, k, weights)
-        changes = [_chunk_changes(model, params, rows, k if outputs else 1, xs, idx, result) for xs, _, idx in
-                   iter_chunks(train_data, chunk_size, model)]
+        changes = [_chunk_changes(model, params, rows, k if outputs else 1, xs, ys, idx, result, lossf)
+                   for xs, ys, idx in iter_chunks(train_data, chunk_size, model)]
     finally:
         model.train(was_training)
     idx = torch.cat([c[0] for c in changes]) if changes else torch.empty(0, dtype=torch.long)
@@ -145,27 +147,54 @@ def _query_rows(model: nn.Module, params: dict[str, Tensor], cov, x_q: Tensor, k
     return torch.cat(rows)
 
 
-def _weighted_grads(model: nn.Module, params: dict[str, Tensor], x: Tensor, w: Tensor) -> dict[str, Tensor]:
-    """J_iᵀ w_i per example (one per-example VJP): name → (B, *shape)."""
-    f = functional(model, params)
+def _weighted_grads(model: nn.Module, params: dict[str, Tensor], x: Tensor, w) -> dict[str, Tensor]:
+    """J_iᵀ w_i per example: name → (B, *shape); ``w`` (B, K) or a function of the logits giving it. Linear, Conv2d
+    and normalization layers' from one batched backward pass (layerwise), any other parameter's by a per-example
+    VJP."""
+    grads: dict[str, Tensor] = {}
+    blocks = layerwise.gradient_blocks(model, params)
+    if blocks:
+        try:
+            grads, w = layerwise.per_example_grads(model, blocks, x, w)
+        except layerwise.Reused:  # a layer applied twice per example: the generic route for all
+            grads = {}
+    if callable(w):
+        with torch.no_grad():
+            w = w(torch.func.functional_call(model, {**dict(model.named_buffers()), **params}, (x,)))
+    rest = {n: p for n, p in params.items() if n not in grads}
+    if rest:
+        f = functional(model, rest)
 
-    def pull(xi, wi):
-        _, back = vjp(lambda p: f(p, xi), params)
-        return back(wi)[0]
+        def pull(xi, wi):
+            _, back = vjp(lambda p: f(p, xi), rest)
+            return back(wi)[0]
 
-    return vmap(pull)(x, w)
+        grads.update(vmap(pull)(x, w))
+    return {n: grads[n].detach() for n in params}
 
 
-def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, per_query: int, x: Tensor, idx: Tensor,
-                   result: SensitivityResult) -> tuple[Tensor, Tensor]:
-    """(indices, Δf* (Q, B, K), or e*ᵀ Δf* (Q, B, 1) with one row per query) for one chunk of training examples."""
+def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, per_query: int, x: Tensor, y: Tensor,
+                   idx: Tensor, result: SensitivityResult | None, lossf: Loss) -> tuple[Tensor, Tensor]:
+    """(indices, Δf* (Q, B, K), or e*ᵀ Δf* (Q, B, 1) with one row per query) for one chunk of training examples;
+    ẽ_i from ``result``, or without one (first order) the residuals e_i."""
+    if result is None:  # e_i from the logits of the pass that forms the gradients
+
+        def residual(logits: Tensor) -> Tensor:
+            logits = logits[:, None] if logits.ndim == 1 else logits
+            return lossf.residual(logits, y.to(x.device)).to(rows.dtype)
+
+        return idx, _changes(model, params, rows, per_query, x, residual)
     order = torch.argsort(result.indices)
     known = result.indices[order]
     at = torch.searchsorted(known, idx).clamp(max=max(len(known) - 1, 0))
     if len(known) == 0 or not bool((known[at] == idx).all()):
         raise ValueError("the sensitivity result does not cover every training example (compute it on train_data)")
-    corrected = result.corrected_residuals[order[at]].to(x.device, rows.dtype)
+    return idx, _changes(model, params, rows, per_query, x, result.corrected_residuals[order[at]].to(x.device,
+                                                                                                       rows.dtype))
+
+
+def _changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, per_query: int, x: Tensor,
+             corrected) -> Tensor:
     grads = _weighted_grads(model, params, x, corrected)  # J_iᵀ ẽ_i per example
     flat = torch.cat([grads[n].flatten(1) for n in params], 1)  # (B, P)
-    dout = (rows @ flat.T).reshape(-1, per_query, len(x)).transpose(1, 2)  # (Q, B, K or 1)
-    return idx, dout
+    return (rows @ flat.T).reshape(-1, per_query, len(x)).transpose(1, 2)  # (Q, B, K or 1)

@@ -239,6 +239,36 @@ def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
     return blocks
 
 
+def gradient_blocks(model: nn.Module, params: dict[str, Tensor]) -> list:
+    """Linear, Conv2d and normalization layers whose parameters are all in ``params``, as blocks that form their
+    per-example gradients from (a, δ) (``per_example_grads``); no covariance involved."""
+    blocks = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if getattr(m, "weight", None) is None:
+            continue
+        names = [prefix + "weight"] + ([prefix + "bias"] if getattr(m, "bias", None) is not None else [])
+        if not all(n in params for n in names):
+            continue
+        if type(m) is nn.Linear:
+            blocks.append(_DenseLinearBlock(name, m, None))
+        elif (block := _block_for(name, m, None)) is not None:
+            blocks.append(block)
+    return blocks
+
+
+def per_example_grads(model: nn.Module, blocks: list, x: Tensor, v) -> tuple[dict[str, Tensor], Tensor]:
+    """(J_iᵀ v_i restricted to the blocks' parameters, name → (B, *shape); v) from one batched forward and backward
+    pass; ``v``: (B, K), or a function of the logits giving it. Raises ``Reused`` where a layer is applied twice
+    per example."""
+    logits, seen = forward(model, blocks, x)
+    v = (v(logits.detach()) if callable(v) else v).to(logits.dtype).reshape(logits.shape)
+    out = {}
+    for b, d in zip(blocks, deltas(logits, seen, blocks, v)):
+        out.update(b.grads(seen[b.name]["a"], d))
+    return out, v
+
+
 def _with_tangent(out: Tensor, t: Tensor) -> Tensor:
     """``out`` with ``t`` added to its forward-mode tangent (no pass over the primal)."""
     primal, tangent = fwAD.unpack_dual(out)

@@ -181,7 +181,8 @@ def test_a_result_that_does_not_cover_the_training_data_is_refused():
         influence(model, xq, (x, y), cov, result=partial)
     other_form = compute_sensitivities(model, (x, y), cov, form="rayleigh")
     with pytest.raises(ValueError, match="computed in the rayleigh form, the query asks for first_order"):
-        influence(model, xq, (x, y), cov, result=other_form)
+        influence(model, xq, (x, y), cov, result=other_form, form="first_order")
+    assert influence(model, xq, (x, y), cov, result=other_form).form == "rayleigh"  # auto: the result's form
     frozen = copy.deepcopy(model).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         influence(frozen, xq, (x, y), cov)
@@ -198,3 +199,49 @@ def test_the_influence_study_runs_end_to_end_on_a_small_instance():
     assert {r["chooser"] for r in removal} >= {"influence, dense Laplace", "random"}
     text = report(rows, removal, info, 1.0)
     assert "| dense Laplace (exact GGN), corrected |" in text and "of 2 |" in text
+
+
+class _Scaled(nn.Module):
+    """A parameter no layer owns (the generic route) after a conv, a GroupNorm and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(4 * 5 * 5, 3))
+        self.scale = nn.Parameter(torch.tensor([1.3, 0.7, 1.1]))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice per example: no per-layer route."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("make, shape", [(_Scaled, (2, 5, 5)), (_Twice, (3,))])
+def test_per_example_gradients_by_layer_match_per_example_vjps(make, shape):
+    from torch.func import vjp, vmap
+
+    from sensitivity.influence import _weighted_grads
+    from sensitivity.jacobians import functional
+
+    torch.manual_seed(0)
+    model = make().double().eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x, w = torch.randn(6, *shape, dtype=D), torch.randn(6, 3, dtype=D)
+    f = functional(model, params)
+    expect = vmap(lambda xi, wi: vjp(lambda p: f(p, xi), params)[1](wi)[0])(x, w)
+    from sensitivity import layerwise
+
+    assert len(layerwise.gradient_blocks(model, params)) == (3 if make is _Scaled else 2)  # conv, norm, linear
+    got = _weighted_grads(model, params, x, w)
+    assert list(got) == list(params)
+    for n in params:
+        torch.testing.assert_close(got[n], expect[n], rtol=1e-10, atol=1e-12)
