@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from research import experiments as E
+from research import influence as I
 from research.estimators import DAMPING, ESTIMATORS
 from research.setups import HESS_INIT
 from worker.early_stopping import EarlyStopping
@@ -290,9 +291,9 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
     def stage(name: str) -> None:
         print(f"[validate {time.perf_counter() - t0:6.0f} s] {name}", file=sys.stderr, flush=True)
 
-    stage("1/5 optimizers")
+    stage("1/6 optimizers")
     opt_rows = E.optimizers(seeds=seeds, epochs=int(30 * ep_scale) or 5)
-    stage("2/5 LOO over training")
+    stage("2/6 LOO over training")
     ests = ("ivon", "ivon_b2", "ivon_damped", "ivon_evidence", "ivon_head", "last_layer", "kfac", "kfac_map",
             "dense_map", "adamw", "sgd")
     evals = 8 if not quick else 4
@@ -301,25 +302,32 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
     noisy = ("ivon_b2", "ivon_damped", "ivon_evidence", "ivon_head", "last_layer", "kfac_b2")
     track = [E.tracking(estimators=noisy if has_noise else ests, **kw, **truth)
              for kw, has_noise in E.tracking_settings(ep_scale, evals)]
-    stage("2/5 the default's scale against hess_init")
+    stage("2/6 the default's scale against hess_init")
     regularized = next(kw for kw, _ in E.tracking_settings(ep_scale, evals) if kw["weight_decay"] == 3e-3)
     by_hess = [E.tracking(estimators=("ivon_b2", "ivon_learned", "ivon_damped"), hess_init=hi, **regularized, **truth)
                for hi in (0.1, HESS_INIT, 1.0)]
-    stage("3/5 per-example faithfulness")
+    stage("3/6 per-example faithfulness")
     faith = E.faithfulness(n_examples=10 if quick else 30)
-    stage("4/5 flipped labels")
+    stage("4/6 flipped labels")
     flip = E.flips(settings=((0.1, "uniform"),) if quick else ((0.1, "uniform"), (0.3, "uniform"),
                                                                (0.1, "pairs"), (0.3, "pairs")),
                    epochs=int(100 * ep_scale) or 10)
-    stage("5/5 model selection")
+    stage("5/6 model selection")
     sel = E.model_selection(decays=(1e-4, 1e-3, 1e-2, 1e-1) if quick else
                             (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), epochs=int(100 * ep_scale) or 10)
+    stage("6/6 influence on test predictions")
+    t_inf = time.perf_counter()
+    inf_rows, inf_removal, inf_info = I.faithfulness(n_train=40 if quick else 150, n_queries=3 if quick else 10,
+                                                     seeds=(0,) if quick else I.SEEDS)
+    (out / "influence.md").write_text(I.report(inf_rows, inf_removal, inf_info, time.perf_counter() - t_inf,
+                                               "ivon-diag validate" + (" --quick" if quick else "")))
     for i, tr in enumerate(track):
         tracking_plot(tr, out / f"validation_tracking_{i}.png")
     sel_lines = selection_section(sel, out / "validation_selection.png")
     elapsed = time.perf_counter() - t0
     raw = {"optimizers": opt_rows, "tracking": [{k: v for k, v in t.items()} for t in track], "faithfulness": faith,
-           "flips": flip, "selection": sel, "hess_init": by_hess}
+           "flips": flip, "selection": sel, "hess_init": by_hess,
+           "influence": {"rows": inf_rows, "removal": inf_removal, "info": inf_info}}
     (out / "validation.json").write_text(json.dumps(raw, indent=1, default=float))
     md = [
         "# Validation: how faithful are the LOO estimate and the sensitivities?",
@@ -404,6 +412,10 @@ def run_validation(out_dir: str | Path = "docs", quick: bool = False) -> Path:
            "and the dashboard ranks as likely mislabeled): their cost adds those passes to the training run. "
            "Cleanlab's five folds each train on 4/5 of the data: at equal epochs they cost about four runs, so no "
            "method that trains once on all the data can cost a fifth of it.", "", *flips_table(flip), "",
-           *flips_verdict(flip), "", *flips_verdict(flip, MEAN_METHOD), ""]
+           *flips_verdict(flip), "", *flips_verdict(flip, MEAN_METHOD), "",
+           "## 5. Influence of training examples on test predictions", "",
+           "The predicted change of test images' losses when each training example is removed, per covariance, "
+           "against refitting without it, and removal of each test image's top proponents against TracIn's and "
+           "random choices: [influence.md](influence.md), written by this run.", ""]
     (out / "validation.md").write_text("\n".join(md) + "\n")
     return out / "validation.md"

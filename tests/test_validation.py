@@ -14,6 +14,15 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
     text = md.read_text()
     assert "### The default and its goals" in text and (tmp_path / "validation_tracking_0.png").stat().st_size > 0
 
+    # Influence (section 5, written beside it): the dense covariance follows retraining closer than the diagonal,
+    # and removing a test image's top proponents raises its loss more than removing random examples.
+    assert "[influence.md](influence.md)" in text and "| dense Laplace" in (tmp_path / "influence.md").read_text()
+    inf = {r["covariance"]: r for r in raw["influence"]["rows"]}
+    assert inf["dense Laplace (exact GGN), corrected"]["pearson"] > inf[
+        "diagonal Laplace (what IVON's σ² estimates), first order (auto)"]["pearson"]
+    rises = {r["chooser"]: r["mean_rise"] for r in raw["influence"]["removal"]}
+    assert rises["influence, dense Laplace"] > rises["random"]
+
     faith = {(r["model"], r["covariance"], r["form"]): r for r in raw["faithfulness"]}
     # With the full covariance the correction brings the LOO level to the truth; first order underestimates.
     for model in ("logreg", "mlp_tanh", "cnn_tanh"):
