@@ -328,7 +328,7 @@ def test_test_examples_worst_first_and_one_explained_by_its_training_examples(se
     from playwright.sync_api import sync_playwright
 
     base, store = server
-    run = store.create_run("<b>influence</b>", {}, enqueue=False)
+    run = store.create_run("<b>influence</b>", {"sensitivity": {"covariance": "optimizer"}}, enqueue=False)
     store.add_examples(run.id, range(50), labels=[i % 10 for i in range(50)], flipped=[i == 7 for i in range(50)],
                        thumbnails=_images(50))
     _write(store, run.id, 40, n=50)
@@ -352,6 +352,7 @@ def test_test_examples_worst_first_and_one_explained_by_its_training_examples(se
         assert float(first.locator("td").nth(5).inner_text()) == pytest.approx(losses[worst], abs=1e-4)
         assert page.locator("#test-examples img").count() == 30
         first.locator("a").click()
+        assert "diagonal σ²" in page.inner_text("#influence-covariance")  # how far the rankings hold, said
         assert "flipped" in page.locator("#proponents tr").nth(1).inner_text()
         assert page.locator("#opponents tr").nth(1).locator("td").nth(3).inner_text() == "-0.5"
         page.locator("#proponents a").first.click()

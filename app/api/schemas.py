@@ -127,6 +127,18 @@ INFLUENCE_VALIDITY = (
     "docs/influence.md"
 )
 
+# how far a run's influence rankings hold, by the job's sensitivity.covariance (docs/influence.md measures each)
+_LOOSE = ("with which influence follows retraining loosely; a K-FAC one (job config sensitivity.covariance: kfac) "
+          "follows it closer")
+INFLUENCE_COVARIANCE = {
+    "optimizer": f"the run's covariance is its optimizer's diagonal σ², {_LOOSE}",
+    "optimizer_with_last_layer": f"the run's covariance is the optimizer's diagonal σ² beside a last-layer Laplace, "
+                                 f"{_LOOSE}",
+    "last_layer": f"the run's covariance covers its last layer only, {_LOOSE}",
+    "kfac": "the run's covariance is K-FAC, with which influence follows retraining closer than with a diagonal σ², "
+            "short of a dense covariance",
+}
+
 
 class EvaluationOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)

@@ -16,7 +16,14 @@ from fastapi.templating import Jinja2Templates
 from app.api.deps import SESSION_COOKIE, get_store, require_page
 from app.api.routes import INT32, RunId
 from app.api.routes.common import Idx
-from app.api.schemas import HESS_INIT_SCALE, INFLUENCE_VALIDITY, LOO_MEAN_VALIDITY, LOO_VALIDITY, SCORE_VALIDITY
+from app.api.schemas import (
+    HESS_INIT_SCALE,
+    INFLUENCE_COVARIANCE,
+    INFLUENCE_VALIDITY,
+    LOO_MEAN_VALIDITY,
+    LOO_VALIDITY,
+    SCORE_VALIDITY,
+)
 from app.store import NotFound, Store
 from app.store.calibration import calibration_summary
 
@@ -143,8 +150,11 @@ def test_example_page(request: Request, run_id: RunId, idx: Idx, store: Store = 
             if q.status == "done" and answer is None:
                 answer = next(r for r in q.result if r["test_idx"] == idx)
             pending = pending or q.status in ("pending", "running")
+    sens = run.config.get("sensitivity") if isinstance(run.config, dict) else None  # a job's (a Tracker's: none)
+    covariance = INFLUENCE_COVARIANCE.get(sens.get("covariance")) if isinstance(sens, dict) else None
     return templates.TemplateResponse(request, "test_example.html", {
-        "run": run, "ex": ex, "answer": answer, "pending": pending, "influence_validity": INFLUENCE_VALIDITY})
+        "run": run, "ex": ex, "answer": answer, "pending": pending, "influence_validity": INFLUENCE_VALIDITY,
+        "influence_covariance": covariance})
 
 
 @router.get("/runs/{run_id}/test/{idx}/image", include_in_schema=False, dependencies=[Depends(require_page)])
