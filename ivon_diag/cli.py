@@ -119,14 +119,16 @@ def _influence(args: argparse.Namespace) -> int:
     from worker.influence import query_run
 
     store = _store(args)
-    rows = query_run(store, args.run, args.test, args.checkpoint_dir, k=args.k, predicted=args.predicted)
-    store.record_influence(args.run, {"test": args.test, "k": args.k, "predicted": args.predicted}, rows)
+    rows = query_run(store, args.run, args.test, args.checkpoint_dir, k=args.k, predicted=args.predicted,
+                     step=args.step)
+    request = {"test": args.test, "k": args.k, "predicted": args.predicted}
+    store.record_influence(args.run, request if args.step is None else {**request, "step": args.step}, rows)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
         print(f"test example {r['test_idx']}: label {r['label']}, predicted {r['predicted']}, loss {r['loss']:.4f} "
-              f"(at {'the prediction' if args.predicted else 'its label'})")
+              f"(at {'the prediction' if args.predicted else 'its label'}; step {r['step']})")
         for title, key in (("removing raises the loss (proponents)", "proponents"),
                            ("removing lowers the loss (opponents)", "opponents")):
             print(f"  {title}:")
@@ -384,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--test", type=int, nargs="+", required=True, help="indices into the run's test split")
     inf.add_argument("--k", type=int, default=10, help="proponents and opponents per test example (default 10)")
     inf.add_argument("--predicted", action="store_true", help="the loss at the predicted label, not the test label")
+    inf.add_argument("--step", type=int, default=None, help="at this evaluation's kept state (the job config's "
+                     "sensitivity.keep_states newest), not the final model")
     inf.add_argument("--json", action="store_true", help="JSON instead of a table")
     inf.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
     inf.set_defaults(func=_influence)

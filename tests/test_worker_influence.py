@@ -121,3 +121,41 @@ def test_a_query_on_a_run_still_training_waits_and_one_that_failed_says_why(fini
     assert answer_next(store, ck, "w-wait", log=lambda *_: None)
     failed = client.get(f"/api/v1/influence/{r.json()['id']}").json()
     assert failed["status"] == "failed" and "ended failed: it has no final model" in failed["error"]
+
+
+def test_a_query_at_a_kept_evaluation_and_the_reason_when_a_step_was_not_kept(tmp_path):
+    from worker.checkpoints import kept_steps
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    run = store.create_run("states", {**JOB, "eval_every": 20, "sensitivity": {"keep_states": 2}})
+    ck = tmp_path / "ck"
+    assert run_job(store, run.id, ck, log=lambda *_: None) == "done"
+    store.request_stop(run.id)
+    store.set_run_status(run.id, "done")
+    steps = kept_steps(ck / run.uid)
+    evaluated = [e.step for e in store.evaluations(run.id)]
+    assert len(evaluated) > 2 and steps == evaluated[-2:]  # the newest two, the older ones pruned
+    early = query_run(store, run.id, [0, 1], ck, k=3, step=steps[0])
+    final = query_run(store, run.id, [0, 1], ck, k=3)
+    assert [r["step"] for r in early] == [steps[0]] * 2 and final[0]["step"] == steps[-1]
+    assert early[0]["loss"] != final[0]["loss"]  # another model: the run as it was then
+    with pytest.raises(FileNotFoundError, match=rf"kept no state at step 1 \(kept: {steps[0]}, {steps[1]};"):
+        query_run(store, run.id, [0], ck, step=1)
+    out = _cli(url, "influence", str(run.id), "--test", "0", "--step", str(steps[0]), "--checkpoint-dir", str(ck))
+    assert out.returncode == 0 and f"step {steps[0]})" in out.stdout
+    # through the API: a step is an integer, a step not kept fails with the reason, a kept one is answered
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {store.create_token('states-test')}"}
+    assert client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [0], "step": "3"},
+                       headers=auth).status_code == 422
+    bad = client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [0], "step": 1}, headers=auth).json()["id"]
+    good = client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [0], "k": 2, "step": steps[0]},
+                       headers=auth).json()["id"]
+    while answer_next(store, ck, "w1", log=lambda *_: None):
+        pass
+    failed = client.get(f"/api/v1/influence/{bad}").json()
+    assert failed["status"] == "failed" and "kept no state at step 1" in failed["error"]
+    done = client.get(f"/api/v1/influence/{good}").json()
+    assert done["status"] == "done" and done["request"]["step"] == steps[0] and done["result"][0]["step"] == steps[0]

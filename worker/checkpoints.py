@@ -1,5 +1,6 @@
-"""A run's checkpoints, bound to its identity: ``<dir>/<run uid>/resume.pt`` (the state a killed job resumes from)
-and ``<dir>/<run uid>/model.pt`` (the final weights, kept as the run's artifact).
+"""A run's checkpoints, bound to its identity: ``<dir>/<run uid>/resume.pt`` (the state a killed job resumes from),
+``<dir>/<run uid>/model.pt`` (the final weights, kept as the run's artifact) and ``<dir>/<run uid>/evaluations/``
+(the newest evaluations' weights and posterior, for influence queries at those steps).
 
 Run ids restart with a new database; the uid does not, so a new run never picks up another run's state. Each
 resume state also records the run's uid and a digest of its config, checked before anything is loaded.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-RESUME, MODEL = "resume.pt", "model.pt"
+RESUME, MODEL, EVALUATIONS = "resume.pt", "model.pt", "evaluations"
 
 
 class CheckpointMismatch(RuntimeError):
@@ -31,6 +32,20 @@ def run_folder(checkpoint_dir: str | Path, run_uid: str) -> Path:
     if not run_uid or not all(c in "0123456789abcdef" for c in run_uid):
         raise ValueError(f"invalid run uid {run_uid!r}")  # it names a folder: hex only
     return Path(checkpoint_dir) / run_uid
+
+
+def evaluation_path(folder: Path, step: int) -> Path:
+    return folder / EVALUATIONS / f"step-{int(step):010d}.pt"
+
+
+def kept_steps(folder: Path) -> list[int]:
+    """The steps whose evaluation states are kept, oldest first."""
+    found = []
+    for path in (folder / EVALUATIONS).glob("step-*.pt"):
+        digits = path.stem.removeprefix("step-")
+        if digits.isdigit():
+            found.append(int(digits))
+    return sorted(found)
 
 
 class Checkpoints:
@@ -64,6 +79,15 @@ class Checkpoints:
 
     def save_model(self, state: dict) -> None:
         self._save(state, self.model_path)
+
+    def save_evaluation(self, step: int, state: dict, keep: int) -> None:
+        """An evaluation's weights and posterior (for influence queries at that step); only the newest ``keep``
+        stay."""
+        if keep < 1:
+            return
+        self._save(state, evaluation_path(self.folder, step))
+        for old in kept_steps(self.folder)[:-keep]:
+            evaluation_path(self.folder, old).unlink(missing_ok=True)
 
     def finish(self) -> None:
         """The run has ended: drop its resume state, keep the final model (and the folder only if it holds one)."""

@@ -17,7 +17,7 @@ from app.store import Store
 from sensitivity import InfluenceResult, influence
 from sensitivity.calibration import scale_covariance
 from worker.calibration import Calibration
-from worker.checkpoints import MODEL, run_folder
+from worker.checkpoints import MODEL, evaluation_path, kept_steps, run_folder
 from worker.config import parse_config
 from worker.covariances import job_variance, optimizer_variance
 from worker.data import Rows, inject_label_noise, load_dataset
@@ -28,16 +28,23 @@ MAX_QUERIES = 100
 
 
 def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint_dir: str | Path, k: int = 10,
-              predicted: bool = False) -> list[dict]:
+              predicted: bool = False, step: int | None = None) -> list[dict]:
     """For each test example: its label, prediction and loss, and the k training examples whose removal would raise
     (proponents) or lower (opponents) that loss most, with their labels and predicted loss changes. The loss is at
-    the test label, or at the predicted one with ``predicted``."""
+    the test label, or at the predicted one with ``predicted``. From the final model, or with ``step`` from that
+    evaluation's kept state (the job's ``sensitivity.keep_states`` newest)."""
     if not test_indices or len(test_indices) > MAX_QUERIES:
         raise ValueError(f"give 1 to {MAX_QUERIES} test examples, not {len(test_indices)}")
     if not 1 <= k <= 1000:
         raise ValueError(f"Invalid k: {k!r} (must be 1 to 1000)")
     run = store.get_run(run_id)
-    path = run_folder(checkpoint_dir, run.uid) / MODEL
+    folder = run_folder(checkpoint_dir, run.uid)
+    path = folder / MODEL if step is None else evaluation_path(folder, step)
+    if step is not None and not path.exists():
+        kept = kept_steps(folder)
+        raise FileNotFoundError(f"run {run_id} kept no state at step {step} (kept: "
+                                f"{', '.join(map(str, kept)) if kept else 'none'}; the job config's "
+                                "sensitivity.keep_states sets how many of the newest evaluations are kept)")
     if not path.exists():
         raise FileNotFoundError(f"run {run_id} has no final model at {path}: it has not finished, or its checkpoints "
                                 "live under another --checkpoint-dir")
@@ -65,7 +72,8 @@ def query_run(store: Store, run_id: int, test_indices: Sequence[int], checkpoint
                     targets=None if predicted else data.yte[ids], form=cfg.sensitivity.form,
                     chunk_size=cfg.sensitivity.chunk_size, max_amplification=cfg.sensitivity.max_amplification,
                     outputs=False)  # the rows keep loss changes only: K times less work than every output's
-    return influence_rows(res, ids.tolist(), data.yte[ids].tolist(), data.ytr.tolist(), data.flipped.tolist(), k)
+    rows = influence_rows(res, ids.tolist(), data.yte[ids].tolist(), data.ytr.tolist(), data.flipped.tolist(), k)
+    return [{**r, "step": int(final["step"])} for r in rows]
 
 
 def influence_rows(res: InfluenceResult, test_indices: Sequence[int], test_labels: Sequence[int],
@@ -96,7 +104,8 @@ def answer_next(store: Store, checkpoint_dir: str | Path, worker_id: str, log=pr
         status = store.get_run(query.run_id).status
         if status != "done":
             raise ValueError(f"run {query.run_id} ended {status}: it has no final model to query")
-        rows = query_run(store, query.run_id, req["test"], checkpoint_dir, k=req["k"], predicted=req["predicted"])
+        rows = query_run(store, query.run_id, req["test"], checkpoint_dir, k=req["k"], predicted=req["predicted"],
+                         step=req.get("step"))
     except (ValueError, FileNotFoundError) as err:  # the query's or the run's fault, said as it is
         error = str(err)
     except Exception as err:  # the worker goes on with other work

@@ -192,13 +192,17 @@ class Trainer:
             if decision["release"]:
                 return "released"
         if self.writer:  # with the optimizer's σ² at the end, for influence queries (worker.influence)
-            final = {"model": model.state_dict(), "step": step, "calibration_scale": self.cal.last}
-            if isinstance(opt, (IVON, torch.optim.AdamW)):
-                final["variance"] = {n: v.detach().cpu() for n, v in
-                                     optimizer_variance(self.cfg, model, opt, data, self.trained).items()}
-            self.checkpoints.save_model(final)
+            self.checkpoints.save_model(self._posterior(model, opt, data, step))
             self.hooks.emit("finished", {"run_id": self.run_id, "step": step, "status": status})
         return status
+
+    def _posterior(self, model, opt, data: Dataset, step: int) -> dict:
+        """The weights, the optimizer's σ² (IVON, AdamW; SGD's is refitted when queried) and the LOO's scale."""
+        state = {"model": model.state_dict(), "step": step, "calibration_scale": self.cal.last}
+        if isinstance(opt, (IVON, torch.optim.AdamW)):
+            state["variance"] = {n: v.detach().cpu() for n, v in
+                                 optimizer_variance(self.cfg, model, opt, data, self.trained).items()}
+        return state
 
     def _evaluate_and_decide(self, model, opt, data, pool, cad, seen, step, spe, es, last) -> dict | None:
         """Every rank evaluates its shard; rank 0 writes and returns what all ranks do next (None elsewhere): whether
@@ -366,6 +370,9 @@ class Trainer:
                                     prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
                                     epoch=step / spe, wall_time=time.perf_counter() - t, carry=not cad.full(),
                                     class_probs=None if res.loo_probs is None else res.loo_class_probs().numpy())
+        if self.cfg.sensitivity.keep_states:  # for influence queries at this step
+            self.checkpoints.save_evaluation(step, self._posterior(model, opt, data, step),
+                                             self.cfg.sensitivity.keep_states)
         cad.evaluated(scoring, time.perf_counter() - t_scoring - scoring, len(res.indices), loo, metrics["loo_se"])
         cad.spent_s += t_scoring - t  # the warm-up
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})

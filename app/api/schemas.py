@@ -222,6 +222,8 @@ class InfluenceCreate(BaseModel):
         min_length=1, max_length=100, description="indices into the run's test split")
     k: int = Field(10, ge=1, le=100, description="proponents and opponents per test example")
     predicted: bool = Field(False, description="the loss at the predicted label instead of the test label")
+    step: int | None = Field(None, ge=0, le=2**31 - 1, description="query the run as it was at this evaluation "
+                             "(one of the newest its job kept: sensitivity.keep_states); none: the final model")
 
 
 class InfluenceExample(BaseModel):
@@ -237,6 +239,7 @@ class InfluenceRow(BaseModel):
     predicted: int
     target: int = Field(description="the label the loss is taken at")
     loss: float
+    step: int | None = Field(None, description="the training step of the weights and posterior queried")
     proponents: list[InfluenceExample] = Field(description="removing them would raise the loss most")
     opponents: list[InfluenceExample] = Field(description="removing them would lower the loss most")
 

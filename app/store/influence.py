@@ -23,15 +23,19 @@ class InfluenceQueries:
     def session(self, write: bool = False) -> Session:
         raise NotImplementedError
 
-    def submit_influence(self, run_id: int, test: list[int], k: int = 10, predicted: bool = False) -> InfluenceQuery:
-        """Queue a query; one on a queued or running run waits until the run ends (it needs the final model)."""
+    def submit_influence(self, run_id: int, test: list[int], k: int = 10, predicted: bool = False,
+                         step: int | None = None) -> InfluenceQuery:
+        """Queue a query (at the final model, or at an evaluation's kept state with ``step``); one on a queued or
+        running run waits until the run ends."""
         if not 1 <= len(test) <= MAX_TEST:
             raise ValueError(f"give 1 to {MAX_TEST} test examples, not {len(test)}")
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
-            query = InfluenceQuery(run_id=run_id, request={"test": [int(i) for i in test], "k": int(k),
-                                                           "predicted": bool(predicted)})
+            request = {"test": [int(i) for i in test], "k": int(k), "predicted": bool(predicted)}
+            if step is not None:
+                request["step"] = int(step)
+            query = InfluenceQuery(run_id=run_id, request=request)
             s.add(query)
         return query
 

@@ -137,6 +137,9 @@ class SensitivityConfig(_Strict):
         "layer. How each tracks the retrained LOO and the test NLL: docs/validation.md")
     chunk_size: Int = Field(256, ge=1, le=1_000_000)
     subset: Int | None = Field(None, ge=1, le=BIG, description="evaluate a fixed random subset of the training set")
+    keep_states: Int = Field(3, ge=0, le=1000, description="the newest evaluations whose weights and posterior "
+                             "variance are kept beside the final model, for influence queries at those steps "
+                             "(each the size of the model twice; 0: the final model only)")
 
 
 class LabelNoiseConfig(_Strict):

@@ -19,9 +19,10 @@ router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["influence"])
 @router.post("/runs/{run_id}/influence", response_model=InfluenceOut, status_code=202,
              dependencies=[Depends(require_write)])
 def submit(run_id: RunId, body: InfluenceCreate, store: Store = Depends(get_store)):
-    """Queue an influence query; a worker answers it from the run's final weights and posterior (``ivon-diag
-    worker``) once the run has ended, then ``GET /influence/{id}`` holds the rows (or why there are none)."""
-    return store.submit_influence(run_id, body.test, body.k, body.predicted)
+    """Queue an influence query; a worker answers it from the run's final weights and posterior, or from an
+    evaluation's kept ones with ``step`` (``ivon-diag worker``), once the run has ended; then ``GET /influence/{id}``
+    holds the rows (or why there are none: a step not kept says which are)."""
+    return store.submit_influence(run_id, body.test, body.k, body.predicted, body.step)
 
 
 @router.get("/influence/{query_id}", response_model=InfluenceOut, dependencies=read)
