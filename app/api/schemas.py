@@ -123,7 +123,8 @@ LOO_MEAN_VALIDITY = (
 
 INFLUENCE_VALIDITY = (
     "the test example's predicted loss without each training example, minus with it (to first order in the change "
-    "of its outputs), from the run's final weights and posterior; how far it follows retraining, per covariance: "
+    "of its outputs), from the run's weights and posterior (the final ones, or a kept evaluation's); how far it "
+    "follows retraining, per covariance: "
     "docs/influence.md"
 )
 
