@@ -33,7 +33,7 @@ def _setup(n_train: int, n_queries: int, seed: int):
     split = digits(n_train=n_train, seed=seed, dtype=torch.float64)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).double()
-    fit_map(model, split.xtr, split.ytr, prior_precision=PRIOR)
+    fit_map(model, split.xtr, split.ytr, prior_precision=PRIOR, polish=True)
     return model, split.xtr, split.ytr, split.xte[:n_queries]
 
 
@@ -45,7 +45,7 @@ def _losses(model: nn.Module, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tenso
 def _refit_without(model, x, y, drop) -> nn.Module:
     keep = torch.ones(len(x), dtype=torch.bool)
     keep[list(drop)] = False
-    return fit_map(copy.deepcopy(model), x[keep], y[keep], prior_precision=PRIOR)
+    return fit_map(copy.deepcopy(model), x[keep], y[keep], prior_precision=PRIOR, polish=True)
 
 
 def _tracin(model: nn.Module, x, y, xq, yq) -> torch.Tensor:

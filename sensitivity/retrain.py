@@ -32,13 +32,14 @@ def map_objective(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cr
 
 def fit_map(model: nn.Module, x: Tensor, y: Tensor, loss: str | Loss = "cross_entropy", prior_precision: float = 1.0,
             max_iter: int = 500, tol: float = 1e-10, grad_tol: float = 1e-5, restarts: int = 3,
-            polish: bool = True) -> nn.Module:
+            polish: bool = False) -> nn.Module:
     """Minimize the regularized summed loss in place from the model's current weights; returns the model.
 
     Stops when the largest gradient entry is below ``grad_tol`` or after ``restarts`` L-BFGS runs. Then, with
     ``polish`` and up to ``NEWTON_MAX_PARAMS`` parameters, exact Newton steps take the gradient below
-    ``NEWTON_GRAD_TOL``: L-BFGS stalls near 1e-6, where the objective is flat to rounding but a flat valley still
-    lets predictions off the training set move by tenths (docs/influence.md's refits).
+    ``NEWTON_GRAD_TOL`` (each forms the Hessian: P backward passes): L-BFGS stalls near 1e-6, where the objective is
+    flat to rounding but a flat valley still lets predictions off the training set move (docs/influence.md's refits
+    polish; the LOO truth at training examples does not need it).
     """
     lossf = get_loss(loss)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -232,6 +232,31 @@ def test_an_example_page_shows_the_image_labels_class_probabilities_history_and_
     assert [e for e in errors if "(Not Found)" not in e] == []
 
 
+def test_a_tabular_example_page_shows_its_row_as_read_and_bad_rows_are_refused(server):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("tabular <i>rows</i>", {}, enqueue=False)
+    names = ["alcohol", "<b>malic</b>", "ash"]
+    rows = np.array([[13.2 + i, 1.78, 2.14e3] for i in range(6)])
+    store.add_examples(run.id, range(6), labels=[i % 2 for i in range(6)], sources=[f"line {i + 2}" for i in range(6)],
+                       features=rows, feature_names=names)
+    for bad, match in ((rows[:, :0], "one row of 1 to 64 numbers"), (rows[:5], "one row of 1 to 64 numbers"),
+                       (np.where(rows > 2e3, np.inf, rows), "non-finite"), (rows, "3 names")):
+        with pytest.raises(ValueError, match=match):
+            store.add_examples(run.id, range(6), features=bad, feature_names=names[:2] if match == "3 names" else names)
+    assert store.get_example(run.id, 3).features == pytest.approx([16.2, 1.78, 2140.0])  # refused calls lost nothing
+    errors = []
+    with sync_playwright() as pw:
+        browser, page = _open(pw, errors)
+        page.goto(f"{base}/runs/{run.id}/examples/3")
+        table = page.inner_text("#features table")
+        assert "alcohol\t16.2" in table and "<b>malic</b>\t1.78" in table and "ash\t2140" in table  # escaped
+        assert "line 5" in page.inner_text("#source")
+        browser.close()
+    assert [e for e in errors if "(Not Found)" not in e] == []
+
+
 def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
     """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
     carried no token, so a protected dashboard could not work in a browser."""

@@ -74,3 +74,20 @@ def test_bad_input_is_refused_and_nothing_is_empty_by_accident(logreg):
         leave_one_out(model, x, y, [1, 400])
     df, loss = leave_one_out(model, x, y, [])
     assert df.shape == (0, 10) and loss.shape == (0,)
+
+
+def test_polish_takes_the_gradient_below_newtons_tolerance_where_lbfgs_stalls():
+    from sensitivity.retrain import NEWTON_GRAD_TOL, map_objective
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x[:150] / 16.0), torch.tensor(y[:150])
+
+    def largest_gradient(polish):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).double()
+        fit_map(model, x, y, prior_precision=1.0, polish=polish)
+        grads = torch.autograd.grad(map_objective(model, x, y), list(model.parameters()))
+        return max(float(g.abs().max()) for g in grads)
+
+    assert largest_gradient(False) > NEWTON_GRAD_TOL  # L-BFGS alone stops near 1e-6 here
+    assert largest_gradient(True) < NEWTON_GRAD_TOL

@@ -170,6 +170,9 @@ def test_a_csv_run_keeps_lines_and_class_names_and_exports_a_corrected_csv(tmp_p
     ex = store.get_example(run.id, 0)
     line = int(ex.source.split()[1])  # "line N" of the file, the header being line 1
     assert lines[line - 1].endswith("," + classes[ex.label])
+    # its row as read (not standardized), named by the header, for the example page
+    assert store.get_run(run.id).feature_names == list(wine.feature_names)
+    assert ex.features == pytest.approx([float(v) for v in lines[line - 1].split(",")[:-1]], rel=1e-6)
     _, top = store.examples_at(run.id, k=3)
     assert all(r.source.startswith("line ") for r in top)
     drop, relabel = store.get_example(run.id, 1), store.get_example(run.id, 2)

@@ -50,6 +50,10 @@ def test_csv_with_class_names_and_a_test_file(tmp_path):
     assert split.n == 45 and len(split.xte) == 15
     # each training example knows its line (the header is line 1) through the shuffled split; the names are kept
     assert d.class_names == ["cat", "dog", "emu"] and d.refs[:2] == ["line 2", "line 3"]
+    assert d.feature_names == ["a", "b"] and d.features.shape == (60, 2)  # the rows as read, beside the standardized
+    assert d.features[0].tolist() == pytest.approx(rows[0][:2], rel=1e-6)
+    assert float(d.xtr[:, 0].std()) == pytest.approx(1, abs=0.02)
+    assert _load(name="digits").features is None  # images: the thumbnail instead
     lines = train.read_text().splitlines()
     for ref, x, y in zip(split.refs, split.xtr, split.ytr):
         row = lines[int(ref.split()[1]) - 1].split(",")

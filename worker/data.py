@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from app.store.models import MAX_FEATURES
 from worker import access, sources
 from worker.config import DataConfig, LabelNoiseConfig
 
@@ -32,6 +33,8 @@ class Dataset:
     model: torch.nn.Module | None = None  # a factory's own model
     refs: list[str] | None = None  # each training example's place in the source (CSV line, image path, row)
     class_names: list[str] | None = None  # label k's name, where the source names classes
+    feature_names: list[str] | None = None  # tabular inputs' column names (the example page shows the row)
+    features: np.ndarray | None = None  # tabular training inputs as read (before standardization), ≤ MAX_FEATURES
 
     @property
     def n(self) -> int:
@@ -61,7 +64,7 @@ def _read_source(cfg: DataConfig, seed: int) -> sources.Arrays:
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    image_shape, model, names = None, None, None
+    image_shape, model, names, columns = None, None, None, None
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
 
@@ -77,7 +80,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         xtr, xte, ytr, yte, refs = _split(x, y, _rows(len(x)), cfg.test_fraction, seed)
     else:
         src = _read_source(cfg, seed)
-        model, image_shape, names = src.model, src.image_shape, src.class_names
+        model, image_shape, names, columns = src.model, src.image_shape, src.class_names, src.feature_names
         refs = _rows(len(src.x_train)) if src.refs_train is None else np.asarray(src.refs_train, dtype=object)
         if len(refs) != len(src.x_train):
             raise ValueError(f"the source gave {len(refs)} references for {len(src.x_train)} training examples")
@@ -106,6 +109,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         if not np.isfinite(part).all():
             bad = lo + int(np.flatnonzero(~np.isfinite(part).all(1))[0])
             raise ValueError(f"non-finite input values in training example {bad}")
+    raw = None  # a tabular row as read, for the example page
+    if image_shape is None and np.ndim(xtr) == 2 and 0 < np.shape(xtr)[1] <= MAX_FEATURES:
+        raw = np.array(xtr, dtype=np.float32)
+        columns = columns if columns and len(columns) == raw.shape[1] else [f"x{j}" for j in range(raw.shape[1])]
     if cfg.standardize if cfg.standardize is not None else cfg.name == "csv":
         xtr, xte = standardize(np.asarray(xtr, dtype=np.float64), np.asarray(xte, dtype=np.float64))
     t = torch.tensor(ytr, dtype=torch.long)
@@ -113,7 +120,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         names = names + [str(k) for k in range(len(names), num_classes)]
     return Dataset(_inputs(xtr), t.clone(), _inputs(xte),
                    torch.tensor(yte, dtype=torch.long), num_classes, image_shape, t,
-                   torch.zeros(len(t), dtype=torch.bool), model, [str(r) for r in refs], names)
+                   torch.zeros(len(t), dtype=torch.bool), model, [str(r) for r in refs], names,
+                   columns if raw is not None else None, raw)
 
 
 def _inputs(x) -> Tensor:

@@ -35,6 +35,7 @@ class Arrays:
     model: Any = None  # a factory's own model (a torch.nn.Module), else None
     refs_train: list[str] | None = None  # where each training example comes from (CSV line, image path); None: its row
     class_names: list[str] | None = None  # label k's name, where the source names its classes
+    feature_names: list[str] | None = None  # each input column's name (a CSV's header)
 
 
 def _existing(path: str | Path, kind: str = "file") -> Path:
@@ -137,7 +138,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], lis
         except ValueError:
             bad = next(i for i in feats if not _is_float(row[i]))
             raise ValueError(f"{path}, line {line}, column {bad + 1}: not a number") from None
-    return x, [row[j] for _, row in body], [line for line, _ in body]
+    return x, [row[j] for _, row in body], [line for line, _ in body], [header[i] for i in feats]
 
 
 def _is_float(s: str) -> bool:
@@ -150,14 +151,16 @@ def _is_float(s: str) -> bool:
 
 def read_csv(path: str, label_column: str = "label", test_path: str | None = None) -> Arrays:
     """A header row; one column of labels (integers or class names), every other column a number."""
-    x, labels, lines = _read_csv(_existing(path), label_column)
+    x, labels, lines, columns = _read_csv(_existing(path), label_column)
     refs = [f"line {n}" for n in lines]
     if test_path is None:
         y, names = _labels(labels, path)
-        return Arrays(x, y, refs_train=refs, class_names=names)
-    xt, labels_t, _ = _read_csv(_existing(test_path), label_column)
+        return Arrays(x, y, refs_train=refs, class_names=names, feature_names=columns)
+    xt, labels_t, _, columns_t = _read_csv(_existing(test_path), label_column)
+    if columns_t != columns:
+        raise ValueError(f"{test_path}: its columns differ from {path}'s (same names in the same order expected)")
     y, names = _labels(labels + labels_t, path)
-    return Arrays(x, y[: len(x)], xt, y[len(x):], refs_train=refs, class_names=names)
+    return Arrays(x, y[: len(x)], xt, y[len(x):], refs_train=refs, class_names=names, feature_names=columns)
 
 
 def _read_images(root: Path, size: int | None,

@@ -145,7 +145,8 @@ class Trainer:
         elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
                                     data.original.tolist(), thumbnails(data), sources=data.refs,
-                                    class_names=data.class_names)
+                                    class_names=data.class_names, features=data.features,
+                                    feature_names=data.feature_names)
             self.store.add_test_examples(self.run_id, data.yte.tolist(), thumbnails(data, test=True))
         if self.writer and not self.cal.active:
             self.log(f"run {self.run_id}: LOO {self.cal.note}")

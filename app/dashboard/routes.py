@@ -35,6 +35,7 @@ def js(obj) -> str:
     return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+templates.env.globals["zip"] = zip  # a tabular row beside its column names
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 PAGE = 100  # test examples per page
 RUNS_PAGE = 100

@@ -40,6 +40,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+MAX_FEATURES = 64  # tabular columns an example keeps as read (its page shows the row)
+
 class Base(DeclarativeBase):
     pass
 
@@ -60,6 +62,7 @@ class Run(Base):
     stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     n_examples: Mapped[int | None] = mapped_column(Integer)
     class_names: Mapped[list | None] = mapped_column(JSON)  # label k's name, where the data names classes
+    feature_names: Mapped[list | None] = mapped_column(JSON)  # tabular inputs' column names
     tags: Mapped[list | None] = mapped_column(JSON)
     notes: Mapped[str | None] = mapped_column(Text)
 
@@ -137,6 +140,7 @@ class Example(Base):
     original_label: Mapped[int | None] = mapped_column(Integer)
     thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)  # PNG
     source: Mapped[str | None] = mapped_column(String(1000))  # CSV line, image path, row of the source's arrays
+    features: Mapped[list | None] = mapped_column(JSON)  # a tabular row as read (names: the run's feature_names)
 
 
 class Review(Base):

@@ -22,6 +22,7 @@ from app.store.class_probs import ClassProbabilities, write_class_probs
 from app.store.engine import Conflict, CorruptData, NotFound, make_engine
 from app.store.influence import InfluenceQueries
 from app.store.models import (
+    MAX_FEATURES,
     EarlyStopState,
     Evaluation,
     Example,
@@ -138,17 +139,31 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
     def add_examples(self, run_id: int, idx: Sequence[int], labels: Sequence[int] | None = None,
                      flipped: Sequence[bool] | None = None, original: Sequence[int] | None = None,
                      thumbnails: Sequence[bytes | None] | None = None, sources: Sequence[str] | None = None,
-                     class_names: Sequence[str] | None = None) -> None:
+                     class_names: Sequence[str] | None = None, features=None,
+                     feature_names: Sequence[str] | None = None) -> None:
         """The run's training examples (replacing any): labels, injected flips, thumbnails, and where each comes
-        from in the data (``sources``: a CSV line, an image path); ``class_names``: label k's name."""
+        from in the data (``sources``: a CSV line, an image path); ``class_names``: label k's name; ``features``:
+        tabular rows as read (N × d finite numbers, d ≤ MAX_FEATURES) named by ``feature_names``."""
         n = len(idx)
         if class_names is not None and (len(class_names) > 100_000 or any(len(str(c)) > 1000 for c in class_names)):
             raise ValueError("class names: at most 100,000, each at most 1,000 characters")
+        if features is not None:
+            features = np.asarray(features, dtype=np.float64)
+            if features.ndim != 2 or len(features) != n or not 0 < features.shape[1] <= MAX_FEATURES:
+                raise ValueError(f"features: one row of 1 to {MAX_FEATURES} numbers per example, got shape "
+                                 f"{features.shape} for {n} examples")
+            if not np.isfinite(features).all():
+                raise ValueError("features: non-finite values")
+            names = list(feature_names or [])
+            if len(names) != features.shape[1] or any(len(str(c)) > 200 for c in names):
+                raise ValueError(f"feature_names: {features.shape[1]} names of at most 200 characters expected")
+            features = features.tolist()
         rows = [{"run_id": run_id, "idx": int(idx[i]), "label": None if labels is None else int(labels[i]),
                  "flipped": None if flipped is None else bool(flipped[i]),
                  "original_label": None if original is None else int(original[i]),
                  "thumbnail": None if thumbnails is None else thumbnails[i],
-                 "source": None if sources is None else str(sources[i])[:1000]} for i in range(n)]
+                 "source": None if sources is None else str(sources[i])[:1000],
+                 "features": None if features is None else features[i]} for i in range(n)]
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
@@ -156,7 +171,8 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, Influenc
             if rows:
                 s.execute(Example.__table__.insert(), rows)
             s.execute(update(Run).where(Run.id == run_id).values(
-                n_examples=len(rows), class_names=None if class_names is None else [str(c) for c in class_names]))
+                n_examples=len(rows), class_names=None if class_names is None else [str(c) for c in class_names],
+                feature_names=None if features is None else [str(c) for c in feature_names]))
 
     def write_evaluation(self, run_id: int, step: int, *, loo: float | None, metrics: dict[str, float],
                          idx: np.ndarray | None = None, scores: np.ndarray | None = None,
