@@ -25,11 +25,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# each benchmark's output goes into its section of docs/benchmarks.md (bench/record.py)
 bench: $(STAMP)
-	$(BIN)/python bench/optimizer.py
-	$(BIN)/python bench/sensitivity.py
-	$(BIN)/python bench/store.py
-	$(BIN)/python bench/api.py
+	$(BIN)/python bench/record.py optimizer
+	$(BIN)/python bench/record.py sensitivity
+	$(BIN)/python bench/record.py store
+	$(BIN)/python bench/record.py api
+	$(BIN)/python bench/record.py load --seconds 60
+	$(BIN)/python bench/record.py overhead --rounds 3
+	$(BIN)/python bench/record.py memory
+	$(BIN)/python bench/record.py influence --rounds 3 --model cnn
+	$(BIN)/python bench/record.py influence --rounds 5
+	$(BIN)/python bench/record.py retrain
 
 validate: $(STAMP)
 	$(BIN)/ivon-diag validate
