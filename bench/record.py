@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-VALUE_FLAGS = {"--rounds", "--seconds", "--n", "--queries", "--examples"}  # what varies the size, not the case
+VALUE_FLAGS = {"--rounds", "--seconds", "--n", "--queries", "--examples", "--epochs", "--jobs", "--pg", "--db"}
+# ^ what varies the size or the place, not the case
 
 
 def section_key(name: str, args: list[str]) -> str:
