@@ -217,19 +217,24 @@ def _sub_covariance(cov, names: list[str]):
     return cov if isinstance(cov, (DiagonalCovariance, KFACCovariance)) else None
 
 
-def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
-    """Linear, Conv2d and normalization layers whose parameters are all trainable, under a diagonal or K-FAC Σ
-    (or such a block of a ``BlockCovariance``, e.g. the body under IVON's σ² beside a dense last-layer head)."""
-    blocks = []
+def _layers(model: nn.Module, params: dict[str, Tensor]):
+    """(name, module, its parameter names) for each module with a weight whose parameters are all in ``params``."""
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         if getattr(m, "weight", None) is None:
             continue
         names = [prefix + "weight"] + ([prefix + "bias"] if getattr(m, "bias", None) is not None else [])
-        if not all(n in params for n in names):
-            continue
+        if all(n in params for n in names):
+            yield name, m, names
+
+
+def eligible_blocks(model: nn.Module, cov, params: dict[str, Tensor]) -> list:
+    """Linear, Conv2d and normalization layers whose parameters are all trainable, under a diagonal or K-FAC Σ
+    (or such a block of a ``BlockCovariance``, e.g. the body under IVON's σ² beside a dense last-layer head)."""
+    blocks = []
+    for name, m, names in _layers(model, params):
         sub = _sub_covariance(cov, names)
-        if sub is None or (isinstance(sub, DiagonalCovariance) and prefix + "weight" not in sub.variances):
+        if sub is None or (isinstance(sub, DiagonalCovariance) and names[0] not in sub.variances):
             continue
         if type(m) is nn.Linear and isinstance(sub, KFACCovariance) and name not in sub.layers:
             continue
@@ -243,13 +248,7 @@ def gradient_blocks(model: nn.Module, params: dict[str, Tensor]) -> list:
     """Linear, Conv2d and normalization layers whose parameters are all in ``params``, as blocks that form their
     per-example gradients from (a, δ) (``per_example_grads``); no covariance involved."""
     blocks = []
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if getattr(m, "weight", None) is None:
-            continue
-        names = [prefix + "weight"] + ([prefix + "bias"] if getattr(m, "bias", None) is not None else [])
-        if not all(n in params for n in names):
-            continue
+    for name, m, _ in _layers(model, params):
         if type(m) is nn.Linear:
             blocks.append(_DenseLinearBlock(name, m, None))
         elif (block := _block_for(name, m, None)) is not None:
