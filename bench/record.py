@@ -41,8 +41,10 @@ def section_key(name: str, args: list[str]) -> str:
 
 
 def title(path: Path) -> str:
+    """The benchmark's docstring, its first clause."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or path.stem
-    return doc.splitlines()[0].rstrip(".")
+    first = " ".join(doc.split("\n\n")[0].split())
+    return re.split(r"[.:;](?:\s|$)", first)[0]
 
 
 def render(key: str, command: str, heading: str, output: str, when: datetime.datetime) -> str:
