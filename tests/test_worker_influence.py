@@ -159,3 +159,12 @@ def test_a_query_at_a_kept_evaluation_and_the_reason_when_a_step_was_not_kept(tm
     assert failed["status"] == "failed" and "kept no state at step 1" in failed["error"]
     done = client.get(f"/api/v1/influence/{good}").json()
     assert done["status"] == "done" and done["request"]["step"] == steps[0] and done["result"][0]["step"] == steps[0]
+    # a run that ended failed has no final model, but its kept evaluations can still be queried
+    store.set_run_status(run.id, "failed")
+    final_q = client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [0]}, headers=auth).json()["id"]
+    kept_q = client.post(f"/api/v1/runs/{run.id}/influence", json={"test": [0], "step": steps[1]},
+                         headers=auth).json()["id"]
+    while answer_next(store, ck, "w1", log=lambda *_: None):
+        pass
+    assert "give its step" in client.get(f"/api/v1/influence/{final_q}").json()["error"]
+    assert client.get(f"/api/v1/influence/{kept_q}").json()["status"] == "done"

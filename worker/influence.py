@@ -102,8 +102,9 @@ def answer_next(store: Store, checkpoint_dir: str | Path, worker_id: str, log=pr
     rows, error = None, None
     try:
         status = store.get_run(query.run_id).status
-        if status != "done":
-            raise ValueError(f"run {query.run_id} ended {status}: it has no final model to query")
+        if status != "done" and req.get("step") is None:  # a kept evaluation's state outlives a failed run
+            raise ValueError(f"run {query.run_id} ended {status}: it has no final model to query (an evaluation's "
+                             "kept state can be: give its step)")
         rows = query_run(store, query.run_id, req["test"], checkpoint_dir, k=req["k"], predicted=req["predicted"],
                          step=req.get("step"))
     except (ValueError, FileNotFoundError) as err:  # the query's or the run's fault, said as it is
