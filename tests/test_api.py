@@ -78,7 +78,11 @@ def test_reads(api):
     img = client.get(f"/api/v1/runs/{run.id}/examples/3/image")
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     assert client.get(f"/api/v1/runs/{run.id}/examples/4/image").status_code == 404
-    assert len(client.get(f"/api/v1/runs/{run.id}/evaluations").json()) == 2
+    with_image = client.get(f"/api/v1/runs/{run.id}/examples/3/detail").json()
+    assert client.get(with_image["image_url"]).content == img.content and with_image["features"] is None
+    assert client.get(f"/api/v1/runs/{run.id}/examples/4/detail").json()["image_url"] is None
+    evals = client.get(f"/api/v1/runs/{run.id}/evaluations?limit=99999")
+    assert len(evals.json()) == 2 and evals.headers["X-Limit"] == "10000"  # the cap is said
     assert client.get("/openapi.json").status_code == 200 and client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
 

@@ -178,6 +178,21 @@ def test_a_csv_run_keeps_lines_and_class_names_and_exports_a_corrected_csv(tmp_p
     drop, relabel = store.get_example(run.id, 1), store.get_example(run.id, 2)
     store.set_review(run.id, 1, "drop")
     store.set_review(run.id, 2, "relabel", (relabel.label + 1) % 3)
+    # the API's example route: what the example page shows, by name
+    client = TestClient(create_app(Settings(), store), raise_server_exceptions=False)
+    d = client.get(f"/api/v1/runs/{run.id}/examples/2/detail").json()
+    row = lines[int(d["source"].split()[1]) - 1].split(",")
+    assert d["features"] == pytest.approx(dict(zip(wine.feature_names, map(float, row[:-1]))), rel=1e-6)
+    assert list(d["features"]) == list(wine.feature_names) and d["label_name"] == row[-1] == classes[d["label"]]
+    assert len(d["probs"]) == 3 and sum(d["probs"]) == pytest.approx(1) and d["probs_evals"] >= 1
+    assert d["predicted"] == max(range(3), key=d["probs"].__getitem__)
+    assert d["predicted_name"] == classes[d["predicted"]]
+    assert d["review"]["decision"] == "relabel" and d["review"]["label"] == (relabel.label + 1) % 3
+    assert d["image_url"] is None and d["flipped"] is False  # the job flipped no label
+    assert client.get(f"/api/v1/runs/{run.id}/examples/0/detail").json()["review"] is None
+    for url in (f"/api/v1/runs/{run.id}/examples/100000/detail", "/api/v1/runs/987654/examples/0/detail"):
+        missing = client.get(url)
+        assert missing.status_code == 404 and "not found" in missing.json()["detail"]
     out = tmp_path / "fixed.csv"
     counts = write_corrected(store, run.id, out)
     assert counts == {"kept": store.get_run(run.id).n_examples - 1, "relabeled": 1, "dropped": 1}

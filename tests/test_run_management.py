@@ -69,6 +69,10 @@ def test_the_api_patches_a_run_with_a_token_and_filters_the_list(store):
         assert bad.status_code == 422 and field in str(bad.json()["detail"]), (body, bad.json())
     assert [r["id"] for r in client.get(f"/api/v1/runs?tag=keep{u}").json()] == [a.id]
     assert [r["id"] for r in client.get(f"/api/v1/runs?q=wide%20net{u}").json()] == [b.id]
+    page = client.get(f"/api/v1/runs?q={u}&limit=1")  # the page, how many match (a: renamed), the limit given
+    assert len(page.json()) == 1 and page.headers["X-Total-Count"] == "2" and page.headers["X-Limit"] == "1"
+    capped = client.get(f"/api/v1/runs?q={u}&limit=100000")
+    assert len(capped.json()) == 2 and capped.headers["X-Limit"] == "1000"  # the cap says so
     assert client.get("/api/v1/runs?tag=a%20b").status_code == 422
     assert client.patch("/api/v1/runs/987654", json={"name": "x"}, headers=auth).status_code == 404
 

@@ -294,3 +294,25 @@ class ReviewsPage(BaseModel):
     total: int
     counts: dict[str, int] = Field(description="examples per decision")
     items: list[ReviewOut]
+
+
+class ExampleDetailOut(BaseModel):
+    """One training example as the example page shows it."""
+
+    idx: int
+    label: int | None = Field(description="the label the run trained on")
+    label_name: str | None = Field(description="its class name, where the data names classes")
+    flipped: bool | None = Field(description="whether the job flipped its label on purpose (data.flip)")
+    original_label: int | None = Field(description="the label before the job flipped it")
+    source: str | None = Field(description="where the example comes from in the data: 'line N' of a CSV, "
+                               "'class/file' of an image folder, 'row i' of the source's training arrays")
+    image_url: str | None = Field(description="its thumbnail (PNG), for image data")
+    features: dict[str, float] | None = Field(description="a tabular example's row as read, before any "
+                                              "standardization, by column name")
+    probs: list[float] | None = Field(description="each class's leave-one-out probability, averaged over the "
+                                      "evaluations that scored it (cleanlab's pred_probs row; null before the first)")
+    probs_step: int | None = Field(description="the latest evaluation the probabilities average up to")
+    probs_evals: int | None = Field(description="how many evaluations they average")
+    predicted: int | None = Field(description="the class of highest LOO probability")
+    predicted_name: str | None
+    review: ReviewOut | None = Field(description="the review's decision, or null while unreviewed")

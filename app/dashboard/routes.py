@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from urllib.parse import parse_qs
 
-import numpy as np
 import plotly
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
@@ -113,19 +112,9 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
             dependencies=[Depends(require_page)])
 def example_page(request: Request, run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
     """One training example: its image, labels, LOO class probabilities, score history and review."""
-    run = store.get_run(run_id)
-    ex = store.get_example(run_id, idx)
-    probs = None
-    try:
-        step, ids, _, table, evals = store.class_probs(run_id)
-        at = int(np.searchsorted(ids, idx))
-        if at < len(ids) and ids[at] == idx:
-            probs = {"step": step, "p": table[at].tolist(), "evals": int(evals[at]),
-                     "predicted": int(table[at].argmax())}
-    except NotFound:  # a run without class probabilities (before its first evaluation)
-        pass
     return templates.TemplateResponse(request, "example.html", {
-        "run": run, "ex": ex, "probs": probs, "classes": store.num_classes(run_id), "mean_validity": LOO_MEAN_VALIDITY})
+        "run": store.get_run(run_id), "ex": store.example_detail(run_id, idx), "classes": store.num_classes(run_id),
+        "mean_validity": LOO_MEAN_VALIDITY})
 
 
 @router.get("/runs/{run_id}/test", response_class=HTMLResponse, include_in_schema=False,

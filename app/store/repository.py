@@ -18,8 +18,9 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.access import HooksAndTokens
-from app.store.class_probs import ClassProbabilities, write_class_probs
+from app.store.class_probs import write_class_probs
 from app.store.engine import Conflict, CorruptData, NotFound, make_engine
+from app.store.example_detail import ExampleDetails
 from app.store.influence import InfluenceQueries
 from app.store.models import (
     MAX_FEATURES,
@@ -61,12 +62,12 @@ class ScoreRow:
     source: str | None = None  # where the example comes from in the data
 
 
-class Store(JobQueue, HooksAndTokens, MetricSeries, ClassProbabilities, InfluenceQueries, TestExamples, Reviews,
+class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQueries, TestExamples, Reviews,
             RunManagement):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
-    and API tokens (``HooksAndTokens``); LOO class probabilities (``ClassProbabilities``); influence
-    queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review (``Reviews``); names,
-    tags and notes (``RunManagement``)."""
+    and API tokens (``HooksAndTokens``); LOO class probabilities and one example's detail (``ExampleDetails``);
+    influence queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review
+    (``Reviews``); names, tags and notes (``RunManagement``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi import Path as PathParam
 
 from app.api.deps import get_store
-from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, read
+from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, capped, limit_header, read
 from app.api.schemas import Curve, EvaluationOut, Point
 from app.store import Store
 from app.store.job_config import MONITORS
@@ -39,11 +39,13 @@ def curve(
     )
 
 
-@router.get("/runs/{run_id}/evaluations", response_model=list[EvaluationOut], dependencies=read)
+@router.get("/runs/{run_id}/evaluations", response_model=list[EvaluationOut], dependencies=read,
+            responses=limit_header(10000))
 def evaluations(
+    response: Response,
     run_id: RunId,
     since_step: int | None = Query(None, ge=-1, le=INT32),
     limit: int = Query(1000, ge=1, le=INT32, description="capped at 10000"),
     store: Store = Depends(get_store),
 ):
-    return store.evaluations(run_id, since_step, min(limit, 10000))
+    return store.evaluations(run_id, since_step, capped(response, limit, 10000))

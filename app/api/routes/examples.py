@@ -9,7 +9,7 @@ from fastapi import Path as PathParam
 
 from app.api.deps import get_store
 from app.api.routes.common import ERRORS, INT32, PREFIX, Idx, RunId, read
-from app.api.schemas import ExampleOut, ExamplesPage, LabelIssuesOut
+from app.api.schemas import ExampleDetailOut, ExampleOut, ExamplesPage, LabelIssuesOut
 from app.store import NotFound, Store
 from app.store.export import FORMATS, table_bytes
 
@@ -40,6 +40,15 @@ def examples(
 @router.get("/runs/{run_id}/examples/{idx}", response_model=list[ExampleOut], dependencies=read)
 def example_history(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
     return [ExampleOut(**vars(r)) for r in store.example_history(run_id, idx)]
+
+
+@router.get("/runs/{run_id}/examples/{idx}/detail", response_model=ExampleDetailOut, dependencies=read)
+def example_detail(run_id: RunId, idx: Idx, store: Store = Depends(get_store)):
+    """One training example: labels and class names, source, tabular row, LOO class probabilities, review."""
+    d = store.example_detail(run_id, idx)
+    image = f"{PREFIX}/runs/{run_id}/examples/{idx}/image" if d.has_image else None
+    fields = {k: v for k, v in vars(d).items() if k not in ("has_image", "review")}
+    return ExampleDetailOut(**fields, image_url=image, review=None if d.review is None else vars(d.review))
 
 
 @router.get(

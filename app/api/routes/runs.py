@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.api.deps import get_store, require_write
-from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, read
+from app.api.routes.common import ERRORS, INT32, PREFIX, RunId, capped, limit_header, read
 from app.api.schemas import CalibrationOut, EarlyStopOut, RunCreate, RunOut, RunPatch
 from app.store import Store
 from app.store.calibration import calibration_summary
@@ -17,8 +17,10 @@ from app.store.calibration import calibration_summary
 router = APIRouter(prefix=PREFIX, responses=ERRORS, tags=["runs"])
 
 
-@router.get("/runs", response_model=list[RunOut], dependencies=read)
+@router.get("/runs", response_model=list[RunOut], dependencies=read, responses=limit_header(1000, {
+    "X-Total-Count": {"description": "runs matching the filters", "schema": {"type": "integer"}}}))
 def list_runs(
+    response: Response,
     status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
     limit: int = Query(100, ge=1, le=INT32, description="capped at 1000"),
     offset: int = Query(0, ge=0, le=INT32),
@@ -26,7 +28,10 @@ def list_runs(
     q: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$", description="runs whose name contains this"),
     store: Store = Depends(get_store),
 ):
-    return store.list_runs(status=status, limit=min(limit, 1000), offset=offset, tag=tag, name=q)
+    """Newest first, a page at a time; the headers say how many runs match and the page's capped size."""
+    limit = capped(response, limit, 1000)
+    response.headers["X-Total-Count"] = str(store.count_runs(status=status, tag=tag, name=q))
+    return store.list_runs(status=status, limit=limit, offset=offset, tag=tag, name=q)
 
 
 @router.post("/runs", response_model=RunOut, status_code=201, dependencies=[Depends(require_write)])
