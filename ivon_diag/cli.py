@@ -98,18 +98,20 @@ def _runs_update(args: argparse.Namespace) -> int:
 def _runs_show(args: argparse.Namespace) -> int:
     import json
 
+    from app.api.schemas import RunOut
     from app.store.calibration import calibration_summary
 
     store = _store(args)
     run = store.get_run(args.run)
     step = store.latest_step(run.id)
     last = [None] if step is None else store.evaluations(run.id, since_step=step - 1, limit=1)
-    print(json.dumps({"id": run.id, "uid": run.uid, "name": run.name, "status": run.status, "error": run.error,
-                      "created_at": str(run.created_at), "finished_at": str(run.finished_at),
+    fields = RunOut.model_validate(run).model_dump(mode="json")  # the API's shape: ISO 8601 UTC times, tags, notes
+    config = fields.pop("config")
+    print(json.dumps({**fields,
                       "last_evaluation": None if last[0] is None else {"step": last[0].step, "loo": last[0].loo,
                                                                         **last[0].metrics},
                       "calibration": calibration_summary(run.config, None if last[0] is None else last[0].metrics),
-                      "config": run.config}, indent=2, default=str))
+                      "config": config}, indent=2, default=str))
     return 0
 
 

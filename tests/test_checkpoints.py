@@ -120,6 +120,7 @@ def test_runs_and_export_commands(tmp_path):
     assert listed.returncode == 0 and [ln.split()[-1] for ln in listed.stdout.splitlines()[1:]] == ["gone", "kept"]
     shown = json.loads(cli("runs", "show", "1").stdout)
     assert shown["name"] == "kept" and shown["last_evaluation"]["step"] == store.latest_step(1)
+    assert shown["created_at"].endswith("Z") and "T" in shown["created_at"]  # as the API writes times
     out = cli("export", "1")
     assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("idx,rank,score")
     assert len(out.stdout.splitlines()) == Store(f"sqlite:///{db}").get_run(1).n_examples + 1

@@ -257,6 +257,35 @@ def test_a_tabular_example_page_shows_its_row_as_read_and_bad_rows_are_refused(s
     assert [e for e in errors if "(Not Found)" not in e] == []
 
 
+def test_a_run_page_before_its_first_evaluation_asks_nothing_it_cannot_have_then_fills_live(server):
+    """Before: a queued run's page drew three empty axes and its galleries asked the API for what did not exist
+    (4 console 404s); a tabular run's galleries asked for ~70 thumbnails that 404."""
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("waiting", {}, enqueue=False)
+    errors, failed = [], []
+    with sync_playwright() as pw:
+        browser, page = _open(pw, errors)
+        page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#loss .main-svg")
+        assert page.inner_text("#most") == "no evaluation yet"
+        assert "waiting for the run's first evaluation" in page.inner_text("#loss")
+        # the worker stores a tabular run's rows (no thumbnails), then its first evaluation arrives live
+        store.add_examples(run.id, range(200), labels=[i % 2 for i in range(200)],
+                           features=np.ones((200, 2)), feature_names=["a", "b"])
+        _write(store, run.id, 10)
+        page.wait_for_function("document.body.dataset.lastStep === '10'", timeout=15000)
+        page.wait_for_selector("#most .ex")
+        assert "waiting" not in page.inner_text("#loss")
+        page.goto(f"{base}/runs/{run.id}")  # opened again, knowing the run has no images
+        page.wait_for_selector("#most .ex")
+        assert page.eval_on_selector_all("#most .ex img", "els => els.length") == 0
+        browser.close()
+    assert failed == [] and errors == []
+
+
 def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
     """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
     carried no token, so a protected dashboard could not work in a browser."""

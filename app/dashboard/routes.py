@@ -103,7 +103,8 @@ def run_page(request: Request, run_id: RunId, store: Store = Depends(get_store))
     return templates.TemplateResponse(request, "run.html", {
         "run": run, "curves_json": js(curves), "stop_step": es.stopped_step if es else None,
         "latest": latest[-1] if latest else None, "classes": store.num_classes(run_id),
-        "last_step": store.latest_step(run_id), "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
+        "last_step": store.latest_step(run_id), "images": store.has_images(run_id),
+        "loo_validity": LOO_VALIDITY, "score_validity": SCORE_VALIDITY,
         "mean_validity": LOO_MEAN_VALIDITY,
         "calibration": calibration_summary(run.config, latest[-1].metrics if latest else None)})
 

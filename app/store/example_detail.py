@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy import select
 
 from app.store.class_probs import ClassProbabilities
 from app.store.engine import NotFound
@@ -33,6 +34,13 @@ class ExampleDetail:
 
 class ExampleDetails(ClassProbabilities):
     """Mixed into ``Store``, whose ``session`` it uses."""
+
+    def has_images(self, run_id: int) -> bool | None:
+        """Whether the run's examples have thumbnails (image data), so that pages ask for them only then; None
+        before the worker has stored its examples."""
+        with self.session() as s:
+            first = s.execute(select(Example.thumbnail.is_not(None)).where(Example.run_id == run_id).limit(1)).first()
+        return None if first is None else bool(first[0])
 
     def example_detail(self, run_id: int, idx: int) -> ExampleDetail:
         with self.session() as s:
