@@ -79,6 +79,7 @@ def run_demo(epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, eval_e
 def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, port: int = 8000,
                host: str = "127.0.0.1") -> int:
     """Migrate the database, queue a digits job with flipped labels, start a worker and the dashboard."""
+    import socket
     import subprocess
     import sys
 
@@ -90,6 +91,13 @@ def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int 
 
     if not 0 <= flip_fraction < 1:
         raise ValueError(f"Invalid flip fraction: {flip_fraction!r} (must be in [0, 1))")
+    sock = socket.socket()  # bound before anything is queued: a busy port leaves no run behind
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"port {port} on {host} is taken ({err.strerror}): is another `ivon-diag serve` or demo "
+                         f"running? Open its page, or give this one another --port") from None
     engine = make_engine(db)
     upgrade(engine)
     store = Store(engine)
@@ -105,7 +113,7 @@ def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int 
           flush=True)
     try:
         app = create_app(Settings(db=db, checkpoint_dir=checkpoints), store)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -52,3 +52,20 @@ def test_serve_demo_queues_a_noisy_digits_job_and_serves_it(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_a_demo_on_a_taken_port_says_so_and_queues_nothing(tmp_path):
+    import socket
+
+    from app.store import Store
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = f"sqlite:///{tmp_path / 'demo.db'}"
+        out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", db, "demo", "--port", str(port)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in out.stderr and "--port" in out.stderr
+    assert "dashboard:" not in out.stdout and "Traceback" not in out.stderr
+    assert not (tmp_path / "demo.db").exists() or Store(db).list_runs() == []  # no run left queued
