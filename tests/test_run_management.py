@@ -43,6 +43,9 @@ def test_names_tags_and_notes_are_set_checked_and_filter_the_list(store):
     assert store.count_runs(tag=f"sweep_{u}") == 1 and store.count_runs() >= 3
     latest = store.latest_evaluations([a.id, b.id, c.id])
     assert list(latest) == [b.id] and latest[b.id].step == 20 and latest[b.id].metrics["test_nll"] == 0.35
+    store.write_evaluation(b.id, 30, loo=0.3, metrics={})  # tied with step 20: the earliest step is the best
+    store.write_evaluation(b.id, 40, loo=0.4, metrics={})
+    assert store.best_loo([a.id, b.id, c.id]) == {b.id: (20, 0.3)} and store.best_loo([]) == {}
     for kwargs, field in (({"name": ""}, "name"), ({"name": "   "}, "name"), ({"name": "x\x00"}, "name"),
                           ({"tags": ["has space"]}, "tags"), ({"tags": ["t"] * 21}, "tags"),
                           ({"tags": ['a"b']}, "tags"), ({"notes": "x" * 10_001}, "notes")):
@@ -130,6 +133,7 @@ def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_p
         page.goto(f"{base}/?tag=best")
         row = page.inner_text("#runs tr:nth-child(2)")
         assert "Wide net" in row and "best" in row and "0.3000 ± 0.01" in row and "0.3500" in row and "0.920" in row
+        assert page.inner_text("#runs tr:nth-child(2) td.best") == "0.3000 (step 20)"
         page.goto(f"{base}/?q=baseline")
         assert page.eval_on_selector_all("#runs tr", "els => els.length") == 2
         page.goto(f"{base}/?status=done")
@@ -161,3 +165,52 @@ def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_p
         page.screenshot(path=str(tmp_path / "runs.png"))
         browser.close()
     assert errors == []
+
+
+def test_a_run_is_renamed_tagged_annotated_and_deleted_from_its_page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import free_port, serving
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    a, b, _ = _runs(store)
+    token = store.create_token("page")
+    port = free_port()
+    errors = []
+    with serving(["--db", url, "serve", "--port", str(port)], port) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("dialog", lambda d: d.accept())
+        page.goto(f"{base}/runs/{b.id}")
+        page.click("#manage summary")
+        page.fill("#m-name", "wide net, final")
+        page.fill("#m-tags", "keep  lr:0.1")
+        page.fill("#m-notes", "seed 0 <b>only</b>")
+        page.click("#m-save")  # no token yet: refused, nothing changed
+        page.wait_for_function("document.getElementById('m-error').textContent !== ''")
+        assert "token was refused" in page.inner_text("#m-error") and store.get_run(b.id).name == "Wide net"
+        page.fill("#m-token", token)
+        page.fill("#m-tags", "keep has,comma")
+        page.click("#m-save")  # a bad tag: the API's reason, by field, and nothing written
+        page.wait_for_function("document.getElementById('m-error').textContent.startsWith('not saved')")
+        assert "tags" in page.inner_text("#m-error") or "1:" in page.inner_text("#m-error")
+        assert store.get_run(b.id).tags is None
+        page.fill("#m-tags", "keep  lr:0.1")
+        with page.expect_navigation():
+            page.click("#m-save")
+        run = store.get_run(b.id)
+        assert (run.name, run.tags, run.notes) == ("wide net, final", ["keep", "lr:0.1"], "seed 0 <b>only</b>")
+        assert page.inner_text("#run-name") == "wide net, final" and page.inner_text("#notes") == "seed 0 <b>only</b>"
+        page.click("#manage summary")
+        with page.expect_navigation():
+            page.click("#m-delete")  # confirmed in the dialog
+        assert page.url == f"{base}/"
+        with pytest.raises(NotFound):
+            store.get_run(b.id)
+        assert store.get_run(a.id).name.startswith("baseline")  # the others stay
+        browser.close()
+    assert [e for e in errors if "401" not in e and "Unauthorized" not in e and "422" not in e] == []

@@ -89,7 +89,8 @@ def runs_page(request: Request, status: str | None = Query(None, pattern="^(queu
     runs = store.list_runs(status=status, limit=RUNS_PAGE, offset=offset, tag=tag, name=q)
     total = store.count_runs(status=status, tag=tag, name=q)
     return templates.TemplateResponse(request, "runs.html", {
-        "runs": runs, "latest": store.latest_evaluations([r.id for r in runs]), "total": total, "offset": offset,
+        "runs": runs, "latest": store.latest_evaluations([r.id for r in runs]),
+        "best": store.best_loo([r.id for r in runs]), "total": total, "offset": offset,
         "page": RUNS_PAGE, "status": status or "", "tag": tag or "", "q": q or ""})
 
 

@@ -79,6 +79,18 @@ class RunManagement:
             s.expunge(run)
             return run
 
+    def best_loo(self, run_ids: Sequence[int]) -> dict[int, tuple[int, float]]:
+        """Each run's lowest LOO estimate and its step (the earliest where tied), in one query."""
+        if not run_ids:
+            return {}
+        low = (select(Evaluation.run_id, func.min(Evaluation.loo).label("loo"))
+               .where(Evaluation.run_id.in_(list(run_ids))).group_by(Evaluation.run_id).subquery())
+        q = (select(Evaluation.run_id, func.min(Evaluation.step), low.c.loo)
+             .join(low, (Evaluation.run_id == low.c.run_id) & (Evaluation.loo == low.c.loo))
+             .group_by(Evaluation.run_id, low.c.loo))
+        with self.session() as s:
+            return {run_id: (step, loo) for run_id, step, loo in s.execute(q)}
+
     def latest_evaluations(self, run_ids: Sequence[int]) -> dict[int, Evaluation]:
         """Each run's latest evaluation (runs without one left out), in one query."""
         if not run_ids:
