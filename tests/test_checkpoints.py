@@ -132,3 +132,31 @@ def test_runs_and_export_commands(tmp_path):
     assert (tmp_path / "ck" / gone.uid / "model.pt").exists()
     assert cli("runs", "delete", "2", "--checkpoint-dir", str(tmp_path / "ck")).returncode == 0
     assert not (tmp_path / "ck" / gone.uid).exists() and [r.id for r in store.list_runs()] == [1]
+
+
+def test_a_run_deleted_through_the_api_loses_its_checkpoints_at_the_next_idle_worker(tmp_path):
+    """The API may not see the workers' disk (compose mounts it read-only there): it leaves the deleted run's uid,
+    and a worker, once idle, removes that run's folder; other runs' folders and forged uids are left alone."""
+    from app.store.models import DeletedRun
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(make_engine(url))
+    store = Store(url)
+    gone, kept = (store.create_run(n, {}, enqueue=False) for n in ("gone", "kept"))
+    ck = tmp_path / "ck"
+    for run in (gone, kept):
+        store.set_run_status(run.id, "done")
+        (ck / run.uid / "evaluations").mkdir(parents=True)
+        (ck / run.uid / "model.pt").write_bytes(b"weights")
+    (tmp_path / "outside").mkdir()
+    with store.session(write=True) as s, s.begin():
+        s.add(DeletedRun(uid="../outside"))  # not a uid: never a path
+    client = TestClient(create_app(Settings(), store))
+    auth = {"Authorization": f"Bearer {store.create_token('t')}"}
+    assert client.delete(f"/api/v1/runs/{gone.id}", headers=auth).status_code == 204
+    assert (ck / gone.uid).is_dir()  # the API process leaves the disk alone
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", url, "worker", "--once", "--checkpoint-dir",
+                          str(ck)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not (ck / gone.uid).exists() and (ck / kept.uid / "model.pt").read_bytes() == b"weights"
+    assert (tmp_path / "outside").is_dir() and f"removed the checkpoints of deleted run {gone.uid}" in out.stdout

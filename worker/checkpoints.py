@@ -106,3 +106,18 @@ class Checkpoints:
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: a kill leaves the old or the new file, never half of one
+
+
+def reap_deleted(store, checkpoint_dir: str | Path, after: int = 0, log=print) -> int:
+    """Remove the checkpoint folders of runs deleted since tombstone ``after`` (a run deleted through the API, whose
+    process may not see this disk); returns the newest tombstone read, to start from next time."""
+    for tomb, uid in store.deleted_uids(after):
+        after = tomb
+        try:
+            folder = run_folder(checkpoint_dir, uid)
+        except ValueError:
+            continue
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            log(f"removed the checkpoints of deleted run {uid}")
+    return after

@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.store import DatabaseUnavailable, Store, StoreError, WriteRefused
 from worker import distributed as D
-from worker.checkpoints import Checkpoints
+from worker.checkpoints import Checkpoints, reap_deleted
 from worker.config import ConfigError, parse_config
 from worker.hooks import HookDispatcher
 from worker.influence import answer_next
@@ -98,7 +98,7 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    devices, waiting = D.claimable_devices(), {}
+    devices, waiting, reaped = D.claimable_devices(), {}, 0
     while not stop.is_set():
         try:
             job = store.claim_job(worker_id, lease_seconds, devices=devices, max_crashes=max_crashes)
@@ -123,6 +123,10 @@ def _serve(store: Store, checkpoint_dir, worker_id, lease_seconds, once, poll_se
             if answered:
                 D.broadcast({"idle": True})
                 continue
+            try:  # idle: the checkpoint folders of runs deleted elsewhere (the API) go too
+                reaped = reap_deleted(store, checkpoint_dir, reaped, log)
+            except (OperationalError, DatabaseUnavailable) as err:
+                log(f"worker {worker_id}: cannot read deleted runs: {str(err).splitlines()[0][:200]}")
             if once:
                 return
             D.broadcast({"idle": True})

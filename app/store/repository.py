@@ -24,6 +24,7 @@ from app.store.example_detail import ExampleDetails
 from app.store.influence import InfluenceQueries
 from app.store.models import (
     MAX_FEATURES,
+    DeletedRun,
     EarlyStopState,
     Evaluation,
     Example,
@@ -228,14 +229,16 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQue
             return _resolve_step(s, run_id, step)
 
     def delete_run(self, run_id: int) -> None:
-        """The run and everything stored for it (its job, evaluations, curves, examples, scores, hooks); refused
-        with Conflict while a worker trains it."""
+        """The run and everything stored for it (its job, evaluations, curves, examples, scores, hooks), its uid kept
+        for the workers to remove its checkpoint folder; refused with Conflict while a worker trains it."""
         with self.session(write=True) as s, s.begin():
             run = s.get(Run, run_id)
             if run is None:
                 raise NotFound(f"run {run_id} not found")
             if run.status == "running":
                 raise Conflict(f"run {run_id} is running: stop it first (POST /api/v1/runs/{run_id}/stop)")
+            if run.uid:  # its checkpoint folder goes with it: the workers read this (reap_deleted)
+                s.add(DeletedRun(uid=run.uid))
             s.delete(run)
 
     def latest_step(self, run_id: int) -> int | None:

@@ -10,7 +10,7 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from app.store.engine import NotFound
-from app.store.models import Evaluation, Run
+from app.store.models import DeletedRun, Evaluation, Run
 
 TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,50}$")
 MAX_TAGS, MAX_NOTES = 20, 10_000
@@ -101,3 +101,8 @@ class RunManagement:
         with self.session() as s:
             return {e.run_id: e for e in s.scalars(q)}
 
+    def deleted_uids(self, after: int = 0) -> list[tuple[int, str]]:
+        """(id, uid) of the runs deleted since tombstone ``after``, oldest first."""
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(select(DeletedRun.id, DeletedRun.uid).where(DeletedRun.id > after)
+                                                .order_by(DeletedRun.id))]

@@ -69,8 +69,8 @@ def update_run(run_id: RunId, body: RunPatch, store: Store = Depends(get_store))
 
 @router.delete("/runs/{run_id}", status_code=204, dependencies=[Depends(require_write)])
 def delete_run(run_id: RunId, store: Store = Depends(get_store)):
-    """Delete a run that is not running and everything stored for it; its checkpoint folder stays on the workers'
-    disk (`ivon-diag runs delete` removes both)."""
+    """Delete a run that is not running and everything stored for it; the workers remove its checkpoint folder
+    (resume state, final model, kept evaluations) from their disks when next idle."""
     store.delete_run(run_id)
     return Response(status_code=204)
 
