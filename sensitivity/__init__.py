@@ -12,6 +12,7 @@ from sensitivity.deviations import (
 )
 from sensitivity.influence import InfluenceResult, influence
 from sensitivity.losses import LOSSES, Loss
+from sensitivity.providers import provider
 from sensitivity.variance import (
     Covariance,
     DiagonalCovariance,
@@ -24,4 +25,5 @@ __all__ = [
     "compute_sensitivities", "iter_sensitivities", "SensitivityResult", "FORMS", "DEFAULT_FORM", "resolve_form",
     "Loss", "LOSSES", "Covariance", "DiagonalCovariance", "ivon_variance", "adamw_variance", "sgd_variance",
     "DenseCovariance", "KFACCovariance", "BlockCovariance", "influence", "InfluenceResult", "BatchScores",
+    "provider",
 ]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from sensitivity.conv_factors import input_gram, patch_gram, patch_means
 from sensitivity.jacobians import iter_chunks, per_example_jacobians
 from sensitivity.losses import Loss, get_loss
+from sensitivity.providers import provider
 from sensitivity.variance import as_covariance
 
 
@@ -366,3 +367,24 @@ class KFACCovariance:
                 res = res[..., :-1]
             out[wname] = res.reshape(w.shape)
         return {n: out[n] for n in tangents}
+
+
+# What a job's config may name (sensitivity.providers): each refitted on the examples the job trains on.
+@provider("last_layer")
+def _job_last_layer(model, data, *, prior_precision, chunk_size, optimizer_variance):
+    """An exact GGN Laplace over the last Linear layer, the body fixed."""
+    return DenseCovariance.last_layer(model, data, prior_precision=prior_precision, chunk_size=chunk_size)
+
+
+@provider("optimizer_with_last_layer")
+def _job_optimizer_with_last_layer(model, data, *, prior_precision, chunk_size, optimizer_variance):
+    """The optimizer's σ² for the body, the last layer's exact Laplace for the head."""
+    head = _job_last_layer(model, data, prior_precision=prior_precision, chunk_size=chunk_size,
+                           optimizer_variance=optimizer_variance)
+    return BlockCovariance.with_last_layer(model, optimizer_variance, head)
+
+
+@provider("kfac")
+def _job_kfac(model, data, *, prior_precision, chunk_size, optimizer_variance):
+    """A K-FAC GGN Laplace over every Linear and Conv2d layer (exact expected factors, no sampling)."""
+    return KFACCovariance.fit(model, data, prior_precision=prior_precision, mc_samples=None, chunk_size=chunk_size)

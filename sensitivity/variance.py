@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from sensitivity.jacobians import iter_chunks, per_example_jacobians
 from sensitivity.losses import get_loss
+from sensitivity.providers import provider
 
 
 @runtime_checkable
@@ -160,3 +161,9 @@ def sgd_variance(model: nn.Module, data, loss: str = "cross_entropy", prior_prec
     finally:
         model.train(was_training)
     return DiagonalCovariance({n: 1.0 / (d + prior_precision) for n, d in diag.items()})
+
+
+@provider("optimizer")
+def _job_optimizer(model, data, *, prior_precision, chunk_size, optimizer_variance):
+    """The optimizer's own σ² (IVON: 1/(N(h + δ)); AdamW's and SGD's stand-ins), as it is."""
+    return optimizer_variance

@@ -431,3 +431,26 @@ def test_every_file_source_the_config_admits_has_a_reader():
     assert set(READERS) == set(FILE_SOURCES)
     names = DataConfig.model_json_schema()["properties"]["name"]["enum"]
     assert set(names) == {"digits", "synthetic", "factory", *FILE_SOURCES}
+
+
+def test_a_job_covariance_is_a_provider_in_sensitivity_plus_its_name_in_the_job_config(tmp_path, monkeypatch):
+    """Nothing else dispatches: the job schema's names are the registry's, and a provider in a new module of the
+    package is found without touching another file."""
+    import sensitivity
+    from app.store.job_config import COVARIANCES
+    from sensitivity import providers as registry  # the module (the package exports only its decorator)
+
+    assert set(registry.registered()) == set(COVARIANCES)
+    (tmp_path / "extra_cov_for_test.py").write_text(
+        "from sensitivity.providers import provider\n\n\n"
+        "@provider('extra_for_test')\n"
+        "def build(model, data, *, prior_precision, chunk_size, optimizer_variance):\n"
+        "    return ('built', prior_precision)\n")
+    monkeypatch.setattr(sensitivity, "__path__", [*sensitivity.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_SCANNED", False)
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    found = registry.registered()
+    assert found["extra_for_test"](None, None, prior_precision=2.0, chunk_size=1, optimizer_variance=None) == \
+        ("built", 2.0)
+    with pytest.raises(ValueError, match="'kfac' is registered twice"):
+        registry.provider("kfac")(lambda *a, **k: None)

@@ -8,7 +8,7 @@ from torch import nn
 from app.store.job_config import JobConfig
 from ivon_core import IVON
 from sensitivity import adamw_variance, ivon_variance, sgd_variance
-from sensitivity.covariance import BlockCovariance, DenseCovariance, KFACCovariance
+from sensitivity.providers import registered
 from worker.data import Dataset, Rows
 
 
@@ -24,17 +24,11 @@ def optimizer_variance(cfg: JobConfig, model: nn.Module, opt, data: Dataset, tra
 
 
 def job_variance(cfg: JobConfig, model: nn.Module, data: Dataset, optimizer_var, trained: torch.Tensor):
-    """The covariance the job's ``sensitivity.covariance`` names; the refitted ones over the examples trained on
-    (every rank holds them: the same on each rank). ``optimizer_var``: σ² from ``optimizer_variance``."""
-    kind = cfg.sensitivity.covariance
-    if kind == "optimizer":
-        return optimizer_var
-    prior = len(trained) * cfg.optimizer.weight_decay or 1.0
+    """The covariance the job's ``sensitivity.covariance`` names (``sensitivity.providers``); the refitted ones over
+    the examples trained on (every rank holds them: the same on each rank). ``optimizer_var``: σ² from
+    ``optimizer_variance``."""
+    build = registered()[cfg.sensitivity.covariance]
     chunk = cfg.sensitivity.chunk_size
-    train = Rows(data.xtr, data.ytr, trained, chunk)
-    if kind == "kfac":
-        return KFACCovariance.fit(model, train, prior_precision=prior, mc_samples=None, chunk_size=chunk)
-    head = DenseCovariance.last_layer(model, train, prior_precision=prior, chunk_size=chunk)
-    if kind == "last_layer":
-        return head
-    return BlockCovariance.with_last_layer(model, optimizer_var, head)
+    prior = len(trained) * cfg.optimizer.weight_decay or 1.0
+    return build(model, Rows(data.xtr, data.ytr, trained, chunk), prior_precision=prior, chunk_size=chunk,
+                 optimizer_variance=optimizer_var)

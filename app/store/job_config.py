@@ -45,6 +45,7 @@ MONITORS = ("loo", "loo_se", "loo_sample", "test_nll_se", "train_nll", "train_ac
 
 
 FILE_SOURCES = ("npz", "csv", "image_folder", "mnist", "cifar10")  # each read by worker.sources.READERS[name]
+COVARIANCES = ("optimizer", "optimizer_with_last_layer", "last_layer", "kfac")  # each built by sensitivity.providers
 
 
 def _required_when(field: str, names: tuple[str, ...], schema: dict) -> dict:
@@ -130,7 +131,7 @@ class SensitivityConfig(_Strict):
         "auto", description="the corrected, second-order and Rayleigh forms' cap on how much the correction may "
         "amplify a residual; auto: 10 with a dense covariance (exact there), 2 otherwise (python -m "
         "research.caps: 10 lets the errors of a diagonal σ² through)")
-    covariance: Literal["optimizer", "optimizer_with_last_layer", "last_layer", "kfac"] = Field(
+    covariance: Literal[COVARIANCES] = Field(
         "optimizer", description="optimizer: the optimizer's own σ² (IVON: 1/(N(h + δ))); optimizer_with_last_layer: "
         "that σ² for the body and an exact GGN Laplace for the last Linear layer, refitted at each evaluation; "
         "last_layer: that Laplace alone, the body fixed; kfac: a K-FAC GGN Laplace over every Linear and Conv2d "
