@@ -6,6 +6,17 @@ import argparse
 import os
 import sys
 
+from ivon_diag.store_commands import (
+    export,
+    influence_query,
+    review,
+    runs_delete,
+    runs_list,
+    runs_show,
+    runs_update,
+    step_arg,
+)
+
 
 def _demo(args: argparse.Namespace) -> int:
     if args.terminal:
@@ -56,151 +67,6 @@ def _token_revoke(args: argparse.Namespace) -> int:
     ensure_current(store.engine)
     store.revoke_token(args.name)
     print(f"token {args.name!r} revoked")
-    return 0
-
-
-def _store(args: argparse.Namespace):
-    from app.store import Store, ensure_current
-
-    store = Store(args.db)
-    ensure_current(store.engine)
-    return store
-
-
-def _runs_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    runs = store.list_runs(status=args.status, limit=args.limit, tag=args.tag, name=args.name)
-    latest = store.latest_evaluations([r.id for r in runs])
-    print(f"{'id':>5}  {'status':<9}  {'created (UTC)':<16}  {'LOO':>8}  {'test NLL':>8}  name [tags]")
-    for r in runs:
-        ev = latest.get(r.id)
-        loo = "" if ev is None or ev.loo is None else f"{ev.loo:.4f}"
-        nll = "" if ev is None or ev.metrics.get("test_nll") is None else f"{ev.metrics['test_nll']:.4f}"
-        tags = f" [{', '.join(r.tags)}]" if r.tags else ""
-        print(f"{r.id:>5}  {r.status:<9}  {r.created_at:%Y-%m-%d %H:%M}  {loo:>8}  {nll:>8}  {r.name}{tags}")
-    return 0
-
-
-def _runs_update(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if args.runs_command == "rename":
-        run = store.update_run(args.run, name=args.name)
-    elif args.runs_command == "note":
-        run = store.update_run(args.run, notes=args.text)
-    else:
-        current = set(store.get_run(args.run).tags or [])
-        tags = current - set(args.tags) if args.remove else current | set(args.tags)
-        run = store.update_run(args.run, tags=sorted(tags))
-    print(f"run {run.id}: {run.name}" + (f" [{', '.join(run.tags)}]" if run.tags else ""))
-    return 0
-
-
-def _runs_show(args: argparse.Namespace) -> int:
-    import json
-
-    from app.api.schemas import RunOut
-    from app.store.calibration import calibration_summary
-
-    store = _store(args)
-    run = store.get_run(args.run)
-    step = store.latest_step(run.id)
-    last = [None] if step is None else store.evaluations(run.id, since_step=step - 1, limit=1)
-    fields = RunOut.model_validate(run).model_dump(mode="json")  # the API's shape: ISO 8601 UTC times, tags, notes
-    config = fields.pop("config")
-    print(json.dumps({**fields,
-                      "last_evaluation": None if last[0] is None else {"step": last[0].step, "loo": last[0].loo,
-                                                                        **last[0].metrics},
-                      "calibration": calibration_summary(run.config, None if last[0] is None else last[0].metrics),
-                      "config": config}, indent=2, default=str))
-    return 0
-
-
-def _influence(args: argparse.Namespace) -> int:
-    import json
-
-    from worker.influence import query_run
-
-    store = _store(args)
-    rows = query_run(store, args.run, args.test, args.checkpoint_dir, k=args.k, predicted=args.predicted,
-                     step=args.step)
-    request = {"test": args.test, "k": args.k, "predicted": args.predicted}
-    store.record_influence(args.run, request if args.step is None else {**request, "step": args.step}, rows)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for r in rows:
-        print(f"test example {r['test_idx']}: label {r['label']}, predicted {r['predicted']}, loss {r['loss']:.4f} "
-              f"(at {'the prediction' if args.predicted else 'its label'}; step {r['step']})")
-        for title, key in (("removing raises the loss (proponents)", "proponents"),
-                           ("removing lowers the loss (opponents)", "opponents")):
-            print(f"  {title}:")
-            for e in r[key]:
-                flag = " flipped" if e["flipped"] else ""
-                print(f"    train {e['idx']:>6}  label {e['label']}{flag:8}  {e['loss_change']:+.4g}")
-    return 0
-
-
-def _review(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if args.clear:
-        store.clear_review(args.run, args.idx)
-        print(f"run {args.run}, example {args.idx}: unreviewed")
-        return 0
-    decision = "relabel" if args.relabel is not None else "drop" if args.drop else "keep"
-    r = store.set_review(args.run, args.idx, decision, args.relabel, args.note)
-    change = f" {r.given_label} -> {r.label}" if r.label is not None else ""
-    print(f"run {args.run}, example {args.idx} (label {r.given_label}): {r.decision}{change}")
-    return 0
-
-
-def _runs_delete(args: argparse.Namespace) -> int:
-    from worker.checkpoints import Checkpoints
-
-    store = _store(args)
-    uid = store.get_run(args.run).uid
-    store.delete_run(args.run)
-    Checkpoints(args.checkpoint_dir, uid).remove()
-    print(f"run {args.run} deleted, with its checkpoints")
-    return 0
-
-
-def _step(value: str) -> int | None:
-    if value == "latest":
-        return None
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r} is neither a step nor 'latest'")
-    return int(value)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from app.store.export import table_bytes
-
-    store = _store(args)
-    if args.corrected:
-        from worker.corrected import write_corrected
-
-        counts = write_corrected(store, args.run, args.corrected)
-        print(f"run {args.run}: {args.corrected}: {counts['kept']} training examples ({counts['relabeled']} "
-              f"relabeled, {counts['dropped']} dropped)", file=sys.stderr)
-        return 0
-    if args.reviews:
-        step, cols = None, store.reviews_table(args.run)
-    elif args.pred_probs:
-        if args.step is not None:
-            raise ValueError("--pred-probs exports the latest evaluation's class probabilities; drop --step")
-        step, cols = store.class_probs_table(args.run)
-    else:
-        step = store.resolve_step(args.run, args.step)
-        cols = store.examples_table(args.run, step)
-    data = table_bytes(cols, args.format)
-    if args.out in (None, "-"):
-        if args.format == "parquet":
-            raise ValueError("--format parquet needs --out FILE")
-        sys.stdout.write(data.decode())
-    else:
-        with open(args.out, "wb") as f:
-            f.write(data)
-        print(f"run {args.run}, {'reviews' if step is None else f'step {step}'}: {args.out}", file=sys.stderr)
     return 0
 
 
@@ -337,31 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--tag", help="runs carrying this tag")
     ls.add_argument("--name", help="runs whose name contains this")
     ls.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
-    ls.set_defaults(func=_runs_list)
+    ls.set_defaults(func=runs_list)
     ren = runs.add_parser("rename", parents=[with_db], help="give a run a new name")
     ren.add_argument("run", type=int, help=run_help)
     ren.add_argument("name", help="the new name (1 to 200 characters)")
-    ren.set_defaults(func=_runs_update)
+    ren.set_defaults(func=runs_update)
     tag = runs.add_parser("tag", parents=[with_db], help="add tags to a run (or --remove them)")
     tag.add_argument("run", type=int, help=run_help)
     tag.add_argument("tags", nargs="+", help="letters, digits and _ . : - (at most 50 each, 20 per run)")
     tag.add_argument("--remove", action="store_true", help="remove these tags instead")
-    tag.set_defaults(func=_runs_update)
+    tag.set_defaults(func=runs_update)
     note = runs.add_parser("note", parents=[with_db], help="set a run's notes (replacing them)")
     note.add_argument("run", type=int, help=run_help)
     note.add_argument("text", help="the notes (an empty string clears them)")
-    note.set_defaults(func=_runs_update)
+    note.set_defaults(func=runs_update)
     show = runs.add_parser("show", parents=[with_db], help="a run's status, config and last evaluation (JSON)")
     show.add_argument("run", type=int, help=run_help)
-    show.set_defaults(func=_runs_show)
+    show.set_defaults(func=runs_show)
     rm = runs.add_parser("delete", parents=[with_db], help="a run that is not running, its scores and checkpoints")
     rm.add_argument("run", type=int, help=run_help)
     rm.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
-    rm.set_defaults(func=_runs_delete)
+    rm.set_defaults(func=runs_delete)
     ex = sub.add_parser("export", parents=[with_db], help="an evaluation's per-example table (idx, rank, score, "
                         "LOO loss, mean LOO loss, label, flipped)")
     ex.add_argument("run", type=int, help=run_help)
-    ex.add_argument("--step", type=_step, default=None, help="an evaluated step, or latest (default)")
+    ex.add_argument("--step", type=step_arg, default=None, help="an evaluated step, or latest (default)")
     ex.add_argument("--format", choices=["csv", "parquet"], default="csv",
                     help="the table's format (default csv; parquet needs --out)")
     ex.add_argument("--out", default=None, help="a file (default: CSV to standard output)")
@@ -373,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--corrected", metavar="OUT", help="instead, the corrected data set with the decisions applied, "
                       "as a job reads it back: OUT.npz (the training and test splits; any source but a factory) or "
                       "OUT.csv (a run on a CSV: the file itself, the decided rows changed)")
-    ex.set_defaults(func=_export)
+    ex.set_defaults(func=export)
     rv = sub.add_parser("review", parents=[with_db], help="decide on a training example: keep it (default), "
                         "relabel it or drop it from the corrected data set (export --corrected)")
     rv.add_argument("run", type=int, help=run_help)
@@ -383,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--drop", action="store_true", help="leave it out of the corrected data set")
     how.add_argument("--clear", action="store_true", help="back to unreviewed")
     rv.add_argument("--note", default=None, help="why (kept with the decision and exported)")
-    rv.set_defaults(func=_review)
+    rv.set_defaults(func=review)
     inf = sub.add_parser("influence", parents=[with_db], help="which training examples made a finished run's "
                          "predictions on test examples (its final weights and posterior); stored for the dashboard")
     inf.add_argument("run", type=int, help=run_help)
@@ -394,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "sensitivity.keep_states newest), not the final model")
     inf.add_argument("--json", action="store_true", help="JSON instead of a table")
     inf.add_argument("--checkpoint-dir", default=checkpoints, help=checkpoints_help)
-    inf.set_defaults(func=_influence)
+    inf.set_defaults(func=influence_query)
     sv = sub.add_parser("serve", parents=[with_db], help="the REST API and the dashboard")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")

@@ -43,6 +43,7 @@ from sensitivity.calibration import fit_scale, rescale
 from worker.calibration import Calibration
 from worker.data import flip
 from worker.models import mlp, small_cnn
+from worker.step import train_step
 
 FREEZE_AT = 0.2  # frozen candidates: α from the evaluations in this share of the run
 SAMPLE = 2000  # training examples the LOO is estimated on (the worker's budgeted sample is of this order)
@@ -123,12 +124,8 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
     evals, t_train, t_eval, t_cal = [], 0.0, 0.0, 0.0
     for ep in range(1, epochs + 1):
         t = time.perf_counter()
-        model.train()
         for idx in torch.randperm(len(train), generator=gen).split(batch):
-            with opt.sampled_params(train=True):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
+            train_step(model, opt, xtr[idx], ytr[idx])  # the product's step
             sched.step()
         t_train += time.perf_counter() - t
         t = time.perf_counter()
@@ -209,10 +206,7 @@ def per_example(seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for idx in torch.randperm(split.n, generator=gen).split(batch):
-            with opt.sampled_params(train=True):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(split.xtr[idx]), split.ytr[idx]).backward()
-            opt.step()
+            train_step(model, opt, split.xtr[idx], split.ytr[idx])
     res = compute_sensitivities(model, (split.xtr, split.ytr), ivon_variance(opt, model))
     alpha, _ = fit_scale(res, _nll(model, split.xte, split.yte))
     base = refine(model, Split(split.xtr, split.ytr, split.xte, split.yte), wd, 1000, restarts=10)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ivon_core import IVON
 from worker.data import flip
 from worker.models import mlp, small_cnn
+from worker.step import train_step
 
 
 @dataclass
@@ -93,16 +94,9 @@ def make_optimizer(name: str, model: nn.Module, n: int, steps: int, weight_decay
 
 
 def train_epoch(model: nn.Module, opt, split: Split, batch: int, gen: torch.Generator) -> None:
-    model.train()
+    """One epoch of the product's training step (``worker.trainer.train_step``) over a random order."""
     for idx in torch.randperm(split.n, generator=gen).split(batch):
-        if isinstance(opt, IVON):
-            with opt.sampled_params(train=True):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(split.xtr[idx]), split.ytr[idx]).backward()
-        else:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(split.xtr[idx]), split.ytr[idx]).backward()
-        opt.step()
+        train_step(model, opt, split.xtr[idx], split.ytr[idx])
 
 
 def train(kind: str, opt_name: str, split: Split, epochs: int, seed: int, weight_decay: float = 1e-4, batch: int = 64,

@@ -28,6 +28,7 @@ from worker.data import Dataset, Rows, inject_label_noise, load_dataset, thumbna
 from worker.early_stopping import EarlyStopping
 from worker.hooks import HookDispatcher
 from worker.progress import StepBar
+from worker.step import train_step
 
 
 class JobFailed(RuntimeError):
@@ -160,7 +161,7 @@ class Trainer:
             idx = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
             if len(idx) >= D.world():  # this rank's share (a last batch smaller than the world goes to all)
                 idx = D.shard(idx)
-            loss, per = self._train_step(model, opt, data.xtr[idx], data.ytr[idx])
+            loss, per = train_step(model, opt, data.xtr[idx], data.ytr[idx], self.cfg.micro_batches)
             seen[idx.to(seen.device)] = per.float()  # each example's latest training loss: the LOO's control variate
             loss = D.mean(loss)
             if not math.isfinite(loss):
@@ -261,35 +262,6 @@ class Trainer:
             self.cal.load_state_dict(ck["calibration"])
         self.log(f"run {self.run_id}: resumed at step {ck['step']}")
         return ck["step"], ck["perm"]
-
-    def _train_step(self, model, opt, x, y) -> tuple[float, torch.Tensor]:
-        """One optimizer step over the batch, in ``micro_batches`` pieces (IVON: one weighted MC sample each); returns
-        the mean loss and each example's (averaged over MC samples)."""
-        model.train()
-        pieces = list(zip(x.tensor_split(self.cfg.micro_batches), y.tensor_split(self.cfg.micro_batches)))
-        pieces = [(xb, yb) for xb, yb in pieces if len(xb)]
-        per = []
-        if isinstance(opt, IVON):
-            for xb, yb in pieces:
-                mine = 0.0
-                for _ in range(opt.mc_samples):
-                    with opt.sampled_params(train=True, weight=len(xb)):
-                        opt.zero_grad(set_to_none=True)
-                        losses = nn.functional.cross_entropy(model(xb), yb, reduction="none")
-                        losses.mean().backward()
-                        mine = mine + losses.detach() / opt.mc_samples
-                per.append(mine)
-            opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            for xb, yb in pieces:
-                losses = nn.functional.cross_entropy(model(xb), yb, reduction="none")
-                (losses.mean() * (len(xb) / len(x))).backward()
-                per.append(losses.detach())
-            D.average_gradients(model)
-            opt.step()
-        per = torch.cat(per)
-        return float(per.double().mean()), per
 
     def _variance(self, model, opt, data: Dataset):
         return job_variance(self.cfg, model, data, optimizer_variance(self.cfg, model, opt, data, self.trained),
