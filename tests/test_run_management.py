@@ -1,6 +1,7 @@
 """Runs a practitioner manages: rename, tags and notes (store on both backends, API, CLI), the list filtered by
 status, tag and name with each run's latest metrics, and the runs page in Chromium."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,6 +27,22 @@ def _runs(store, u=""):
     store.write_evaluation(b.id, 10, loo=0.5, metrics={"test_nll": 0.4, "test_accuracy": 0.9, "loo_se": 0.01})
     store.write_evaluation(b.id, 20, loo=0.3, metrics={"test_nll": 0.35, "test_accuracy": 0.92, "loo_se": 0.01})
     return a, b, c
+
+
+@contextlib.contextmanager
+def _served_page(url: str, errors: list):
+    """The dashboard served from ``url`` as a process, and a Chromium page whose console errors land in ``errors``."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import free_port, serving
+
+    port = free_port()
+    with serving(["--db", url, "serve", "--port", str(port)], port) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        yield base, browser, page
 
 
 def test_names_tags_and_notes_are_set_checked_and_filter_the_list(store):
@@ -105,10 +122,6 @@ def test_the_cli_renames_tags_annotates_and_lists(tmp_path):
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
 def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from tests.conftest import free_port, serving
-
     url = f"sqlite:///{tmp_path / 'p.db'}"
     upgrade(make_engine(url))
     store = Store(url)
@@ -117,13 +130,8 @@ def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_p
     store.update_run(a.id, tags=["pair"])
     for i in range(105):  # more than a page
         store.create_run(f"bulk {i}", {}, enqueue=False)
-    port = free_port()
     errors = []
-    with serving(["--db", url, "serve", "--port", str(port)], port) as base, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    with _served_page(url, errors) as (base, browser, page):
         page.goto(f"{base}/")
         assert "108 runs, 1 to 100" in page.inner_text("#filter")
         assert page.eval_on_selector_all("#runs tr", "els => els.length") == 101
@@ -167,23 +175,15 @@ def test_the_runs_page_filters_pages_shows_metrics_and_compares_the_ticked(tmp_p
     assert errors == []
 
 
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
 def test_a_run_is_renamed_tagged_annotated_and_deleted_from_its_page(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from tests.conftest import free_port, serving
-
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(make_engine(url))
     store = Store(url)
     a, b, _ = _runs(store)
     token = store.create_token("page")
-    port = free_port()
     errors = []
-    with serving(["--db", url, "serve", "--port", str(port)], port) as base, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    with _served_page(url, errors) as (base, browser, page):
         page.on("dialog", lambda d: d.accept())
         page.goto(f"{base}/runs/{b.id}")
         page.click("#manage summary")
