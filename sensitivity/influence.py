@@ -112,8 +112,9 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
             raise ValueError("the sensitivity result has no corrected residuals; compute it with this version")
         k = logits_q.shape[1]
         weights = None if outputs else lossf.residual(logits_q, y_q)  # the loss's gradient in f*
-        rows = _query_rows(model, params, cov, x_q, k, weights)
-        changes = [_chunk_changes(model, params, rows, k if outputs else 1, xs, ys, idx, result, lossf)
+        grads = _Gradients(model, params)
+        rows = _query_rows(model, params, cov, x_q, k, weights, grads)
+        changes = [_chunk_changes(grads, rows, k if outputs else 1, xs, ys, idx, result, lossf)
                    for xs, ys, idx in iter_chunks(train_data, chunk_size, model)]
     finally:
         model.train(was_training)
@@ -130,7 +131,7 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
 
 
 def _query_rows(model: nn.Module, params: dict[str, Tensor], cov, x_q: Tensor, k: int,
-                weights: Tensor | None) -> Tensor:
+                weights: Tensor | None, grads: _Gradients) -> Tensor:
     """Σ J*ᵀ for every query and output, flattened over the parameters: (Q·K, P); with ``weights`` (Q, K), Σ J*ᵀ w
     per query: (Q, P)."""
     size = sum(p.numel() for p in params.values())
@@ -142,39 +143,46 @@ def _query_rows(model: nn.Module, params: dict[str, Tensor], cov, x_q: Tensor, k
             applied = cov.apply(jac)
             rows.append(torch.cat([applied[n].flatten(2) for n in params], 2).flatten(0, 1))
         else:
-            applied = cov.apply(_weighted_grads(model, params, x_q[s : s + per], weights[s : s + per]))
+            applied = cov.apply(grads(x_q[s : s + per], weights[s : s + per]))
             rows.append(torch.cat([applied[n].flatten(1) for n in params], 1))
     return torch.cat(rows)
 
 
-def _weighted_grads(model: nn.Module, params: dict[str, Tensor], x: Tensor, w) -> dict[str, Tensor]:
-    """J_iᵀ w_i per example: name → (B, *shape); ``w`` (B, K) or a function of the logits giving it. Linear, Conv2d
-    and normalization layers' from one batched backward pass (layerwise), any other parameter's by a per-example
-    VJP."""
-    grads: dict[str, Tensor] = {}
-    blocks = layerwise.gradient_blocks(model, params)
-    if blocks:
-        try:
-            grads, w = layerwise.per_example_grads(model, blocks, x, w)
-        except layerwise.Reused:  # a layer applied twice per example: the generic route for all
-            grads = {}
-    if callable(w):
-        with torch.no_grad():
-            w = w(torch.func.functional_call(model, {**dict(model.named_buffers()), **params}, (x,)))
-    rest = {n: p for n, p in params.items() if n not in grads}
-    if rest:
-        f = functional(model, rest)
+class _Gradients:
+    """J_iᵀ w_i per example: name → (B, *shape), for ``w`` (B, K) or a function of the logits giving it. Linear,
+    Conv2d and normalization layers' from one batched backward pass (layerwise), any other parameter's by a
+    per-example VJP. The model's layers are walked once per query; a layer applied twice per example sends every
+    later batch to the generic route at once."""
 
-        def pull(xi, wi):
-            _, back = vjp(lambda p: f(p, xi), rest)
-            return back(wi)[0]
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]):
+        self.model, self.params = model, params
+        self.blocks = layerwise.gradient_blocks(model, params)
 
-        grads.update(vmap(pull)(x, w))
-    return {n: grads[n].detach() for n in params}
+    def __call__(self, x: Tensor, w) -> dict[str, Tensor]:
+        model, params = self.model, self.params
+        grads: dict[str, Tensor] = {}
+        if self.blocks:
+            try:
+                grads, w = layerwise.per_example_grads(model, self.blocks, x, w)
+            except layerwise.Reused:  # a layer applied twice per example: the generic route for all, from now on
+                grads, self.blocks = {}, []
+        if callable(w):
+            with torch.no_grad():
+                w = w(torch.func.functional_call(model, {**dict(model.named_buffers()), **params}, (x,)))
+        rest = {n: p for n, p in params.items() if n not in grads}
+        if rest:
+            f = functional(model, rest)
+
+            def pull(xi, wi):
+                _, back = vjp(lambda p: f(p, xi), rest)
+                return back(wi)[0]
+
+            grads.update(vmap(pull)(x, w))
+        return {n: grads[n].detach() for n in params}
 
 
-def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, per_query: int, x: Tensor, y: Tensor,
-                   idx: Tensor, result: SensitivityResult | None, lossf: Loss) -> tuple[Tensor, Tensor]:
+def _chunk_changes(grads: _Gradients, rows: Tensor, per_query: int, x: Tensor, y: Tensor, idx: Tensor,
+                   result: SensitivityResult | None, lossf: Loss) -> tuple[Tensor, Tensor]:
     """(indices, Δf* (Q, B, K), or e*ᵀ Δf* (Q, B, 1) with one row per query) for one chunk of training examples;
     ẽ_i from ``result``, or without one (first order) the residuals e_i."""
     if result is None:  # e_i from the logits of the pass that forms the gradients
@@ -183,18 +191,16 @@ def _chunk_changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, pe
             logits = logits[:, None] if logits.ndim == 1 else logits
             return lossf.residual(logits, y.to(x.device)).to(rows.dtype)
 
-        return idx, _changes(model, params, rows, per_query, x, residual)
+        return idx, _changes(grads, rows, per_query, x, residual)
     order = torch.argsort(result.indices)
     known = result.indices[order]
     at = torch.searchsorted(known, idx).clamp(max=max(len(known) - 1, 0))
     if len(known) == 0 or not bool((known[at] == idx).all()):
         raise ValueError("the sensitivity result does not cover every training example (compute it on train_data)")
-    return idx, _changes(model, params, rows, per_query, x, result.corrected_residuals[order[at]].to(x.device,
-                                                                                                       rows.dtype))
+    return idx, _changes(grads, rows, per_query, x, result.corrected_residuals[order[at]].to(x.device, rows.dtype))
 
 
-def _changes(model: nn.Module, params: dict[str, Tensor], rows: Tensor, per_query: int, x: Tensor,
-             corrected) -> Tensor:
-    grads = _weighted_grads(model, params, x, corrected)  # J_iᵀ ẽ_i per example
-    flat = torch.cat([grads[n].flatten(1) for n in params], 1)  # (B, P)
+def _changes(grads: _Gradients, rows: Tensor, per_query: int, x: Tensor, corrected) -> Tensor:
+    per = grads(x, corrected)  # J_iᵀ ẽ_i per example
+    flat = torch.cat([per[n].flatten(1) for n in grads.params], 1)  # (B, P)
     return (rows @ flat.T).reshape(-1, per_query, len(x)).transpose(1, 2)  # (Q, B, K or 1)

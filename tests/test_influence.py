@@ -229,7 +229,7 @@ class _Twice(nn.Module):
 def test_per_example_gradients_by_layer_match_per_example_vjps(make, shape):
     from torch.func import vjp, vmap
 
-    from sensitivity.influence import _weighted_grads
+    from sensitivity.influence import _Gradients
     from sensitivity.jacobians import functional
 
     torch.manual_seed(0)
@@ -241,7 +241,10 @@ def test_per_example_gradients_by_layer_match_per_example_vjps(make, shape):
     from sensitivity import layerwise
 
     assert len(layerwise.gradient_blocks(model, params)) == (3 if make is _Scaled else 2)  # conv, norm, linear
-    got = _weighted_grads(model, params, x, w)
-    assert list(got) == list(params)
-    for n in params:
-        torch.testing.assert_close(got[n], expect[n], rtol=1e-10, atol=1e-12)
+    grads = _Gradients(model, params)
+    for _ in range(2):  # a second batch: after a layer reused, straight to the generic route
+        got = grads(x, w)
+        assert list(got) == list(params)
+        for n in params:
+            torch.testing.assert_close(got[n], expect[n], rtol=1e-10, atol=1e-12)
+    assert (grads.blocks == []) == (make is _Twice)
