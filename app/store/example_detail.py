@@ -11,7 +11,7 @@ from sqlalchemy import select
 from app.store.class_probs import ClassProbabilities
 from app.store.engine import NotFound
 from app.store.models import Example, Review, Run
-from app.store.reviews import ReviewRow, _row
+from app.store.reviews import ReviewRow, review_row
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ExampleDetails(ClassProbabilities):
             detail = ExampleDetail(
                 ex.idx, ex.label, _name(names, ex.label), ex.flipped, ex.original_label, ex.source,
                 ex.thumbnail is not None, features, None, None, None, None, None,
-                None if review is None else _row(review, ex))
+                None if review is None else review_row(review, ex))
         try:
             step, ids, _, table, evals = self.class_probs(run_id)
         except NotFound:  # before the run's first evaluation, or not a classification run

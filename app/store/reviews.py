@@ -59,7 +59,7 @@ class Reviews:
                 s.add(row)
             row.decision, row.label, row.note, row.updated_at = decision, label, note, utcnow()
             s.flush()
-            return _row(row, ex)
+            return review_row(row, ex)
 
     def clear_review(self, run_id: int, idx: int) -> None:
         """Back to unreviewed (no error when it was)."""
@@ -74,7 +74,7 @@ class Reviews:
                 raise NotFound(f"run {run_id} not found")
             q = (select(Review, Example).join(Example, (Example.run_id == Review.run_id) & (Example.idx == Review.idx))
                  .where(Review.run_id == run_id).order_by(Review.idx))
-            return [_row(r, e) for r, e in s.execute(q).all()]
+            return [review_row(r, e) for r, e in s.execute(q).all()]
 
     def num_classes(self, run_id: int) -> int:
         """The run's number of classes (what a relabel may choose from)."""
@@ -130,5 +130,5 @@ def _classes(s: Session, run_id: int) -> int:
     return max(stored or 0, (largest or 0) + 1, (labels or 0) + 1)
 
 
-def _row(r: Review, ex: Example) -> ReviewRow:
+def review_row(r: Review, ex: Example) -> ReviewRow:
     return ReviewRow(r.idx, ex.label, ex.flipped, r.decision, r.label, r.note, r.updated_at, ex.source)
