@@ -42,6 +42,13 @@ class ExampleDetails(ClassProbabilities):
             first = s.execute(select(Example.thumbnail.is_not(None)).where(Example.run_id == run_id).limit(1)).first()
         return None if first is None else bool(first[0])
 
+    def get_example(self, run_id: int, idx: int) -> Example:
+        with self.session() as s:
+            ex = s.get(Example, (run_id, idx))
+            if ex is None:
+                raise NotFound(f"example {idx} of run {run_id} not found")
+            return ex
+
     def example_detail(self, run_id: int, idx: int) -> ExampleDetail:
         with self.session() as s:
             run = s.get(Run, run_id)

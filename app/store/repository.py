@@ -19,13 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.access import HooksAndTokens
 from app.store.class_probs import write_class_probs
+from app.store.early_stop import EarlyStopStates
 from app.store.engine import Conflict, CorruptData, NotFound, make_engine
 from app.store.example_detail import ExampleDetails
 from app.store.influence import InfluenceQueries
 from app.store.models import (
     MAX_FEATURES,
     DeletedRun,
-    EarlyStopState,
     Evaluation,
     Example,
     Job,
@@ -64,11 +64,11 @@ class ScoreRow:
 
 
 class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQueries, TestExamples, Reviews,
-            RunManagement):
+            RunManagement, EarlyStopStates):
     """Runs, evaluations and per-example results; curves (``MetricSeries``); the job queue (``JobQueue``); hooks
     and API tokens (``HooksAndTokens``); LOO class probabilities and one example's detail (``ExampleDetails``);
     influence queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review
-    (``Reviews``); names, tags and notes (``RunManagement``)."""
+    (``Reviews``); names, tags and notes (``RunManagement``); early stopping's state (``EarlyStopStates``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
@@ -336,27 +336,6 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQue
             if not rows and ex is None:
                 raise NotFound(f"example {idx} of run {run_id} not found")
             return rows
-
-    def get_example(self, run_id: int, idx: int) -> Example:
-        with self.session() as s:
-            ex = s.get(Example, (run_id, idx))
-            if ex is None:
-                raise NotFound(f"example {idx} of run {run_id} not found")
-            return ex
-
-    # ------------------------------------------------------------------------------- early stopping
-    def save_early_stop(self, run_id: int, **values) -> None:
-        with self.session(write=True) as s, s.begin():
-            st = s.get(EarlyStopState, run_id)
-            if st is None:
-                st = EarlyStopState(run_id=run_id, monitor=values.pop("monitor", "loo"), mode=values.pop("mode", "min"))
-                s.add(st)
-            for k, v in values.items():
-                setattr(st, k, finite(v) if k == "best" else v)
-
-    def early_stop(self, run_id: int) -> EarlyStopState | None:
-        with self.session() as s:
-            return s.get(EarlyStopState, run_id)
 
 
 def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
