@@ -156,3 +156,21 @@ def test_the_last_evaluation_scores_no_more_than_the_credit_left_pays_for():
     cad.spent_s = 5.0
     assert cad.last_size() == FLOOR  # out of credit: the floor still
     assert Cadence(np.arange(50) % 2, budget=None, every=5, steps_per_epoch=10).last_size() == 50
+
+
+def test_the_standard_error_holds_its_coverage_on_heavy_tailed_losses():
+    """LOO losses are heavy-tailed: the regression estimator's residual formula let a few large losses steer the
+    slope and under-covered (0.78 of draws within 1.96 SE at n = 64 on this population); the jackknife holds."""
+    rng = np.random.default_rng(0)
+    n_all = 2000
+    loo = np.exp(rng.normal(-2, 1.5, n_all))
+    train = loo * np.exp(rng.normal(0, 0.7, n_all))  # correlated, not a copy
+    labels = rng.integers(0, 10, n_all)
+    pop, full = np.bincount(labels), loo.mean()
+    for n, floor in ((64, 0.88), (256, 0.91)):
+        inside = 0
+        for seed in range(600):
+            take = np.random.default_rng(seed).choice(n_all, n, replace=False)
+            m, se = loo_estimate(loo[take], labels[take], pop, control=(train[take], train))
+            inside += abs(m - full) <= 1.96 * se
+        assert inside / 600 >= floor, (n, inside / 600)

@@ -63,8 +63,7 @@ def loo_estimate(losses: np.ndarray, labels: np.ndarray, population: np.ndarray,
         if np.isfinite(x).all() and np.isfinite(everyone).all() and x.var() > 0:
             b = np.cov(x, losses, ddof=1)[0, 1] / x.var(ddof=1)
             mean = losses.mean() + b * (everyone.mean() - x.mean())
-            resid = losses - losses.mean() - b * (x - x.mean())
-            return float(mean), float(math.sqrt(resid.var(ddof=2) * fpc / n))
+            return float(mean), _jackknife_se(losses, x, float(everyone.mean())) * math.sqrt(fpc)
     classes, counts = np.unique(labels, return_counts=True)
     if counts.min() < 2 or np.any(population[classes] < counts):
         return float(losses.mean()), float(math.sqrt(losses.var(ddof=1) * fpc / n)) if n > 1 else float("nan")
@@ -76,6 +75,20 @@ def loo_estimate(losses: np.ndarray, labels: np.ndarray, population: np.ndarray,
         mean += w * part.mean()
         var += w * w * part.var(ddof=1) / nh * (1 - nh / big)
     return float(mean), float(math.sqrt(max(var, 0.0)))
+
+
+def _jackknife_se(y: np.ndarray, x: np.ndarray, population_mean: float) -> float:
+    """The regression estimator's jackknife standard error (each example left out of the sample in turn, closed
+    form). LOO losses are heavy-tailed: the residual formula under-covers where a few large losses steer the slope
+    (research/sample_se.py)."""
+    n = len(y)
+    m = n - 1
+    mx, my = (x.sum() - x) / m, (y.sum() - y) / m
+    vx = ((x * x).sum() - x * x) / m - mx * mx
+    cxy = ((x * y).sum() - x * y) / m - mx * my
+    slope = np.divide(cxy, vx, out=np.zeros(n), where=vx > 1e-300)
+    theta = my + slope * (population_mean - mx)
+    return float(math.sqrt(m / n * ((theta - theta.mean()) ** 2).sum()))
 
 
 class Cadence:
