@@ -246,6 +246,10 @@ def test_a_tabular_example_page_shows_its_row_as_read_and_bad_rows_are_refused(s
         with pytest.raises(ValueError, match=match):
             store.add_examples(run.id, range(6), features=bad, feature_names=names[:2] if match == "3 names" else names)
     assert store.get_example(run.id, 3).features == pytest.approx([16.2, 1.78, 2140.0])  # refused calls lost nothing
+    other = store.create_run("float32 rows", {}, enqueue=False)
+    store.add_examples(other.id, [0], labels=[0], features=np.array([[14.13, 0.1, 3]], dtype=np.float32),
+                       feature_names=names)
+    assert store.get_example(other.id, 0).features == [14.13, 0.1, 3.0]  # a float32 row by its shortest decimals
     errors = []
     with sync_playwright() as pw:
         browser, page = _open(pw, errors)

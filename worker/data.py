@@ -111,7 +111,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
             raise ValueError(f"non-finite input values in training example {bad}")
     raw = None  # a tabular row as read, for the example page
     if image_shape is None and np.ndim(xtr) == 2 and 0 < np.shape(xtr)[1] <= MAX_FEATURES:
-        raw = np.array(xtr, dtype=np.float32)
+        raw = np.array(xtr, dtype=np.float64 if np.asarray(xtr).dtype == np.float64 else np.float32)
         columns = columns if columns and len(columns) == raw.shape[1] else [f"x{j}" for j in range(raw.shape[1])]
     if cfg.standardize if cfg.standardize is not None else cfg.name == "csv":
         xtr, xte = standardize(np.asarray(xtr, dtype=np.float64), np.asarray(xte, dtype=np.float64))

@@ -129,7 +129,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], lis
         raise ValueError(f"{path} has no column {label_column!r} in its header (line 1, {len(header)} columns)")
     j = header.index(label_column)
     feats = [i for i in range(len(header)) if i != j]
-    x = np.empty((len(body), len(feats)), dtype=np.float32)
+    x = np.empty((len(body), len(feats)), dtype=np.float64)  # the rows as written (kept for the example page)
     for r, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise ValueError(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")

@@ -150,7 +150,10 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQue
         if class_names is not None and (len(class_names) > 100_000 or any(len(str(c)) > 1000 for c in class_names)):
             raise ValueError("class names: at most 100,000, each at most 1,000 characters")
         if features is not None:
-            features = np.asarray(features, dtype=np.float64)
+            features = np.asarray(features)
+            if features.dtype == np.float32:  # each float32 as its shortest decimal (14.13, not 14.130000114440918)
+                features = features.astype(str)
+            features = features.astype(np.float64)
             if features.ndim != 2 or len(features) != n or not 0 < features.shape[1] <= MAX_FEATURES:
                 raise ValueError(f"features: one row of 1 to {MAX_FEATURES} numbers per example, got shape "
                                  f"{features.shape} for {n} examples")
