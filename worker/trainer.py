@@ -19,7 +19,7 @@ from sensitivity import compute_sensitivities
 from sensitivity.covariance import KFACCovariance
 from worker import distributed as D
 from worker import models
-from worker.cadence import Cadence, loo_estimate
+from worker.cadence import Cadence, loo_estimate, take_all
 from worker.calibration import Calibration, heldout_nll, variance_level
 from worker.checkpoints import CheckpointMismatch, Checkpoints
 from worker.config import JobConfig
@@ -271,7 +271,11 @@ class Trainer:
                   last: bool) -> dict[str, float] | None:
         t = time.perf_counter()
         seen = D.merge_filled(seen)  # rank 0: every rank's latest training losses
-        chosen = pool[torch.from_numpy(cad.take(cad.last_size() if last else None))]  # the same slice on every rank
+        size = cad.last_size() if last else cad.next_size
+        top = take_all(None if seen is None else seen[pool.to(seen.device)].cpu().numpy(), size)
+        certain = pool[torch.from_numpy(D.broadcast(top))]  # rank 0's: it holds every rank's training losses
+        rotation = pool[torch.from_numpy(cad.take(size - len(certain)))]  # the same slice on every rank
+        chosen = torch.unique(torch.cat([rotation, certain])) if len(certain) else rotation
         ids = D.shard(chosen)  # under torchrun, this rank's examples
         variance = self._variance(model, opt, data)
 
@@ -321,10 +325,13 @@ class Trainer:
             # near 1: the LOO's scale is hess_init's, not learned from the data (docs/validation.md)
             metrics["hess_init_share"] = opt.hess_init_share()
         # the pool's mean LOO loss from the scored slice (a stratified sample; the whole pool: standard error 0)
-        control = (seen[res.indices.to(seen.device)].cpu().numpy(), seen[pool.to(seen.device)].cpu().numpy())
+        in_top = torch.isin(res.indices, certain.cpu()).numpy()
+        rest = pool[~torch.isin(pool, certain)] if len(certain) else pool
+        control = (seen[res.indices.to(seen.device)].cpu().numpy(), seen[rest.to(seen.device)].cpu().numpy())
 
         def estimate(losses):
-            return loo_estimate(losses.numpy(), res.targets.cpu().numpy(), cad.population, control=control)
+            return loo_estimate(losses.numpy(), res.targets.cpu().numpy(), cad.population, control=control,
+                                certain=in_top)
 
         res, cal = self._calibrate(model, data, res, lambda losses: estimate(losses)[0], metrics, variance, step,
                                    len(yte))
