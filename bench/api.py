@@ -2,7 +2,8 @@
 
 1. p50/p99 latency of read endpoints under 50 concurrent clients on loopback while a worker process adds
    evaluations (goal: p99 <= 100 ms, no errors), for dashboards polling one run and for a mix with random
-   examples, each without and with the API's read cache;
+   examples, each without and with the API's read cache; the clients are wrk's (``bench/api_load.lua``, when wrk is
+   installed) and Python's (httpx): on a small machine the Python clients take CPU the server would have had;
 2. time until the run page has drawn 5 curves of 10k points each in headless Chromium (goal: <= 1.5 s).
 
     python bench/api.py [--seconds 20] [--db sqlite:///...]
@@ -128,20 +129,42 @@ def served_within(base: str, seconds: float = 0.1) -> tuple[float, float]:
     return within, total
 
 
-def measure(db: str, run_id: int, pick, seconds: float, cache_seconds: float) -> tuple[float, float, int, int, float]:
+def load_wrk(base: str, run_id: int, n: int, mix: str, clients: int, seconds: float) -> tuple[float, float, int, int]:
+    """(p50 ms, p99 ms, requests, errors) by wrk (C, one thread, ``clients`` connections each a closed loop: the same
+    clients as ``load``'s without the Python clients' CPU, which on a small machine is taken from the server)."""
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(int(seconds), 1)}s", "--timeout", "10s", "-s",
+                          str(Path(__file__).with_name("api_load.lua")), base, "--", str(run_id), str(n), mix],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("wrk-result "))
+    count, socket_errors, status_errors, p50, p99 = line.split()[1:]
+    return float(p50), float(p99), int(count), int(socket_errors) + int(status_errors)
+
+
+def measure(db: str, run_id: int, n: int, mix: str, seconds: float, cache_seconds: float,
+            client: str) -> tuple[float, float, int, int, float]:
+    """(p50 ms, p99 ms, requests, errors, share the server answered within 100 ms) of 50 clients of ``client``
+    ("wrk" or "python") for ``mix`` ("hot" or "mixed") against a fresh server."""
     port = free_port()
     proc = start_server(db, port, cache_seconds)
     base = f"http://127.0.0.1:{port}"
+    pick = hot_paths(run_id) if mix == "hot" else mixed_paths(run_id, n)
+
+    def run(secs: float) -> tuple[float, float, int, int]:
+        if client == "wrk":
+            return load_wrk(base, run_id, n, mix, 50, secs)
+        lat, errors = asyncio.run(load(base, pick, 50, secs))
+        q = statistics.quantiles(sorted(x * 1e3 for x in lat), n=100)
+        return q[49], q[98], len(lat), errors
+
     try:  # a fresh server's first seconds (imports, cold caches, connections) are not its steady state
-        asyncio.run(load(base, pick, 50, WARMUP_SECONDS))
+        run(WARMUP_SECONDS)
         w0, n0 = served_within(base)
-        lat, errors = asyncio.run(load(base, pick, 50, seconds))
+        p50, p99, count, errors = run(seconds)
         w1, n1 = served_within(base)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    q = statistics.quantiles(sorted(x * 1e3 for x in lat), n=100)
-    return q[49], q[98], len(lat), errors, (w1 - w0) / max(n1 - n0, 1)
+    return p50, p99, count, errors, (w1 - w0) / max(n1 - n0, 1)
 
 
 def main() -> None:
@@ -167,15 +190,19 @@ def main() -> None:
           f"{WARMUP_SECONDS:.0f} s of warm-up) on {store.dialect}, a worker process writing an evaluation of "
           f"{n // 1000}k examples every 0.5 s   (goal: p99 <= 100 ms, 0 errors; server-side: the time from the "
           f"request's arrival in the app to its response, by the server's own histogram, without the clients' queue)")
+    clients = (["wrk"] if shutil.which("wrk") else []) + ["python"]
+    if clients[0] != "wrk":
+        print("   (wrk is not installed: apt-get install wrk; the Python clients share the server's CPU)")
     try:
-        for label, pick in (("hot: 5 reads of one run", hot_paths(run.id)),
-                            ("mixed: 1 in 5 a random example or page", mixed_paths(run.id, n))):
-            base = measure(db, run.id, pick, args.seconds, 0.0)
-            cached = measure(db, run.id, pick, args.seconds, 1.0)
-            for name, (p50, p99, count, errors, served) in (("no cache", base), ("1 s cache (default)", cached)):
-                print(f"   {label:40s} {name:20s} {count / args.seconds:7.0f} req/s  p50 {p50:6.1f} ms  "
-                      f"p99 {p99:6.1f} ms  errors {errors}  server-side within 100 ms {served:6.2%}")
-            print(f"   {label:40s} p99 ratio no cache / default: {base[1] / cached[1]:.1f}x")
+        for label, mix in (("hot: 5 reads of one run", "hot"), ("mixed: 1 in 5 a random example or page", "mixed")):
+            for client in clients:
+                base = measure(db, run.id, n, mix, args.seconds, 0.0, client)
+                cached = measure(db, run.id, n, mix, args.seconds, 1.0, client)
+                for name, (p50, p99, count, errors, served) in (("no cache", base), ("1 s cache (default)", cached)):
+                    print(f"   {label:40s} {client:6s} {name:20s} {count / args.seconds:7.0f} req/s  "
+                          f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors}  "
+                          f"server-side within 100 ms {served:6.2%}")
+                print(f"   {label:40s} {client:6s} p99 ratio no cache / default: {base[1] / cached[1]:.1f}x")
     finally:
         w.terminate()
         w.join()

@@ -1,6 +1,7 @@
 """The benchmarks still run (short versions): a refactor that breaks one is caught here, not when its figures
 are next needed. Their figures are not asserted (noisy machines); errors are."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,28 @@ def test_store_bench_runs_without_errors():
     for backend in ("sqlite:", "postgresql:"):
         assert backend in out.stdout, out.stdout
     assert out.stdout.count("with running means") == 2 and out.stdout.count("by the running mean") == 4
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("mix", ["hot", "mixed"])
+def test_api_bench_drives_a_real_server_with_wrk(tmp_path, mix):
+    import importlib.util
+
+    import numpy as np
+
+    from app.store import Store, make_engine, upgrade
+
+    spec = importlib.util.spec_from_file_location("bench_api", ROOT / "bench" / "api.py")
+    api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(api)
+    db = f"sqlite:///{tmp_path}/api.db"
+    upgrade(make_engine(db))
+    store = Store(db)
+    run = store.create_run("bench", enqueue=False)
+    store.add_examples(run.id, range(200), labels=[i % 10 for i in range(200)])
+    s = np.random.default_rng(0).random(200)
+    store.write_evaluation(run.id, 10, loo=0.5, metrics={"test_nll": 0.5}, idx=np.arange(200), scores=s,
+                           loo_losses=s, prob_label=1 - s)
+    p50, p99, count, errors, served = api.measure(db, run.id, 200, mix, 1.0, 1.0, "wrk")
+    assert count > 0 and errors == 0 and 0 < p50 <= p99  # the Lua script's paths all answer 200
+    assert 0 < served <= 1

@@ -112,6 +112,9 @@ def test_0002_keeps_layout_1_records_and_rebuilds_their_means(empty_url):
                            loo_losses=np.array([6.0, 5.0]), prob_label=None)
     table = store.examples_table(run_id, 3)
     assert dict(zip(table["idx"], zip(table["loo_loss_mean"], table["loo_loss_evals"]))) == {0: (3.0, 3), 1: (4.0, 2)}
+    # one example's history spans both layouts (old records' own step; the new one's running mean)
+    assert [(r.step, r.loo_loss, r.loo_loss_mean, r.scored_step) for r in store.example_history(run_id, 0)] == [
+        (1, 1.0, None, 1), (2, 2.0, None, 2), (3, 6.0, 3.0, 3)]
     downgrade(engine, "0001")
     with engine.connect() as conn:
         data = conn.execute(text("SELECT data FROM score_chunks WHERE step = 3 AND kind = 'idx'")).scalar()

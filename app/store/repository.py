@@ -36,7 +36,7 @@ from app.store.models import (
     utcnow,
 )
 from app.store.queue import JobQueue, job_device
-from app.store.records import CHUNK, IDX_CHUNK, RECORD, UNKNOWN, build, decode, order_by_mean, running_mean
+from app.store.records import CHUNK, IDX_CHUNK, LAYOUT, RECORD, UNKNOWN, build, decode, order_by_mean, running_mean
 from app.store.records import chunks as chunks_of
 from app.store.reviews import Reviews
 from app.store.rollups import refresh_rollups
@@ -275,8 +275,8 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQue
             recs = recs[first - base : last - base + 1]
             if least:
                 recs = recs[::-1]
-            labels = {e.idx: (e.label, e.flipped, e.source) for e in s.scalars(
-                select(Example).where(Example.run_id == run_id, Example.idx.in_(recs["idx"].tolist())))}
+            labels = {i: rest for i, *rest in s.execute(select(*_LABEL_COLUMNS).where(
+                Example.run_id == run_id, Example.idx.in_(recs["idx"].tolist())))}
             rows = [_row(r, step, *labels.get(int(r["idx"]), (None, None, None))) for r in recs]
             return step, rows
 
@@ -295,8 +295,7 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQue
             recs = _chunk_records(s, run_id, step, "rank")
             if not len(recs):
                 raise NotFound(f"run {run_id} has no per-example scores at step {step}")
-            labels = {e.idx: (e.label, e.flipped, e.source) for e in s.scalars(
-                select(Example).where(Example.run_id == run_id))}
+            labels = {i: rest for i, *rest in s.execute(select(*_LABEL_COLUMNS).where(Example.run_id == run_id))}
 
         def clean(a):
             return [None if not math.isfinite(v) else v for v in a.astype(np.float64).tolist()]
@@ -328,14 +327,23 @@ class Store(JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQue
             q = (select(ScoreChunk.step, ScoreChunk.layout, ScoreChunk.data)
                  .where(ScoreChunk.run_id == run_id, ScoreChunk.kind == "idx", ScoreChunk.chunk == idx // IDX_CHUNK)
                  .order_by(ScoreChunk.step))
-            ex = s.get(Example, (run_id, idx))
-            label, flipped, source = (None, None, None) if ex is None else (ex.label, ex.flipped, ex.source)
-            rows = []
-            for step, layout, data in s.execute(q):
-                recs = decode(data, layout)
-                pos = int(np.searchsorted(recs["idx"], idx))
-                if pos < len(recs) and recs["idx"][pos] == idx and recs["scored"][pos] in (step, UNKNOWN):
-                    rows.append(_row(recs[pos], step, label, flipped, source))  # scored at that step, not carried
+            ex = s.execute(select(*_LABEL_COLUMNS).where(Example.run_id == run_id, Example.idx == idx)).first()
+            label, flipped, source = (None, None, None) if ex is None else tuple(ex)[1:]
+            got = s.execute(q).all()
+            # one array over every evaluation's bucket (a long run's history is hundreds of buckets)
+            if all(layout == LAYOUT for _, layout, _ in got):
+                recs = decode(b"".join(data for *_, data in got), LAYOUT)
+                sizes = [len(data) // RECORD.itemsize for *_, data in got]
+            else:
+                parts = [decode(data, layout) for _, layout, data in got]
+                recs, sizes = (np.concatenate(parts) if parts else np.zeros(0, RECORD)), [len(p) for p in parts]
+            steps = np.repeat(np.array([step for step, *_ in got], dtype=np.int64), sizes)
+            hit = (recs["idx"] == idx) & ((recs["scored"] == steps) | (recs["scored"] == UNKNOWN))
+            cols = {name: recs[hit][name].tolist() for name in ("rank", "score", "loo", "prob", "loo_mean", "evals",
+                                                                  "scored")}
+            rows = [ScoreRow(rank, idx, finite(sc), finite(lo), finite(pr), label, flipped, st, finite(mean), evals,
+                             st if scored < 0 else scored, source)
+                    for rank, sc, lo, pr, mean, evals, scored, st in zip(*cols.values(), steps[hit].tolist())]
             if not rows and ex is None:
                 raise NotFound(f"example {idx} of run {run_id} not found")
             return rows
@@ -350,6 +358,10 @@ def _resolve_step(s: Session, run_id: int, step: int | None) -> int:
         if step is None:
             raise NotFound(f"run {run_id} has no evaluation yet")
     return step
+
+
+# what a score row carries of its example (not its thumbnail or feature row: blobs a listing does not need)
+_LABEL_COLUMNS = (Example.idx, Example.label, Example.flipped, Example.source)
 
 
 def _row(r, step: int, label=None, flipped=None, source=None) -> ScoreRow:
