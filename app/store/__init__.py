@@ -12,8 +12,9 @@ from app.store.engine import (
     make_engine,
     redact,
 )
+from app.store.example_scores import ScoreRow
 from app.store.migrate import ensure_current, upgrade
-from app.store.repository import ScoreRow, Store, finite
+from app.store.repository import Store, finite
 
 __all__ = ["Store", "NotFound", "Conflict", "CorruptData", "ScoreRow", "StoreError", "DatabaseUnavailable",
            "SchemaOutdated", "WriteRefused", "make_engine", "database_url", "redact", "upgrade", "ensure_current",
