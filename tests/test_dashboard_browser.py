@@ -43,10 +43,10 @@ def _open(playwright, errors: list):
 def _images(n):
     import torch
 
-    from worker.data import Dataset, thumbnails
+    from worker.data import Dataset, Thumbnails
 
-    return thumbnails(Dataset(torch.rand(n, 1, 8, 8), torch.zeros(n), torch.rand(1, 64), torch.zeros(1), 10,
-                              (1, 8, 8), torch.zeros(n), torch.zeros(n, dtype=torch.bool)))
+    return list(Thumbnails(Dataset(torch.rand(n, 1, 8, 8), torch.zeros(n), torch.rand(1, 64), torch.zeros(1), 10,
+                              (1, 8, 8), torch.zeros(n), torch.zeros(n, dtype=torch.bool))))
 
 
 def test_run_page_draws_updates_live_and_escapes(server):

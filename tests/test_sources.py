@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.store import Store
 from worker.config import ConfigError, parse_config
-from worker.data import load_dataset, thumbnails
+from worker.data import Thumbnails, load_dataset
 from worker.trainer import build_model
 
 ROOT = Path(__file__).parents[1]
@@ -45,7 +45,7 @@ def test_csv_with_class_names_and_a_test_file(tmp_path):
     d = _load(name="csv", path=str(train), test_path=str(test))
     assert d.n == 60 and len(d.xte) == 12 and d.num_classes == 3 and d.xtr.shape == (60, 2)
     assert d.ytr[:3].tolist() == [0, 1, 2]  # names numbered in sorted order
-    assert d.image_shape is None and thumbnails(d) == [None] * 60
+    assert d.image_shape is None and list(Thumbnails(d)) == [None] * 60
     split = _load(name="csv", path=str(train), test_fraction=0.25, standardize=False)
     assert split.n == 45 and len(split.xte) == 15
     # each training example knows its line (the header is line 1) through the shuffled split; the names are kept
@@ -114,7 +114,7 @@ def test_image_folder_resized_with_thumbnails(tmp_path):
     d = _load(name="image_folder", path=str(train), test_path=str(test), image_size=8)
     assert d.xtr.shape == (12, 3, 8, 8) and d.xte.shape == (4, 3, 8, 8) and d.image_shape == (3, 8, 8)
     assert d.ytr.tolist() == [0] * 6 + [1] * 6 and 0 <= float(d.xtr.min()) and float(d.xtr.max()) <= 1
-    png = thumbnails(d)[0]
+    png = Thumbnails(d)[0]
     assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (32, 32)
     gray = _load(name="image_folder", path=str(_image_folder(tmp_path / "g")), test_fraction=0.5)
     assert gray.image_shape == (1, 12, 12)

@@ -7,6 +7,7 @@ Every example keeps a stable index (its row in the training split); image exampl
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -176,24 +177,33 @@ def inject_label_noise(data: Dataset, cfg: LabelNoiseConfig) -> Dataset:
     return data
 
 
-def thumbnails(data: Dataset, size: int = 32, test: bool = False) -> list[bytes | None]:
-    """PNG thumbnails of the training (or test) images (None for non-image data)."""
-    xs = data.xte if test else data.xtr
-    if data.image_shape is None:
-        return [None] * len(xs)
-    from PIL import Image
+class Thumbnails(Sequence):
+    """PNG thumbnails of the training (or test) images, each made when read (None for non-image data): the store
+    inserts them a batch at a time, so a large (memory-mapped) image set never holds all of them at once."""
 
-    out = []
-    x = xs.reshape(len(xs), *data.image_shape).cpu().numpy()
-    lo, hi = float(x.min()), float(x.max())
-    for img in x:
-        arr = ((img - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+    def __init__(self, data: Dataset, size: int = 32, test: bool = False):
+        self.x = data.xte if test else data.xtr
+        self.shape, self.size = data.image_shape, size
+        if self.shape is not None and len(self.x):  # one scale for the whole set, read a part at a time
+            parts = [(float(p.min()), float(p.max())) for p in self.x.split(4096)]
+            self.lo, self.hi = min(p[0] for p in parts), max(p[1] for p in parts)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> bytes | None:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"thumbnail {i} of {len(self)}")
+        if self.shape is None:
+            return None
+        from PIL import Image
+
+        img = self.x[i].reshape(self.shape).cpu().numpy()
+        arr = ((img - self.lo) / max(self.hi - self.lo, 1e-12) * 255).astype(np.uint8)
         pil = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0)[..., :3])
-        pil = pil.resize((size, size), Image.NEAREST)
         buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+        pil.resize((self.size, self.size), Image.NEAREST).save(buf, format="PNG")
+        return buf.getvalue()
 
 
 class Rows:

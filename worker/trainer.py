@@ -24,7 +24,7 @@ from worker.calibration import Calibration, heldout_nll, variance_level
 from worker.checkpoints import CheckpointMismatch, Checkpoints
 from worker.config import JobConfig
 from worker.covariances import job_variance, optimizer_variance
-from worker.data import Dataset, Rows, inject_label_noise, load_dataset, thumbnails
+from worker.data import Dataset, Rows, Thumbnails, inject_label_noise, load_dataset
 from worker.early_stopping import EarlyStopping
 from worker.hooks import HookDispatcher
 from worker.progress import StepBar
@@ -145,10 +145,10 @@ class Trainer:
             step, perm = self._resume(model, opt, sched, gen, es, cad, seen)
         elif self.writer:
             self.store.add_examples(self.run_id, list(range(data.n)), data.ytr.tolist(), data.flipped.tolist(),
-                                    data.original.tolist(), thumbnails(data), sources=data.refs,
+                                    data.original.tolist(), Thumbnails(data), sources=data.refs,
                                     class_names=data.class_names, features=data.features,
                                     feature_names=data.feature_names)
-            self.store.add_test_examples(self.run_id, data.yte.tolist(), thumbnails(data, test=True))
+            self.store.add_test_examples(self.run_id, data.yte.tolist(), Thumbnails(data, test=True))
         if self.writer and not self.cal.active:
             self.log(f"run {self.run_id}: LOO {self.cal.note}")
         self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")

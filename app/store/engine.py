@@ -97,6 +97,11 @@ def _refused_writes(ctx) -> None:
         raise WriteRefused(f"the database refuses writes ({reason}): {detail}") from orig
 
 
+# SQLite's own page cache per connection, in KiB (anonymous memory: a worker inserting a large image set's thumbnails
+# filled 128 MiB of it; the OS caches the file's pages anyway)
+SQLITE_CACHE_KIB = 16384
+
+
 def _sqlite_settings(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record):
@@ -106,7 +111,7 @@ def _sqlite_settings(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA cache_size=-131072")
+        cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cur.close()
 
     @event.listens_for(engine, "begin")

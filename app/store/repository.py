@@ -44,14 +44,16 @@ from app.store.series import MetricSeries
 from app.store.test_examples import TestExamples
 
 log = logging.getLogger("ivon_diag.store")
+INSERT_BATCH = 2048  # examples per insert: a run's examples (with their thumbnails) are never all in memory
 
 
 class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQueries, TestExamples,
             Reviews, RunManagement, EarlyStopStates):
-    """Runs and evaluations; per-example results (``ExampleScores``); curves (``MetricSeries``); the job queue (``JobQueue``); hooks
-    and API tokens (``HooksAndTokens``); LOO class probabilities and one example's detail (``ExampleDetails``);
-    influence queries (``InfluenceQueries``); test examples' predictions (``TestExamples``); label review
-    (``Reviews``); names, tags and notes (``RunManagement``); early stopping's state (``EarlyStopStates``)."""
+    """Runs and evaluations; per-example results (``ExampleScores``); curves (``MetricSeries``); the job queue
+    (``JobQueue``); hooks and API tokens (``HooksAndTokens``); LOO class probabilities and one example's detail
+    (``ExampleDetails``); influence queries (``InfluenceQueries``); test examples' predictions (``TestExamples``);
+    label review (``Reviews``); names, tags and notes (``RunManagement``); early stopping's state
+    (``EarlyStopStates``)."""
 
     def __init__(self, engine: Engine | str | None = None):
         self.engine = engine if isinstance(engine, Engine) else make_engine(engine)
@@ -146,20 +148,23 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
             if len(names) != features.shape[1] or any(len(str(c)) > 200 for c in names):
                 raise ValueError(f"feature_names: {features.shape[1]} names of at most 200 characters expected")
             features = features.tolist()
-        rows = [{"run_id": run_id, "idx": int(idx[i]), "label": None if labels is None else int(labels[i]),
-                 "flipped": None if flipped is None else bool(flipped[i]),
-                 "original_label": None if original is None else int(original[i]),
-                 "thumbnail": None if thumbnails is None else thumbnails[i],
-                 "source": None if sources is None else str(sources[i])[:1000],
-                 "features": None if features is None else features[i]} for i in range(n)]
+
+        def rows(lo: int, hi: int) -> list[dict]:
+            return [{"run_id": run_id, "idx": int(idx[i]), "label": None if labels is None else int(labels[i]),
+                     "flipped": None if flipped is None else bool(flipped[i]),
+                     "original_label": None if original is None else int(original[i]),
+                     "thumbnail": None if thumbnails is None else thumbnails[i],
+                     "source": None if sources is None else str(sources[i])[:1000],
+                     "features": None if features is None else features[i]} for i in range(lo, hi)]
+
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
             s.execute(delete(Example).where(Example.run_id == run_id))
-            if rows:
-                s.execute(Example.__table__.insert(), rows)
+            for lo in range(0, n, INSERT_BATCH):  # thumbnails may be made as read (worker.data.Thumbnails)
+                s.execute(Example.__table__.insert(), rows(lo, min(lo + INSERT_BATCH, n)))
             s.execute(update(Run).where(Run.id == run_id).values(
-                n_examples=len(rows), class_names=None if class_names is None else [str(c) for c in class_names],
+                n_examples=n, class_names=None if class_names is None else [str(c) for c in class_names],
                 feature_names=None if features is None else [str(c) for c in feature_names]))
 
     def write_evaluation(self, run_id: int, step: int, *, loo: float | None, metrics: dict[str, float],

@@ -23,14 +23,16 @@ class TestExamples:
     def add_test_examples(self, run_id: int, labels: Sequence[int],
                           thumbnails: Sequence[bytes | None] | None = None) -> None:
         """The run's test examples 0..n−1 (replacing any)."""
-        rows = [{"run_id": run_id, "idx": i, "label": int(label),
-                 "thumbnail": None if thumbnails is None else thumbnails[i]} for i, label in enumerate(labels)]
+        labels = list(labels)
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
             s.execute(delete(TestExample).where(TestExample.run_id == run_id))
-            if rows:
-                s.execute(TestExample.__table__.insert(), rows)
+            for lo in range(0, len(labels), 2048):  # thumbnails may be made as read (worker.data.Thumbnails)
+                s.execute(TestExample.__table__.insert(), [
+                    {"run_id": run_id, "idx": i, "label": int(labels[i]),
+                     "thumbnail": None if thumbnails is None else thumbnails[i]}
+                    for i in range(lo, min(lo + 2048, len(labels)))])
 
     def write_test_predictions(self, run_id: int, step: int, probs: np.ndarray) -> None:
         """Each test example's prediction at ``step`` from its class probabilities (rows in index order); an older
