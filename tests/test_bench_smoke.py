@@ -70,3 +70,11 @@ def test_api_bench_drives_a_real_server_with_wrk(tmp_path, mix):
     p50, p99, count, errors, served = api.measure(db, run.id, 200, mix, 1.0, 1.0, "wrk")
     assert count > 0 and errors == 0 and 0 < p50 <= p99  # the Lua script's paths all answer 200
     assert 0 < served <= 1
+
+
+@pytest.mark.slow
+def test_memory_bench_runs_without_errors():
+    out = subprocess.run([sys.executable, "bench/memory.py", "--n", "2000"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "what grows with N" in out.stdout and "memory-mapped:" in out.stdout, out.stdout
