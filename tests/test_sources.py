@@ -116,6 +116,10 @@ def test_image_folder_resized_with_thumbnails(tmp_path):
     assert d.ytr.tolist() == [0] * 6 + [1] * 6 and 0 <= float(d.xtr.min()) and float(d.xtr.max()) <= 1
     png = Thumbnails(d)[0]
     assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (32, 32)
+    thumbs = Thumbnails(d, test=True)  # made as read, bounded like a list
+    assert len(thumbs) == 4 and thumbs[-1] == list(thumbs)[3]
+    with pytest.raises(IndexError):
+        thumbs[4]
     gray = _load(name="image_folder", path=str(_image_folder(tmp_path / "g")), test_fraction=0.5)
     assert gray.image_shape == (1, 12, 12)
     assert d.class_names == ["ant", "bee"] and d.refs[:2] == ["ant/0.png", "ant/1.png"] and d.refs[-1] == "bee/5.png"

@@ -1,6 +1,7 @@
 """The store on SQLite and PostgreSQL: runs, jobs, evaluations, queries, idempotence, bad input."""
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -264,3 +265,42 @@ def test_an_evaluation_of_a_slice_carries_every_other_examples_last_record(store
     store.write_evaluation(run.id, 40, loo=0.5, metrics={}, idx=np.array([1]), scores=np.array([1.0]),
                            loo_losses=np.array([4.0]), prob_label=None)
     assert store.examples_table(run.id, 40)["idx"] == [1]
+
+
+def test_examples_are_inserted_a_batch_at_a_time_from_a_lazy_sequence(store):
+    """A worker's thumbnails are made as the store reads them (worker.data.Thumbnails): the store reads them in
+    order, a batch at a time, and keeps every one."""
+    from sqlalchemy import event, select
+
+    from app.store.models import Example
+    from app.store.repository import INSERT_BATCH
+
+    n = INSERT_BATCH * 2 + 5
+    reads = []
+
+    class Lazy(Sequence):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return f"png {i}".encode()
+
+    made_at_insert = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO examples"):
+            made_at_insert.append(len(reads))
+
+    run = store.create_run("lazy")
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        store.add_examples(run.id, range(n), labels=[i % 3 for i in range(n)], thumbnails=Lazy())
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert reads == list(range(n))  # each made once, in order
+    assert made_at_insert == [INSERT_BATCH, 2 * INSERT_BATCH, n]  # never more than a batch ahead of the inserts
+    with store.session() as s:
+        got = dict(s.execute(select(Example.idx, Example.thumbnail).where(Example.run_id == run.id)).all())
+    assert len(got) == n and got[0] == b"png 0" and got[n - 1] == f"png {n - 1}".encode()
+    assert store.get_run(run.id).n_examples == n
