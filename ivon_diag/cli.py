@@ -139,29 +139,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ivon_diag.serve import serve
 
-    from app.main import create_app
-    from app.settings import Settings
-    from app.store import Store, ensure_current
-
-    settings = Settings(db=args.db) if args.db else Settings()
-    store = Store(settings.db)
-    ensure_current(store.engine)
-    app = create_app(settings, store)
-
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: stop accepting, let requests in flight finish, end live event streams (clients
-        reconnect elsewhere), and give up on stragglers after ``--graceful-seconds``."""
-
-        def handle_exit(self, sig, frame):
-            app.state.draining.set()
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.graceful_seconds)
-    DrainingServer(config).run()
-    return 0
+    return serve(args.db, args.host, args.port, args.graceful_seconds, args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="default 8000")
     sv.add_argument("--graceful-seconds", type=float, default=30.0,
                     help="on SIGTERM, how long requests in flight may take to finish")
+    sv.add_argument("--workers", type=int, default=1,
+                    help="server processes sharing the port (one Python process answers on about one core; "
+                         "default 1)")
     sv.set_defaults(func=_serve)
     tr = sub.add_parser("train", parents=[with_db],
                         help="run one job in the foreground from a JSON, YAML or TOML config")

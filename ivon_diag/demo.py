@@ -79,7 +79,6 @@ def run_demo(epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, eval_e
 def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int = 0, port: int = 8000,
                host: str = "127.0.0.1") -> int:
     """Migrate the database, queue a digits job with flipped labels, start a worker and the dashboard."""
-    import socket
     import subprocess
     import sys
 
@@ -88,16 +87,11 @@ def serve_demo(db: str, epochs: int = 40, flip_fraction: float = 0.1, seed: int 
     from app.main import create_app
     from app.settings import Settings
     from app.store import Store, make_engine, upgrade
+    from ivon_diag.serve import bind
 
     if not 0 <= flip_fraction < 1:
         raise ValueError(f"Invalid flip fraction: {flip_fraction!r} (must be in [0, 1))")
-    sock = socket.socket()  # bound before anything is queued: a busy port leaves no run behind
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise ValueError(f"port {port} on {host} is taken ({err.strerror}): is another `ivon-diag serve` or demo "
-                         f"running? Open its page, or give this one another --port") from None
+    sock = bind(host, port)  # bound before anything is queued: a busy port leaves no run behind
     engine = make_engine(db)
     upgrade(engine)
     store = Store(engine)

@@ -132,16 +132,19 @@ def test_every_write_route_refuses_without_a_valid_token(tmp_path, method, path,
     assert len(store.list_runs()) == 1 and store.hooks_for(None) == []  # nothing written
 
 
-def test_sigterm_drains_the_api(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_drains_the_api(tmp_path, workers):
     """A request in flight when SIGTERM arrives completes and its write lands; live streams end; no new
-    connection is accepted; the process exits promptly and cleanly."""
+    connection is accepted; the process exits promptly and cleanly (with ``--workers 2``, every server process)."""
     url = f"sqlite:///{tmp_path / 'd.db'}"
     upgrade(make_engine(url))
     store = Store(url)
     token = store.create_token("t")
     live = store.create_run("live", JOB, enqueue=False)
     port = free_port()
-    proc, base = start_server(["--db", url, "serve", "--port", str(port)], port, ENV)
+    proc, base = start_server(["--db", url, "serve", "--port", str(port), "--workers", str(workers)], port, ENV)
+    children = _children(proc.pid)
+    assert len(children) == (0 if workers == 1 else 2)
     try:
         stream_lines: list[str] = []
         stream_ended = threading.Event()
@@ -176,6 +179,35 @@ def test_sigterm_drains_the_api(tmp_path):
         assert stream_ended.wait(5), "the event stream kept the server from draining"
         assert proc.wait(timeout=10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
         assert [r.name for r in store.list_runs()].count("in-flight") == 1
+        assert not any(Path(f"/proc/{c}").exists() for c in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The server processes ``pid`` started (not multiprocessing's resource tracker)."""
+    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def test_a_dead_server_process_stops_the_service(tmp_path):
+    """``serve --workers 2``: a server process killed from outside takes the other down and the command exits 1
+    naming it (for the orchestrator to restart the service whole), rather than serving at half strength."""
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(make_engine(url))
+    port = free_port()
+    proc, base = start_server(["--db", url, "serve", "--port", str(port), "--workers", "2"], port, ENV)
+    try:
+        children = _children(proc.pid)
+        assert len(children) == 2
+        for _ in range(20):  # both answer from the one port
+            assert httpx.get(base + "/healthz", timeout=5).status_code == 200
+        os.kill(children[0], signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        assert not Path(f"/proc/{children[1]}").exists() or \
+            Path(f"/proc/{children[1]}/status").read_text().find("zombie") >= 0
     finally:
         if proc.poll() is None:
             proc.kill()
