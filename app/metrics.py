@@ -1,11 +1,16 @@
-"""Prometheus metrics: request latency (middleware), and store gauges read at scrape time."""
+"""Prometheus metrics: request latency (middleware), and store gauges read at scrape time.
+
+Under ``ivon-diag serve --workers N`` the server processes share their latency histograms through files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, which the serve command sets up), so a scrape
+answered by any process reports them all."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import Depends, FastAPI, Response
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -67,4 +72,9 @@ def install(app: FastAPI, store: Store) -> None:
 
     @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_read)])
     def metrics():
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every server process's histograms, from their files
+            shared = CollectorRegistry()
+            multiprocess.MultiProcessCollector(shared)
+            shared.register(StoreCollector(store))
+            return Response(generate_latest(shared), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

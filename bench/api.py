@@ -38,11 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: str, port: int, cache_seconds: float = 1.0, stderr=None) -> subprocess.Popen:
-    """The API as a real process; ``stderr``: a file for its log (server-side exceptions are counted from it)."""
+def start_server(db: str, port: int, cache_seconds: float = 1.0, stderr=None,
+                 workers: int = 1) -> subprocess.Popen:
+    """The API as a real process (``workers`` server processes); ``stderr``: a file for its log (server-side
+    exceptions are counted from it)."""
     env = {**os.environ, "IVON_DIAG_CACHE_SECONDS": str(cache_seconds)}
-    proc = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", db, "serve", "--port", str(port)], env=env,
-                            stderr=stderr)
+    proc = subprocess.Popen([sys.executable, "-m", "ivon_diag.cli", "--db", db, "serve", "--port", str(port),
+                             "--workers", str(workers)], env=env, stderr=stderr)
     for _ in range(200):
         try:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
@@ -141,11 +143,11 @@ def load_wrk(base: str, run_id: int, n: int, mix: str, clients: int, seconds: fl
 
 
 def measure(db: str, run_id: int, n: int, mix: str, seconds: float, cache_seconds: float,
-            client: str) -> tuple[float, float, int, int, float]:
+            client: str, workers: int = 1) -> tuple[float, float, int, int, float]:
     """(p50 ms, p99 ms, requests, errors, share the server answered within 100 ms) of 50 clients of ``client``
     ("wrk" or "python") for ``mix`` ("hot" or "mixed") against a fresh server."""
     port = free_port()
-    proc = start_server(db, port, cache_seconds)
+    proc = start_server(db, port, cache_seconds, workers=workers)
     base = f"http://127.0.0.1:{port}"
     pick = hot_paths(run_id) if mix == "hot" else mixed_paths(run_id, n)
 
@@ -171,6 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--db", default=None)
+    ap.add_argument("--workers", type=int, default=1, help="server processes (ivon-diag serve --workers)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     db = args.db or f"sqlite:///{tmp}/api.db"
@@ -187,17 +190,18 @@ def main() -> None:
     w = multiprocessing.get_context("spawn").Process(target=writer, args=(db, run.id, n), daemon=True)
     w.start()
     print(f"1. 50 closed-loop clients (no think time) for {args.seconds:.0f} s per line (after "
-          f"{WARMUP_SECONDS:.0f} s of warm-up) on {store.dialect}, a worker process writing an evaluation of "
-          f"{n // 1000}k examples every 0.5 s   (goal: p99 <= 100 ms, 0 errors; server-side: the time from the "
-          f"request's arrival in the app to its response, by the server's own histogram, without the clients' queue)")
+          f"{WARMUP_SECONDS:.0f} s of warm-up) on {store.dialect}, {args.workers} server process(es), a worker "
+          f"process writing an evaluation of {n // 1000}k examples every 0.5 s   (goal: p99 <= 100 ms, 0 errors; "
+          f"server-side: the time from the request's arrival in the app to its response, by the server's own "
+          f"histogram, without the clients' queue)")
     clients = (["wrk"] if shutil.which("wrk") else []) + ["python"]
     if clients[0] != "wrk":
         print("   (wrk is not installed: apt-get install wrk; the Python clients share the server's CPU)")
     try:
         for label, mix in (("hot: 5 reads of one run", "hot"), ("mixed: 1 in 5 a random example or page", "mixed")):
             for client in clients:
-                base = measure(db, run.id, n, mix, args.seconds, 0.0, client)
-                cached = measure(db, run.id, n, mix, args.seconds, 1.0, client)
+                base = measure(db, run.id, n, mix, args.seconds, 0.0, client, args.workers)
+                cached = measure(db, run.id, n, mix, args.seconds, 1.0, client, args.workers)
                 for name, (p50, p99, count, errors, served) in (("no cache", base), ("1 s cache (default)", cached)):
                     print(f"   {label:40s} {client:6s} {name:20s} {count / args.seconds:7.0f} req/s  "
                           f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors}  "

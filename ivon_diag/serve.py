@@ -2,17 +2,21 @@
 
 One Python process answers on about one core (the interpreter's lock), so ``--workers N`` starts N server processes
 that accept from the same socket, bound once here; the kernel spreads connections between them. Each process has
-its own read cache and connection pool. On SIGTERM or SIGINT every process drains (stops accepting, lets requests in
-flight finish, ends live event streams) within ``--graceful-seconds``. A process that dies takes the others down
-with it and the command exits 1, for the orchestrator (compose, systemd, Kubernetes) to restart the service whole.
+its own read cache and connection pool; ``/metrics`` adds up their latency histograms (prometheus_client's
+multiprocess mode). On SIGTERM or SIGINT every process drains (stops accepting, lets requests in flight finish, ends
+live event streams) within ``--graceful-seconds``. A process that dies takes the others down with it and the command
+exits 1, for the orchestrator (compose, systemd, Kubernetes) to restart the service whole.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 import uvicorn
@@ -64,6 +68,15 @@ def serve(db: str | None, host: str, port: int, graceful_seconds: float, workers
     if workers == 1:
         serve_process(db, graceful_seconds, sock)
         return 0
+    metrics_dir = tempfile.mkdtemp(prefix="ivon-diag-metrics-")  # the processes' shared Prometheus histograms
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client as each child imports it
+    try:
+        return _supervise(db, graceful_seconds, sock, workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(db: str | None, graceful_seconds: float, sock: socket.socket, workers: int) -> int:
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no torch or threads inherited
     procs = [ctx.Process(target=serve_process, args=(db, graceful_seconds, sock), name=f"ivon-diag-serve-{i}")
              for i in range(workers)]

@@ -192,6 +192,29 @@ def _children(pid: int) -> list[int]:
     return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
+def test_metrics_add_up_every_server_process(tmp_path):
+    """``serve --workers 2``: whichever process answers a scrape reports the requests both answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(make_engine(url))
+    port = free_port()
+
+    def served(base: str) -> float:
+        text = httpx.get(base + "/metrics", timeout=5).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "ivon_diag_request_seconds_count" and s.labels["route"] == "/api/v1/runs")
+
+    proc, base = start_server(["--db", url, "serve", "--port", str(port), "--workers", "2"], port, ENV)
+    try:
+        for _ in range(40):  # new connections: the kernel spreads them over both processes
+            assert httpx.get(base + "/api/v1/runs", timeout=5).status_code == 200
+        assert [served(base) for _ in range(6)] == [40.0] * 6
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_a_dead_server_process_stops_the_service(tmp_path):
     """``serve --workers 2``: a server process killed from outside takes the other down and the command exits 1
     naming it (for the orchestrator to restart the service whole), rather than serving at half strength."""
