@@ -226,3 +226,20 @@ def test_the_evidence_damping_is_mackays_fixed_point():
     for bad in (torch.zeros(10), torch.tensor([1.0, float("nan")])):
         with pytest.raises(ValueError, match="finite curvatures"):
             evidence_damping(bad, torch.ones(len(bad)), 10.0)
+
+
+def test_the_validation_reads_digits_as_a_job_does():
+    """research.setups.digits is the product's data layer (worker.data), with the validation's subset and dtype:
+    the same split and subset as a job with ``n_train``, exactly in float64 (the inputs are sixteenths)."""
+    import torch
+
+    from research.setups import digits
+    from worker.config import DataConfig
+    from worker.data import load_dataset
+
+    split = digits(n_train=300, seed=2, dtype=torch.float64, images=True)
+    job = load_dataset(DataConfig(name="digits", n_train=300), seed=2)
+    assert split.xtr.dtype == torch.float64 and split.xtr.shape == (300, 1, 8, 8)
+    assert torch.equal(split.xtr.float(), job.xtr) and torch.equal(split.ytr, job.ytr)
+    assert torch.equal(split.xte.float(), job.xte) and torch.equal(split.yte, job.yte)
+    assert torch.equal(split.xtr * 16, (split.xtr * 16).round())  # exact in either dtype
