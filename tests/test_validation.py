@@ -56,7 +56,7 @@ def test_reduced_validation_reproduces_the_findings(tmp_path):
     # stopping on the LOO (the worker's defaults, replayed) restores an evaluation with a lower test NLL than the
     # last one, where the flips were memorized (the full run: 1.990 against 2.207 on digits, 0.606 against 1.147
     # on breast cancer)
-    from research.report import stopped_at
+    from research.tables import stopped_at
 
     _, best = stopped_at(noisy["curves"]["ivon_b2"], "rayleigh")
     assert curve[best] < curve[-1] and "### Stopping on the LOO" in text
