@@ -235,3 +235,23 @@ def test_a_dead_server_process_stops_the_service(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("args, says", [(["--workers", "0"], "--workers must be at least 1, not 0"),
+                                        (["--workers", "-3"], "--workers must be at least 1, not -3"),
+                                        (["--workers", "two"], "invalid int value: 'two'")])
+def test_serve_refuses_a_bad_worker_count(tmp_path, args, says):
+    out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", f"sqlite:///{tmp_path / 'd.db'}", "serve",
+                          "--port", str(free_port()), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
+def test_serve_with_workers_on_a_taken_port_names_it_and_starts_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "ivon_diag.cli", "--db", f"sqlite:///{tmp_path / 'd.db'}",
+                              "serve", "--port", str(port), "--workers", "2"], capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in out.stderr, out.stderr

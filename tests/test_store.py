@@ -272,8 +272,7 @@ def test_examples_are_inserted_a_batch_at_a_time_from_a_lazy_sequence(store):
     order, a batch at a time, and keeps every one."""
     from sqlalchemy import event, select
 
-    from app.store.models import Example
-    from app.store.repository import INSERT_BATCH
+    from app.store.models import INSERT_BATCH, Example
 
     n = INSERT_BATCH * 2 + 5
     reads = []

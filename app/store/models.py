@@ -41,6 +41,7 @@ def utcnow() -> datetime:
 
 
 MAX_FEATURES = 64  # tabular columns an example keeps as read (its page shows the row)
+INSERT_BATCH = 2048  # examples per insert: a run's examples (and thumbnails made as read) are never all in memory
 
 class Base(DeclarativeBase):
     pass

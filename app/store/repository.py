@@ -23,6 +23,7 @@ from app.store.example_detail import ExampleDetails
 from app.store.example_scores import ExampleScores, chunk_records, resolve_step
 from app.store.influence import InfluenceQueries
 from app.store.models import (
+    INSERT_BATCH,
     MAX_FEATURES,
     DeletedRun,
     Evaluation,
@@ -44,7 +45,6 @@ from app.store.series import MetricSeries
 from app.store.test_examples import TestExamples
 
 log = logging.getLogger("ivon_diag.store")
-INSERT_BATCH = 2048  # examples per insert: a run's examples (with their thumbnails) are never all in memory
 
 
 class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetails, InfluenceQueries, TestExamples,

@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.store.engine import NotFound
-from app.store.models import Run, TestExample, finite
+from app.store.models import INSERT_BATCH, Run, TestExample, finite
 
 
 class TestExamples:
@@ -28,11 +28,11 @@ class TestExamples:
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
             s.execute(delete(TestExample).where(TestExample.run_id == run_id))
-            for lo in range(0, len(labels), 2048):  # thumbnails may be made as read (worker.data.Thumbnails)
+            for lo in range(0, len(labels), INSERT_BATCH):  # thumbnails may be made as read (worker.data.Thumbnails)
                 s.execute(TestExample.__table__.insert(), [
                     {"run_id": run_id, "idx": i, "label": int(labels[i]),
                      "thumbnail": None if thumbnails is None else thumbnails[i]}
-                    for i in range(lo, min(lo + 2048, len(labels)))])
+                    for i in range(lo, min(lo + INSERT_BATCH, len(labels)))])
 
     def write_test_predictions(self, run_id: int, step: int, probs: np.ndarray) -> None:
         """Each test example's prediction at ``step`` from its class probabilities (rows in index order); an older
