@@ -30,6 +30,7 @@ from research.setups import digits, flip_labels
 from sensitivity import compute_sensitivities, ivon_variance
 from sensitivity.batch_scores import BatchScores
 from worker import models
+from worker.step import train_step
 
 OUT = Path(__file__).parents[1] / "docs" / "batch-scores.md"
 SETTINGS = (("mlp", 80), ("cnn", 40))  # model, epochs
@@ -65,17 +66,13 @@ def run(kind: str, epochs: int, seed: int = 0) -> dict:
         hooked = epoch % every == 0  # the epoch before an evaluation records the free estimate
         var = ivon_variance(opt, model) if hooked else None
         t = time.perf_counter()
-        for idx in torch.randperm(n).split(64):
-            with opt.sampled_params(train=True):
-                opt.zero_grad(set_to_none=True)
-                if hooked:
-                    with BatchScores(model, var) as bs:
-                        losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
-                        losses.mean().backward()
-                    free[idx.numpy()] = (losses.detach() + bs.scores).numpy()
-                else:
-                    nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+        for idx in torch.randperm(n).split(64):  # the product's step, its activations read by the hooks
+            if hooked:
+                with BatchScores(model, var) as bs:
+                    _, losses = train_step(model, opt, x[idx], y[idx])
+                free[idx.numpy()] = (losses + bs.scores).numpy()
+            else:
+                train_step(model, opt, x[idx], y[idx])
         (hooked_s if hooked else plain_s).append(time.perf_counter() - t)
         if not hooked:
             continue
