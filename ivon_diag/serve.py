@@ -29,7 +29,9 @@ from app.store import Store, ensure_current
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, or ValueError naming the port when it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family)
+    # proto named: asyncio sets TCP_NODELAY on accepted sockets only when their proto is IPPROTO_TCP, and without
+    # it a keep-alive response written in two parts waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -1,6 +1,7 @@
 """Faults: SIGTERM releases the job after a checkpoint; repeated SIGKILLs still end at the uninterrupted weights;
 every write route refuses requests without a valid token."""
 
+import asyncio
 import json
 import os
 import random
@@ -255,3 +256,31 @@ def test_serve_with_workers_on_a_taken_port_names_it_and_starts_nothing(tmp_path
                               "serve", "--port", str(port), "--workers", "2"], capture_output=True, text=True,
                              timeout=60)
     assert out.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in out.stderr, out.stderr
+
+
+def test_the_served_socket_answers_without_waiting_for_delayed_acks():
+    """asyncio sets TCP_NODELAY on an accepted connection only when the listening socket's proto is IPPROTO_TCP;
+    without it every keep-alive response (headers and body written apart) waited ~40 ms for the client's ACK."""
+    from ivon_diag.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+
+    async def accepted_nodelay() -> int:
+        loop = asyncio.get_running_loop()
+        seen = loop.create_future()
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                               socket.TCP_NODELAY))
+                transport.close()
+
+        server = await loop.create_server(Accept, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
