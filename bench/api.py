@@ -169,6 +169,26 @@ def measure(db: str, run_id: int, n: int, mix: str, seconds: float, cache_second
     return p50, p99, count, errors, (w1 - w0) / max(n1 - n0, 1)
 
 
+def one_client(db: str, run_id: int, requests: int = 250) -> tuple[float, float]:
+    """(p50 ms, p99 ms) of one client sending the hot paths one after another on one kept-alive connection (a
+    dashboard tab polling), the cache off: what a request costs without a queue, and what the connection adds."""
+    port = free_port()
+    proc = start_server(db, port, 0.0)
+    pick, lat = hot_paths(run_id), []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            for k in range(requests + 25):
+                t = time.perf_counter()
+                c.get(pick(k, None)).raise_for_status()
+                if k >= 25:  # the first requests warm the server up
+                    lat.append((time.perf_counter() - t) * 1e3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    q = statistics.quantiles(sorted(lat), n=100)
+    return q[49], q[98]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -194,6 +214,9 @@ def main() -> None:
           f"process writing an evaluation of {n // 1000}k examples every 0.5 s   (goal: p99 <= 100 ms, 0 errors; "
           f"server-side: the time from the request's arrival in the app to its response, by the server's own "
           f"histogram, without the clients' queue)")
+    p50, p99 = one_client(db, run.id)
+    print(f"   one client, requests one after another on one kept-alive connection, no cache: p50 {p50:.1f} ms  "
+          f"p99 {p99:.1f} ms")
     clients = (["wrk"] if shutil.which("wrk") else []) + ["python"]
     if clients[0] != "wrk":
         print("   (wrk is not installed: apt-get install wrk; the Python clients share the server's CPU)")

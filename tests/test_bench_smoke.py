@@ -47,9 +47,8 @@ def test_store_bench_runs_without_errors():
     assert out.stdout.count("with running means") == 2 and out.stdout.count("by the running mean") == 4
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
-@pytest.mark.parametrize("mix", ["hot", "mixed"])
-def test_api_bench_drives_a_real_server_with_wrk(tmp_path, mix):
+def _api_bench(tmp_path):
+    """bench/api.py as a module, and a store with one evaluation of 200 examples."""
     import importlib.util
 
     import numpy as np
@@ -67,9 +66,22 @@ def test_api_bench_drives_a_real_server_with_wrk(tmp_path, mix):
     s = np.random.default_rng(0).random(200)
     store.write_evaluation(run.id, 10, loo=0.5, metrics={"test_nll": 0.5}, idx=np.arange(200), scores=s,
                            loo_losses=s, prob_label=1 - s)
-    p50, p99, count, errors, served = api.measure(db, run.id, 200, mix, 1.0, 1.0, "wrk")
+    return api, db, run.id
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("mix", ["hot", "mixed"])
+def test_api_bench_drives_a_real_server_with_wrk(tmp_path, mix):
+    api, db, run_id = _api_bench(tmp_path)
+    p50, p99, count, errors, served = api.measure(db, run_id, 200, mix, 1.0, 1.0, "wrk")
     assert count > 0 and errors == 0 and 0 < p50 <= p99  # the Lua script's paths all answer 200
     assert 0 < served <= 1
+
+
+def test_api_bench_times_one_kept_alive_client(tmp_path):
+    api, db, run_id = _api_bench(tmp_path)
+    p50, p99 = api.one_client(db, run_id, requests=20)  # raises on any answer but 2xx
+    assert 0 < p50 <= p99
 
 
 @pytest.mark.slow
