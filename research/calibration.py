@@ -12,6 +12,9 @@ candidates differ only in the scale α on σ² the LOO is read at (no retraining
   frozen_σ²  frozen, and divided by the growth of σ²'s geometric mean since then: σ² grows by schedule
              (hess_init's remainder decays under the matched β2), so this freezes the level of αΣ instead
 (the job config's calibration.mode refit, frozen and frozen_variance, read through worker.calibration itself)
+  refit_prob α refitted at every evaluation so that the LOO's mean probability of the label equals the split's
+             (a bounded target, so a small split's few confident mistakes would not set the level; research only:
+             measured against the others, not a product mode)
 Scores: level (final LOO / final test NLL), trend (Spearman over evaluations with the test NLL), stopping (test NLL
 where early stopping on the LOO restores, over the best evaluation's), transfer (the last scale of another run,
 another seed, weight decay or run length, used as a fixed ``calibration.scale``). A small setting compares
@@ -93,11 +96,16 @@ def textures(n_train: int, n_test: int, seed: int, side: int = 16) -> Split:
 
 
 def _nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return _heldout(model, x, y)[0]
+
+
+def _heldout(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(NLL, mean probability of the label) of the model's predictions on (x, y)."""
     model.eval()
     with torch.no_grad():
         out = torch.cat([nn.functional.cross_entropy(model(c), t, reduction="none") for c, t in
-                         zip(x.split(1024), y.split(1024))])
-    return float(out.double().mean())
+                         zip(x.split(1024), y.split(1024))]).double()
+    return float(out.mean()), float(torch.exp(-out).mean())
 
 
 def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -133,9 +141,9 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
         res = compute_sensitivities(model, (split.xtr[sample], split.ytr[sample]), var)
         sig = torch.cat([v.flatten() for v in var.values()])
         t_cal -= time.perf_counter()  # the calibration's own cost: the split's NLL here, the fit below
-        cal_nll = _nll(model, split.xtr[cal], split.ytr[cal])
+        cal_nll, cal_prob = _heldout(model, split.xtr[cal], split.ytr[cal])
         t_cal += time.perf_counter()
-        evals.append({"epoch": ep, "res": res, "cal_nll": cal_nll,
+        evals.append({"epoch": ep, "res": res, "cal_nll": cal_nll, "cal_prob": cal_prob,
                       "test_nll": _nll(model, split.xte, split.yte), "test_acc": _acc(model, split.xte, split.yte),
                       "sigma_level": float(sig[sig > 0].log().mean().exp()),
                       "share": opt.hess_init_share()})
@@ -155,6 +163,13 @@ def series(evals: list[dict], policy: str, scale: float | None = None) -> tuple[
     from another run (transfer, the job config's ``calibration.scale``)."""
     if policy == "raw":
         return np.array([e["raw"] for e in evals]), 1.0
+    if policy == "refit_prob":
+        out, alpha = [], 1.0
+        for e in evals:
+            alpha = scale if scale is not None else fit_scale(e["res"], -e["cal_prob"],
+                                                              lambda v: -float(torch.exp(-v.double()).mean()))[0]
+            out.append(float(rescale(e["res"], alpha).loo_losses.double().mean()))
+        return np.array(out), alpha
     mode = {"frozen_σ²": "frozen_variance"}.get(policy, policy)
     cfg = CalibrationConfig(source="test", mode=mode if scale is None else "frozen", freeze_at=FREEZE_AT,
                             scale=scale)
@@ -167,7 +182,7 @@ def series(evals: list[dict], policy: str, scale: float | None = None) -> tuple[
     return np.array(out), cal.last
 
 
-POLICIES = ("raw", "refit", "frozen", "frozen_σ²")
+POLICIES = ("raw", "refit", "frozen", "frozen_σ²", "refit_prob")
 
 
 def stop_index(loo: np.ndarray, patience: int = 3) -> int:

@@ -190,6 +190,7 @@ def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
     """research.calibration's pipeline on a small setting: the refit policy's LOO is the split's NLL, the report
     says what each candidate scored."""
     from research.calibration import POLICIES, report, run, score, series, synthetic
+    from sensitivity.calibration import rescale
     from worker.models import mlp
 
     out = run(synthetic(600, 400, 0), lambda: mlp(40, 10, (32,)), 4, 0.3, 1e-3, 0, batch=64)
@@ -199,12 +200,15 @@ def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
     for e, loo in zip(ev, refit):
         if e["reached"]:
             assert loo == pytest.approx(e["cal_nll"], rel=1e-3)
+    _, alpha = series(ev, "refit_prob")  # the last evaluation's: the LOO's mean probability of the label is the split's
+    probs = rescale(ev[-1]["res"], alpha).loo_losses.double().neg().exp()
+    assert float(probs.mean()) == pytest.approx(ev[-1]["cal_prob"], rel=1e-3)
     rows = {p: score(series(ev, p)[0], ev) for p in POLICIES}
     meta = {"n_train": 570, "n_cal": 30, "cost": 1.0, "cal_cost": 0.01, "alpha_first": 1.0, "alpha_last": 2.0,
             "share": 0.9, "test_acc": 0.5}
     text = report({"settings": {"tiny": {"clean": True, "epochs": 4, "hess_init": 0.3, "weight_decay": 1e-3,
                                          "seeds": {0: {**rows, "meta": meta}}}}, "transfer": {}}, 1.0, "test")
-    assert "| refit | 0 |" in text and "## Summary" in text
+    assert "| refit | 0 |" in text and "| refit_prob | 0 |" in text and "## Summary" in text
 
 
 def test_bad_calibration_configs_are_refused_naming_the_field():
