@@ -94,8 +94,8 @@ def _supervise(db: str | None, graceful_seconds: float, sock: socket.socket, wor
     sock.close()  # the children hold it
     status = 0
     while not stopping:
-        if any(not p.is_alive() for p in procs):
-            dead = [p for p in procs if not p.is_alive()]
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
             print(f"ivon-diag serve: server process {dead[0].pid} exited ({dead[0].exitcode}); stopping the others",
                   file=sys.stderr)
             status = 1
