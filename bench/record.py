@@ -20,16 +20,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-VALUE_FLAGS = {"--rounds", "--seconds", "--n", "--queries", "--examples", "--epochs", "--jobs", "--pg", "--db"}
-# ^ what varies the size or the place, not the case
+VALUE_FLAGS = {"--rounds", "--seconds", "--n", "--queries", "--examples", "--epochs", "--jobs", "--pg"}
+# ^ what varies the size or the place, not the case; a --db URL keeps only its backend (the case: sqlite, postgresql)
 
 
 def section_key(name: str, args: list[str]) -> str:
     """The section a run writes: the benchmark and its case-defining arguments (sizes and rounds left out)."""
-    kept, skip = [], False
+    kept, skip, backend = [], False, False
     for a in args:
         if skip:
             skip = False
+            continue
+        if backend or a.startswith("--db="):
+            kept.append("--db " + re.split(r"[+:]", a.removeprefix("--db="), maxsplit=1)[0])
+            backend = False
+            continue
+        if a == "--db":
+            backend = True
             continue
         if a in VALUE_FLAGS:
             skip = True

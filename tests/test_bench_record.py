@@ -13,6 +13,10 @@ spec.loader.exec_module(record)
 def test_sections_are_keyed_by_the_case_not_the_size_and_replaced_in_place():
     assert record.section_key("influence", ["--rounds", "3", "--model", "cnn"]) == "influence --model cnn"
     assert record.section_key("influence", ["--n=500", "--rounds", "1"]) == "influence"
+    # the backend is the API bench's case, the database's address is not
+    assert record.section_key("api", ["--db", "postgresql+psycopg://u@h:5432/x", "--seconds", "5"]) == \
+        "api --db postgresql"
+    assert record.section_key("api", ["--db=sqlite:////tmp/a.db", "--workers", "2"]) == "api --db sqlite --workers 2"
     text = "# Benchmarks\n\nintro, kept\n"
     one = record.replace_section(text, "a", "<!-- bench:a begin -->\nold\n<!-- bench:a end -->")
     two = record.replace_section(one + "\nbetween, kept\n", "b", "<!-- bench:b begin -->\nB\n<!-- bench:b end -->")
