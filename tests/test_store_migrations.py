@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -26,6 +27,12 @@ def empty_url(request, tmp_path):
 
 def test_upgrade_matches_models_and_downgrade_to_base(empty_url):
     engine = make_engine(empty_url)
+    if engine.url.get_backend_name() == "sqlite":  # a missing file is named and not created
+        with pytest.raises(SchemaOutdated, match="no database at .*m.db.*ivon-diag db upgrade"):
+            ensure_current(engine)
+        assert not Path(engine.url.database).exists()
+        with engine.connect():  # an empty file
+            pass
     with pytest.raises(SchemaOutdated, match="empty database.*ivon-diag db upgrade"):
         ensure_current(engine)
     upgrade(engine)

@@ -48,7 +48,12 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
 
 
 def ensure_current(engine: Engine) -> None:
-    """Raise SchemaOutdated unless the database is at this code's head revision."""
+    """Raise SchemaOutdated unless the database is at this code's head revision (a SQLite file that does not exist
+    is named, not created: a mistyped path leaves no empty database behind)."""
+    path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
+        raise SchemaOutdated(f"no database at {path!r} (nothing was created): check --db / IVON_DIAG_DB, or create "
+                             "it with `ivon-diag db upgrade` (`ivon-diag train` and `demo` create theirs)")
     check_reachable(engine)
     current, head = current_revision(engine), head_revision(engine)
     if current != head:
