@@ -139,6 +139,9 @@ def load_wrk(base: str, run_id: int, n: int, mix: str, clients: int, seconds: fl
                          capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("wrk-result "))
     count, socket_errors, status_errors, p50, p99 = line.split()[1:]
+    if int(socket_errors) or int(status_errors):  # which kind: the server's answers or the connections
+        print(f"   (wrk: {socket_errors} socket errors: connect, read, write or timeout; {status_errors} answers "
+              f"other than 2xx/3xx)", flush=True)
     return float(p50), float(p99), int(count), int(socket_errors) + int(status_errors)
 
 
