@@ -28,7 +28,7 @@ def empty_url(request, tmp_path):
 def test_upgrade_matches_models_and_downgrade_to_base(empty_url):
     engine = make_engine(empty_url)
     if engine.url.get_backend_name() == "sqlite":  # a missing file is named and not created
-        with pytest.raises(SchemaOutdated, match="no database at .*m.db.*ivon-diag db upgrade"):
+        with pytest.raises(SchemaOutdated, match="no database file at .*m.db.*ivon-diag db upgrade"):
             ensure_current(engine)
         assert not Path(engine.url.database).exists()
         with engine.connect():  # an empty file

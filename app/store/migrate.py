@@ -52,7 +52,7 @@ def ensure_current(engine: Engine) -> None:
     is named, not created: a mistyped path leaves no empty database behind)."""
     path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
     if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
-        raise SchemaOutdated(f"no database at {path!r} (nothing was created): check --db / IVON_DIAG_DB, or create "
+        raise SchemaOutdated(f"no database file at {path!r} (none was created): check --db / IVON_DIAG_DB, or create "
                              "it with `ivon-diag db upgrade` (`ivon-diag train` and `demo` create theirs)")
     check_reachable(engine)
     current, head = current_revision(engine), head_revision(engine)
