@@ -14,6 +14,7 @@ far it follows retraining: docs/influence.md.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ def influence_form(form: str, cov) -> str:
 def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str | Loss = "cross_entropy", *,
               targets: Tensor | None = None, result: SensitivityResult | None = None, form: str = "auto",
               chunk_size: int = 256, max_amplification: float | str | None = "auto",
-              outputs: bool = True) -> InfluenceResult:
+              outputs: bool = True, fp32_precision: str = "bf16") -> InfluenceResult:
     """The change of each query's outputs and loss when each training example is removed.
 
     ``queries``: inputs (Q, ...); ``targets``: their labels (default: the predicted ones). ``train_data`` and
@@ -85,7 +86,14 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
 
     ``outputs=False``: the loss change to first order in Δf*, e*ᵀ Δf* (e* the query's residual), without the
     output changes: one parameter vector per query instead of K, K times less work (bench/influence.py).
+
+    ``fp32_precision``: the math of the float32 queries × gradients product on the CPU (torch's
+    ``torch.backends.mkldnn.matmul.fp32_precision``): "bf16" lets oneDNN use the CPU's bfloat16 units where it has
+    them (faster; its error against strict float32: bench/influence.py), "ieee" keeps strict float32. Other
+    dtypes and devices are unaffected.
     """
+    if fp32_precision not in ("bf16", "ieee"):
+        raise ValueError(f"fp32_precision must be 'bf16' or 'ieee', not {fp32_precision!r}")
     lossf = get_loss(loss)
     cov = as_covariance(model, variance)
     form = result.form if result is not None and form == "auto" else influence_form(form, cov)
@@ -114,7 +122,7 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
         weights = None if outputs else lossf.residual(logits_q, y_q)  # the loss's gradient in f*
         grads = _Gradients(model, params)
         rows = _query_rows(model, params, cov, x_q, k, weights, grads)
-        changes = [_chunk_changes(grads, rows, k if outputs else 1, xs, ys, idx, result, lossf)
+        changes = [_chunk_changes(grads, rows, k if outputs else 1, xs, ys, idx, result, lossf, fp32_precision)
                    for xs, ys, idx in iter_chunks(train_data, chunk_size, model)]
     finally:
         model.train(was_training)
@@ -182,7 +190,7 @@ class _Gradients:
 
 
 def _chunk_changes(grads: _Gradients, rows: Tensor, per_query: int, x: Tensor, y: Tensor, idx: Tensor,
-                   result: SensitivityResult | None, lossf: Loss) -> tuple[Tensor, Tensor]:
+                   result: SensitivityResult | None, lossf: Loss, precision: str) -> tuple[Tensor, Tensor]:
     """(indices, Δf* (Q, B, K), or e*ᵀ Δf* (Q, B, 1) with one row per query) for one chunk of training examples;
     ẽ_i from ``result``, or without one (first order) the residuals e_i."""
     if result is None:  # e_i from the logits of the pass that forms the gradients
@@ -191,16 +199,34 @@ def _chunk_changes(grads: _Gradients, rows: Tensor, per_query: int, x: Tensor, y
             logits = logits[:, None] if logits.ndim == 1 else logits
             return lossf.residual(logits, y.to(x.device)).to(rows.dtype)
 
-        return idx, _changes(grads, rows, per_query, x, residual)
+        return idx, _changes(grads, rows, per_query, x, residual, precision)
     order = torch.argsort(result.indices)
     known = result.indices[order]
     at = torch.searchsorted(known, idx).clamp(max=max(len(known) - 1, 0))
     if len(known) == 0 or not bool((known[at] == idx).all()):
         raise ValueError("the sensitivity result does not cover every training example (compute it on train_data)")
-    return idx, _changes(grads, rows, per_query, x, result.corrected_residuals[order[at]].to(x.device, rows.dtype))
+    return idx, _changes(grads, rows, per_query, x, result.corrected_residuals[order[at]].to(x.device, rows.dtype),
+                         precision)
 
 
-def _changes(grads: _Gradients, rows: Tensor, per_query: int, x: Tensor, corrected) -> Tensor:
+def _changes(grads: _Gradients, rows: Tensor, per_query: int, x: Tensor, corrected, precision: str) -> Tensor:
     per = grads(x, corrected)  # J_iᵀ ẽ_i per example
-    flat = torch.cat([per[n].flatten(1) for n in grads.params], 1)  # (B, P)
-    return (rows @ flat.T).reshape(-1, per_query, len(x)).transpose(1, 2)  # (Q, B, K or 1)
+    out, at = None, 0
+    with _cpu_fp32_math(precision):  # one product per parameter: no (B, P) copy of the gradients
+        for n in grads.params:
+            g = per[n].flatten(1)
+            r = rows[:, at : at + g.shape[1]]
+            at += g.shape[1]
+            out = r @ g.T if out is None else out.addmm_(r, g.T)
+    return out.reshape(-1, per_query, len(x)).transpose(1, 2)  # (Q, B, K or 1)
+
+
+@contextlib.contextmanager
+def _cpu_fp32_math(precision: str):
+    setting = torch.backends.mkldnn.matmul
+    before = setting.fp32_precision
+    setting.fp32_precision = precision
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before

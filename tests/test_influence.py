@@ -173,6 +173,22 @@ def test_without_outputs_the_loss_change_is_first_order_in_the_output_change():
     assert torch.allclose(lean.loss_change, torch.einsum("qnk,qk->qn", full.output_change, e), atol=1e-10, rtol=1e-8)
 
 
+def test_float32_queries_at_bf16_math_agree_with_strict_float32_and_leave_the_setting_as_it_was():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y, xq = torch.randn(300, 16), torch.randint(0, 10, (300,)), torch.randn(20, 16)
+    var = {n: torch.rand_like(p) * 1e-2 for n, p in model.named_parameters()}
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    fast = influence(model, xq, (x, y), var, chunk_size=64)
+    strict = influence(model, xq, (x, y), var, chunk_size=64, fp32_precision="ieee")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    scale = strict.output_change.abs().amax((1, 2), keepdim=True)
+    assert ((fast.output_change - strict.output_change).abs() / scale).max() < 1e-3
+    assert torch.equal(fast.proponents(0)[0], strict.proponents(0)[0])
+    with pytest.raises(ValueError, match="fp32_precision must be 'bf16' or 'ieee'"):
+        influence(model, xq, (x, y), var, fp32_precision="tf32")
+
+
 def test_a_result_that_does_not_cover_the_training_data_is_refused():
     model, x, y, xq = _setup()
     cov = _covariances(model, x, y)["diagonal"]
