@@ -15,6 +15,8 @@ candidates differ only in the scale α on σ² the LOO is read at (no retraining
   refit_prob α refitted at every evaluation so that the LOO's mean probability of the label equals the split's
              (a bounded target, so a small split's few confident mistakes would not set the level; research only:
              measured against the others, not a product mode)
+  ..., first order  the same mode on the first-order pass (one first-order pass instead of Rayleigh's two: what a
+             calibrated job scores with, worker.calibration.Calibration.form)
 Scores: level (final LOO / final test NLL), trend (Spearman over evaluations with the test NLL), stopping (test NLL
 where early stopping on the LOO restores, over the best evaluation's), transfer (the last scale of another run,
 another seed, weight decay or run length, used as a fixed ``calibration.scale``). A small setting compares
@@ -130,37 +132,46 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     evals, t_train, t_eval, t_cal = [], 0.0, 0.0, 0.0
+    t_forms = {"rayleigh": 0.0, "first_order": 0.0}
     for ep in range(1, epochs + 1):
         t = time.perf_counter()
         for idx in torch.randperm(len(train), generator=gen).split(batch):
             train_step(model, opt, xtr[idx], ytr[idx])  # the product's step
             sched.step()
         t_train += time.perf_counter() - t
-        t = time.perf_counter()
+        t, first_before = time.perf_counter(), t_forms["first_order"]
         var = ivon_variance(opt, model)
-        res = compute_sensitivities(model, (split.xtr[sample], split.ytr[sample]), var)
+        passes = {}
+        for form in ("rayleigh", "first_order"):
+            t_pass = time.perf_counter()
+            passes[form] = compute_sensitivities(model, (split.xtr[sample], split.ytr[sample]), var, form=form)
+            t_forms[form] += time.perf_counter() - t_pass
+        res = passes["rayleigh"]
         sig = torch.cat([v.flatten() for v in var.values()])
         t_cal -= time.perf_counter()  # the calibration's own cost: the split's NLL here, the fit below
         cal_nll, cal_prob = _heldout(model, split.xtr[cal], split.ytr[cal])
         t_cal += time.perf_counter()
-        evals.append({"epoch": ep, "res": res, "cal_nll": cal_nll, "cal_prob": cal_prob,
+        evals.append({"epoch": ep, "res": res, "res_first": passes["first_order"], "cal_nll": cal_nll,
+                      "cal_prob": cal_prob,
                       "test_nll": _nll(model, split.xte, split.yte), "test_acc": _acc(model, split.xte, split.yte),
                       "sigma_level": float(sig[sig > 0].log().mean().exp()),
                       "share": opt.hess_init_share()})
-        t_eval += time.perf_counter() - t
+        t_eval += time.perf_counter() - t - (t_forms["first_order"] - first_before)
     for e in evals:
         t = time.perf_counter()
         e["alpha_fit"], e["reached"] = fit_scale(e["res"], e["cal_nll"])
         t_cal += time.perf_counter() - t
         e["raw"] = e["res"].loo
     return {"evals": evals, "n_train": len(train), "n_cal": len(cal), "train_s": t_train, "eval_s": t_eval,
-            "cal_s": t_cal}
+            "cal_s": t_cal, "pass_ratio": t_forms["first_order"] / t_forms["rayleigh"]}
 
 
 def series(evals: list[dict], policy: str, scale: float | None = None) -> tuple[np.ndarray, float]:
     """(the LOO over evaluations, the last scale in use) under a policy, read through the product's own
     ``worker.calibration.Calibration`` (the fits against the calibration split's NLL); ``scale``: a fixed scale
     from another run (transfer, the job config's ``calibration.scale``)."""
+    if policy.endswith(FIRST):
+        policy, evals = policy[: -len(FIRST)], [{**e, "res": e["res_first"]} for e in evals]
     if policy == "raw":
         return np.array([e["raw"] for e in evals]), 1.0
     if policy == "refit_prob":
@@ -182,7 +193,8 @@ def series(evals: list[dict], policy: str, scale: float | None = None) -> tuple[
     return np.array(out), cal.last
 
 
-POLICIES = ("raw", "refit", "frozen", "frozen_σ²", "refit_prob")
+FIRST = ", first order"
+POLICIES = ("raw", "refit", "frozen", "frozen_σ²", "refit_prob", *(p + FIRST for p in ("refit", "frozen", "frozen_σ²")))
 
 
 def stop_index(loo: np.ndarray, patience: int = 3) -> int:
@@ -227,9 +239,12 @@ def per_example(seed: int = 0) -> dict:
     base = refine(model, Split(split.xtr, split.ytr, split.xte, split.yte), wd, 1000, restarts=10)
     _, truth = leave_one_out(base, split.xtr, split.ytr, list(range(split.n)),
                              prior_precision=prior_from_weight_decay(wd, split.n))
+    first = compute_sensitivities(model, (split.xtr, split.ytr), ivon_variance(opt, model), form="first_order")
+    alpha_first, _ = fit_scale(first, _nll(model, split.xte, split.yte))
     out = {"alpha_test": alpha, "true_loo": float(truth.mean())}
-    for name, a in (("raw", 1.0), ("alpha/10", alpha / 10), ("alpha", alpha), ("alpha*10", alpha * 10)):
-        r = rescale(res, a)
+    for name, a, r in (("raw", 1.0, res), ("alpha/10", alpha / 10, res), ("alpha", alpha, res),
+                       ("alpha*10", alpha * 10, res), ("alpha, first order", alpha_first, first)):
+        r = rescale(r, a)
         out[name] = {"rank": float(spearmanr(r.loo_losses.numpy(), truth.numpy()).statistic),
                      "ratio": float(r.loo_losses.mean() / truth.mean()), "scale": a}
     return out
@@ -265,6 +280,7 @@ def measure(quick: bool = False) -> dict:
             rows[seed] = {p: score(series(ev, p)[0], ev) for p in POLICIES}
             rows[seed]["meta"] = {"n_train": r["n_train"], "n_cal": r["n_cal"],
                                   "cost": r["eval_s"] / r["train_s"], "cal_cost": r["cal_s"] / r["train_s"],
+                                  "pass_ratio": r["pass_ratio"],
                                   "alpha_frozen": series(ev, "frozen")[1],
                                   "alpha_first": ev[0]["alpha_fit"], "alpha_last": ev[-1]["alpha_fit"],
                                   "share": ev[-1]["share"], "test_acc": ev[-1]["test_acc"],
@@ -326,7 +342,9 @@ def report(res: dict, seconds: float, command: str) -> str:
                               f"{_f(m['meta']['share'], 3)}, α fitted {_f(m['meta']['alpha_first'])} at the first "
                               f"evaluation, {_f(m['meta']['alpha_last'])} at the last, evaluation cost "
                               f"{_f(m['meta']['cost'])}× training, of which the calibration (the split's NLL and "
-                              f"the fit) {m['meta']['cal_cost']:.3f}×, the split's final NLL / the test set's "
+                              f"the fit) {m['meta']['cal_cost']:.3f}×, the first-order pass "
+                              f"{_f(m['meta'].get('pass_ratio', float('nan')))}× the Rayleigh pass's time, the "
+                              "split's final NLL / the test set's "
                               f"{_split_ratio(m['meta'])} (what refit's level inherits)"
                               for k, m in s["seeds"].items()), "",
                   "| candidate | seed | level | trend | stopping | verdict |", "|---|---|---|---|---|---|"]
@@ -351,7 +369,7 @@ def report(res: dict, seconds: float, command: str) -> str:
                   f"retraining without each example (true LOO {_f(pe['true_loo'], 3)}); α fitted on the 360 test "
                   f"examples: {_f(pe['alpha_test'])}.", "",
                   "| scale | per-example Spearman vs retraining | level vs true LOO |", "|---|---|---|"]
-        for k in ("raw", "alpha/10", "alpha", "alpha*10"):
+        for k in ("raw", "alpha/10", "alpha", "alpha*10", "alpha, first order"):
             lines.append(f"| {k} ({_f(pe[k]['scale'], 3)}) | {_f(pe[k]['rank'], 3)} | {_f(pe[k]['ratio'])} |")
         lines.append("")
     return "\n".join(lines)

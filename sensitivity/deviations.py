@@ -40,6 +40,7 @@ from sensitivity.variance import (
 
 FORMS = ("corrected", "first_order", "second_order", "rayleigh", "diagonal")
 TWO_PASS_FORMS = ("second_order", "rayleigh")  # two first-order passes, no V_i
+CAPPED_FORMS = ("corrected", *TWO_PASS_FORMS)  # forms whose correction max_amplification caps
 # "auto": corrected with a dense covariance; rayleigh with a diagonal one (IVON's σ², the AdamW and SGD heuristics);
 # first order with the others (K-FAC, blocks). The correction is exact with the full covariance; with a diagonal or
 # K-FAC one, uncapped, it amplifies their errors, so "auto" caps it at 10 with a dense covariance and at 2 otherwise.

@@ -209,6 +209,23 @@ def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
     text = report({"settings": {"tiny": {"clean": True, "epochs": 4, "hess_init": 0.3, "weight_decay": 1e-3,
                                          "seeds": {0: {**rows, "meta": meta}}}}, "transfer": {}}, 1.0, "test")
     assert "| refit | 0 |" in text and "| refit_prob | 0 |" in text and "## Summary" in text
+    assert "| refit, first order | 0 |" in text and out["pass_ratio"] > 0
+    first, _ = series(ev, "refit, first order")  # the first-order pass's own fit: the split's NLL as well
+    assert ev[-1]["res_first"].form == "first_order" and ev[-1]["res"].form == "rayleigh"
+    if ev[-1]["reached"]:
+        assert first[-1] == pytest.approx(ev[-1]["cal_nll"], rel=1e-3)
+
+
+def test_a_calibrated_job_scores_auto_in_first_order_and_an_uncalibrated_one_in_the_covariances_form():
+    labels = np.repeat(np.arange(10), 100)
+    calibrated = Calibration(CalibrationConfig(), labels, 100, seed=0)
+    uncalibrated = Calibration(CalibrationConfig(source="none"), labels, 100, seed=0)
+    fixed = Calibration(CalibrationConfig(scale=2.0), labels, 100, seed=0)
+    assert calibrated.form("auto", "rayleigh") == fixed.form("auto", "rayleigh") == "first_order"
+    assert uncalibrated.form("auto", "rayleigh") == "auto"  # the library's auto: Rayleigh for σ²
+    assert calibrated.form("auto", "rayleigh", monitor="loo_capped") == "auto"  # stopping on the cap keeps it
+    assert calibrated.form("rayleigh", "rayleigh") == "rayleigh"  # a form the config names is kept
+    assert calibrated.form("auto", "corrected") == "auto"  # a dense covariance: corrected, exact
 
 
 def test_bad_calibration_configs_are_refused_naming_the_field():

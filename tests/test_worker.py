@@ -258,10 +258,11 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
                                        "sensitivity": {"covariance": "optimizer_with_last_layer"}})
     second = store.create_run("second", {**mlp, "name": "second",
                                          "sensitivity": {"form": "second_order", "max_amplification": 2}})
-    ray = store.create_run("ray", {**mlp, "name": "ray"})  # the default: rayleigh, capped at 2
-    p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))
+    ray = store.create_run("ray", {**mlp, "name": "ray"})  # uncalibrated (240 examples), auto: rayleigh, capped at 2
+    fixed = store.create_run("fixed", {**mlp, "name": "fixed", "calibration": {"scale": 2.0}})  # calibrated: auto
+    p = _cli("--db", url, "worker", "--once", "--checkpoint-dir", str(tmp_path / "ck"))  # scores in first order
     assert p.wait(timeout=300) == 0
-    runs = (ll, kf, plain, block, second, ray)
+    runs = (ll, kf, plain, block, second, ray, fixed)
     assert all(store.get_run(r.id).status == "done" for r in runs)
     assert all(e.loo == e.loo and e.loo > 0 for r in runs for e in store.evaluations(r.id))
     # the same training (same seed), a different covariance: the head's exact block changes every LOO
@@ -273,8 +274,12 @@ def test_covariance_option_refits_a_laplace_at_each_evaluation(tmp_path):
     # the default Rayleigh form sums that correction's series: higher than the first order's at every evaluation
     pairs = list(zip(store.evaluations(plain.id), store.evaluations(ray.id)))
     assert pairs and all(a.step == b.step and b.loo > a.loo for a, b in pairs)
-    # each evaluation says what share of examples the cap bound (never, for the first order)
-    assert all(a.metrics["loo_capped"] == 0.0 and 0.0 <= b.metrics["loo_capped"] <= 1.0 for a, b in pairs)
+    # each evaluation of a capped form says what share of examples the cap bound; the first order has no cap
+    assert all("loo_capped" not in a.metrics and 0.0 <= b.metrics["loo_capped"] <= 1.0 for a, b in pairs)
+    # a calibrated job's auto form is the first order: its LOO before the scale is the first-order run's
+    pairs = list(zip(store.evaluations(plain.id), store.evaluations(fixed.id)))
+    assert pairs and all(a.step == b.step and b.metrics["loo_raw"] == pytest.approx(a.loo, rel=1e-6)
+                         and "loo_capped" not in b.metrics for a, b in pairs)
     # and how much of IVON's curvature is still hess_init's (the LOO's scale follows hess_init where it is near 1)
     shares = [e.metrics["hess_init_share"] for e in store.evaluations(plain.id)]
     assert shares and all(0.0 < s <= 1.0 for s in shares)

@@ -96,6 +96,16 @@ class Calibration:
         keep[self.held] = False
         return np.flatnonzero(keep)
 
+    def form(self, form: str, default: str, monitor: str = "loo") -> str:
+        """The sensitivity form the job scores in, for the configured ``form`` and the covariance's own default.
+        "auto" where that default is Rayleigh (the optimizer's σ²) is first order while calibrated: the fitted scale
+        sets the level the Rayleigh correction would have moved, and the pass costs one first-order pass instead of
+        two (the forms' level, trend, stopping and label issues side by side: docs/calibration.md,
+        docs/label-issues.md). Early stopping on ``loo_capped`` keeps the form that has a cap."""
+        if form == "auto" and default == "rayleigh" and self.active and monitor != "loo_capped":
+            return "first_order"
+        return form
+
     def describe(self) -> str:
         """One line: what the LOO's level is calibrated on."""
         if not self.active:

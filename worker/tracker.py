@@ -27,6 +27,7 @@ import numpy as np
 from app.store import Store, ensure_current, make_engine, upgrade
 from app.store.job_config import CalibrationConfig
 from sensitivity import SensitivityResult, ivon_variance
+from sensitivity.deviations import CAPPED_FORMS
 from worker.calibration import Calibration, variance_level
 
 
@@ -73,11 +74,13 @@ class Tracker:
                        heldout_examples: int | None = None, variance=None) -> None:
         """Write the LOO estimate, train NLL and accuracy from ``result``, ``metrics``, and the per-example rows.
 
-        As the worker does, it records the share of examples whose correction hit its cap (``loo_capped``) and,
-        given an IVON ``optimizer``, how much of its curvature is still hess_init's (``hess_init_share``: near 1
-        the LOO's scale is hess_init's; the run page warns). With ``calibration`` at creation, ``heldout_nll`` (the
-        NLL of held-out examples at the same weights) calibrates the LOO's level; ``variance`` (default: the IVON
-        ``optimizer``'s σ²) sets the level frozen_variance holds."""
+        As the worker does, it records the share of examples whose correction hit its cap (``loo_capped``, for a
+        form with one) and, given an IVON ``optimizer``, how much of its curvature is still hess_init's
+        (``hess_init_share``: near 1 the LOO's scale is hess_init's; the run page warns). With ``calibration`` at
+        creation, ``heldout_nll`` (the NLL of held-out examples at the same weights) calibrates the LOO's level;
+        ``variance`` (default: the IVON ``optimizer``'s σ²) sets the level frozen_variance holds. Calibrated,
+        ``form="first_order"`` in the pass costs one first-order pass instead of the default Rayleigh form's two,
+        and the scale sets the level alike (what the worker does: docs/calibration.md)."""
         if not math.isfinite(result.loo):
             raise ValueError(f"the LOO estimate at step {step} is not finite ({result.loo})")
         own = {}
@@ -92,7 +95,9 @@ class Tracker:
             own["calibration_nll"] = float(heldout_nll)
             if heldout_examples is not None:
                 own["calibration_examples"] = float(heldout_examples)
-        own.update({"train_nll": float(result.losses.double().mean()), "loo_capped": result.capped})
+        own["train_nll"] = float(result.losses.double().mean())
+        if result.form in CAPPED_FORMS:
+            own["loo_capped"] = result.capped
         if result.logits.shape[1] > 1 and result.targets.ndim == 1:
             own["train_acc"] = float((result.logits.argmax(1) == result.targets).double().mean())
         if hasattr(optimizer, "hess_init_share"):

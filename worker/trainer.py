@@ -17,6 +17,8 @@ from app.store.job_config import diagnostics_budget, eval_steps
 from ivon_core import IVON, all_metrics, matched_beta2, predict, preserved_noise
 from sensitivity import compute_sensitivities
 from sensitivity.covariance import KFACCovariance
+from sensitivity.deviations import CAPPED_FORMS
+from sensitivity.variance import as_covariance, default_form
 from worker import distributed as D
 from worker import models
 from worker.cadence import Cadence, loo_estimate, take_all
@@ -278,11 +280,12 @@ class Trainer:
         chosen = torch.unique(torch.cat([rotation, certain])) if len(certain) else rotation
         ids = D.shard(chosen)  # under torchrun, this rank's examples
         variance = self._variance(model, opt, data)
+        form = self.cal.form(self.cfg.sensitivity.form, default_form(as_covariance(model, variance)),
+                             self.cfg.early_stopping.monitor)
 
         def score(ids):
             return compute_sensitivities(model, Rows(data.xtr, data.ytr, ids, self.cfg.sensitivity.chunk_size),
-                                         variance,
-                                         form=self.cfg.sensitivity.form, chunk_size=self.cfg.sensitivity.chunk_size,
+                                         variance, form=form, chunk_size=self.cfg.sensitivity.chunk_size,
                                          max_amplification=self.cfg.sensitivity.max_amplification)
 
         if not self._warm and not cad.full():  # the process's first pass pays one-time costs: kept out of the costs
@@ -336,8 +339,8 @@ class Trainer:
         res, cal = self._calibrate(model, data, res, lambda losses: estimate(losses)[0], metrics, variance, step,
                                    len(yte))
         metrics.update(cal)
-        # share of examples whose correction hit max_amplification: how far the LOO leans on the cap
-        metrics["loo_capped"] = res.capped
+        if res.form in CAPPED_FORMS:  # share of examples whose correction hit max_amplification
+            metrics["loo_capped"] = res.capped
         metrics["loo"], metrics["loo_se"] = estimate(res.loo_losses)
         metrics["loo_sample"] = float(len(res.indices))
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]

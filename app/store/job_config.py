@@ -122,8 +122,9 @@ class OptimizerConfig(_Strict):
 
 class SensitivityConfig(_Strict):
     form: Literal["auto", "first_order", "corrected", "second_order", "rayleigh", "diagonal"] = Field(
-        "auto", description="auto: corrected with a dense covariance, rayleigh with the optimizer's σ², first order "
-        "otherwise; second_order: the "
+        "auto", description="auto: corrected with a dense covariance, rayleigh with the optimizer's σ² (first order "
+        "while the LOO is calibrated: the scale sets the level, docs/calibration.md), first order otherwise; "
+        "second_order: the "
         "corrected form's series to two terms (two first-order passes); rayleigh: that series summed as a geometric "
         "series at ΛV's Rayleigh quotient (the same two passes; exact for K = 2 and binary losses); how each tracks "
         "the retrained LOO: docs/validation.md and python -m research.caps")
