@@ -3,18 +3,20 @@
     python bench/overhead.py [--n 20000] [--epochs 3] [--models cnn resnet20] [--digits]
 
 For each setting the same job (same seed, so the same final weights: evaluations draw no training randomness) runs
-four times through the worker's ``Trainer``:
+five times through the worker's ``Trainer``:
 - **off**: one evaluation at the end scoring a token slice: the test metrics and MC predictive a job without
   diagnostics would still compute (the baseline);
 - **default**: the budgeted cadence, slices in rotation, the sampled LOO with its standard error;
-- **full**: one evaluation at the end scoring every example, uncalibrated: the LOO and the rankings the sample
-  stands for (compared with the uncalibrated job's: calibrated, both would equal the held-out NLL);
+- **full**: one evaluation at the end scoring every example, once calibrated (first order, as the default scores)
+  and once uncalibrated (Rayleigh): the rankings each rotation stands for, and the LOO the uncalibrated sample
+  stands for (calibrated, a sampled and a full pass would both equal the held-out NLL);
 - **uncalibrated**: the default without the calibration split and fit (``calibration.source: none``): what the
   calibration adds (its held-out NLL and the fit at each evaluation, and 5% fewer examples trained on).
-It prints wall time ratios (default / off), the evaluations made, the share of examples scored and the coverage
-period in epochs, the final LOO's standard error relative to it, the distance of the sampled LOO from the full
-pass in standard errors, and Spearman between the rotation's rankings (each example's latest score) and the full
-pass's, over the examples the rotation scored. The data: CIFAR-shaped synthetic images (3×32×32, 10 classes, a
+It prints wall time ratios (default / off), then for the default and the uncalibrated job the evaluations made,
+the share of examples scored and the coverage period in epochs, Spearman between the rotation's rankings (each
+example's latest score) and the full pass's over the examples the rotation scored, and for the uncalibrated job the
+final LOO's standard error relative to it and the distance of the sampled LOO from the full pass in standard
+errors. The data: CIFAR-shaped synthetic images (3×32×32, 10 classes, a
 class pattern under noise, 5% flipped labels), written to a temporary npz.
 """
 
@@ -65,42 +67,52 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
 
 
-def setting(label: str, job: dict, root: Path, spe: int, rounds: int) -> None:
-    total = job["epochs"] * spe
-    off = {**job, "eval_every": total, "diagnostics": {"budget": 1e-9}}
-    uncalibrated = {**job, "calibration": {"source": "none"}}  # the default cadence without the calibration
-    # the sample's fidelity is read uncalibrated: calibrated, a sampled and a full pass both equal the held-out NLL
-    full = {**uncalibrated, "eval_every": total}
-    _, fstore, fid = run_job(full, root, f"{label}-full")  # also the warm-up (imports, threads, caches)
-    times = {"off": [], "default": [], "uncalibrated": []}
-    jobs = {"off": off, "default": job, "uncalibrated": uncalibrated}
-    for r in range(rounds):  # rotating, so that drift on the machine falls on each
-        kinds = ("off", "default", "uncalibrated")
-        for kind in kinds[r % 3:] + kinds[:r % 3]:
-            t, store, rid = run_job(jobs[kind], root, f"{label}-{kind}-{r}")
-            times[kind].append(t)
-            if kind == "uncalibrated":
-                evs = store.evaluations(rid)
-                table = store.examples_table(rid, evs[-1].step)
-    t_off, t_def, t_unc = (statistics.median(times[k]) for k in ("off", "default", "uncalibrated"))
-    last, truth = evs[-1], fstore.evaluations(fid)[-1]
-    ftable = fstore.examples_table(fid, truth.step)
+def _sampling(evs, table, full_store, full_id, epochs: int, with_se: bool) -> str:
+    """The rotation against a full pass in the same form: share scored, coverage period, Spearman of the latest
+    scores; with ``with_se`` the final sampled LOO's standard error and its distance from the full pass's LOO."""
+    last, truth = evs[-1], full_store.evaluations(full_id)[-1]
+    ftable = full_store.examples_table(full_id, truth.step)
     n = len(ftable["idx"])
     scored = sum(e.metrics["loo_sample"] for e in evs)
-    epochs = job["epochs"]
     period = n / (scored / epochs) if scored else float("inf")
     mine = dict(zip(table["idx"], table["score"]))
     ref = dict(zip(ftable["idx"], ftable["score"]))
     common = [i for i in mine if mine[i] is not None and ref.get(i) is not None]
     rho = spearman(np.array([mine[i] for i in common]), np.array([ref[i] for i in common]))
-    se = last.metrics["loo_se"]
+    text = (f"{len(evs)} evaluations; {len(table['idx'])}/{n} examples scored ({len(table['idx']) / n:.1%}), "
+            f"coverage period {period:.1f} epochs; ")
+    if with_se:
+        se = last.metrics["loo_se"]
+        text += (f"final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass {truth.loo:.4f}: "
+                 f"{abs(last.loo - truth.loo) / se if se else float('nan'):.2f} SE apart; ")
+    return text + f"Spearman of the rotation's latest scores with the full pass over the {len(common)} scored: " \
+                  f"{rho:.3f}"
+
+
+def setting(label: str, job: dict, root: Path, spe: int, rounds: int) -> None:
+    total = job["epochs"] * spe
+    off = {**job, "eval_every": total, "diagnostics": {"budget": 1e-9}}
+    uncalibrated = {**job, "calibration": {"source": "none"}}  # the default cadence without the calibration
+    # each job's rotation against a full pass of its own form (calibrated: first order; uncalibrated: Rayleigh);
+    # the sample's level is read uncalibrated: calibrated, a sampled and a full pass both equal the held-out NLL
+    _, ustore, uid = run_job({**uncalibrated, "eval_every": total}, root, f"{label}-full")  # also the warm-up
+    _, dstore, did = run_job({**job, "eval_every": total}, root, f"{label}-full-default")
+    times = {"off": [], "default": [], "uncalibrated": []}
+    jobs = {"off": off, "default": job, "uncalibrated": uncalibrated}
+    seen = {}
+    for r in range(rounds):  # rotating, so that drift on the machine falls on each
+        kinds = ("off", "default", "uncalibrated")
+        for kind in kinds[r % 3:] + kinds[:r % 3]:
+            t, store, rid = run_job(jobs[kind], root, f"{label}-{kind}-{r}")
+            times[kind].append(t)
+            if kind != "off":
+                evs = store.evaluations(rid)
+                seen[kind] = (evs, store.examples_table(rid, evs[-1].step))
+    t_off, t_def, t_unc = (statistics.median(times[k]) for k in ("off", "default", "uncalibrated"))
     print(f"{label}: default/off wall {t_def / t_off:.3f}x (medians of {rounds}: {t_def:.1f} s vs {t_off:.1f} s); "
-          f"{len(evs)} evaluations; "
-          f"{len(table['idx'])}/{n} examples scored ({len(table['idx']) / n:.1%}), coverage period "
-          f"{period:.1f} epochs; final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass "
-          f"{truth.loo:.4f}: {abs(last.loo - truth.loo) / se if se else float('nan'):.2f} SE apart; Spearman of the "
-          f"rotation's latest scores with the full pass over the {len(common)} scored: {rho:.3f}; default / the "
-          f"same without calibration (calibration.source none) {t_def / t_unc:.3f}x")
+          f"default / the same without calibration (calibration.source none) {t_def / t_unc:.3f}x")
+    print(f"   default (calibrated, first order): {_sampling(*seen['default'], dstore, did, job['epochs'], False)}")
+    print(f"   uncalibrated (Rayleigh): {_sampling(*seen['uncalibrated'], ustore, uid, job['epochs'], True)}")
 
 
 def main(argv: list[str] | None = None) -> int:
