@@ -49,6 +49,29 @@ def _images(n):
                               (1, 8, 8), torch.zeros(n), torch.zeros(n, dtype=torch.bool))))
 
 
+def test_the_quality_chart_names_the_capped_share_only_once_a_form_with_a_cap_reports_it(server):
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("calibrated", {}, enqueue=False)
+    store.add_examples(run.id, range(5), labels=[0] * 5, flipped=[False] * 5, thumbnails=_images(5))
+    metrics = {"train_nll": 0.5, "test_nll": 0.6, "test_accuracy": 0.9, "test_ece": 0.05, "hess_init_share": 0.2}
+    store.write_evaluation(run.id, 10, loo=0.7, metrics=metrics, idx=np.arange(5), scores=np.ones(5),
+                           loo_losses=np.ones(5), prob_label=np.ones(5) / 2)  # first order: no loo_capped
+    errors = []
+    with sync_playwright() as p:
+        browser, page = _open(p, errors)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#quality .gtitle")
+        assert page.eval_on_selector("#quality .gtitle", "e => e.textContent") == "accuracy, ECE, hess_init's share"
+        store.write_evaluation(run.id, 20, loo=0.7, metrics={**metrics, "loo_capped": 0.1}, idx=np.arange(5),
+                               scores=np.ones(5), loo_losses=np.ones(5), prob_label=np.ones(5) / 2)
+        page.wait_for_function("document.body.dataset.lastStep === '20'", timeout=15000)
+        page.wait_for_function("document.querySelector('#quality .gtitle').textContent.includes('capped')")
+        browser.close()
+    assert errors == []
+
+
 def test_run_page_draws_updates_live_and_escapes(server):
     from playwright.sync_api import sync_playwright
 
@@ -73,7 +96,8 @@ def test_run_page_draws_updates_live_and_escapes(server):
         assert page.eval_on_selector_all("#most .ex", "els => els.length") == 24
         # every chart says what it shows (plotly.js ignores string titles: a placeholder used to show instead)
         titles = page.eval_on_selector_all(".gtitle", "els => els.map(e => e.textContent)")
-        assert {"NLL: training, test and the LOO estimate", "click an example below for its history"} <= set(titles)
+        assert {"NLL: training, test and the LOO estimate", "click an example below for its history",
+                "accuracy, ECE, the LOO's capped share, hess_init's share"} <= set(titles)
         assert "Click to enter" not in page.inner_text("body")
         assert "step" in page.eval_on_selector_all("#loss .xtitle", "els => els.map(e => e.textContent)")
         assert page.eval_on_selector_all("#most .ex.flip", "els => els.length") > 0
