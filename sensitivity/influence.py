@@ -90,7 +90,8 @@ def influence(model: nn.Module, queries: Tensor, train_data, variance, loss: str
     ``fp32_precision``: the math of the float32 queries × gradients product on the CPU (torch's
     ``torch.backends.mkldnn.matmul.fp32_precision``): "bf16" lets oneDNN use the CPU's bfloat16 units where it has
     them (faster; its error against strict float32: bench/influence.py), "ieee" keeps strict float32. Other
-    dtypes and devices are unaffected.
+    dtypes and devices are unaffected. The setting is torch's, process-wide, for the product's duration: pass
+    "ieee" where other threads compute float32 products meanwhile.
     """
     if fp32_precision not in ("bf16", "ieee"):
         raise ValueError(f"fp32_precision must be 'bf16' or 'ieee', not {fp32_precision!r}")
