@@ -173,6 +173,14 @@ def test_the_summary_says_what_the_level_is_calibrated_on():
     assert not ok["warning"] and "within ±25%" in ok["line"]
     refit = calibration_summary({"calibration": {"mode": "refit"}}, {**m, "calibration_fit": 2.0})
     assert "refitted at every evaluation" in refit["line"] and refit["drift"] is None and not refit["warning"]
+    assert refit["reached"]  # a run from before calibration_reached: not known to have failed
+    low = calibration_summary({"calibration": {"mode": "refit"}},
+                              {**m, "calibration_fit": 1e-6, "calibration_scale": 1e-6, "calibration_reached": 0.0})
+    assert low["warning"] and low["reached"] is False and "could not reach the held-out NLL 0.41" in low["line"]
+    assert "training loss at the mean already exceeds" in low["line"] and "its mean is" not in low["line"]
+    high = calibration_summary({"calibration": {"mode": "refit"}},
+                               {**m, "calibration_fit": 1e6, "calibration_scale": 1e6, "calibration_reached": 0.0})
+    assert "even at the largest scale" in high["line"]
     tiny = calibration_summary({"calibration": {"mode": "refit"}}, {**m, "calibration_nll_se": 0.2,
                                                                     "calibration_examples": 71})
     assert tiny["warning"] and "With 71 held-out examples the level itself is uncertain by ±49%" in tiny["line"]

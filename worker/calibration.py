@@ -133,6 +133,7 @@ class Calibration:
         else:
             fit, reached = fit_scale(res, target, estimate)
             metrics["calibration_fit"] = fit
+            metrics["calibration_reached"] = float(reached)  # 0: no scale makes the LOO the held-out NLL
             if self.cfg.mode == "refit" or not (self.fits or reached):
                 alpha = fit  # nothing to freeze yet: early on the training loss itself can exceed the held-out NLL
             else:

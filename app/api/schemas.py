@@ -77,7 +77,11 @@ class CalibrationOut(BaseModel):
     fit: float | None = Field(description="the scale that would match the held-out NLL now")
     fitted_step: int | None = Field(description="frozen modes: the last step the scale was fitted at")
     drift: float | None = Field(description="fit / scale: how far the frozen scale is from matching now")
-    warning: bool = Field(description="drift beyond ±25%: the frozen LOO no longer predicts the held-out level")
+    warning: bool = Field(description="drift beyond ±25%, a held-out NLL too uncertain, or a fit that could not "
+                          "reach the held-out NLL: the line says which")
+    reached: bool | None = Field(None, description="whether a scale made the LOO equal the held-out NLL at this "
+                                 "evaluation (None: uncalibrated, a fixed scale, or a run from before this was "
+                                 "recorded)")
     loo_raw: float | None = Field(description="the LOO at σ² as trained (uncalibrated)")
     line: str = Field(description="the calibration in one sentence, as the run page shows it")
 

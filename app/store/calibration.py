@@ -25,7 +25,7 @@ def calibration_summary(config: dict | None, metrics: dict | None, n_examples: i
            "heldout_nll": m.get("calibration_nll"), "heldout_nll_se": m.get("calibration_nll_se"),
            "scale": m.get("calibration_scale"), "fit": m.get("calibration_fit"),
            "fitted_step": int(m["calibration_step"]) if "calibration_step" in m else None,
-           "loo_raw": m.get("loo_raw"), "drift": None, "warning": False}
+           "loo_raw": m.get("loo_raw"), "drift": None, "warning": False, "reached": None}
     if cfg.scale is not None and out["calibrated"]:
         out.update(source="fixed", mode="fixed")
         out["line"] = (f"LOO calibrated by a fixed scale {cfg.scale:.3g} on σ² (calibration.scale, e.g. another "
@@ -48,6 +48,17 @@ def calibration_summary(config: dict | None, metrics: dict | None, n_examples: i
     share = (out["heldout_nll_se"] or 0.0) / out["heldout_nll"] if out["heldout_nll"] else 0.0
     small = (f" With {out['examples']:,} held-out examples the level itself is uncertain by ±{share:.0%}: raise "
              "calibration.fraction or max_examples." if share > DRIFT_WARN - 1 else "")
+    out["reached"] = m.get("calibration_reached") != 0.0  # absent (older runs): not known to have failed
+    if cfg.mode == "refit" and not out["reached"]:
+        out["warning"] = True
+        low = (out["fit"] or 0.0) < 1.0
+        why = ("even at the smallest scale the LOO is above it: the training loss at the mean already exceeds the "
+               "held-out NLL (early in training, or a model that has not fit its labels yet), so the LOO reads about "
+               "the training loss and the per-example scores are near zero at this evaluation" if low else
+               "even at the largest scale the LOO stays below it")
+        out["line"] = (f"LOO calibration on {held} could not reach the {nll}: {why}; the scale in use is "
+                       f"{out['scale']:.3g} (docs/calibration.md).{small}")
+        return out
     if cfg.mode == "refit" or out["fit"] is None:
         out["warning"] = bool(small)
         out["line"] = (f"LOO calibrated on {held} ({nll}), its scale on σ² ({out['scale']:.3g}) refitted at every "
