@@ -267,6 +267,26 @@ def test_an_evaluation_of_a_slice_carries_every_other_examples_last_record(store
     assert store.examples_table(run.id, 40)["idx"] == [1]
 
 
+def test_carried_scores_follow_the_calibration_scale_when_they_are_proportional_to_it(store):
+    """A calibrated first-order run: each evaluation's scores are at its own refitted scale; the examples it carries
+    are brought to that scale, so the ranking compares every example at one scale (their own history is untouched)."""
+    run = store.create_run("scaled", enqueue=False)
+    for step, idx, alpha in ((10, [0, 1], 2.0), (20, [2], 4.0), (30, [3], 1.0)):
+        raw = np.array(idx, float) + 1.0  # the score at scale 1
+        store.write_evaluation(run.id, step, loo=0.5, metrics={"calibration_scale": alpha}, idx=np.array(idx),
+                               scores=raw * alpha, loo_losses=np.ones(len(idx)), prob_label=None, carry=True,
+                               scores_scale=True)
+    table = store.examples_table(run.id, 30)
+    assert dict(zip(table["idx"], table["score"])) == pytest.approx({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0})
+    assert [r.idx for r in store.examples_at(run.id, k=4)[1]] == [3, 2, 1, 0]  # the order at scale 1
+    assert [h.score for h in store.example_history(run.id, 1)] == [4.0]  # as scored, at step 10's scale
+    # a scale missing on either side (an uncalibrated evaluation): carried as they were
+    store.write_evaluation(run.id, 40, loo=0.5, metrics={}, idx=np.array([4]), scores=np.array([9.0]),
+                           loo_losses=np.ones(1), prob_label=None, carry=True, scores_scale=True)
+    table = store.examples_table(run.id, 40)
+    assert dict(zip(table["idx"], table["score"]))[0] == pytest.approx(1.0)
+
+
 def test_examples_are_inserted_a_batch_at_a_time_from_a_lazy_sequence(store):
     """A worker's thumbnails are made as the store reads them (worker.data.Thumbnails): the store reads them in
     order, a batch at a time, and keeps every one."""

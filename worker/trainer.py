@@ -352,6 +352,7 @@ class Trainer:
                                     scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
                                     prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
                                     epoch=step / spe, wall_time=time.perf_counter() - t, carry=not cad.full(),
+                                    scores_scale=res.form == "first_order" and self.cal.active,
                                     class_probs=None if res.loo_probs is None else res.loo_class_probs().numpy())
         if self.cfg.sensitivity.keep_states:  # for influence queries at this step
             self.checkpoints.save_evaluation(step, self._posterior(model, opt, data, step),

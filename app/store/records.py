@@ -66,9 +66,10 @@ def running_mean(idx: np.ndarray, loo: np.ndarray, prev: np.ndarray | None) -> t
 
 
 def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None, step: int = UNKNOWN,
-          carry: bool = False) -> np.ndarray:
+          carry: bool = False, carry_factor: float = 1.0) -> np.ndarray:
     """The records of one evaluation (unranked), validated. ``carry``: the evaluation scored a slice; every example
-    of ``prev`` it did not score keeps its last record (``scored`` says from when)."""
+    of ``prev`` it did not score keeps its last record (``scored`` says from when), its score times
+    ``carry_factor``."""
     n = len(idx)
     rec = np.zeros(n, dtype=RECORD)
     rec["idx"] = np.asarray(idx, dtype=np.int64)
@@ -84,6 +85,7 @@ def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None, step: in
     rec["scored"] = step
     if carry and prev is not None and len(prev):
         rec = np.concatenate([rec, prev[~np.isin(prev["idx"], rec["idx"])]])
+        rec["score"][n:] *= carry_factor
     return rec
 
 

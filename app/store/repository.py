@@ -8,6 +8,7 @@ rank after every finite score.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -171,7 +172,8 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
                          idx: np.ndarray | None = None, scores: np.ndarray | None = None,
                          loo_losses: np.ndarray | None = None, prob_label: np.ndarray | None = None,
                          epoch: float | None = None, wall_time: float | None = None,
-                         class_probs: np.ndarray | None = None, carry: bool = False) -> Evaluation:
+                         class_probs: np.ndarray | None = None, carry: bool = False,
+                         scores_scale: bool = False) -> Evaluation:
         """Write one evaluation, its metric points and its per-example rows in one transaction.
 
         Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step). Each
@@ -179,14 +181,17 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
         out of order does not update the means of evaluations after it. ``class_probs`` (examples × classes, rows
         in ``idx`` order) replaces the run's stored LOO class probabilities (``ClassProbabilities``). ``carry``: the
         evaluation scored a slice of the examples; the others keep their last records (``records``, layout 3).
+        ``scores_scale``: the scores are proportional to the metric ``calibration_scale`` (the first-order form's):
+        carried scores are brought to this evaluation's scale, so rankings compare every example at one scale.
         """
         clean = {k: finite(v) for k, v in metrics.items()}
         n = 0 if idx is None else len(idx)
         with self.session(write=True) as s, s.begin():
             if s.get(Run, run_id) is None:
                 raise NotFound(f"run {run_id} not found")
+            factor = _scale_since(s, run_id, step, clean.get("calibration_scale")) if carry and scores_scale else 1.0
             recs = build(idx, scores, loo_losses, prob_label, _previous_records(s, run_id, step), step,
-                         carry) if n else None
+                         carry, factor) if n else None
             chunks = chunks_of(run_id, step, recs) if n else []
             n = 0 if recs is None else len(recs)
             s.execute(delete(Evaluation).where(Evaluation.run_id == run_id, Evaluation.step == step))
@@ -235,6 +240,17 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
     def latest_step(self, run_id: int) -> int | None:
         with self.session() as s:
             return s.scalar(select(func.max(Evaluation.step)).where(Evaluation.run_id == run_id))
+
+
+def _scale_since(s: Session, run_id: int, step: int, scale: float | None) -> float:
+    """``scale`` over the calibration scale of the run's last evaluation before ``step`` (1 where either is
+    missing): what carried scores, read at that scale, are multiplied by."""
+    before = s.scalar(select(Evaluation.metrics).where(Evaluation.run_id == run_id, Evaluation.step < step)
+                      .order_by(Evaluation.step.desc()).limit(1))
+    old = (before or {}).get("calibration_scale")
+    if not (scale and old and math.isfinite(scale) and math.isfinite(old) and scale > 0 and old > 0):
+        return 1.0
+    return scale / old
 
 
 def _previous_records(s: Session, run_id: int, step: int) -> np.ndarray | None:
