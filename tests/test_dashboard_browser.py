@@ -314,6 +314,30 @@ def test_a_run_page_before_its_first_evaluation_asks_nothing_it_cannot_have_then
     assert failed == [] and errors == []
 
 
+def test_a_run_without_stored_examples_asks_once_per_page_whether_it_has_thumbnails(server):
+    """Before: a run whose scored examples were never stored (a Tracker run without ``add_examples``) asked one
+    example's detail, and got a 404, at every refresh of its galleries."""
+    from playwright.sync_api import sync_playwright
+
+    base, store = server
+    run = store.create_run("tracked", {}, enqueue=False)
+    _write(store, run.id, 10)
+    errors, failed = [], []
+    with sync_playwright() as pw:
+        browser, page = _open(pw, errors)
+        page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#most .ex")
+        for step in (20, 30):  # live evaluations refresh the galleries
+            _write(store, run.id, step)
+            page.wait_for_function(f"document.body.dataset.lastStep === '{step}'", timeout=15000)
+            page.wait_for_selector("#most .ex")
+        assert "y=–" in page.inner_text("#most")
+        assert page.eval_on_selector_all("#most .ex img", "els => els.length") == 0
+        browser.close()
+    assert len(failed) == 1 and failed[0].endswith("/detail"), failed
+
+
 def test_read_protection_covers_every_route_and_the_dashboard_works_behind_it(tmp_path):
     """Before: /metrics, /docs, /redoc and /openapi.json stayed open, and the page's fetch and EventSource calls
     carried no token, so a protected dashboard could not work in a browser."""
