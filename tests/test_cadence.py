@@ -22,6 +22,7 @@ def test_every_prefix_of_a_stratified_permutation_holds_the_classes_in_proportio
 def test_the_rotation_scores_every_example_once_per_cycle_and_never_twice_in_one_evaluation():
     labels = np.random.default_rng(1).integers(0, 4, size=103)
     cad = Cadence(labels, budget=0.1, every=None, steps_per_epoch=10)
+    cad.trained(1.0, 10)  # past the first epoch (its slices are scored again: the next test)
     seen = []
     for _ in range(12):  # 12 slices of 25 across three cycle boundaries (103 is not a multiple of 25)
         part = cad.take(25)
@@ -33,6 +34,28 @@ def test_the_rotation_scores_every_example_once_per_cycle_and_never_twice_in_one
     assert cad.cycles == 3
     counts = np.bincount(flat, minlength=103)
     assert counts.min() >= 2 and counts.max() <= 3  # 300 scorings over 103 examples, spread evenly
+
+
+def test_the_slices_of_the_first_epoch_are_scored_again_first_once_it_is_over():
+    labels = np.random.default_rng(3).integers(0, 3, size=200)
+    cad = Cadence(labels, budget=0.1, every=None, steps_per_epoch=10)
+    cad.trained(0.5, 3)
+    early = [cad.take(30), cad.take(30)]  # two evaluations within the first epoch: different examples
+    assert not set(early[0].tolist()) & set(early[1].tolist())
+    cad.trained(1.0, 7)
+    state = cad.state_dict()
+    again = cad.take(80)
+    assert set(np.concatenate(early).tolist()) <= set(again.tolist())  # the first epoch's 60 first, then 20 more
+    assert not set(cad.take(60).tolist()) & set(again.tolist())  # and on from there, once
+    resumed = Cadence(labels, budget=0.1, every=None, steps_per_epoch=10)
+    resumed.load_state_dict(state)  # a resume just before it restarts the same way
+    np.testing.assert_array_equal(resumed.take(80), again)
+    old = {k: v for k, v in state.items() if k != "restarted"}
+    old["steps_trained"] = 25
+    legacy = Cadence(labels, budget=0.1, every=None, steps_per_epoch=10)
+    legacy.load_state_dict(old)  # a checkpoint from before the restart existed, past the first epoch: no restart
+    legacy.take(10)
+    assert legacy.pos == state["pos"] + 10
 
 
 def test_a_full_pass_has_no_sampling_error_and_the_stratified_error_matches_repeated_sampling():

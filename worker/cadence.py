@@ -8,7 +8,8 @@ cannot score all of them at every evaluation and stay near the cost of training.
   evaluates: a job's final results);
 - scores a slice of a stratified random permutation of the examples at each evaluation (a *rotation*: every example
   once per cycle), so the slice is a stratified random sample whose mean LOO loss estimates the whole set's with a
-  standard error (``loo_estimate``), and running means over evaluations see every example;
+  standard error (``loo_estimate``), and running means over evaluations see every example; the first evaluation after the
+  first epoch starts the cycle again, so the slices scored while the model was barely trained are scored again first;
 - sizes the slice to the larger of what brings the standard error to ``se_target`` of the estimate and what
   completes a cycle every ``coverage_epochs`` epochs at the affordable cadence, but no larger than what still allows
   one evaluation every ``MAX_GAP_EPOCHS`` epochs.
@@ -143,6 +144,7 @@ class Cadence:
         self.test_ids = np.sort(stratified_permutation(test_labels, np.random.default_rng(seed + 1))[:test_sample])
         self.order = np.zeros(0, np.int64)  # this cycle's permutation, ``pos`` of it scored
         self.pos, self.cycles = 0, 0
+        self.restarted = False  # whether the cycle has started again after the first epoch (``take``)
         self.train_s = 0.0  # training seconds so far (this process and before a resume)
         self.spent_s = 0.0  # evaluation seconds so far
         self.per_example = None  # seconds per scored example (running average)
@@ -187,6 +189,10 @@ class Cadence:
         k = self.next_size if k is None else k
         if self.full() or k >= self.n:
             return np.arange(self.n)
+        if not self.restarted and self.steps_trained >= self.spe:
+            # the slices scored during the first epoch scored a model that has changed most since (the pilot's
+            # scores barely rank like the final ones, bench/overhead.py): the cycle starts again from them
+            self.restarted, self.pos = True, 0
         out = self.order[self.pos : self.pos + k]
         self.pos += len(out)
         if len(out) < k:  # the cycle ends: a new permutation, the just-taken ones moved to its end
@@ -253,7 +259,8 @@ class Cadence:
         return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "pos": self.pos,
                 "cycles": self.cycles, "train_s": self.train_s, "spent_s": self.spent_s,
                 "per_example": self.per_example, "fixed": self.fixed, "cv": self.cv,
-                "steps_trained": self.steps_trained, "next_step": self.next_step, "next_size": self.next_size}
+                "steps_trained": self.steps_trained, "next_step": self.next_step, "next_size": self.next_size,
+                "restarted": self.restarted}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
@@ -261,6 +268,7 @@ class Cadence:
                     "next_size"):
             setattr(self, key, state[key])
         self.order = np.asarray(state["order"], dtype=np.int64)
+        self.restarted = state.get("restarted", self.steps_trained >= self.spe)  # older checkpoints: past it
 
 
 def _sample_for(cv_over_target: float, n: int) -> float:
