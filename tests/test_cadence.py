@@ -118,6 +118,33 @@ def test_the_plan_keeps_the_evaluations_within_the_budget():
     assert evaluations >= 4 and scored >= 4 * FLOOR
 
 
+def test_no_evaluation_is_planned_that_would_leave_the_last_one_without_its_slice():
+    """Before: a 3-epoch job evaluated at epoch 2.5 with nearly all the credit and its last evaluation (the run's
+    result) scored 64 examples (bench/overhead.py): a stale ranking and a wide standard error at the end."""
+    labels = np.random.default_rng(5).integers(0, 10, 20000)
+
+    def simulate(total):
+        cad = Cadence(labels, budget=0.15, every=None, steps_per_epoch=300, total_steps=total)
+        step, sizes = 0, []
+        while step < total:
+            step += 1
+            cad.trained(0.01)
+            if cad.needs_plan(step):
+                cad.apply(cad.plan(step))
+            if cad.due(step, step == total):
+                k = len(cad.take(cad.last_size() if step == total else None))
+                sizes.append((step, k))
+                cad.evaluated(0.002 * k, 0.2, k, estimate=0.5, se=0.05)
+                cad.apply(cad.plan(step))
+        return cad, sizes
+
+    cad, sizes = simulate(9000)  # without total_steps: (8866, 350), then (9000, 64)
+    step, last = sizes[-1]
+    assert step == 9000 and last >= 0.9 * max(k for _, k in sizes[1:])  # the last slice as large as any
+    assert len(sizes) >= 10  # and evaluations along the way
+    assert cad.spent_s <= 0.15 * 90.0 + 0.2 + 0.002 * cad.next_size + 1e-9  # within the budget
+
+
 def test_a_fixed_cadence_scores_everything_without_a_budget_and_what_the_budget_pays_with_one():
     labels = np.arange(1000) % 5
     full = Cadence(labels, budget=None, every=7, steps_per_epoch=100)

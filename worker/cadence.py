@@ -5,7 +5,8 @@ cannot score all of them at every evaluation and stay near the cost of training.
 
 - keeps a credit of ``budget`` × the training time so far, spends it on evaluations (scoring, test metrics,
   checkpoint) and plans the next evaluation for the step where the credit pays for it (the last step always
-  evaluates: a job's final results);
+  evaluates: a job's final results; an evaluation after which the credit left at the end would not pay for the last
+  one's slice is not made, so the last scores a full slice, freshly);
 - scores a slice of a stratified random permutation of the examples at each evaluation (a *rotation*: every example
   once per cycle), so the slice is a stratified random sample whose mean LOO loss estimates the whole set's with a
   standard error (``loo_estimate``), and running means over evaluations see every example; the first evaluation after the
@@ -124,18 +125,19 @@ class Cadence:
     evaluations' share of the training time (None: every example at every evaluation, at ``every`` steps);
     ``every``: a fixed cadence in steps (None: the budget decides); ``steps_per_epoch``: for coverage and the
     gap cap; ``test_labels`` and ``test_sample``: the test set's labels and the size of its fixed subset (``test_ids``)
-    that the evaluations before the last measure.
+    that the evaluations before the last measure; ``total_steps``: the job's last step, so that an evaluation that
+    would starve the last one of its slice is not planned.
     """
 
     def __init__(self, labels: np.ndarray, budget: float | None, every: int | None, steps_per_epoch: int,
                  se_target: float = 0.02, coverage_epochs: float = 5.0, seed: int = 0,
-                 test_labels: np.ndarray | None = None, test_sample: int = 1000):
+                 test_labels: np.ndarray | None = None, test_sample: int = 1000, total_steps: int | None = None):
         if budget is None and every is None:
             raise ValueError("a cadence needs a budget or a fixed eval_every")
         self.labels = np.asarray(labels)
         self.n = len(self.labels)
         self.population = np.bincount(self.labels) if self.n else np.zeros(0, np.int64)
-        self.budget, self.every, self.spe = budget, every, max(1, steps_per_epoch)
+        self.budget, self.every, self.spe, self.total = budget, every, max(1, steps_per_epoch), total_steps
         self.se_target, self.coverage_epochs = se_target, coverage_epochs
         self.rng = np.random.default_rng(seed)
         test_labels = np.zeros(0, np.int64) if test_labels is None else np.asarray(test_labels)
@@ -222,7 +224,14 @@ class Cadence:
         per_step = self.train_s / max(self.steps_trained, 1)
         cost = self.cost(size)  # credit saved up pays at most half of it: evaluations do not bunch up
         need = max(cost - (self.budget * self.train_s - self.spent_s), cost / 2)
-        return {"step": step + max(1, math.ceil(need / max(self.budget * per_step, 1e-12))), "size": size}
+        nxt = step + max(1, math.ceil(need / max(self.budget * per_step, 1e-12)))
+        if self.total is not None and nxt < self.total and self.per_example is not None:
+            # the last evaluation (due whatever the credit) is the run's result: where the credit left at the end
+            # would not pay for its slice after this one, this one is skipped and the last has it all
+            left = self.budget * (self.train_s + per_step * (self.total - step)) - self.spent_s - cost
+            if left < self.cost(size):
+                nxt = self.total
+        return {"step": nxt, "size": size}
 
     def apply(self, plan: dict) -> None:
         self.next_step, self.next_size = int(plan["step"]), int(plan["size"])

@@ -140,7 +140,7 @@ class Trainer:
         d = cfg.diagnostics
         cad = Cadence(data.ytr[pool].cpu().numpy(), diagnostics_budget(cfg), eval_steps(cfg.eval_every, spe), spe,
                       d.se_target, d.coverage_epochs, seed=cfg.seed + 3, test_labels=data.yte.cpu().numpy(),
-                      test_sample=d.test_sample)
+                      test_sample=d.test_sample, total_steps=total)
         seen = torch.full((data.n,), float("nan"), device=data.ytr.device)
         step, perm = 0, None
         if self.checkpoints.has_resume():
