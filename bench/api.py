@@ -3,7 +3,10 @@
 1. p50/p99 latency of read endpoints under 50 concurrent clients on loopback while a worker process adds
    evaluations (goal: p99 <= 100 ms, no errors), for dashboards polling one run and for a mix with random
    examples, each without and with the API's read cache; the clients are wrk's (``bench/api_load.lua``, when wrk is
-   installed) and Python's (httpx): on a small machine the Python clients take CPU the server would have had;
+   installed) and Python's (httpx): on a small machine the Python clients take CPU the server would have had.
+   Those clients send their next request as soon as an answer arrives (a closed loop without think time: a
+   saturation test, whose latency is the queue, clients / throughput); a last line has 50 wrk clients each waiting
+   ``POLL_MS`` between an answer and its next request, as dashboards and scripts that poll do;
 2. time until the run page has drawn 5 curves of 10k points each in headless Chromium (goal: <= 1.5 s).
 
     python bench/api.py [--seconds 20] [--db sqlite:///...]
@@ -112,6 +115,7 @@ def writer(db: str, run_id: int, n: int) -> None:
 
 
 WARMUP_SECONDS = 3.0
+POLL_MS = 250  # a polling client's wait between a response and its next request: 50 of them offer <= 200 req/s
 
 
 def served_within(base: str, seconds: float = 0.1) -> tuple[float, float]:
@@ -131,11 +135,14 @@ def served_within(base: str, seconds: float = 0.1) -> tuple[float, float]:
     return within, total
 
 
-def load_wrk(base: str, run_id: int, n: int, mix: str, clients: int, seconds: float) -> tuple[float, float, int, int]:
+def load_wrk(base: str, run_id: int, n: int, mix: str, clients: int, seconds: float,
+             think_ms: int = 0) -> tuple[float, float, int, int]:
     """(p50 ms, p99 ms, requests, errors) by wrk (C, one thread, ``clients`` connections each a closed loop: the same
-    clients as ``load``'s without the Python clients' CPU, which on a small machine is taken from the server)."""
+    clients as ``load``'s without the Python clients' CPU, which on a small machine is taken from the server);
+    ``think_ms``: each connection waits that long between a response and its next request."""
     out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(int(seconds), 1)}s", "--timeout", "10s", "-s",
-                          str(Path(__file__).with_name("api_load.lua")), base, "--", str(run_id), str(n), mix],
+                          str(Path(__file__).with_name("api_load.lua")), base, "--", str(run_id), str(n), mix,
+                          str(think_ms)],
                          capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("wrk-result "))
     count, socket_errors, status_errors, p50, p99 = line.split()[1:]
@@ -146,9 +153,10 @@ def load_wrk(base: str, run_id: int, n: int, mix: str, clients: int, seconds: fl
 
 
 def measure(db: str, run_id: int, n: int, mix: str, seconds: float, cache_seconds: float,
-            client: str, workers: int = 1) -> tuple[float, float, int, int, float]:
+            client: str, workers: int = 1, think_ms: int = 0) -> tuple[float, float, int, int, float]:
     """(p50 ms, p99 ms, requests, errors, share the server answered within 100 ms) of 50 clients of ``client``
-    ("wrk" or "python") for ``mix`` ("hot" or "mixed") against a fresh server."""
+    ("wrk" or "python") for ``mix`` ("hot" or "mixed") against a fresh server; ``think_ms`` (wrk only): each
+    client's wait between a response and its next request."""
     port = free_port()
     proc = start_server(db, port, cache_seconds, workers=workers)
     base = f"http://127.0.0.1:{port}"
@@ -156,7 +164,7 @@ def measure(db: str, run_id: int, n: int, mix: str, seconds: float, cache_second
 
     def run(secs: float) -> tuple[float, float, int, int]:
         if client == "wrk":
-            return load_wrk(base, run_id, n, mix, 50, secs)
+            return load_wrk(base, run_id, n, mix, 50, secs, think_ms)
         lat, errors = asyncio.run(load(base, pick, 50, secs))
         q = statistics.quantiles(sorted(x * 1e3 for x in lat), n=100)
         return q[49], q[98], len(lat), errors
@@ -233,6 +241,12 @@ def main() -> None:
                           f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors}  "
                           f"server-side within 100 ms {served:6.2%}")
                 print(f"   {label:40s} {client:6s} p99 ratio no cache / default: {base[1] / cached[1]:.1f}x")
+        if clients[0] == "wrk":  # dashboards and scripts that wait between requests, instead of a saturating loop
+            p50, p99, count, errors, served = measure(db, run.id, n, "mixed", args.seconds, 1.0, "wrk",
+                                                      args.workers, POLL_MS)
+            print(f"   {'mixed, each client waiting ' + str(POLL_MS) + ' ms':40s} wrk    1 s cache (default)  "
+                  f"{count / args.seconds:7.0f} req/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors}  "
+                  f"server-side within 100 ms {served:6.2%}")
     finally:
         w.terminate()
         w.join()

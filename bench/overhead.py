@@ -80,7 +80,8 @@ def _sampling(evs, table, full_store, full_id, epochs: int, with_se: bool) -> st
     common = [i for i in mine if mine[i] is not None and ref.get(i) is not None]
     rho = spearman(np.array([mine[i] for i in common]), np.array([ref[i] for i in common]))
     at = ", ".join(f"{e.epoch:.2f}: {e.metrics['loo_sample']:.0f}" for e in evs)
-    text = (f"{len(evs)} evaluations (epoch: examples scored {at}); {len(table['idx'])}/{n} examples scored ({len(table['idx']) / n:.1%}), "
+    k = len(table["idx"])
+    text = (f"{len(evs)} evaluations (epoch: examples scored {at}); {k}/{n} examples scored ({k / n:.1%}), "
             f"coverage period {period:.1f} epochs; ")
     if with_se:
         se = last.metrics["loo_se"]

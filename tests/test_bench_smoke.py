@@ -78,6 +78,15 @@ def test_api_bench_drives_a_real_server_with_wrk(tmp_path, mix):
     assert 0 < served <= 1
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
+def test_api_bench_polling_clients_wait_between_requests(tmp_path):
+    api, db, run_id = _api_bench(tmp_path)
+    closed = api.measure(db, run_id, 200, "mixed", 1.0, 1.0, "wrk")
+    polling = api.measure(db, run_id, 200, "mixed", 1.0, 1.0, "wrk", think_ms=250)
+    assert polling[3] == 0 and 0 < polling[2] <= 50 * 5  # at most 4 requests a second per client, plus the first
+    assert polling[2] < closed[2]
+
+
 def test_api_bench_times_one_kept_alive_client(tmp_path):
     api, db, run_id = _api_bench(tmp_path)
     p50, p99 = api.one_client(db, run_id, requests=20)  # raises on any answer but 2xx

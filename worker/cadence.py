@@ -9,8 +9,9 @@ cannot score all of them at every evaluation and stay near the cost of training.
   one's slice is not made, so the last scores a full slice, freshly);
 - scores a slice of a stratified random permutation of the examples at each evaluation (a *rotation*: every example
   once per cycle), so the slice is a stratified random sample whose mean LOO loss estimates the whole set's with a
-  standard error (``loo_estimate``), and running means over evaluations see every example; the first evaluation after the
-  first epoch starts the cycle again, so the slices scored while the model was barely trained are scored again first;
+  standard error (``loo_estimate``), and running means over evaluations see every example; the first evaluation
+  after the first epoch starts the cycle again, so the slices scored while the model was barely trained are scored
+  again first;
 - sizes the slice to the larger of what brings the standard error to ``se_target`` of the estimate and what
   completes a cycle every ``coverage_epochs`` epochs at the affordable cadence, but no larger than what still allows
   one evaluation every ``MAX_GAP_EPOCHS`` epochs.
