@@ -193,8 +193,8 @@ class Cadence:
         if self.full() or k >= self.n:
             return np.arange(self.n)
         if not self.restarted and self.steps_trained >= self.spe:
-            # the slices scored during the first epoch scored a model that has changed most since (the pilot's
-            # scores barely rank like the final ones, bench/overhead.py): the cycle starts again from them
+            # the slices scored during the first epoch scored a model that has changed most since (their scores rank
+            # the trained model's examples barely better than chance): the cycle starts again from them
             self.restarted, self.pos = True, 0
         out = self.order[self.pos : self.pos + k]
         self.pos += len(out)
