@@ -73,16 +73,25 @@ def _sampling(evs, table, full_store, full_id, epochs: int, with_se: bool) -> st
     last, truth = evs[-1], full_store.evaluations(full_id)[-1]
     ftable = full_store.examples_table(full_id, truth.step)
     n = len(ftable["idx"])
-    scored = sum(e.metrics["loo_sample"] for e in evs)
+    scored = sum(e.metrics["loo_sample"] + e.metrics.get("screened", 0) for e in evs)
     period = n / (scored / epochs) if scored else float("inf")
     mine = dict(zip(table["idx"], table["score"]))
     ref = dict(zip(ftable["idx"], ftable["score"]))
     common = [i for i in mine if mine[i] is not None and ref.get(i) is not None]
     rho = spearman(np.array([mine[i] for i in common]), np.array([ref[i] for i in common]))
-    at = ", ".join(f"{e.epoch:.2f}: {e.metrics['loo_sample']:.0f}" for e in evs)
+    at = ", ".join(f"{e.epoch:.2f}: {e.metrics['loo_sample']:.0f}"
+                   + (f" + {e.metrics['screened']:.0f} screened" if e.metrics.get("screened") else "") for e in evs)
+    checks = [f"{e.metrics['screen_spearman']:.3f}" for e in evs if "screen_spearman" in e.metrics]
     k = len(table["idx"])
     text = (f"{len(evs)} evaluations (epoch: examples scored {at}); {k}/{n} examples scored ({k / n:.1%}), "
             f"coverage period {period:.1f} epochs; ")
+    if checks:
+        screened = dict(zip(table["idx"], table["screened"]))
+        part = [i for i in common if screened[i]]
+        text += f"screen vs exact on each slice (Spearman) {', '.join(checks)}; "
+        if len(part) > 2:
+            r = spearman(np.array([mine[i] for i in part]), np.array([ref[i] for i in part]))
+            text += f"Spearman of the {len(part)} screened with the full pass {r:.3f}; "
     if with_se:
         se = last.metrics["loo_se"]
         text += (f"final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass {truth.loo:.4f}: "
@@ -97,8 +106,10 @@ def setting(label: str, job: dict, root: Path, spe: int, rounds: int) -> None:
     uncalibrated = {**job, "calibration": {"source": "none"}}  # the default cadence without the calibration
     # each job's rotation against a full pass of its own form (calibrated: first order; uncalibrated: Rayleigh);
     # the sample's level is read uncalibrated: calibrated, a sampled and a full pass both equal the held-out NLL
-    _, ustore, uid = run_job({**uncalibrated, "eval_every": total}, root, f"{label}-full")  # also the warm-up
-    _, dstore, did = run_job({**job, "eval_every": total}, root, f"{label}-full-default")
+    full = {k: v for k, v in job.items() if k != "diagnostics"}  # without a budget: every example at the end
+    _, ustore, uid = run_job({**full, "calibration": {"source": "none"}, "eval_every": total}, root,
+                             f"{label}-full")  # also the warm-up
+    _, dstore, did = run_job({**full, "eval_every": total}, root, f"{label}-full-default")
     times = {"off": [], "default": [], "uncalibrated": []}
     jobs = {"off": off, "default": job, "uncalibrated": uncalibrated}
     seen = {}
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", default=["cnn"], choices=["cnn", "resnet20"])
     ap.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True, help="the digits defaults too")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=None, help="diagnostics.budget (default: the product's)")
     args = ap.parse_args(argv)
     import torch
 
@@ -138,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    "model": {"name": model}, "epochs": args.epochs, "label_noise": {"fraction": 0.05},
                    "early_stopping": {"enabled": False},
                    # a warm-up: from scratch at IVON's lr 0.5 the CNN stays at chance for some seeds' orders
-                   "optimizer": {"warmup_steps": 100}}
+                   "optimizer": {"warmup_steps": 100},
+                   **({"diagnostics": {"budget": args.budget}} if args.budget else {})}
             setting(f"{model}, N={args.n}, {args.epochs} epochs", job, root, -(-args.n // 64), args.rounds)
         if args.digits:  # the defaults: 20 epochs of an MLP on digits' 1,437 training images
             job = {"epochs": 20, "early_stopping": {"enabled": False}}

@@ -169,7 +169,7 @@ def test_hooks_endpoints_and_exports(api):
 
     csv = client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.csv")
     assert csv.status_code == 200 and csv.text.splitlines()[0] == \
-        "idx,rank,score,loo_loss,prob_label,loo_loss_mean,loo_loss_evals,scored_step,label,flipped,source"
+        "idx,rank,score,loo_loss,prob_label,loo_loss_mean,loo_loss_evals,scored_step,screened,label,flipped,source"
     assert len(csv.text.splitlines()) == 301
     pq_resp = client.get(f"/api/v1/runs/{run.id}/evaluations/20/examples.parquet")
     table = pq.read_table(io.BytesIO(pq_resp.content))

@@ -159,7 +159,7 @@ def test_a_fixed_cadence_scores_everything_without_a_budget_and_what_the_budget_
     capped.trained(1.0, 100)  # 10 ms a step
     capped.evaluated(0.5, 0.01, 500)  # 1 ms an example
     # 50 steps x 10 ms x 0.1 = 50 ms: 40 examples after the fixed 10 ms, raised to the floor
-    assert capped.plan(50) == {"step": 100, "size": FLOOR}
+    assert capped.plan(50) == {"step": 100, "size": FLOOR, "sweep": 0}  # no screen checked yet
 
 
 def test_the_state_survives_a_checkpoint_loaded_with_weights_only():
@@ -255,3 +255,72 @@ def test_the_take_all_stratum_is_counted_exactly_and_shrinks_the_error_of_a_heav
     assert abs(np.mean(errors)) < 0.02 * full  # unbiased
     assert np.sqrt(np.mean(np.square(errors))) < 0.7 * np.sqrt(np.mean(np.square(plain)))
     assert inside / 400 >= 0.9
+
+
+def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, budget=0.15):
+    """A simulated 20-epoch job (300 steps an epoch, 10 ms a step: 0.15 ms a trained example; a screened one a third
+    of that, a scored one 2 ms) whose evaluations check the screen on their slice
+    (``agrees``) and sweep what the plan says; returns the cadence, each evaluation's (step, slice, sweep) and the
+    step each example was last scored or screened at."""
+    labels = np.random.default_rng(6).integers(0, 10, n)
+    cad = Cadence(labels, budget=budget, every=None, steps_per_epoch=300, total_steps=total)
+    last_seen = np.full(n, -1)
+    gaps, evals = [], []
+    step = 0
+    while step < total:
+        step += 1
+        cad.trained(0.01)
+        if cad.needs_plan(step):
+            cad.apply(cad.plan(step))
+        if cad.due(step, step == total):
+            part = cad.take(cad.last_size() if step == total else None)
+            cad.evaluated(0.002 * len(part), 0.2, len(part), estimate=0.5, se=0.005)
+            k = cad.sweep_now(step == total, 0.002 * len(part))
+            swept = cad.take_screen(k, step) if k else np.zeros(0, np.int64)
+            cad.screen_checked(agrees, per_screened * (len(part) + len(swept)), len(part) + len(swept))
+            fresh = np.union1d(part, swept)
+            prev = last_seen[fresh]
+            gaps.append(step - prev[prev >= 0].min() if (prev >= 0).any() else 0)
+            last_seen[fresh] = step
+            evals.append((step, len(part), len(swept)))
+            cad.apply(cad.plan(step))
+    return cad, evals, last_seen
+
+
+def test_a_screen_that_agrees_covers_every_example_each_coverage_period_within_the_budget():
+    cad, evals, last_seen = _simulate_screening()
+    assert sum(s for *_, s in evals) > 0 and evals[0][2] == 0  # the pilot checks; the sweeps come after
+    # every example scored or screened within a coverage period (5 epochs = 1500 steps, and the margin) of the last
+    # sweep (the last evaluation spends its credit on its exact slice first)
+    swept = max(step for step, _, k in evals if k)
+    assert swept >= 6000 - 1500 and (last_seen >= swept - 1500 * 1.1).all()
+    assert cad.spent_s <= 0.15 * 60.0 + 0.2 + 0.002 * cad.next_size + 1e-9
+    slices = [k for _, k, _ in evals[1:]]
+    assert max(slices) < 20000 / 4  # the exact slices no longer carry the coverage
+
+
+def test_a_screen_that_disagrees_or_costs_too_much_is_not_swept_and_the_exact_rotation_covers():
+    for kwargs in ({"agrees": False}, {"per_screened": 0.0005}):  # 3× a trained example: more than the budget
+        cad, evals, _ = _simulate_screening(**kwargs)
+        # a costly screen sweeps once, on the guess of its cost (a forward's), and stops once it has been timed
+        assert sum(1 for *_, s in evals if s) == (0 if "agrees" in kwargs else 1), kwargs
+        assert not cad.screening()
+        # the exact slices are sized for coverage again (here: as large as an evaluation every 2 epochs allows),
+        # not for the standard error alone (64 while the screen covers)
+        assert max(k for _, k, _ in evals[1:]) > 4 * FLOOR
+
+
+def test_the_screens_rotation_survives_a_checkpoint_and_an_older_state_loads_without_it():
+    cad, _, _ = _simulate_screening(total=1200)
+    buf = io.BytesIO()
+    torch.save(cad.state_dict(), buf)
+    buf.seek(0)
+    again = Cadence(cad.labels, budget=0.15, every=None, steps_per_epoch=300, total_steps=1200)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.screen_ok and again.checked and again.next_sweep == cad.next_sweep
+    np.testing.assert_array_equal(again.take_screen(500, 1300), cad.take_screen(500, 1300))
+    old = {k: v for k, v in cad.state_dict().items() if not k.startswith("screen") and k not in
+           ("per_screened", "checked", "next_sweep")}
+    legacy = Cadence(cad.labels, budget=0.15, every=None, steps_per_epoch=300)
+    legacy.load_state_dict(old)
+    assert not legacy.screen_ok and not legacy.screening() and legacy.next_sweep == 0

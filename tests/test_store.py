@@ -267,6 +267,25 @@ def test_an_evaluation_of_a_slice_carries_every_other_examples_last_record(store
     assert store.examples_table(run.id, 40)["idx"] == [1]
 
 
+def test_screened_records_say_so_in_tables_pages_and_history_and_keep_it_when_carried(store):
+    """An evaluation that screened some of its examples (sensitivity.screen) marks their records; carried to the
+    next evaluation they stay marked, an exact scoring of the same example clears it; a bad mask is refused."""
+    run = store.create_run("screened", enqueue=False)
+    store.write_evaluation(run.id, 10, loo=0.5, metrics={}, idx=np.array([0, 1, 2]), scores=np.array([3.0, 2.0, 1.0]),
+                           loo_losses=np.ones(3), prob_label=None, carry=True, screened=np.array([False, True, True]))
+    store.write_evaluation(run.id, 20, loo=0.5, metrics={}, idx=np.array([2, 3]), scores=np.array([5.0, 0.5]),
+                           loo_losses=np.ones(2), prob_label=None, carry=True)
+    table = store.examples_table(run.id, 20)
+    assert dict(zip(table["idx"], zip(table["screened"], table["scored_step"]))) == {
+        0: (False, 10), 1: (True, 10), 2: (False, 20), 3: (False, 20)}
+    _, top = store.examples_at(run.id, k=4)
+    assert [(r.idx, r.screened) for r in top] == [(2, False), (0, False), (1, True), (3, False)]
+    assert [(h.step, h.screened) for h in store.example_history(run.id, 2)] == [(10, True), (20, False)]
+    with pytest.raises(ValueError, match="screened has 1 entries for 2 examples"):
+        store.write_evaluation(run.id, 30, loo=0.5, metrics={}, idx=np.array([0, 1]), scores=np.ones(2),
+                               loo_losses=np.ones(2), prob_label=None, screened=np.array([True]))
+
+
 def test_carried_scores_follow_the_calibration_scale_when_they_are_proportional_to_it(store):
     """A calibrated first-order run: each evaluation's scores are at its own refitted scale; the examples it carries
     are brought to that scale, so the ranking compares every example at one scale (their own history is untouched)."""

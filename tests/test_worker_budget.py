@@ -1,6 +1,8 @@
 """A job under diagnostics.budget (the default without eval_every): evaluations score slices in rotation, report
 the LOO with its standard error, and never change what training computes; a released job resumes its rotation."""
 
+import math
+
 import torch
 
 from app.store import Store, make_engine, upgrade
@@ -29,7 +31,7 @@ def _final(tmp_path, store, run_id):
 
 
 def test_a_budgeted_job_samples_the_loo_with_its_error_and_rotates_the_examples(tmp_path):
-    store, rid, status = _train(tmp_path, {**JOB, "diagnostics": {"budget": 1.0, "test_sample": 200}}, "budget")
+    store, rid, status = _train(tmp_path, {**JOB, "diagnostics": {"budget": 2.0, "test_sample": 200}}, "budget")
     assert status == "done"
     evs = store.evaluations(rid)
     assert len(evs) >= 3
@@ -83,3 +85,23 @@ def test_a_released_budgeted_job_resumes_its_rotation_and_ends_with_the_same_wei
     assert len(evs) >= 2 and evs[0].step == first[0].step
     table = store.examples_table(rid, evs[-1].step)
     assert len(set(table["idx"])) == len(table["idx"])  # the resumed rotation did not restart its cycle's slices
+
+
+def test_a_budgeted_job_screens_between_its_slices_and_marks_the_screened_rows(tmp_path):
+    """screen_min_spearman -1: the screen is used whatever it measures (the check is still made and reported);
+    screen off: no check, no screened row."""
+    job = {**JOB, "diagnostics": {"budget": 2.0, "test_sample": 200, "screen_min_spearman": -1.0}}
+    store, rid, status = _train(tmp_path, job, "screened")
+    assert status == "done"
+    evs = store.evaluations(rid)
+    assert all(-1 <= e.metrics["screen_spearman"] <= 1 for e in evs)
+    assert evs[0].metrics["screened"] == 0 and sum(e.metrics["screened"] for e in evs) > 0
+    table = store.examples_table(rid, evs[-1].step)
+    marked = [s for s, scr in zip(table["scored_step"], table["screened"]) if scr]
+    assert marked and not all(table["screened"]) and set(marked) <= {e.step for e in evs[1:]}
+    assert all(math.isfinite(s) for s, scr in zip(table["score"], table["screened"]) if scr)
+    off = {**JOB, "diagnostics": {"budget": 2.0, "test_sample": 200, "screen": False}}
+    store, rid, _ = _train(tmp_path, off, "plain")
+    evs = store.evaluations(rid)
+    assert not any("screen_spearman" in e.metrics for e in evs)
+    assert not any(store.examples_table(rid, evs[-1].step)["screened"])

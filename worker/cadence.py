@@ -16,6 +16,12 @@ cannot score all of them at every evaluation and stay near the cost of training.
   completes a cycle every ``coverage_epochs`` epochs at the affordable cadence, but no larger than what still allows
   one evaluation every ``MAX_GAP_EPOCHS`` epochs.
 
+Where the model allows it (``sensitivity.screen``: a Linear output layer, a diagonal Σ), each evaluation also
+*screens*: the output layer's share of the sensitivities, at about a forward's cost, for a second rotation of the
+examples sized to screen every one each ``coverage_epochs`` epochs. Screened scores are used only while they rank
+like the exact pass on the evaluation's own slice (the trainer measures it each time); while they do, the screen
+carries the coverage and the exact slices are sized for the standard error alone.
+
 Costs are measured, not guessed: seconds per scored example and the fixed seconds of an evaluation, as running
 averages of what the trainer reports. A fixed ``eval_every`` keeps its cadence; a budget then sizes the slices.
 """
@@ -30,6 +36,10 @@ FLOOR = 64  # the smallest slice worth an evaluation's fixed cost (and a usable 
 PILOT = 256  # the first slice, before the losses' spread is known
 MAX_GAP_EPOCHS = 2.0  # slices no larger than what allows an evaluation this often
 PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
+SCREEN_SHARE = 0.75  # screening may take at most this share of the budget; beyond it the exact rotation covers
+SCREEN_MARGIN = 1.05  # screen a little more than coverage needs: a cycle ends within the period, not at its end
+SCREEN_TIMED = 1024  # screens of fewer examples are mostly per-call costs: until one this large is timed, a screened
+SCREEN_GUESS = 0.5  # example is taken to cost this share of a trained one (a forward; bench/overhead.py measures it)
 
 
 def stratified_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -154,8 +164,15 @@ class Cadence:
         self.fixed = None  # seconds of an evaluation besides scoring
         self.cv = None  # the LOO losses' coefficient of variation at the last evaluation
         self.steps_trained = 0
+        # screening (module docstring): its own rotation, the cost of a screened example, whether the last check held
+        self.screen_rng = np.random.default_rng(seed + 2)
+        self.screen_order, self.screen_pos = np.zeros(0, np.int64), 0
+        self.per_screened: float | None = None
+        self.screen_ok = self.checked = False
+        self.screened_to = 0  # the step the screen's rotation has covered up to
         self.next_step: int | None = None if every is None else every
         self.next_size = self.size()
+        self.next_sweep = 0
 
     # ------------------------------------------------------------------------------ what to score
     def full(self) -> bool:
@@ -168,23 +185,28 @@ class Cadence:
         floor = min(self.n, FLOOR)
         if self.per_example is None:
             return min(self.n, PILOT)
-        c, f, b = self.per_example, self.fixed or 0.0, self.budget
+        c, f = self.per_example + self._check_cost(), self.fixed or 0.0  # the slice is screened too (a check)
+        b = self.budget - self.screen_rate()  # what the exact slices may spend
         per_step = self.train_s / max(self.steps_trained, 1)
         if self.every is not None:  # a fixed cadence: what the budget pays for at it
             return int(min(self.n, max(floor, (b * self.every * per_step - f) / c)))
         n_se = self.n if self.cv is None else _sample_for(self.cv / self.se_target, self.n)
         epoch_s = per_step * self.spe
         rate = self.n / (self.coverage_epochs * max(epoch_s, 1e-9))  # examples per training second for coverage
-        n_cov = rate * f / (b - rate * c) if b > rate * c else self.n
+        n_cov = 0.0 if self.screening() else rate * f / (b - rate * c) if b > rate * c else self.n
         n_gap = max((b * MAX_GAP_EPOCHS * epoch_s - f) / c, floor)  # the most that keeps evaluations that close
         return int(min(self.n, max(floor, min(max(n_se, n_cov), n_gap))))
 
     def last_size(self) -> int:
-        """The last evaluation's slice: due whatever the credit, so no larger than what the credit left pays for."""
+        """The last evaluation's slice: due whatever the credit, so no larger than what the credit left pays for.
+        While screening covers the examples, it takes at least half that credit (its size for the standard error
+        was planned from a spread measured earlier in training; the sweep has the rest, ``sweep_now``)."""
         if self.full() or self.per_example is None:
             return self.next_size
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
-        return int(min(self.next_size, max(min(self.n, FLOOR), credit / self.per_example)))
+        pays = credit / (self.per_example + self._check_cost())
+        want = max(self.next_size, pays / 2) if self.next_sweep else self.next_size
+        return int(min(self.n, want, max(FLOOR, pays)))
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
@@ -208,34 +230,104 @@ class Cadence:
             out = np.concatenate([out, more])
         return np.sort(out)
 
+    def screening(self) -> bool:
+        """Whether the next evaluation screens: the last check held and the screen costs at most SCREEN_SHARE of
+        the budget."""
+        return (self.screen_ok and not self.full() and self.steps_trained > 0
+                and self._screen_share() <= SCREEN_SHARE * self.budget)
+
+    def screen_rate(self) -> float:
+        """The share of training time that screening every example each ``coverage_epochs`` epochs costs (0 while
+        not screening)."""
+        return self._screen_share() if self.screening() else 0.0
+
+    def _screen_share(self) -> float:
+        epoch_s = self.train_s / max(self.steps_trained, 1) * self.spe
+        return SCREEN_MARGIN * self.n / (self.coverage_epochs * max(epoch_s, 1e-9)) * self._per_screened()
+
+    def _check_cost(self) -> float:
+        """What screening a slice's example adds (jobs that screen check each slice)."""
+        return self._per_screened() if self.checked else 0.0
+
+    def _per_screened(self) -> float:
+        if self.per_screened is not None:
+            return self.per_screened
+        return SCREEN_GUESS * self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
+
+    def sweep_size(self, step: int) -> int:
+        """Examples to screen at an evaluation at ``step``: what keeps the screen's cycle within the period."""
+        if not self.screening():
+            return 0
+        due = SCREEN_MARGIN * self.n * (step - self.screened_to) / (self.coverage_epochs * self.spe)
+        if self.per_screened is None:  # its cost is a guess until a sweep this large is timed
+            due = min(due, 2 * SCREEN_TIMED)
+        return int(min(self.n, math.ceil(max(due, 0.0))))
+
+    def sweep_now(self, last: bool, scoring_s: float) -> int:
+        """The planned sweep; at the last evaluation (due whatever the credit), no more than the credit left after
+        its exact slice (``scoring_s``) and its usual fixed cost pays for: the slice's standard error comes first."""
+        if not last or not self.next_sweep:
+            return self.next_sweep
+        credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0) - scoring_s
+        return int(min(self.next_sweep, max(0.0, credit / max(self._per_screened(), 1e-12))))
+
+    def take_screen(self, k: int, step: int) -> np.ndarray:
+        """The next ``k`` positions of the screen's rotation, sorted. Its permutation is drawn once and kept from
+        cycle to cycle, so no example waits longer than one cycle for its next screening."""
+        self.screened_to = step
+        out = np.zeros(0, np.int64)
+        if not len(self.screen_order):
+            self.screen_order = stratified_permutation(self.labels, self.screen_rng)
+        while len(out) < min(k, self.n):
+            if self.screen_pos >= len(self.screen_order):
+                self.screen_pos = 0
+            more = self.screen_order[self.screen_pos : self.screen_pos + min(k, self.n) - len(out)]
+            self.screen_pos += len(more)
+            out = np.concatenate([out, more])
+        return np.sort(np.unique(out))
+
+    def screen_checked(self, agrees: bool, seconds: float, screened: int) -> None:
+        """Record a screen: whether it ranked like the exact pass on the slice, and what it cost."""
+        self.screen_ok, self.checked = agrees, True
+        if screened >= min(SCREEN_TIMED, self.n):
+            self.per_screened = _blend(self.per_screened, seconds / screened)
+        self.spent_s += seconds
+
     # ------------------------------------------------------------------------------ when
     def cost(self, k: int) -> float:
         if self.per_example is None:  # the pilot: a scored example ~ 1.5 of training's (bench/overhead.py), a test
             # example's forward ~ 1/3
             train_example = self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
             return train_example * (1.5 * k + len(self.test_ids) / 3)
-        return (self.fixed or 0.0) + self.per_example * k
+        return (self.fixed or 0.0) + (self.per_example + self._check_cost()) * k
 
     def plan(self, step: int) -> dict:
         """The next evaluation's step and size, decided from this process's measurements (under torchrun: rank 0's,
         sent to every rank with ``apply``)."""
         size = self.size()
         if self.every is not None:
-            return {"step": (step // self.every + 1) * self.every, "size": size}
+            nxt = (step // self.every + 1) * self.every
+            return {"step": nxt, "size": size, "sweep": self.sweep_size(self._capped(nxt))}
         per_step = self.train_s / max(self.steps_trained, 1)
+        b = self.budget - self.screen_rate()  # the screen's share is spent as it goes (``screen_checked``)
         cost = self.cost(size)  # credit saved up pays at most half of it: evaluations do not bunch up
-        need = max(cost - (self.budget * self.train_s - self.spent_s), cost / 2)
-        nxt = step + max(1, math.ceil(need / max(self.budget * per_step, 1e-12)))
+        credit = self.budget * self.train_s - self.spent_s - self.screen_rate() * per_step * (step - self.screened_to)
+        need = max(cost - credit, cost / 2)
+        nxt = step + max(1, math.ceil(need / max(b * per_step, 1e-12)))
         if self.total is not None and nxt < self.total and self.per_example is not None:
             # the last evaluation (due whatever the credit) is the run's result: where the credit left at the end
             # would not pay for its slice after this one, this one is skipped and the last has it all
-            left = self.budget * (self.train_s + per_step * (self.total - step)) - self.spent_s - cost
+            left = b * per_step * (self.total - step) + credit - cost
             if left < self.cost(size):
                 nxt = self.total
-        return {"step": nxt, "size": size}
+        return {"step": nxt, "size": size, "sweep": self.sweep_size(self._capped(nxt))}
+
+    def _capped(self, step: int) -> int:
+        return step if self.total is None else min(step, self.total)
 
     def apply(self, plan: dict) -> None:
         self.next_step, self.next_size = int(plan["step"]), int(plan["size"])
+        self.next_sweep = int(plan.get("sweep", 0))
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to evaluate after ``step``; the last step always is."""
@@ -270,7 +362,10 @@ class Cadence:
                 "cycles": self.cycles, "train_s": self.train_s, "spent_s": self.spent_s,
                 "per_example": self.per_example, "fixed": self.fixed, "cv": self.cv,
                 "steps_trained": self.steps_trained, "next_step": self.next_step, "next_size": self.next_size,
-                "restarted": self.restarted}
+                "restarted": self.restarted, "screen_rng": self.screen_rng.bit_generator.state,
+                "screen_order": self.screen_order.tolist(), "screen_pos": self.screen_pos,
+                "per_screened": self.per_screened, "screen_ok": self.screen_ok, "checked": self.checked,
+                "screened_to": self.screened_to, "next_sweep": self.next_sweep}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
@@ -279,6 +374,11 @@ class Cadence:
             setattr(self, key, state[key])
         self.order = np.asarray(state["order"], dtype=np.int64)
         self.restarted = state.get("restarted", self.steps_trained >= self.spe)  # older checkpoints: past it
+        if "screen_rng" in state:  # older checkpoints: no screening yet (the next check decides)
+            self.screen_rng.bit_generator.state = state["screen_rng"]
+            self.screen_order = np.asarray(state["screen_order"], dtype=np.int64)
+            for key in ("screen_pos", "per_screened", "screen_ok", "checked", "screened_to", "next_sweep"):
+                setattr(self, key, state[key])
 
 
 def _sample_for(cv_over_target: float, n: int) -> float:

@@ -20,7 +20,7 @@ from sensitivity.covariance import KFACCovariance
 from sensitivity.deviations import CAPPED_FORMS
 from sensitivity.variance import as_covariance, default_form
 from worker import distributed as D
-from worker import models
+from worker import models, screening
 from worker.cadence import Cadence, loo_estimate, take_all
 from worker.calibration import Calibration, heldout_nll, variance_level
 from worker.checkpoints import CheckpointMismatch, Checkpoints
@@ -66,6 +66,7 @@ class Trainer:
         self.writer = D.rank() == 0  # under torchrun, rank 0 alone writes the store, checkpoints and hooks
         self._above = False  # the last evaluation's training NLL was past the divergence threshold
         self._warm = False  # a sensitivity pass has run in this process
+        self._no_screen: str | None = None  # why this job does not screen (worker.screening)
 
     def _setup(self):
         cfg = self.cfg
@@ -339,6 +340,8 @@ class Trainer:
         res, cal = self._calibrate(model, data, res, lambda losses: estimate(losses)[0], metrics, variance, step,
                                    len(yte))
         metrics.update(cal)
+        scr = self._screen(model, data, variance, form, res, pool, cad, step, last, scoring)
+        metrics.update(scr.metrics)
         if res.form in CAPPED_FORMS:  # share of examples whose correction hit max_amplification
             metrics["loo_capped"] = res.capped
         metrics["loo"], metrics["loo_se"] = estimate(res.loo_losses)
@@ -348,16 +351,16 @@ class Trainer:
             raise JobFailed(f"non-finite {', '.join(bad)} at step {step}")
         self._check_divergence(metrics["train_nll"], data.num_classes, step)
         loo = metrics.pop("loo")
-        self.store.write_evaluation(self.run_id, step, loo=loo, metrics=metrics, idx=res.indices.numpy(),
-                                    scores=res.scores.numpy(), loo_losses=res.loo_losses.numpy(),
-                                    prob_label=None if res.loo_probs is None else res.loo_probs.numpy(),
-                                    epoch=step / spe, wall_time=time.perf_counter() - t, carry=not cad.full(),
-                                    scores_scale=res.form == "first_order" and self.cal.active,
-                                    class_probs=None if res.loo_probs is None else res.loo_class_probs().numpy())
+        self.store.write_evaluation(self.run_id, step, loo=loo, metrics=metrics, **scr.rows(res), epoch=step / spe,
+                                    wall_time=time.perf_counter() - t, carry=not cad.full(),
+                                    scores_scale=res.form == "first_order" and self.cal.active)
         if self.cfg.sensitivity.keep_states:  # for influence queries at this step
             self.checkpoints.save_evaluation(step, self._posterior(model, opt, data, step),
                                              self.cfg.sensitivity.keep_states)
-        cad.evaluated(scoring, time.perf_counter() - t_scoring - scoring, len(res.indices), loo, metrics["loo_se"])
+        cad.evaluated(scoring, time.perf_counter() - t_scoring - scoring - scr.seconds, len(res.indices), loo,
+                      metrics["loo_se"])
+        if scr.count:
+            cad.screen_checked(scr.agrees, scr.seconds, scr.count)
         cad.spent_s += t_scoring - t  # the warm-up
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
         msg = (f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
@@ -369,6 +372,21 @@ class Trainer:
             self.log(msg)
         self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
+
+    def _screen(self, model, data, variance, form, res, pool, cad, step, last, scoring_s) -> screening.Screened:
+        """The screen's check on the slice and, where it holds, its sweep (worker.screening; rank 0)."""
+        d = self.cfg.diagnostics
+        if cad.full() or not d.screen or self._no_screen:
+            return screening.Screened()
+        self._no_screen = screening.available(model, variance)
+        if self._no_screen:
+            self.log(f"run {self.run_id}: not screening ({self._no_screen}): the exact rotation covers the examples")
+            return screening.Screened()
+        k = cad.sweep_now(last, scoring_s)
+        sweep = pool[torch.from_numpy(cad.take_screen(k, step))] if k else pool[:0]
+        return screening.run(model, data, variance, form, res, sweep, min_spearman=d.screen_min_spearman,
+                             chunk=self.cfg.sensitivity.chunk_size,
+                             max_amplification=self.cfg.sensitivity.max_amplification)
 
     def _calibrate(self, model, data: Dataset, res, estimate, metrics, variance, step, n_test):
         """(the result at the calibrated scale, the calibration's metrics): worker.calibration."""

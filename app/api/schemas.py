@@ -173,6 +173,9 @@ class ExampleOut(BaseModel):
     scored_step: int | None = Field(None, description="the step whose scoring score and loo_loss come from: "
                                     "earlier than step when the run scores its examples in rotation "
                                     "(diagnostics.budget)")
+    screened: bool = Field(False, description="score and loo_loss come from screening: the output layer's share of "
+                           "the sensitivities, mapped onto the exact pass's scale, used while it ranks like the exact "
+                           "pass on the evaluation's own slice (metric screen_spearman)")
 
 
 class ExamplesPage(BaseModel):

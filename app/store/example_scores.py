@@ -29,6 +29,7 @@ class ScoreRow:
     loo_loss_evals: int = 0
     scored_step: int | None = None  # the step whose scoring this row's score and loss come from
     source: str | None = None  # where the example comes from in the data
+    screened: bool = False  # the row's score and loss come from screening (the output layer's share, mapped)
 
 
 class ExampleScores:
@@ -90,6 +91,7 @@ class ExampleScores:
                 "loo_loss": clean(recs["loo"]), "prob_label": clean(recs["prob"]),
                 "loo_loss_mean": clean(recs["loo_mean"]), "loo_loss_evals": recs["evals"].tolist(),
                 "scored_step": np.where(recs["scored"] >= 0, recs["scored"], step).tolist(),
+                "screened": recs["screened"].astype(bool).tolist(),
                 "label": [labels.get(i, (None, None, None))[0] for i in idx],
                 "flipped": [labels.get(i, (None, None, None))[1] for i in idx],
                 "source": [labels.get(i, (None, None, None))[2] for i in idx]}
@@ -125,10 +127,10 @@ class ExampleScores:
             steps = np.repeat(np.array([step for step, *_ in got], dtype=np.int64), sizes)
             hit = (recs["idx"] == idx) & ((recs["scored"] == steps) | (recs["scored"] == UNKNOWN))
             cols = {name: recs[hit][name].tolist() for name in ("rank", "score", "loo", "prob", "loo_mean", "evals",
-                                                                  "scored")}
+                                                                  "scored", "screened")}
             rows = [ScoreRow(rank, idx, finite(sc), finite(lo), finite(pr), label, flipped, st, finite(mean), evals,
-                             st if scored < 0 else scored, source)
-                    for rank, sc, lo, pr, mean, evals, scored, st in zip(*cols.values(), steps[hit].tolist())]
+                             st if scored < 0 else scored, source, bool(scr))
+                    for rank, sc, lo, pr, mean, evals, scored, scr, st in zip(*cols.values(), steps[hit].tolist())]
             if not rows and ex is None:
                 raise NotFound(f"example {idx} of run {run_id} not found")
             return rows
@@ -153,7 +155,7 @@ def _row(r, step: int, label=None, flipped=None, source=None) -> ScoreRow:
     scored = int(r["scored"])
     return ScoreRow(int(r["rank"]), int(r["idx"]), finite(r["score"]), finite(r["loo"]), finite(r["prob"]),
                     label, flipped, step, finite(r["loo_mean"]), int(r["evals"]), step if scored < 0 else scored,
-                    source)
+                    source, bool(r["screened"]))
 
 
 def chunk_records(s: Session, run_id: int, step: int, kind: str, lo: int = 0, hi: int | None = None,

@@ -175,6 +175,11 @@ class DiagnosticsConfig(_Strict):
                              "the estimate (examples are scored in a stratified rotation: each slice is a sample)")
     coverage_epochs: float = Field(5.0, gt=0, le=1e6, description="score every example at least once in this many "
                                    "epochs when the budget allows (the run's `coverage period` says what it got)")
+    screen: bool = Field(True, description="screen examples between the exact slices (sensitivity.screen: the "
+                         "output layer's share of the sensitivities, at about a forward's cost) to score every example "
+                         "each coverage_epochs; used only while it ranks like the exact pass on each slice")
+    screen_min_spearman: float = Field(0.95, ge=-1, le=1, description="the Spearman correlation with the exact "
+                                       "pass on the evaluation's slice that screened scores need to be used")
     test_sample: Int = Field(1000, ge=1, le=BIG, description="with a budget, evaluations before the last measure the "
                              "test metrics (at the posterior mean, no MC) on a fixed stratified subset of this many "
                              "test examples, with test_nll_se; the last evaluation measures the whole test set")

@@ -7,6 +7,8 @@ flipped labels after training has memorized them, where the final loss no longer
 Layout 3 adds ``scored``: the step whose scoring the record's score, loss and probability come from. An evaluation
 that scored a slice of the examples (``worker.cadence``'s rotation) carries every other example's last record, so
 each evaluation is a whole snapshot: rankings cover every example, and ``scored`` says how fresh each one is.
+Layout 4 adds ``screened``: 1 where the record comes from screening (the output layer's share of the sensitivities,
+``sensitivity.screen``, mapped onto the exact pass's scale), 0 from the exact pass.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ IDX_CHUNK = 256  # example indices per "idx" bucket
 
 _V1 = [("idx", "<i8"), ("rank", "<i4"), ("score", "<f4"), ("loo", "<f4"), ("prob", "<f4")]
 _V2 = _V1 + [("loo_mean", "<f4"), ("evals", "<i4")]
-LAYOUTS = {1: np.dtype(_V1), 2: np.dtype(_V2), 3: np.dtype(_V2 + [("scored", "<i4")])}
-LAYOUT = 3  # what this code writes
+_V3 = _V2 + [("scored", "<i4")]
+LAYOUTS = {1: np.dtype(_V1), 2: np.dtype(_V2), 3: np.dtype(_V3), 4: np.dtype(_V3 + [("screened", "u1")])}
+LAYOUT = 4  # what this code writes
 UNKNOWN = -1  # ``scored`` of records written before layout 3: the evaluation's own step
 RECORD = LAYOUTS[LAYOUT]
 
 
 def decode(data: bytes, layout: int) -> np.ndarray:
     """One chunk's records in the current layout (an older layout's missing fields: NaN mean, 0 evaluations,
-    ``scored`` UNKNOWN)."""
+    ``scored`` UNKNOWN, not screened)."""
     dtype = LAYOUTS.get(layout)
     if dtype is None:
         raise CorruptData(f"per-example records of layout {layout} are unknown to this code (newer? upgrade ivon-diag)")
@@ -43,7 +46,8 @@ def decode(data: bytes, layout: int) -> np.ndarray:
         out[name] = recs[name]
     if layout < 2:
         out["loo_mean"] = np.nan
-    out["scored"] = UNKNOWN
+    if layout < 3:
+        out["scored"] = UNKNOWN
     return out
 
 
@@ -66,10 +70,10 @@ def running_mean(idx: np.ndarray, loo: np.ndarray, prev: np.ndarray | None) -> t
 
 
 def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None, step: int = UNKNOWN,
-          carry: bool = False, carry_factor: float = 1.0) -> np.ndarray:
+          carry: bool = False, carry_factor: float = 1.0, screened=None) -> np.ndarray:
     """The records of one evaluation (unranked), validated. ``carry``: the evaluation scored a slice; every example
     of ``prev`` it did not score keeps its last record (``scored`` says from when), its score times
-    ``carry_factor``."""
+    ``carry_factor``. ``screened``: per example, whether its record comes from screening (None: none does)."""
     n = len(idx)
     rec = np.zeros(n, dtype=RECORD)
     rec["idx"] = np.asarray(idx, dtype=np.int64)
@@ -83,6 +87,10 @@ def build(idx, scores, loo_losses, prob_label, prev: np.ndarray | None, step: in
     rec["prob"] = np.nan if prob_label is None else np.asarray(prob_label, dtype=np.float64)
     rec["loo_mean"], rec["evals"] = running_mean(rec["idx"], loo, prev)
     rec["scored"] = step
+    if screened is not None:
+        if len(screened) != n:
+            raise ValueError(f"screened has {len(screened)} entries for {n} examples")
+        rec["screened"] = np.asarray(screened, dtype=bool)
     if carry and prev is not None and len(prev):
         rec = np.concatenate([rec, prev[~np.isin(prev["idx"], rec["idx"])]])
         rec["score"][n:] *= carry_factor

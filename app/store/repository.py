@@ -173,7 +173,7 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
                          loo_losses: np.ndarray | None = None, prob_label: np.ndarray | None = None,
                          epoch: float | None = None, wall_time: float | None = None,
                          class_probs: np.ndarray | None = None, carry: bool = False,
-                         scores_scale: bool = False) -> Evaluation:
+                         scores_scale: bool = False, screened: np.ndarray | None = None) -> Evaluation:
         """Write one evaluation, its metric points and its per-example rows in one transaction.
 
         Writing (run, step) again replaces it (a worker resumed after a crash re-evaluates its last step). Each
@@ -183,6 +183,7 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
         evaluation scored a slice of the examples; the others keep their last records (``records``, layout 3).
         ``scores_scale``: the scores are proportional to the metric ``calibration_scale`` (the first-order form's):
         carried scores are brought to this evaluation's scale, so rankings compare every example at one scale.
+        ``screened``: per example of ``idx``, whether its row comes from screening (``sensitivity.screen``).
         """
         clean = {k: finite(v) for k, v in metrics.items()}
         n = 0 if idx is None else len(idx)
@@ -191,7 +192,7 @@ class Store(ExampleScores, JobQueue, HooksAndTokens, MetricSeries, ExampleDetail
                 raise NotFound(f"run {run_id} not found")
             factor = _scale_since(s, run_id, step, clean.get("calibration_scale")) if carry and scores_scale else 1.0
             recs = build(idx, scores, loo_losses, prob_label, _previous_records(s, run_id, step), step,
-                         carry, factor) if n else None
+                         carry, factor, screened) if n else None
             chunks = chunks_of(run_id, step, recs) if n else []
             n = 0 if recs is None else len(recs)
             s.execute(delete(Evaluation).where(Evaluation.run_id == run_id, Evaluation.step == step))

@@ -70,7 +70,7 @@ def export_examples(run_id: RunId, step: Annotated[str, PathParam(pattern=r"^(\d
                                                                   description="a step, or latest")],
                     fmt: Literal["csv", "parquet"], store: Store = Depends(get_store)):
     """The evaluation's per-example table: idx, rank, score, loo_loss, prob_label, loo_loss_mean, loo_loss_evals,
-    scored_step, label, flipped."""
+    scored_step, screened, label, flipped."""
     at = store.resolve_step(run_id, None if step == "latest" else int(step))
     name = f"run{run_id}_step{at}_examples.{fmt}"
     return Response(table_bytes(store.examples_table(run_id, at), fmt), media_type=FORMATS[fmt],
