@@ -275,7 +275,7 @@ def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, 
         if cad.due(step, step == total):
             part = cad.take(cad.last_size() if step == total else None)
             cad.evaluated(0.002 * len(part), 0.2, len(part), estimate=0.5, se=0.005)
-            k = cad.sweep_now(step == total, 0.002 * len(part))
+            k = cad.sweep_now(step, step == total, 0.002 * len(part))
             swept = cad.take_screen(k, step) if k else np.zeros(0, np.int64)
             cad.screen_checked(agrees, per_screened * (len(part) + len(swept)), len(part) + len(swept))
             fresh = np.union1d(part, swept)

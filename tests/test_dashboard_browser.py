@@ -164,6 +164,22 @@ def test_a_budgeted_run_shows_its_sample_its_error_bars_and_each_scores_age(serv
         page.wait_for_function("document.body.dataset.lastStep === '30'", timeout=15000)
         page.wait_for_function("document.getElementById('loss').data[2].error_y.array.length === 3")
         assert page.evaluate("document.getElementById('loss').data[2].error_y.array") == [0.04, 0.02, 0.01]
+        # an evaluation that screened examples between its slices: the line says how many and how well the screen
+        # agreed on the slice; their cards say so
+        s = np.linspace(9.0, 5.0, 60)  # above every exact score: the screened ones top the ranking
+        store.write_evaluation(run.id, 40, loo=0.5, metrics={"train_nll": 0.3, "test_nll": 0.6, "loo_se": 0.01,
+                                                             "loo_sample": 10.0, "screen_spearman": 0.973,
+                                                             "screened": 50.0},
+                               idx=np.arange(60), scores=s, loo_losses=s, prob_label=np.full(60, 0.2), carry=True,
+                               screened=np.arange(60) >= 10)
+        page.goto(f"{base}/runs/{run.id}")
+        page.wait_for_selector("#most .ex")
+        line = page.inner_text("#screening")
+        assert "50 more screened at this step" in line and "Spearman 0.973" in line
+        caps = page.eval_on_selector_all("#most .ex a", "els => els.map(e => [e.textContent, e.title])")
+        assert caps[0][0].startswith("#0 ") and "screened" not in caps[0][0] and not caps[0][1]  # exact
+        marked = [(text, title) for text, title in caps if text.endswith(" screened")]
+        assert marked and all(int(text[1:].split()[0]) >= 10 and "output layer" in title for text, title in marked)
         page.screenshot(path=str(tmp_path / "budgeted.png"), full_page=True)
         browser.close()
     assert errors == []

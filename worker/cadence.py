@@ -254,22 +254,24 @@ class Cadence:
             return self.per_screened
         return SCREEN_GUESS * self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
 
-    def sweep_size(self, step: int) -> int:
+    def sweep_size(self, step: int, guess_cap: bool = True) -> int:
         """Examples to screen at an evaluation at ``step``: what keeps the screen's cycle within the period."""
         if not self.screening():
             return 0
         due = SCREEN_MARGIN * self.n * (step - self.screened_to) / (self.coverage_epochs * self.spe)
-        if self.per_screened is None:  # its cost is a guess until a sweep this large is timed
+        if self.per_screened is None and guess_cap:  # its cost is a guess until a sweep this large is timed
             due = min(due, 2 * SCREEN_TIMED)
         return int(min(self.n, math.ceil(max(due, 0.0))))
 
-    def sweep_now(self, last: bool, scoring_s: float) -> int:
-        """The planned sweep; at the last evaluation (due whatever the credit), no more than the credit left after
-        its exact slice (``scoring_s``) and its usual fixed cost pays for: the slice's standard error comes first."""
+    def sweep_now(self, step: int, last: bool, scoring_s: float) -> int:
+        """The planned sweep; at the last evaluation (due whatever the credit), what is due, but no more than the
+        credit left after its exact slice (``scoring_s``) and its usual fixed cost pays for: the slice's standard
+        error comes first."""
         if not last or not self.next_sweep:
             return self.next_sweep
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0) - scoring_s
-        return int(min(self.next_sweep, max(0.0, credit / max(self._per_screened(), 1e-12))))
+        due = self.sweep_size(step, guess_cap=False)
+        return int(min(due, max(0.0, credit / max(self._per_screened(), 1e-12))))
 
     def take_screen(self, k: int, step: int) -> np.ndarray:
         """The next ``k`` positions of the screen's rotation, sorted. Its permutation is drawn once and kept from

@@ -382,7 +382,7 @@ class Trainer:
         if self._no_screen:
             self.log(f"run {self.run_id}: not screening ({self._no_screen}): the exact rotation covers the examples")
             return screening.Screened()
-        k = cad.sweep_now(last, scoring_s)
+        k = cad.sweep_now(step, last, scoring_s)
         sweep = pool[torch.from_numpy(cad.take_screen(k, step))] if k else pool[:0]
         return screening.run(model, data, variance, form, res, sweep, min_spearman=d.screen_min_spearman,
                              chunk=self.cfg.sensitivity.chunk_size,
