@@ -199,14 +199,18 @@ class Cadence:
 
     def last_size(self) -> int:
         """The last evaluation's slice: due whatever the credit, so no larger than what the credit left pays for.
-        While screening covers the examples, it takes at least half that credit (its size for the standard error
-        was planned from a spread measured earlier in training; the sweep has the rest, ``sweep_now``)."""
+        While screening, the last evaluation screens every example it does not score (the run's final rankings are
+        then all fresh): the slice takes what the credit pays beyond that sweep, and at least its planned size."""
         if self.full() or self.per_example is None:
             return self.next_size
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
-        pays = credit / (self.per_example + self._check_cost())
-        want = max(self.next_size, pays / 2) if self.next_sweep else self.next_size
-        return int(min(self.n, want, max(FLOOR, pays)))
+        c = self.per_example + self._check_cost()
+        want = max(self.next_size, (credit - self.final_sweep_cost()) / c) if self.screening() else self.next_size
+        return int(min(self.n, want, max(FLOOR, credit / c)))
+
+    def final_sweep_cost(self) -> float:
+        """What screening every example at the last evaluation costs (0 while not screening)."""
+        return self._per_screened() * self.n if self.screening() else 0.0
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
@@ -254,24 +258,25 @@ class Cadence:
             return self.per_screened
         return SCREEN_GUESS * self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
 
-    def sweep_size(self, step: int, guess_cap: bool = True) -> int:
+    def sweep_size(self, step: int) -> int:
         """Examples to screen at an evaluation at ``step``: what keeps the screen's cycle within the period."""
         if not self.screening():
             return 0
         due = SCREEN_MARGIN * self.n * (step - self.screened_to) / (self.coverage_epochs * self.spe)
-        if self.per_screened is None and guess_cap:  # its cost is a guess until a sweep this large is timed
+        if self.per_screened is None:  # its cost is a guess until a sweep this large is timed
             due = min(due, 2 * SCREEN_TIMED)
         return int(min(self.n, math.ceil(max(due, 0.0))))
 
     def sweep_now(self, step: int, last: bool, scoring_s: float) -> int:
-        """The planned sweep; at the last evaluation (due whatever the credit), what is due, but no more than the
-        credit left after its exact slice (``scoring_s``) and its usual fixed cost pays for: the slice's standard
-        error comes first."""
-        if not last or not self.next_sweep:
+        """The planned sweep; at the last evaluation (due whatever the credit), every example, as far as the credit
+        left after its exact slice (``scoring_s``) and its usual fixed cost pays (the least recently screened
+        first: the rotation's order)."""
+        if not last:
             return self.next_sweep
+        if not self.screening():
+            return 0
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0) - scoring_s
-        due = self.sweep_size(step, guess_cap=False)
-        return int(min(due, max(0.0, credit / max(self._per_screened(), 1e-12))))
+        return int(min(self.n, max(0.0, credit / max(self._per_screened(), 1e-12))))
 
     def take_screen(self, k: int, step: int) -> np.ndarray:
         """The next ``k`` positions of the screen's rotation, sorted. Its permutation is drawn once and kept from
@@ -318,9 +323,10 @@ class Cadence:
         nxt = step + max(1, math.ceil(need / max(b * per_step, 1e-12)))
         if self.total is not None and nxt < self.total and self.per_example is not None:
             # the last evaluation (due whatever the credit) is the run's result: where the credit left at the end
-            # would not pay for its slice after this one, this one is skipped and the last has it all
+            # would not pay for its slice (and its sweep of every example) after this one, this one is skipped and
+            # the last has it all
             left = b * per_step * (self.total - step) + credit - cost
-            if left < self.cost(size):
+            if left < self.cost(size) + self.final_sweep_cost():
                 nxt = self.total
         return {"step": nxt, "size": size, "sweep": self.sweep_size(self._capped(nxt))}
 
