@@ -36,7 +36,7 @@ FLOOR = 64  # the smallest slice worth an evaluation's fixed cost (and a usable 
 PILOT = 256  # the first slice, before the losses' spread is known
 MAX_GAP_EPOCHS = 2.0  # slices no larger than what allows an evaluation this often
 PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
-SCREEN_SHARE = 0.75  # screening may take at most this share of the budget; beyond it the exact rotation covers
+SCREEN_SHARE = 0.5  # sweeps for coverage may take at most this share of the budget; beyond it the exact rotation covers
 SCREEN_MARGIN = 1.05  # screen a little more than coverage needs: a cycle ends within the period, not at its end
 SCREEN_TIMED = 1024  # screens of fewer examples are mostly per-call costs: until one this large is timed, a screened
 SCREEN_GUESS = 0.5  # example is taken to cost this share of a trained one (a forward; bench/overhead.py measures it)
@@ -200,17 +200,20 @@ class Cadence:
     def last_size(self) -> int:
         """The last evaluation's slice: due whatever the credit, so no larger than what the credit left pays for.
         While screening, the last evaluation screens every example it does not score (the run's final rankings are
-        then all fresh): the slice takes what the credit pays beyond that sweep, and at least its planned size."""
+        then all fresh): the slice takes what the credit pays beyond that sweep, and at least its planned size and a
+        third of the credit (its planned size rests on a spread measured earlier in training, where it is smaller)."""
         if self.full() or self.per_example is None:
             return self.next_size
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
         c = self.per_example + self._check_cost()
-        want = max(self.next_size, (credit - self.final_sweep_cost()) / c) if self.screening() else self.next_size
+        want = self.next_size
+        if self.screen_ok:
+            want = max(want, (credit - self.final_sweep_cost()) / c, credit / 3 / c)
         return int(min(self.n, want, max(FLOOR, credit / c)))
 
     def final_sweep_cost(self) -> float:
-        """What screening every example at the last evaluation costs (0 while not screening)."""
-        return self._per_screened() * self.n if self.screening() else 0.0
+        """What screening every example at the last evaluation costs (0 while the screen does not agree)."""
+        return self._per_screened() * self.n if self.screen_ok and not self.full() else 0.0
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
@@ -273,7 +276,7 @@ class Cadence:
         first: the rotation's order)."""
         if not last:
             return self.next_sweep
-        if not self.screening():
+        if not self.screen_ok or self.full():
             return 0
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0) - scoring_s
         return int(min(self.n, max(0.0, credit / max(self._per_screened(), 1e-12))))
