@@ -16,11 +16,12 @@ cannot score all of them at every evaluation and stay near the cost of training.
   completes a cycle every ``coverage_epochs`` epochs at the affordable cadence, but no larger than what still allows
   one evaluation every ``MAX_GAP_EPOCHS`` epochs.
 
-Where the model allows it (``sensitivity.screen``: a Linear output layer, a diagonal Σ), each evaluation also
-*screens*: the output layer's share of the sensitivities, at about a forward's cost, for a second rotation of the
-examples sized to screen every one each ``coverage_epochs`` epochs. Screened scores are used only while they rank
-like the exact pass on the evaluation's own slice (the trainer measures it each time); while they do, the screen
-carries the coverage and the exact slices are sized for the standard error alone.
+Where the model allows it (``sensitivity.screen``: a Linear output layer, a diagonal Σ), evaluations also
+*screen*: the output layer's share of the sensitivities, at about a forward's cost. Screened scores are used only
+while they rank like the exact pass on the evaluation's own slice (the trainer measures it each time). While they
+do, the last evaluation screens every example it does not score (the plan keeps credit for it), and where a
+second rotation that screens every example each ``coverage_epochs`` epochs costs at most SCREEN_SHARE of the
+budget, evaluations along the way sweep it and the exact slices are sized for the standard error alone.
 
 Costs are measured, not guessed: seconds per scored example and the fixed seconds of an evaluation, as running
 averages of what the trainer reports. A fixed ``eval_every`` keeps its cadence; a budget then sizes the slices.
@@ -39,7 +40,8 @@ PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
 SCREEN_SHARE = 0.5  # sweeps for coverage may take at most this share of the budget; beyond it the exact rotation covers
 SCREEN_MARGIN = 1.05  # screen a little more than coverage needs: a cycle ends within the period, not at its end
 SCREEN_TIMED = 1024  # screens of fewer examples are mostly per-call costs: until one this large is timed, a screened
-SCREEN_GUESS = 0.5  # example is taken to cost this share of a trained one (a forward; bench/overhead.py measures it)
+SCREEN_GUESS = 0.35  # example is taken to cost this share of a trained one (a forward; bench/overhead.py measures it)
+FINAL_SHARE = 0.2  # of the run's credit, the most the plan keeps for the last evaluation's sweep
 
 
 def stratified_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -212,8 +214,12 @@ class Cadence:
         return int(min(self.n, want, max(FLOOR, credit / c)))
 
     def final_sweep_cost(self) -> float:
-        """What screening every example at the last evaluation costs (0 while the screen does not agree)."""
-        return self._per_screened() * self.n if self.screen_ok and not self.full() else 0.0
+        """What the plan keeps for the last evaluation's sweep: screening every example, but no more than
+        FINAL_SHARE of the run's credit (evaluations along the way come first); 0 while the screen does not agree."""
+        if not self.screen_ok or self.full():
+            return 0.0
+        run_s = self.train_s / max(self.steps_trained, 1) * (self.total or self.steps_trained)
+        return min(self._per_screened() * self.n, FINAL_SHARE * self.budget * run_s)
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
