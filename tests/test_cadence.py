@@ -192,7 +192,10 @@ def test_the_job_config_takes_a_cadence_in_steps_or_epochs_and_names_a_bad_one()
                        ({"eval_every": 0}, "eval_every"), ({"diagnostics": {"budget": 0}}, "diagnostics.budget"),
                        ({"diagnostics": {"budget": 1e999}}, "diagnostics.budget"),
                        ({"diagnostics": {"se_target": -1}}, "diagnostics.se_target"),
-                       ({"early_stopping": {"min_delta_se": -1}}, "early_stopping.min_delta_se")):
+                       ({"early_stopping": {"min_delta_se": -1}}, "early_stopping.min_delta_se"),
+                       ({"diagnostics": {"screen_min_spearman": 2}}, "diagnostics.screen_min_spearman"),
+                       ({"diagnostics": {"screen_min_spearman": float("nan")}}, "diagnostics.screen_min_spearman"),
+                       ({"diagnostics": {"screen": "sometimes"}}, "diagnostics.screen")):
         with pytest.raises(ConfigError, match=rf"\n  {field}: "):
             parse_config(bad)
 
