@@ -51,7 +51,7 @@ def layer_variance(model: nn.Module, variance, name: str) -> dict[str, Tensor] |
 def _inputs(model: nn.Module, layer: nn.Linear, data: Iterable) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """(the output layer's inputs, targets, indices) chunk by chunk, checking that the layer makes the output."""
     got: dict[str, Tensor] = {}
-    # images in channels-last layout, weights to match: the same arithmetic, about 2.5× faster convolutions on CPU
+    # images in channels-last layout, weights to match: the same arithmetic, faster convolutions on CPU
     state = {n: _layout(t.detach()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
     handle = layer.register_forward_hook(lambda m, i, o: got.update(a=i[0], out=o))
     try:

@@ -83,7 +83,8 @@ def test_the_api_patches_a_run_with_a_token_and_filters_the_list(store):
     r = client.patch(url, json={"tags": [f"keep{u}", "v2"], "notes": "seed 0"}, headers=auth)
     assert r.status_code == 200 and r.json()["tags"] == [f"keep{u}", "v2"] and r.json()["name"] == f"baseline_lr{u}"
     assert client.patch(url, json={"name": "renamed"}, headers=auth).json()["tags"] == [f"keep{u}", "v2"]
-    for body, field in (({"name": ""}, "name"), ({"tags": ["a b"]}, "tags"), ({"tags": "keep"}, "tags"),
+    for body, field in (({"name": ""}, "name"), ({"name": "\x00"}, "name"), ({"name": " \x00 "}, "name"),
+                        ({"tags": ["a b"]}, "tags"), ({"tags": "keep"}, "tags"),
                         ({"notes": 5}, "notes"), ({"status": "done"}, "status")):
         bad = client.patch(url, json=body, headers=auth)
         assert bad.status_code == 422 and field in str(bad.json()["detail"]), (body, bad.json())

@@ -54,7 +54,7 @@ class RunOut(BaseModel):
 class RunPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00]*\S[^\x00]*$")
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")
     tags: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,50}$")]] | None = Field(
         None, max_length=20, description="replaces the run's tags")
     notes: str | None = Field(None, max_length=10_000, pattern=r"^[^\x00]*$")
