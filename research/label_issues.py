@@ -25,9 +25,9 @@ from research.experiments import _timed_train
 from research.setups import Split, digits, flip_labels
 from sensitivity import SensitivityResult, compute_sensitivities, ivon_variance
 from sensitivity.calibration import fit_scale, rescale
-from worker.cadence import stratified_permutation
 from worker.calibration import heldout_nll
 from worker.integrations.label_issues import pred_probs
+from worker.sampling import stratified_permutation
 
 SETTINGS = ((0.1, "uniform"), (0.3, "uniform"), (0.1, "pairs"))
 EVALS = 10  # evaluations over a run, for the averaged probabilities

@@ -1,12 +1,12 @@
 """How often the sampled LOO's standard error covers the full pass, on real per-example losses.
 
 A job scores a stratified slice of the training set per evaluation and reports the regression estimator (each
-example's training loss as control variate) with a standard error (``worker.cadence.loo_estimate``). Here: IVON
+example's training loss as control variate) with a standard error (``worker.sampling.loo_estimate``). Here: IVON
 MLPs on digits (clean, 10% and 30% of labels flipped), the LOO losses of every example at the end of training, and
 a training-like loss at one posterior sample as the control; 2,000 slices per size, each scored as a job would.
 Printed: the share of slices whose estimate lies within 1.96 standard errors of the full pass (nominal 0.95) and
 the root-mean-square error relative to the full pass: for the residual formula the product used before, the
-jackknife, and the jackknife with the take-all stratum (``worker.cadence.take_all``: a quarter of the slice spent on
+jackknife, and the jackknife with the take-all stratum (``worker.sampling.take_all``: a quarter of the slice spent on
 the largest training losses, counted exactly) as a job now samples.
 
     python -m research.sample_se      (about two minutes on 2 CPUs)
@@ -21,7 +21,7 @@ import torch
 
 from research.setups import digits, flip_labels, train
 from sensitivity import compute_sensitivities, ivon_variance
-from worker.cadence import loo_estimate, stratified_permutation, take_all
+from worker.sampling import loo_estimate, stratified_permutation, take_all
 
 
 def _losses(seed: int, flip: float, epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

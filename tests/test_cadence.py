@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.cadence import FLOOR, Cadence, loo_estimate, stratified_permutation
+from worker.cadence import FLOOR, Cadence
+from worker.sampling import loo_estimate, stratified_permutation
 
 
 def test_every_prefix_of_a_stratified_permutation_holds_the_classes_in_proportion():
@@ -230,7 +231,7 @@ def test_the_standard_error_holds_its_coverage_on_heavy_tailed_losses():
 
 
 def test_the_take_all_stratum_is_counted_exactly_and_shrinks_the_error_of_a_heavy_tail():
-    from worker.cadence import TAKE_ALL, take_all
+    from worker.sampling import TAKE_ALL, take_all
 
     rng = np.random.default_rng(1)
     n_all = 2000
@@ -328,3 +329,22 @@ def test_the_screens_rotation_survives_a_checkpoint_and_an_older_state_loads_wit
     legacy = Cadence(cad.labels, budget=0.15, every=None, steps_per_epoch=300)
     legacy.load_state_dict(old)
     assert not legacy.screen_ok and not legacy.screening() and legacy.next_sweep == 0
+
+
+def test_the_screens_rotation_moves_on_only_when_the_check_agrees():
+    labels = np.random.default_rng(7).integers(0, 10, 1000)
+    cad = Cadence(labels, budget=0.25, every=None, steps_per_epoch=100, total_steps=3000)
+    first = cad.take_screen(300, 200)
+    cad.screen_checked(False, 0.01, 300 + 64)  # the screen disagreed: its sweep was not written
+    assert cad.screen_pos == 0 and cad.screened_to == 0
+    again = cad.take_screen(300, 400)
+    np.testing.assert_array_equal(again, first)  # the same examples come first next time
+    cad.screen_checked(True, 0.01, 300 + 64)
+    assert cad.screen_pos == 300 and cad.screened_to == 400
+    after = cad.take_screen(300, 600)
+    assert len(np.intersect1d(after, first)) == 0  # the cycle goes on past the examples written
+    cad.screen_checked(True, 0.01, 64)
+    # a wrap: the permutation is kept from cycle to cycle, so the next cycle starts with the first examples again
+    cad.take_screen(400, 800)
+    cad.screen_checked(True, 0.01, 464)
+    np.testing.assert_array_equal(cad.take_screen(300, 1000), first)

@@ -9,19 +9,16 @@ cannot score all of them at every evaluation and stay near the cost of training.
   one's slice is not made, so the last scores a full slice, freshly);
 - scores a slice of a stratified random permutation of the examples at each evaluation (a *rotation*: every example
   once per cycle), so the slice is a stratified random sample whose mean LOO loss estimates the whole set's with a
-  standard error (``loo_estimate``), and running means over evaluations see every example; the first evaluation
-  after the first epoch starts the cycle again, so the slices scored while the model was barely trained are scored
-  again first;
+  standard error (``worker.sampling.loo_estimate``), and running means over evaluations see every example; the first
+  evaluation after the first epoch starts the cycle again, so the slices scored while the model was barely trained
+  are scored again first;
 - sizes the slice to the larger of what brings the standard error to ``se_target`` of the estimate and what
   completes a cycle every ``coverage_epochs`` epochs at the affordable cadence, but no larger than what still allows
   one evaluation every ``MAX_GAP_EPOCHS`` epochs.
 
 Where the model allows it (``sensitivity.screen``: a Linear output layer, a diagonal Σ), evaluations also
-*screen*: the output layer's share of the sensitivities, at about a forward's cost. Screened scores are used only
-while they rank like the exact pass on the evaluation's own slice (the trainer measures it each time). While they
-do, the last evaluation screens every example it does not score (the plan keeps credit for it), and where a
-second rotation that screens every example each ``coverage_epochs`` epochs costs at most SCREEN_SHARE of the
-budget, evaluations along the way sweep it and the exact slices are sized for the standard error alone.
+*screen*: the output layer's share of the sensitivities, at about a forward's cost (``worker.sweeps``: when and how
+many, while the screen ranks like the exact pass).
 
 Costs are measured, not guessed: seconds per scored example and the fixed seconds of an evaluation, as running
 averages of what the trainer reports. A fixed ``eval_every`` keeps its cadence; a budget then sizes the slices.
@@ -33,105 +30,16 @@ import math
 
 import numpy as np
 
+from worker.sampling import blend, stratified_permutation
+from worker.sweeps import ScreenPlan
+
 FLOOR = 64  # the smallest slice worth an evaluation's fixed cost (and a usable standard error)
 PILOT = 256  # the first slice, before the losses' spread is known
 MAX_GAP_EPOCHS = 2.0  # slices no larger than what allows an evaluation this often
 PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
-SCREEN_SHARE = 0.35  # sweeps for coverage take at most this share of the budget; beyond it the exact rotation covers
-SCREEN_MARGIN = 1.05  # screen a little more than coverage needs: a cycle ends within the period, not at its end
-SCREEN_TIMED = 1024  # screens of fewer examples are mostly per-call costs: until one this large is timed, a screened
-SCREEN_GUESS = 0.35  # example is taken to cost this share of a trained one (a forward; bench/overhead.py measures it)
-FINAL_SHARE = 0.2  # of the run's credit, the most the plan keeps for the last evaluation's sweep
 
 
-def stratified_permutation(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Positions 0..n-1 in an order whose every prefix holds the classes in proportion (±1 per class)."""
-    labels = np.asarray(labels)
-    keys = np.empty(len(labels))
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        keys[members] = (rng.permutation(len(members)) + rng.random(len(members))) / len(members)
-    return np.argsort(keys, kind="stable")
-
-
-def loo_estimate(losses: np.ndarray, labels: np.ndarray, population: np.ndarray,
-                 control: tuple[np.ndarray, np.ndarray] | None = None,
-                 certain: np.ndarray | None = None) -> tuple[float, float]:
-    """(mean, standard error) of the population's mean LOO loss from a sample's LOO losses.
-
-    ``population``: the number of examples of each class in the whole set (by label); with the finite-population
-    correction, a full pass has error 0. ``control``: an auxiliary value of the sampled examples and of the whole
-    population, known for all of them (each example's latest training loss): the regression estimator
-    ȳ + b (X̄ − x̄) then carries the part of the spread the auxiliary explains (most of it: a mislabeled example's
-    training and LOO losses are both large). ``certain``: which sampled examples belong to a take-all stratum
-    (scored at every evaluation: the largest training losses, ``take_all``), counted exactly; ``control``'s second
-    part then covers the population outside it. Otherwise, the classes are the strata, weighted by their share
-    (the simple random sample's formulas when a sampled class has fewer than two examples). A non-finite loss makes
-    both non-finite (the trainer fails the job on it).
-    """
-    losses, labels = np.asarray(losses, np.float64), np.asarray(labels)
-    if certain is not None and np.any(certain):  # the take-all stratum counted exactly, the rest estimated
-        c = np.asarray(certain, bool)
-        rest = population - np.bincount(labels[c], minlength=len(population))
-        m, se = loo_estimate(losses[~c], labels[~c], rest, None if control is None else (control[0][~c], control[1]))
-        n_rest, total = int(rest.sum()), int(population.sum())
-        if n_rest == 0:
-            return float(losses[c].sum() / total), 0.0
-        return float((losses[c].sum() + n_rest * m) / total), float(n_rest / total * se)
-    n, total = len(losses), int(population.sum())
-    if n == 0:
-        return float("nan"), float("nan")
-    if n >= total:
-        return float(losses.mean()), 0.0
-    fpc = 1 - n / total
-    if control is not None and n > 2:
-        x, everyone = (np.asarray(c, np.float64) for c in control)
-        if np.isfinite(x).all() and np.isfinite(everyone).all() and x.var() > 0:
-            b = np.cov(x, losses, ddof=1)[0, 1] / x.var(ddof=1)
-            mean = losses.mean() + b * (everyone.mean() - x.mean())
-            return float(mean), _jackknife_se(losses, x, float(everyone.mean())) * math.sqrt(fpc)
-    classes, counts = np.unique(labels, return_counts=True)
-    if counts.min() < 2 or np.any(population[classes] < counts):
-        return float(losses.mean()), float(math.sqrt(losses.var(ddof=1) * fpc / n)) if n > 1 else float("nan")
-    mean, var = 0.0, 0.0
-    weights = population[classes] / population[classes].sum()
-    for c, w, nh in zip(classes, weights, counts):
-        part = losses[labels == c]
-        big = population[c]
-        mean += w * part.mean()
-        var += w * w * part.var(ddof=1) / nh * (1 - nh / big)
-    return float(mean), float(math.sqrt(max(var, 0.0)))
-
-
-TAKE_ALL = 0.25  # of a sampled evaluation's examples: the largest latest training losses, scored every time
-
-
-def take_all(control: np.ndarray | None, size: int) -> np.ndarray:
-    """Positions of the take-all stratum: the ``TAKE_ALL`` share of ``size`` with the largest ``control`` values
-    (each example's latest training loss). LOO losses are heavy-tailed and their tail follows the training loss:
-    scoring it every time, exactly, leaves the sample the lighter rest (research/sample_se.py). Empty while some
-    example has no training loss yet."""
-    k = int(TAKE_ALL * size)
-    if control is None or k == 0 or size >= len(control) or not np.isfinite(control).all():
-        return np.empty(0, np.int64)
-    return np.sort(np.argpartition(-control, k - 1)[:k])
-
-
-def _jackknife_se(y: np.ndarray, x: np.ndarray, population_mean: float) -> float:
-    """The regression estimator's jackknife standard error (each example left out of the sample in turn, closed
-    form). LOO losses are heavy-tailed: the residual formula under-covers where a few large losses steer the slope
-    (research/sample_se.py)."""
-    n = len(y)
-    m = n - 1
-    mx, my = (x.sum() - x) / m, (y.sum() - y) / m
-    vx = ((x * x).sum() - x * x) / m - mx * mx
-    cxy = ((x * y).sum() - x * y) / m - mx * my
-    slope = np.divide(cxy, vx, out=np.zeros(n), where=vx > 1e-300)
-    theta = my + slope * (population_mean - mx)
-    return float(math.sqrt(m / n * ((theta - theta.mean()) ** 2).sum()))
-
-
-class Cadence:
+class Cadence(ScreenPlan):
     """The budget's bookkeeping and the rotation of examples (see the module's docstring).
 
     ``labels``: the labels of the examples that may be scored (positions 0..n-1 index them); ``budget``: the
@@ -167,14 +75,9 @@ class Cadence:
         self.cv = None  # the LOO losses' coefficient of variation at the last evaluation
         self.steps_trained = 0
         # screening (module docstring): its own rotation, the cost of a screened example, whether the last check held
-        self.screen_rng = np.random.default_rng(seed + 2)
-        self.screen_order, self.screen_pos = np.zeros(0, np.int64), 0
-        self.per_screened: float | None = None
-        self.screen_ok = self.checked = False
-        self.screened_to = 0  # the step the screen's rotation has covered up to
+        self._init_screen(seed + 2)
         self.next_step: int | None = None if every is None else every
         self.next_size = self.size()
-        self.next_sweep = 0
 
     # ------------------------------------------------------------------------------ what to score
     def full(self) -> bool:
@@ -213,14 +116,6 @@ class Cadence:
             want = max(want, (credit - self.final_sweep_cost()) / c, credit / 3 / c)
         return int(min(self.n, want, max(FLOOR, credit / c)))
 
-    def final_sweep_cost(self) -> float:
-        """What the plan keeps for the last evaluation's sweep: screening every example, but no more than
-        FINAL_SHARE of the run's credit (evaluations along the way come first); 0 while the screen does not agree."""
-        if not self.screen_ok or self.full():
-            return 0.0
-        run_s = self.train_s / max(self.steps_trained, 1) * (self.total or self.steps_trained)
-        return min(self._per_screened() * self.n, FINAL_SHARE * self.budget * run_s)
-
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
         scores everything)."""
@@ -242,72 +137,6 @@ class Cadence:
             self.pos = len(more)
             out = np.concatenate([out, more])
         return np.sort(out)
-
-    def screening(self) -> bool:
-        """Whether the next evaluation screens: the last check held and the screen costs at most SCREEN_SHARE of
-        the budget."""
-        return (self.screen_ok and not self.full() and self.steps_trained > 0
-                and self._screen_share() <= SCREEN_SHARE * self.budget)
-
-    def screen_rate(self) -> float:
-        """The share of training time that screening every example each ``coverage_epochs`` epochs costs (0 while
-        not screening)."""
-        return self._screen_share() if self.screening() else 0.0
-
-    def _screen_share(self) -> float:
-        epoch_s = self.train_s / max(self.steps_trained, 1) * self.spe
-        return SCREEN_MARGIN * self.n / (self.coverage_epochs * max(epoch_s, 1e-9)) * self._per_screened()
-
-    def _check_cost(self) -> float:
-        """What screening a slice's example adds (jobs that screen check each slice)."""
-        return self._per_screened() if self.checked else 0.0
-
-    def _per_screened(self) -> float:
-        if self.per_screened is not None:
-            return self.per_screened
-        return SCREEN_GUESS * self.train_s / max(self.steps_trained, 1) / max(self.n / self.spe, 1.0)
-
-    def sweep_size(self, step: int) -> int:
-        """Examples to screen at an evaluation at ``step``: what keeps the screen's cycle within the period."""
-        if not self.screening():
-            return 0
-        due = SCREEN_MARGIN * self.n * (step - self.screened_to) / (self.coverage_epochs * self.spe)
-        if self.per_screened is None:  # its cost is a guess until a sweep this large is timed
-            due = min(due, 2 * SCREEN_TIMED)
-        return int(min(self.n, math.ceil(max(due, 0.0))))
-
-    def sweep_now(self, step: int, last: bool, scoring_s: float) -> int:
-        """The planned sweep; at the last evaluation (due whatever the credit), every example, as far as the credit
-        left after its exact slice (``scoring_s``) and its usual fixed cost pays (the least recently screened
-        first: the rotation's order)."""
-        if not last:
-            return self.next_sweep
-        if not self.screen_ok or self.full():
-            return 0
-        credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0) - scoring_s
-        return int(min(self.n, max(0.0, credit / max(self._per_screened(), 1e-12))))
-
-    def take_screen(self, k: int, step: int) -> np.ndarray:
-        """The next ``k`` positions of the screen's rotation, sorted. Its permutation is drawn once and kept from
-        cycle to cycle, so no example waits longer than one cycle for its next screening."""
-        self.screened_to = step
-        out = np.zeros(0, np.int64)
-        if not len(self.screen_order):
-            self.screen_order = stratified_permutation(self.labels, self.screen_rng)
-        while len(out) < min(k, self.n):
-            if self.screen_pos >= len(self.screen_order):
-                self.screen_pos = 0
-            more = self.screen_order[self.screen_pos : self.screen_pos + min(k, self.n) - len(out)]
-            self.screen_pos += len(more)
-            out = np.concatenate([out, more])
-        return np.sort(np.unique(out))
-
-    def screen_checked(self, agrees: bool, seconds: float, screened: int) -> None:
-        """Record a screen: whether it ranked like the exact pass on the slice, and what it cost."""
-        self.screen_ok, self.checked = agrees, True
-        if screened >= min(SCREEN_TIMED, self.n):
-            self.per_screened = _blend(self.per_screened, seconds / screened)
-        self.spent_s += seconds
 
     # ------------------------------------------------------------------------------ when
     def cost(self, k: int) -> float:
@@ -364,8 +193,8 @@ class Cadence:
         """Record an evaluation's seconds and its estimate's relative spread (for the next slice's size)."""
         self.spent_s += scoring_s + other_s
         if scored:
-            self.per_example = _blend(self.per_example, scoring_s / scored)
-        self.fixed = _blend(self.fixed, other_s)
+            self.per_example = blend(self.per_example, scoring_s / scored)
+        self.fixed = blend(self.fixed, other_s)
         if se is not None and estimate and 1 < scored < self.n and math.isfinite(se):
             # the spread of one example (se = sd × sqrt(fpc / n)), relative to the estimate
             self.cv = float(se / abs(estimate) * math.sqrt(scored / (1 - scored / self.n)))
@@ -379,10 +208,7 @@ class Cadence:
                 "cycles": self.cycles, "train_s": self.train_s, "spent_s": self.spent_s,
                 "per_example": self.per_example, "fixed": self.fixed, "cv": self.cv,
                 "steps_trained": self.steps_trained, "next_step": self.next_step, "next_size": self.next_size,
-                "restarted": self.restarted, "screen_rng": self.screen_rng.bit_generator.state,
-                "screen_order": self.screen_order.tolist(), "screen_pos": self.screen_pos,
-                "per_screened": self.per_screened, "screen_ok": self.screen_ok, "checked": self.checked,
-                "screened_to": self.screened_to, "next_sweep": self.next_sweep}
+                "restarted": self.restarted, **self._screen_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
@@ -391,11 +217,7 @@ class Cadence:
             setattr(self, key, state[key])
         self.order = np.asarray(state["order"], dtype=np.int64)
         self.restarted = state.get("restarted", self.steps_trained >= self.spe)  # older checkpoints: past it
-        if "screen_rng" in state:  # older checkpoints: no screening yet (the next check decides)
-            self.screen_rng.bit_generator.state = state["screen_rng"]
-            self.screen_order = np.asarray(state["screen_order"], dtype=np.int64)
-            for key in ("screen_pos", "per_screened", "screen_ok", "checked", "screened_to", "next_sweep"):
-                setattr(self, key, state[key])
+        self._load_screen_state(state)
 
 
 def _sample_for(cv_over_target: float, n: int) -> float:
@@ -403,7 +225,3 @@ def _sample_for(cv_over_target: float, n: int) -> float:
     with the finite-population correction."""
     n0 = cv_over_target ** 2
     return n0 / (1 + n0 / n)
-
-
-def _blend(old: float | None, new: float, weight: float = 0.5) -> float:
-    return new if old is None else (1 - weight) * old + weight * new

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from app.store.job_config import CalibrationConfig
 from sensitivity import SensitivityResult
 from sensitivity.calibration import fit_scale, rescale
-from worker.cadence import stratified_permutation
+from worker.sampling import stratified_permutation
 
 
 def variance_level(variance) -> float | None:

@@ -20,8 +20,8 @@ from sensitivity.covariance import KFACCovariance
 from sensitivity.deviations import CAPPED_FORMS
 from sensitivity.variance import as_covariance, default_form
 from worker import distributed as D
-from worker import models, screening
-from worker.cadence import Cadence, loo_estimate, take_all
+from worker import job_state, models, screening
+from worker.cadence import Cadence
 from worker.calibration import Calibration, heldout_nll, variance_level
 from worker.checkpoints import CheckpointMismatch, Checkpoints
 from worker.config import JobConfig
@@ -30,6 +30,7 @@ from worker.data import Dataset, Rows, Thumbnails, inject_label_noise, load_data
 from worker.early_stopping import EarlyStopping
 from worker.hooks import HookDispatcher
 from worker.progress import StepBar
+from worker.sampling import loo_estimate, take_all
 from worker.step import train_step
 
 
@@ -245,24 +246,7 @@ class Trainer:
             ck = self.checkpoints.load_resume()  # on the CPU: a GPU run can resume on a CPU
         except CheckpointMismatch as err:
             raise JobFailed(str(err)) from None
-        model.load_state_dict(ck["model"])
-        sd = ck["optimizer"]
-        ranks = ck.get("ranks")
-        if ranks is not None and len(ranks) == D.world() and isinstance(opt, IVON):
-            sd = {**sd, "ivon": {**sd["ivon"], "generators": ranks[D.rank()]["generators"]}}  # this rank's noise
-        opt.load_state_dict(sd)
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"] if ranks is None else ranks[D.rank()]["rng"])
-        cuda_rng = ck.get("cuda_rng") if ranks is None else ranks[D.rank()].get("cuda_rng")
-        if cuda_rng is not None and self.device.type == "cuda":  # IVON's noise on a GPU comes from its generator
-            torch.cuda.set_rng_state(cuda_rng, self.device)
-        gen.set_state(ck["gen"])
-        es.load_state_dict(ck["early_stopping"])
-        if ck.get("cadence") is not None:
-            cad.load_state_dict(ck["cadence"])
-            seen.copy_(ck["seen"])
-        if ck.get("calibration") is not None:
-            self.cal.load_state_dict(ck["calibration"])
+        job_state.restore(ck, self.device, model, opt, sched, gen, es, cad, seen, self.cal)
         self.log(f"run {self.run_id}: resumed at step {ck['step']}")
         return ck["step"], ck["perm"]
 
@@ -417,15 +401,6 @@ class Trainer:
                             "(data.standardize: true) or lower optimizer.lr")
 
     def _checkpoint(self, model, opt, sched, gen, step, perm, es, cad, seen) -> None:
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        mine = {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                "generators": opt.state_dict()["ivon"]["generators"] if isinstance(opt, IVON) else {}}
-        ranks = D.gather(mine) if D.active() else None
-        if not self.writer:
-            return
-        self.checkpoints.save_resume({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "gen": gen.get_state(), "step": step, "perm": perm,
-            "early_stopping": es.state_dict(), "cadence": cad.state_dict(), "seen": seen.cpu(),
-            "calibration": self.cal.state_dict(),
-            "ranks": ranks})
+        state = job_state.capture(self.device, model, opt, sched, gen, step, perm, es, cad, seen, self.cal)
+        if self.writer:
+            self.checkpoints.save_resume(state)
