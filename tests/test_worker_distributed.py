@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,31 @@ def test_two_ranks_agree_with_one_process_within_noise(tmp_path):
         assert gap <= 3 * spread + 0.02 * get(last["single-0"]), (key, gap, spread)
     assert last["ranks-2"].metrics["test_accuracy"] >= last["single-0"].metrics["test_accuracy"] - 0.05
     assert not (tmp_path / "ck" / runs["ranks-2"].uid / "resume.pt").exists()  # ended: nothing resumes it
+
+
+@pytest.mark.slow
+def test_two_ranks_screen_their_shares_and_rank_0_writes_the_sweep(tmp_path):
+    # a budgeted job (no fixed cadence) that screens: every rank screens its share of the check and of each sweep
+    # (a rank left out would hang the job's collectives), rank 0 maps and writes them
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    cfg = tmp_path / "scr.json"
+    job = {k: v for k, v in JOB.items() if k != "eval_every"}
+    cfg.write_text(json.dumps({**job, "name": "screen-2", "diagnostics": {"budget": 2.0, "screen_min_spearman": 0.5}}))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "ivon_diag", "--db", url, "train", str(cfg),
+                          "--checkpoint-dir", str(tmp_path / "ck")], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    store = Store(url)
+    (run,) = store.list_runs()
+    evs = store.evaluations(run.id)
+    assert all(-1.0 <= e.metrics["screen_spearman"] <= 1.0 for e in evs)  # each evaluation checked its slice
+    swept = [e for e in evs if e.metrics.get("screened", 0) > 0]
+    assert swept, [(e.step, e.metrics) for e in evs]
+    table = store.examples_table(run.id, swept[-1].step)
+    marked = np.asarray(table["screened"], bool) & (np.asarray(table["scored_step"]) == swept[-1].step)
+    assert marked.sum() == swept[-1].metrics["screened"]  # every screened example of both ranks' shares, once
+    assert len(set(table["idx"])) == len(table["idx"]) and np.isfinite(np.asarray(table["score"])[marked]).all()
 
 
 @pytest.mark.slow

@@ -43,22 +43,25 @@ def _setup(head_only: bool):
 
 def test_an_agreeing_screen_adds_the_sweeps_rows_on_the_exact_scale_and_marks_them():
     model, data, var, res = _setup(head_only=True)  # the screen is then exact: ρ = 1
-    out = run(model, data, var, "first_order", res, torch.arange(50, 300), min_spearman=0.95, chunk=64,
+    out = run(model, data, var, "first_order", res.indices, res, torch.arange(50, 300), min_spearman=0.95, chunk=64,
               max_amplification="auto")
     assert out.agrees and out.metrics["screen_spearman"] == pytest.approx(1.0)
     assert sorted(out.idx.tolist()) == list(range(100, 300))  # the sweep less the slice's own examples
     truth = compute_sensitivities(model, (data.xtr[100:], data.ytr[100:]), var, form="first_order")
-    order = np.argsort(out.idx)
-    assert np.corrcoef(out.scores[order], truth.scores.numpy())[0, 1] > 0.99
     rows = out.rows(res)
     assert len(rows["idx"]) == 300 and rows["screened"].sum() == 200 and not rows["screened"][:100].any()
+    np.testing.assert_array_equal(rows["idx"][:100], res.indices.numpy())
+    order = 100 + np.argsort(rows["idx"][100:])
+    assert np.corrcoef(rows["scores"][order], truth.scores.numpy())[0, 1] > 0.99  # mapped onto the exact scale
+    # the map is monotone: the screened rows rank as the screen did
+    assert (np.diff(rows["scores"][100:][np.argsort(out.got["scores"])]) >= 0).all()
     assert rows["prob_label"].shape == (300,) and rows["class_probs"].shape == (300, 3)
     assert out.count == 300 and out.seconds > 0 and out.metrics["screened"] == 200
 
 
 def test_a_screen_that_disagrees_adds_nothing_but_its_measured_agreement():
     model, data, var, res = _setup(head_only=False)  # most of V in the body: the head ranks otherwise
-    out = run(model, data, var, "first_order", res, torch.arange(300), min_spearman=0.999, chunk=64,
+    out = run(model, data, var, "first_order", res.indices, res, torch.arange(300), min_spearman=0.999, chunk=64,
               max_amplification="auto")
     assert not out.agrees and out.metrics["screen_spearman"] < 0.999
     assert len(out.idx) == 0 and out.metrics["screened"] == 0 and out.count == 100  # the check alone
@@ -72,3 +75,17 @@ def test_available_says_why_a_model_or_covariance_cannot_be_screened():
     assert available(torch.nn.Sequential(torch.nn.Flatten()), {}) is not None
     assert available(model, object()) == "screening needs a diagonal variance"
     assert available(model, {n: torch.ones_like(p) for n, p in model.named_parameters()}) is None
+
+
+def test_the_check_lines_the_screen_up_with_the_exact_slice_in_its_order():
+    model, data, var, _ = _setup(head_only=True)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))[:100]  # a slice in no sorted order
+    res = compute_sensitivities(model, (data.xtr[perm], data.ytr[perm]), var, form="first_order")
+    res.indices = perm
+    out = run(model, data, var, "first_order", perm, res, torch.zeros(0, dtype=torch.long), min_spearman=0.95,
+              chunk=64, max_amplification="auto")
+    assert out.metrics["screen_spearman"] == pytest.approx(1.0) and out.count == 100 and not len(out.idx)
+    np.testing.assert_allclose(out.check["scores"], res.scores.double().numpy(), rtol=1e-4)
+    with pytest.raises(RuntimeError, match="did not cover"):  # a check that missed part of the slice
+        run(model, data, var, "first_order", perm[:50], res, torch.zeros(0, dtype=torch.long), min_spearman=0.95,
+            chunk=64, max_amplification="auto")

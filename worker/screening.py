@@ -19,6 +19,7 @@ from scipy.stats import spearmanr
 
 from sensitivity.result import SensitivityResult
 from sensitivity.screen import layer_variance, output_layer, screen
+from worker import distributed as D
 from worker.data import Rows
 
 FORWARD_CHUNK = 128  # examples per forward: small batches keep a CPU's caches warm (bench/overhead.py)
@@ -26,31 +27,37 @@ FORWARD_CHUNK = 128  # examples per forward: small batches keep a CPU's caches w
 
 @dataclass
 class Screened:
-    """What an evaluation adds: the screened examples' rows (empty when the check failed or none were due)."""
+    """What an evaluation adds: the screened examples (none when the check failed or none were due), their values as
+    the screen gave them; ``rows`` maps them onto the exact result's scale (after its calibration)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    loo_losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    prob_label: np.ndarray | None = None
-    class_probs: np.ndarray | None = None
     seconds: float = 0.0
     count: int = 0  # examples screened, the check's included (what the cost is per)
     agrees: bool = False
-
+    check: dict[str, np.ndarray] | None = None  # the slice's screened values, in the order of its exact result
+    got: dict[str, np.ndarray] | None = None  # the sweep's
 
     def rows(self, res: SensitivityResult) -> dict:
         """``write_evaluation``'s per-example arguments: the exact slice's rows, then the screened ones, marked."""
         k, n = len(self.idx), len(res.indices)
-
-        def cat(exact, mine):
-            return exact if exact is None or not k else None if mine is None else np.concatenate([exact, mine])
-
         probs = None if res.loo_probs is None else res.loo_probs.numpy()
         cls = None if res.loo_probs is None else res.loo_class_probs().numpy()
-        return {"idx": cat(res.indices.numpy(), self.idx), "scores": cat(res.scores.numpy(), self.scores),
-                "loo_losses": cat(res.loo_losses.numpy(), self.loo_losses), "prob_label": cat(probs, self.prob_label),
-                "class_probs": cat(cls, self.class_probs), "screened": np.arange(n + k) >= n if k else None}
+        out = {"idx": res.indices.numpy(), "scores": res.scores.numpy(), "loo_losses": res.loo_losses.numpy(),
+               "prob_label": probs, "class_probs": cls, "screened": None}
+        if not k:
+            return out
+        c, g = self.check, self.got
+        mine = {"idx": self.idx, "scores": to_scale(g["scores"], c["scores"], res.scores.double().numpy()),
+                "loo_losses": to_scale(g["loo_losses"], c["loo_losses"], res.loo_losses.double().numpy()),
+                "prob_label": None, "class_probs": g.get("class_probs")}
+        if probs is not None and "loo_probs" in g:
+            # a probability falls as the loss rises: mapped through the negated values
+            mine["prob_label"] = -to_scale(-g["loo_probs"], -c["loo_probs"], -res.loo_probs.double().numpy())
+        for key in ("idx", "scores", "loo_losses", "prob_label", "class_probs"):
+            out[key] = None if out[key] is None or mine[key] is None else np.concatenate([out[key], mine[key]])
+        out["screened"] = np.arange(n + k) >= n
+        return out
 
 
 def available(model, variance) -> str | None:
@@ -84,34 +91,58 @@ def to_scale(values: np.ndarray, screened: np.ndarray, exact: np.ndarray) -> np.
     return out
 
 
-def run(model, data, variance, form: str, res: SensitivityResult, sweep: torch.Tensor, *, min_spearman: float,
-        chunk: int, max_amplification) -> Screened:
-    """Screen ``res``'s examples (the check) and, where it agrees, ``sweep``'s examples not among them."""
+def _values(model, data, variance, form: str, ids: torch.Tensor, chunk: int, max_amplification) -> dict:
+    """The screen's values for ``ids`` (this rank's share; empty: nothing to screen), by example index."""
+    if not len(ids):
+        return {"idx": np.zeros(0, np.int64)}
+    r = screen(model, Rows(data.xtr, data.ytr, ids, FORWARD_CHUNK), variance, form=form, chunk_size=chunk,
+               max_amplification=max_amplification)
+    out = {"idx": r.indices.numpy(), "scores": r.scores.double().numpy(), "loo_losses": r.loo_losses.double().numpy()}
+    if r.loo_probs is not None:
+        out.update(loo_probs=r.loo_probs.double().numpy(), class_probs=r.loo_class_probs().numpy())
+    return out
+
+
+def _joined(parts: list[dict], order: np.ndarray | None = None) -> dict | None:
+    """The ranks' values in one, ordered as ``order`` (example indices: each must be there) or by index."""
+    parts = [p for p in parts if len(p["idx"])]
+    if not parts:
+        return None
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    by = np.argsort(out["idx"], kind="stable")
+    if order is not None:
+        by = by[np.searchsorted(out["idx"], order, sorter=by)]
+        if not np.array_equal(out["idx"][by], order):
+            raise RuntimeError("the screen's check did not cover its exact slice")
+    return {k: v[by] for k, v in out.items()}
+
+
+def run(model, data, variance, form: str, ids: torch.Tensor, exact: SensitivityResult | None, sweep, *,
+        min_spearman: float, chunk: int, max_amplification) -> Screened | None:
+    """Screen the exact slice (the check) and, where it agrees, ``sweep``'s examples not among them. Every rank calls
+    it (under torchrun each screens its share: ``ids``, the rank's share of the slice, and every world-th of the
+    sweep); rank 0 passes the gathered ``exact`` result and the ``sweep`` and gets the ``Screened``, the others
+    None."""
     t = time.perf_counter()
-
-    def scr(ids: torch.Tensor) -> SensitivityResult:
-        return screen(model, Rows(data.xtr, data.ytr, ids, FORWARD_CHUNK), variance, form=form, chunk_size=chunk,
-                      max_amplification=max_amplification)
-
-    check = scr(res.indices)
-    exact, mine = res.scores.double().numpy(), check.scores.double().numpy()
-    ok = np.isfinite(exact) & np.isfinite(mine)
-    rho = float(spearmanr(mine[ok], exact[ok]).statistic) if ok.sum() > 2 else float("nan")
-    out = Screened(metrics={"screen_spearman": rho if np.isfinite(rho) else -1.0}, count=len(check.indices))
-    out.agrees = bool(np.isfinite(rho) and rho >= min_spearman)
-    rest = sweep[~torch.isin(sweep, res.indices)] if len(sweep) else sweep
-    if out.agrees and len(rest):
-        got = scr(rest)
-        out.count += len(got.indices)
-        out.idx = got.indices.numpy()
-        out.scores = to_scale(got.scores.double().numpy(), mine, exact)
-        out.loo_losses = to_scale(got.loo_losses.double().numpy(), check.loo_losses.double().numpy(),
-                                  res.loo_losses.double().numpy())
-        if got.loo_probs is not None and res.loo_probs is not None:
-            # a probability falls as the loss rises: mapped through the negated values
-            out.prob_label = -to_scale(-got.loo_probs.double().numpy(), -check.loo_probs.double().numpy(),
-                                       -res.loo_probs.double().numpy())
-            out.class_probs = got.loo_class_probs().numpy()
+    parts = D.gather(_values(model, data, variance, form, ids, chunk, max_amplification))
+    out, todo = None, None
+    if parts is not None:
+        check = _joined(parts, exact.indices.numpy())
+        ref, mine = exact.scores.double().numpy(), check["scores"] if check else np.zeros(0)
+        ok = np.isfinite(ref) & np.isfinite(mine)
+        rho = float(spearmanr(mine[ok], ref[ok]).statistic) if ok.sum() > 2 else float("nan")
+        out = Screened(metrics={"screen_spearman": rho if np.isfinite(rho) else -1.0}, count=len(exact.indices),
+                       agrees=bool(np.isfinite(rho) and rho >= min_spearman), check=check)
+        todo = sweep[~torch.isin(sweep, exact.indices)] if out.agrees and len(sweep) else sweep[:0]
+    todo = D.broadcast(todo)
+    if len(todo):
+        parts = D.gather(_values(model, data, variance, form, D.shard(todo), chunk, max_amplification))
+        if out is not None:
+            out.got = _joined(parts)
+            out.idx = out.got["idx"]
+            out.count += len(out.idx)
+    if out is None:
+        return None
     out.metrics["screened"] = float(len(out.idx))
     out.seconds = time.perf_counter() - t
     return out

@@ -258,7 +258,8 @@ class Trainer:
                   last: bool) -> dict[str, float] | None:
         t = time.perf_counter()
         seen = D.merge_filled(seen)  # rank 0: every rank's latest training losses
-        size = cad.last_size() if last else cad.next_size
+        # the last size from rank 0's costs (each rank times its own): every rank takes the same slice
+        size = D.broadcast(cad.last_size() if self.writer else None) if last else cad.next_size
         top = take_all(None if seen is None else seen[pool.to(seen.device)].cpu().numpy(), size)
         certain = pool[torch.from_numpy(D.broadcast(top))]  # rank 0's: it holds every rank's training losses
         rotation = pool[torch.from_numpy(cad.take(size - len(certain)))]  # the same slice on every rank
@@ -280,9 +281,10 @@ class Trainer:
         else:
             t_scoring = t
         res = D.gather_result(score(ids))
-        if res is None:  # not rank 0: its shard was sent there
-            return None
         scoring = time.perf_counter() - t_scoring
+        scr = self._screen(model, data, variance, form, ids, res, pool, cad, step, last, scoring)  # every rank
+        if res is None:  # not rank 0: its shards were sent there
+            return None
         metrics = {"train_nll": float(res.losses.double().mean()),
                    "train_acc": float((res.logits.argmax(1) == res.targets).double().mean())}
         # with a budget, evaluations before the last one measure the test metrics at the mean on a fixed stratified
@@ -324,7 +326,6 @@ class Trainer:
         res, cal = self._calibrate(model, data, res, lambda losses: estimate(losses)[0], metrics, variance, step,
                                    len(yte))
         metrics.update(cal)
-        scr = self._screen(model, data, variance, form, res, pool, cad, step, last, scoring)
         metrics.update(scr.metrics)
         if res.form in CAPPED_FORMS:  # share of examples whose correction hit max_amplification
             metrics["loo_capped"] = res.capped
@@ -357,18 +358,23 @@ class Trainer:
         self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
 
-    def _screen(self, model, data, variance, form, res, pool, cad, step, last, scoring_s) -> screening.Screened:
-        """The screen's check on the slice and, where it holds, its sweep (worker.screening; rank 0)."""
+    def _screen(self, model, data, variance, form, ids, res, pool, cad, step, last, scoring_s):
+        """The screen's check on the slice and, where it holds, its sweep (worker.screening; every rank screens its
+        share, rank 0 gets the ``Screened``)."""
         d = self.cfg.diagnostics
         if cad.full() or not d.screen or self._no_screen:
             return screening.Screened()
-        self._no_screen = screening.available(model, variance)
+        self._no_screen = screening.available(model, variance)  # the same on every rank
         if self._no_screen:
-            self.log(f"run {self.run_id}: not screening ({self._no_screen}): the exact rotation covers the examples")
+            if self.writer:
+                self.log(f"run {self.run_id}: not screening ({self._no_screen}): the exact rotation covers the "
+                         "examples")
             return screening.Screened()
-        k = cad.sweep_now(step, last, scoring_s)
-        sweep = pool[torch.from_numpy(cad.take_screen(k, step))] if k else pool[:0]
-        return screening.run(model, data, variance, form, res, sweep, min_spearman=d.screen_min_spearman,
+        sweep = None
+        if self.writer:
+            k = cad.sweep_now(step, last, scoring_s)
+            sweep = pool[torch.from_numpy(cad.take_screen(k, step))] if k else pool[:0]
+        return screening.run(model, data, variance, form, ids, res, sweep, min_spearman=d.screen_min_spearman,
                              chunk=self.cfg.sensitivity.chunk_size,
                              max_amplification=self.cfg.sensitivity.max_amplification)
 
