@@ -278,9 +278,10 @@ def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, 
             cad.apply(cad.plan(step))
         if cad.due(step, step == total):
             part = cad.take(cad.last_size() if step == total else None)
-            k = cad.sweep_now(step, step == total, 0.0003 * len(part))  # as the trainer: before ``evaluated``
+            k = cad.sweep_now(step, step == total)
             cad.evaluated(0.0003 * len(part), 0.2, len(part), estimate=0.5, se=0.005)
             swept = cad.take_screen(k, step) if k else np.zeros(0, np.int64)
+            swept = np.setdiff1d(swept, part) if agrees else swept[:0]  # written only where the check agrees
             cad.screen_checked(agrees, per_screened * (len(part) + len(swept)), len(part) + len(swept))
             fresh = np.union1d(part, swept)
             prev = last_seen[fresh]
@@ -295,10 +296,14 @@ def test_a_screen_that_agrees_covers_every_example_each_coverage_period_within_t
     cad, evals, last_seen = _simulate_screening()  # budget 0.25: the sweeps along the way cost ≤ SCREEN_SHARE of it
     assert sum(1 for *_, s in evals[:-1] if s) >= 5 and evals[0][2] == 0  # the pilot checks; the sweeps come after
     # every example scored or screened within a coverage period (5 epochs = 1500 steps, and the margin) of the last
-    # sweep (the last evaluation spends its credit on its exact slice first)
-    swept = max(step for step, _, k in evals if k)
-    assert swept >= 6000 - 1500 and (last_seen >= swept - 1500 * 1.1).all()
-    assert cad.spent_s <= 0.25 * 60.0 + 0.2 + 0.0003 * cad.next_size + 1e-9
+    # sweep along the way, and at the end: the last evaluation screens every example its slice does not score
+    swept = max(step for step, _, k in evals[:-1] if k)
+    assert swept >= 6000 - 1500 and (last_seen[last_seen < 6000] >= swept - 1500 * 1.1).all()
+    step, part, k = evals[-1]
+    assert step == 6000 and part + k == 20000 and (last_seen == 6000).all()
+    # within the budget (the last slice may pass it by its fixed cost), but for the last sweep: 1 s, a third of an
+    # epoch's 3 s
+    assert cad.spent_s - 0.00005 * 20000 <= 0.25 * 60.0 + 0.2 + 0.0003 * FLOOR + 1e-9
     slices = [k for _, k, _ in evals[1:]]
     assert max(slices) < 20000 / 4  # the exact slices no longer carry the coverage
 
@@ -307,8 +312,10 @@ def test_a_screen_that_disagrees_or_costs_too_much_is_not_swept_and_the_exact_ro
     for kwargs in ({"agrees": False}, {"per_screened": 0.0005}):  # 3× a trained example: more than the budget
         cad, evals, _ = _simulate_screening(**kwargs)
         # a costly screen sweeps once along the way, on the guess of its cost (a forward's), and stops once it has
-        # been timed (the last evaluation still screens what its credit pays for while the screen agrees)
+        # been timed; the last evaluation screens what half an epoch's training time pays for (3,000 of 20,000)
         assert sum(1 for *_, s in evals[:-1] if s) <= (0 if "agrees" in kwargs else 1), kwargs
+        _, part, k = evals[-1]
+        assert k == 0 if "agrees" in kwargs else 3000 - part <= k <= 3000, (kwargs, part, k)
         assert not cad.screening()
         # the exact slices are sized for coverage again (here: as large as an evaluation every 2 epochs allows),
         # not for the standard error alone (64 while the screen covers)

@@ -103,18 +103,13 @@ class Cadence(ScreenPlan):
         return int(min(self.n, max(floor, min(max(n_se, n_cov), n_gap))))
 
     def last_size(self) -> int:
-        """The last evaluation's slice: due whatever the credit, so no larger than what the credit left pays for.
-        While screening, the last evaluation screens every example it does not score (the run's final rankings are
-        then all fresh): the slice takes what the credit pays beyond that sweep, and at least its planned size and a
-        third of the credit (its planned size rests on a spread measured earlier in training, where it is smaller)."""
+        """The last evaluation's slice: what the credit left pays for (due whatever the credit: at least FLOOR). The
+        plan has kept enough for its planned size; the rest of the credit would go unspent. Its sweep of every
+        example, where the screen agrees, is beyond the budget (``worker.sweeps``)."""
         if self.full() or self.per_example is None:
             return self.next_size
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
-        c = self.per_example + self._check_cost()
-        want = self.next_size
-        if self.screen_ok:
-            want = max(want, (credit - self.final_sweep_cost()) / c, credit / 3 / c)
-        return int(min(self.n, want, max(FLOOR, credit / c)))
+        return int(min(self.n, max(FLOOR, credit / (self.per_example + self._check_cost()))))
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
@@ -161,10 +156,9 @@ class Cadence(ScreenPlan):
         nxt = step + max(1, math.ceil(need / max(b * per_step, 1e-12)))
         if self.total is not None and nxt < self.total and self.per_example is not None:
             # the last evaluation (due whatever the credit) is the run's result: where the credit left at the end
-            # would not pay for its slice (and its sweep of every example) after this one, this one is skipped and
-            # the last has it all
+            # would not pay for its slice after this one, this one is skipped and the last has it all
             left = b * per_step * (self.total - step) + credit - cost
-            if left < self.cost(size) + self.final_sweep_cost():
+            if left < self.cost(size):
                 nxt = self.total
         return {"step": nxt, "size": size, "sweep": self.sweep_size(self._capped(nxt))}
 

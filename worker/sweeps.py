@@ -1,12 +1,13 @@
 """The screen's part of an evaluation plan (``worker.cadence``): when evaluations sweep examples with the output
-layer's share of the sensitivities (``sensitivity.screen``), how many, in which order, and what the plan keeps for
-the last evaluation's sweep of every example.
+layer's share of the sensitivities (``sensitivity.screen``), how many, and in which order.
 
 Screened scores are used only while they rank like the exact pass on the evaluation's own slice (the trainer checks
-it each time: ``worker.screening``). While they do, the last evaluation screens every example it does not score (the
-plan keeps credit for it), and where a second rotation that screens every example each ``coverage_epochs`` epochs
-costs at most SCREEN_SHARE of the budget, evaluations along the way sweep it and the exact slices are sized for the
-standard error alone. A screened example's cost is measured once a sweep of SCREEN_TIMED examples has run.
+it each time: ``worker.screening``). Where they do, the last evaluation screens every example it does not score, a
+forward each, beyond the budget (about a third of an epoch's arithmetic, at most FINAL_EPOCHS of training time: the
+run's final rankings then cover every example); and where a second rotation that screens every example each
+``coverage_epochs`` epochs costs at most SCREEN_SHARE of the budget, evaluations along the way sweep it and the exact
+slices are sized for the standard error alone. A screened example's cost is measured once a sweep of SCREEN_TIMED
+examples has run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ SCREEN_SHARE = 0.35  # sweeps for coverage take at most this share of the budget
 SCREEN_MARGIN = 1.05  # screen a little more than coverage needs: a cycle ends within the period, not at its end
 SCREEN_TIMED = 1024  # screens of fewer examples are mostly per-call costs: until one this large is timed, a screened
 SCREEN_GUESS = 0.35  # example is taken to cost this share of a trained one (a forward; bench/overhead.py measures it)
-FINAL_SHARE = 0.2  # of the run's credit, the most the plan keeps for the last evaluation's sweep
+FINAL_EPOCHS = 0.5  # the last sweep, beyond the budget, costs at most this many epochs' training time (a forward
+# each: about a third of a training step's arithmetic, so every example)
 STATE = ("screen_pos", "per_screened", "screen_ok", "checked", "screened_to", "next_sweep")
 
 
@@ -36,14 +38,6 @@ class ScreenPlan:
         self.screened_to = 0  # the step the screen's rotation has covered up to
         self.next_sweep = 0
         self._taken: tuple[int, int] | None = None  # where the last sweep taken would move the rotation to
-
-    def final_sweep_cost(self) -> float:
-        """What the plan keeps for the last evaluation's sweep: screening every example, but no more than
-        FINAL_SHARE of the run's credit (evaluations along the way come first); 0 while the screen does not agree."""
-        if not self.screen_ok or self.full():
-            return 0.0
-        run_s = self.train_s / max(self.steps_trained, 1) * (self.total or self.steps_trained)
-        return min(self._per_screened() * self.n, FINAL_SHARE * self.budget * run_s)
 
     def screening(self) -> bool:
         """Whether the next evaluation screens: the last check held and the screen costs at most SCREEN_SHARE of
@@ -78,16 +72,16 @@ class ScreenPlan:
             due = min(due, 2 * SCREEN_TIMED)
         return int(min(self.n, math.ceil(max(due, 0.0))))
 
-    def sweep_now(self, step: int, last: bool, scoring_s: float) -> int:
-        """The planned sweep; at the last evaluation (due whatever the credit), every example, as far as the credit
-        left after its exact slice (``scoring_s``) and its usual fixed cost pays (the least recently screened
-        first: the rotation's order)."""
+    def sweep_now(self, step: int, last: bool) -> int:
+        """The planned sweep; at the last evaluation, every example (those its slice scores aside) whatever the
+        credit, so that the run's final rankings cover every example (its check decides), as far as FINAL_EPOCHS
+        of training time pays."""
+        if self.full():
+            return 0
         if not last:
             return self.next_sweep
-        if not self.screen_ok or self.full():
-            return 0
-        credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0) - scoring_s
-        return int(min(self.n, max(0.0, credit / max(self._per_screened(), 1e-12))))
+        epoch_s = self.train_s / max(self.steps_trained, 1) * self.spe
+        return int(min(self.n, FINAL_EPOCHS * epoch_s / max(self._per_screened(), 1e-12)))
 
     def take_screen(self, k: int, step: int) -> np.ndarray:
         """The next ``k`` positions of the screen's rotation, sorted. Its permutation is drawn once and kept from

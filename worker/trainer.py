@@ -282,7 +282,7 @@ class Trainer:
             t_scoring = t
         res = D.gather_result(score(ids))
         scoring = time.perf_counter() - t_scoring
-        scr = self._screen(model, data, variance, form, ids, res, pool, cad, step, last, scoring)  # every rank
+        scr = self._screen(model, data, variance, form, ids, res, pool, cad, step, last)  # every rank
         if res is None:  # not rank 0: its shards were sent there
             return None
         metrics = {"train_nll": float(res.losses.double().mean()),
@@ -358,7 +358,7 @@ class Trainer:
         self.bar.show(loo=loo, test_nll=metrics["test_nll"])
         return {**metrics, "loo": loo}
 
-    def _screen(self, model, data, variance, form, ids, res, pool, cad, step, last, scoring_s):
+    def _screen(self, model, data, variance, form, ids, res, pool, cad, step, last):
         """The screen's check on the slice and, where it holds, its sweep (worker.screening; every rank screens its
         share, rank 0 gets the ``Screened``)."""
         d = self.cfg.diagnostics
@@ -372,7 +372,7 @@ class Trainer:
             return screening.Screened()
         sweep = None
         if self.writer:
-            k = cad.sweep_now(step, last, scoring_s)
+            k = cad.sweep_now(step, last)
             sweep = pool[torch.from_numpy(cad.take_screen(k, step))] if k else pool[:0]
         return screening.run(model, data, variance, form, ids, res, sweep, min_spearman=d.screen_min_spearman,
                              chunk=self.cfg.sensitivity.chunk_size,
