@@ -103,13 +103,14 @@ class Cadence(ScreenPlan):
         return int(min(self.n, max(floor, min(max(n_se, n_cov), n_gap))))
 
     def last_size(self) -> int:
-        """The last evaluation's slice: what the credit left pays for (due whatever the credit: at least FLOOR). The
-        plan has kept enough for its planned size; the rest of the credit would go unspent. Its sweep of every
-        example, where the screen agrees, is beyond the budget (``worker.sweeps``)."""
+        """The last evaluation's slice: due whatever the credit, so its planned size as far as the credit left pays
+        (at least FLOOR). Not more: a larger slice than the one timed costs more per example than the estimate (the
+        ResNet's in bench/overhead.py). Its sweep of every example, where the screen agrees, is beyond the budget
+        (``worker.sweeps``)."""
         if self.full() or self.per_example is None:
             return self.next_size
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
-        return int(min(self.n, max(FLOOR, credit / (self.per_example + self._check_cost()))))
+        return int(min(self.next_size, max(min(self.n, FLOOR), credit / (self.per_example + self._check_cost()))))
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
