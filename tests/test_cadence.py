@@ -278,7 +278,7 @@ def _simulate_screening(agrees=True, per_screened=0.00005, total=6000, n=20000, 
             cad.apply(cad.plan(step))
         if cad.due(step, step == total):
             part = cad.take(cad.last_size() if step == total else None)
-            k = cad.sweep_now(step, step == total)
+            k = cad.sweep_now(step == total)
             cad.evaluated(0.0003 * len(part), 0.2, len(part), estimate=0.5, se=0.005)
             swept = cad.take_screen(k, step) if k else np.zeros(0, np.int64)
             swept = np.setdiff1d(swept, part) if agrees else swept[:0]  # written only where the check agrees

@@ -40,8 +40,8 @@ class ScreenPlan:
         self._taken: tuple[int, int] | None = None  # where the last sweep taken would move the rotation to
 
     def screening(self) -> bool:
-        """Whether the next evaluation screens: the last check held and the screen costs at most SCREEN_SHARE of
-        the budget."""
+        """Whether evaluations along the way sweep: the last check held and sweeping every example each
+        ``coverage_epochs`` epochs costs at most SCREEN_SHARE of the budget."""
         return (self.screen_ok and not self.full() and self.steps_trained > 0
                 and self._screen_share() <= SCREEN_SHARE * self.budget)
 
@@ -51,8 +51,10 @@ class ScreenPlan:
         return self._screen_share() if self.screening() else 0.0
 
     def _screen_share(self) -> float:
-        epoch_s = self.train_s / max(self.steps_trained, 1) * self.spe
-        return SCREEN_MARGIN * self.n / (self.coverage_epochs * max(epoch_s, 1e-9)) * self._per_screened()
+        return SCREEN_MARGIN * self.n / (self.coverage_epochs * max(self._epoch_s(), 1e-9)) * self._per_screened()
+
+    def _epoch_s(self) -> float:
+        return self.train_s / max(self.steps_trained, 1) * self.spe
 
     def _check_cost(self) -> float:
         """What screening a slice's example adds (jobs that screen check each slice)."""
@@ -72,7 +74,7 @@ class ScreenPlan:
             due = min(due, 2 * SCREEN_TIMED)
         return int(min(self.n, math.ceil(max(due, 0.0))))
 
-    def sweep_now(self, step: int, last: bool) -> int:
+    def sweep_now(self, last: bool) -> int:
         """The planned sweep; at the last evaluation, every example (those its slice scores aside) whatever the
         credit, so that the run's final rankings cover every example (its check decides), as far as FINAL_EPOCHS
         of training time pays."""
@@ -80,8 +82,7 @@ class ScreenPlan:
             return 0
         if not last:
             return self.next_sweep
-        epoch_s = self.train_s / max(self.steps_trained, 1) * self.spe
-        return int(min(self.n, FINAL_EPOCHS * epoch_s / max(self._per_screened(), 1e-12)))
+        return int(min(self.n, FINAL_EPOCHS * self._epoch_s() / max(self._per_screened(), 1e-12)))
 
     def take_screen(self, k: int, step: int) -> np.ndarray:
         """The next ``k`` positions of the screen's rotation, sorted. Its permutation is drawn once and kept from

@@ -372,7 +372,7 @@ class Trainer:
             return screening.Screened()
         sweep = None
         if self.writer:
-            k = cad.sweep_now(step, last)
+            k = cad.sweep_now(last)
             sweep = pool[torch.from_numpy(cad.take_screen(k, step))] if k else pool[:0]
         return screening.run(model, data, variance, form, ids, res, sweep, min_spearman=d.screen_min_spearman,
                              chunk=self.cfg.sensitivity.chunk_size,
