@@ -46,6 +46,8 @@ def sample():
         time.sleep(0.02)
 
 threading.Thread(target=sample, daemon=True).start()
+from worker.allocator import keep_heap
+keep_heap()  # as `ivon-diag train` does
 from app.store import Store, make_engine, upgrade
 from worker.config import parse_config
 from worker.trainer import Trainer

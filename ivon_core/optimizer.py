@@ -25,6 +25,7 @@ from ivon_core._fused import MIN_NUMEL, FusedKernels, split
 from ivon_core._hyper import RULES, check, real
 from ivon_core._sampling import SamplingStage, state_dtype
 from ivon_core._state import all_reduce_mean, bind_group, check_layout
+from ivon_core._unguarded import UnguardedOptimizer
 from ivon_core.compat import IvonOptCompat, from_ivon_opt, is_ivon_opt
 from ivon_core.noise import NoiseSource, counter_keys
 
@@ -44,7 +45,7 @@ def matched_beta2(total_steps: int, c: float = 1.0) -> float:
     return min(0.99999, max(0.0, 1.0 - c / total_steps))
 
 
-class IVON(SamplingStage, IvonOptCompat, torch.optim.Optimizer):
+class IVON(SamplingStage, IvonOptCompat, UnguardedOptimizer):
     """Variational learning with the IVON update; constructor and defaults as in ``ivon-opt`` 0.1.3.
 
     Usage (as with ivon-opt)::

@@ -51,14 +51,24 @@ def predict(model: nn.Module, data, optimizer: IVON, mc_samples: int = 10) -> Pr
             empty = torch.empty(0, 0)
             return Prediction(mc=empty, mean=empty, targets=None)
 
-        def probs() -> Tensor:  # in chunks: faster than one forward over thousands of inputs (cache)
-            return torch.cat([torch.softmax(model(c).float(), -1) for x in inputs for c in x.split(CHUNK)])
+        def probs(out: Tensor | None = None) -> Tensor:
+            # in chunks (faster than one forward over thousands of inputs: cache), added into one tensor: a list of
+            # small outputs kept between each chunk's large activations would pin the heap's freed pages
+            i = 0
+            for x in inputs:
+                for c in x.split(CHUNK):
+                    p = torch.softmax(model(c).float(), -1)
+                    if out is None:
+                        out = torch.zeros(sum(len(x) for x in inputs), p.shape[-1], device=p.device)
+                    out[i : i + len(p)] += p
+                    i += len(p)
+            return out
 
         mean = probs()
         mc = torch.zeros_like(mean)
         for _ in range(mc_samples):
             with optimizer.sampled_params(train=False):
-                mc += probs()
+                probs(mc)
         mc /= mc_samples
     finally:
         model.train(was_training)

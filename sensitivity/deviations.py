@@ -70,10 +70,11 @@ def resolve_form(form: str, cov) -> str:
 JACOBIAN_BUDGET = {"cpu": 2**25}
 JACOBIAN_BUDGET_ACCELERATOR = 2**28
 # Examples per part of a first-order per-layer pass on a CPU: the largest layer input or output of the part holds
-# at most this many elements (8 MiB of float32). Larger parts spill the caches and page-fault on their temporaries:
-# ResNet-20 (16K elements a layer) took 4.25x an epoch unsplit in chunks of 256, 3.13x in parts of 128
-# (bench/sensitivity.py --cases resnet10); ResNet-18 (65K) 10.8 s in parts of 64, 8.4 s in parts of 32.
-ACTIVATION_BUDGET = {"cpu": 2**21}
+# at most this many elements (4 MiB of float32). Larger parts spill the caches and page-fault on their temporaries
+# (bench/sensitivity.py --cases resnet10), and the pass holds every layer's input and output of its part at once (a
+# ResNet's dozens of layers): parts of half the former 8 MiB halved a ResNet-20's evaluation memory for a few percent
+# of its pass's time (bench/memory.py).
+ACTIVATION_BUDGET = {"cpu": 2**20}
 # outputs up to which the corrected and diagonal forms keep V_i for rescaling (sensitivity.calibration)
 MAX_KEPT_OUTPUTS = 32
 
@@ -341,6 +342,16 @@ def compute_sensitivities(model: nn.Module, data, variance, loss: str | Loss = "
     ``max_amplification`` caps the corrected, second-order and Rayleigh forms' correction ("auto": 10 with a dense
     covariance, 2 otherwise; see DEFAULT_FORM).
     """
-    parts = list(iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
-                                    noise_var=noise_var, max_amplification=max_amplification, fast=fast))
+    parts: list[SensitivityResult] = []
+    rows: list[int] = []
+    for part in iter_sensitivities(model, data, variance, loss, form=form, chunk_size=chunk_size,
+                                   noise_var=noise_var, max_amplification=max_amplification, fast=fast):
+        parts.append(part)
+        rows.append(len(part.indices))
+        # joined as they come, a part with the one before it once it is as large (a binary counter: a few parts
+        # held, not one per chunk): each chunk's small tensors, kept to the end between its large temporaries,
+        # would pin the heap's freed pages and grow the process with N (bench/memory.py)
+        while len(parts) > 1 and rows[-1] >= rows[-2]:
+            parts[-2:] = [concat_results(parts[-2:], part.form)]
+            rows[-2:] = [rows[-2] + rows[-1]]
     return concat_results(parts, parts[0].form if parts else form)

@@ -320,8 +320,11 @@ def forward(model: nn.Module, blocks: list, x: Tensor, copy: bool = False) -> tu
 def deltas(logits: Tensor, seen: dict[str, dict], blocks: list, v: Tensor) -> list[Tensor]:
     """δ_l = ∂(Σ_i v_iᵀ f_i)/∂z_l for each block; ``v`` (B, K) or batched (R, B, K)."""
     zs = [seen[b.name]["z"] for b in blocks]
-    batched = v.ndim == 3
-    return list(torch.autograd.grad(logits, zs, v, retain_graph=True, is_grads_batched=batched))
+    if v.ndim == 3:
+        return list(torch.autograd.grad(logits, zs, v, retain_graph=True, is_grads_batched=True))
+    # a scalar's backward: explicit output gradients make torch import its symbolic-shapes module (sympy), which the
+    # process then holds to its end (bench/memory.py)
+    return list(torch.autograd.grad((logits * v).sum(), zs, retain_graph=True))
 
 
 def first_order(model: nn.Module, blocks: list, x: Tensor, logits: Tensor, seen, e: Tensor) -> Tensor:

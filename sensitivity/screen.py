@@ -14,6 +14,7 @@ assumed: the worker compares it with the exact pass on each evaluation's slice a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -94,14 +95,27 @@ def screen(model: nn.Module, data, variance, *, form: str = "first_order", chunk
     was = model.training
     model.eval()
     try:
-        parts = list(_inputs(model, layer, data))
+        chunks = _rejoined(_inputs(model, layer, data), chunk_size)
+        first = next(chunks, None)
+        if first is None:
+            raise ValueError("screening needs at least one example")
+        return compute_sensitivities(layer, itertools.chain([first], chunks), var, loss, form=form,
+                                     chunk_size=chunk_size, max_amplification=max_amplification)
     finally:
         model.train(was)
-    if not parts:
-        raise ValueError("screening needs at least one example")
-    feats, ys, ids = zip(*parts)
-    a, y, idx = torch.cat(feats), torch.cat(ys), torch.cat(ids)
-    res = compute_sensitivities(layer, [(a[i:i + chunk_size], y[i:i + chunk_size], idx[i:i + chunk_size])
-                                        for i in range(0, len(y), chunk_size)],
-                                var, loss, form=form, chunk_size=chunk_size, max_amplification=max_amplification)
-    return res
+
+
+def _rejoined(parts: Iterable[tuple[Tensor, Tensor, Tensor]], size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The forward chunks' (features, targets, indices) in chunks of ``size`` rows, joined as they come: one chunk's
+    features in memory at a time, not the whole set's."""
+    held: list[tuple[Tensor, Tensor, Tensor]] = []
+    rows = 0
+    for part in parts:
+        held.append(part)
+        rows += len(part[1])
+        while rows >= size:
+            a, y, idx = (torch.cat(t) for t in zip(*held))
+            yield a[:size], y[:size], idx[:size]
+            held, rows = [(a[size:], y[size:], idx[size:])], rows - size
+    if rows:
+        yield tuple(torch.cat(t) for t in zip(*held))

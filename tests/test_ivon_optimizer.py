@@ -368,3 +368,36 @@ def test_chunks_bound_temporaries_by_a_fraction_with_a_floor_on_accelerators(mon
     assert small == [11 << 20]
     large = sizes("meta", 1 << 26, 40)  # 2.7G elements: chunks of about 0.2 of them
     assert len(large) == 5 and sum(large) == 40 << 26 and max(large) <= 0.2 * (40 << 26) + (1 << 26)
+
+
+LEAN = """
+import sys, torch
+from ivon_core import IVON
+m = torch.nn.Linear(4, 2)
+opt = IVON(m.parameters(), lr=0.1, ess=100)
+x = torch.randn(8, 4)
+def step(x):
+    opt.zero_grad()
+    loss = m(x).square().mean()
+    loss.backward()
+    return loss
+if sys.argv[1] == "compiled":
+    step = torch.compile(step, backend="eager")
+for _ in range(2):
+    with opt.sampled_params(train=True):
+        step(x)
+    opt.step()
+opt.load_state_dict(opt.state_dict())
+opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+print("torch._dynamo" in sys.modules, float(m.weight.abs().sum()) > 0)
+"""
+
+
+@pytest.mark.parametrize(("how", "dynamo"), [("eager", "False"), ("compiled", "True")])
+def test_an_eager_loop_never_imports_the_compiler_and_a_compiled_one_still_works(how, dynamo):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LEAN, how], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [dynamo, "True"]

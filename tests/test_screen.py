@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sensitivity import DenseCovariance, compute_sensitivities
+from sensitivity import screen as screen_module
 from sensitivity.screen import screen
 from worker import models
 
@@ -40,6 +41,31 @@ def test_screening_equals_the_exact_pass_when_only_the_output_layer_has_variance
     torch.testing.assert_close(got.scores, exact.scores, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.loo_losses, exact.loo_losses, rtol=1e-4, atol=1e-6)
     assert got.form == exact.form
+
+
+def test_screening_reads_its_data_as_it_scores_it_not_all_first(monkeypatch):
+    model = models.mlp(12, 4, hidden=(16,))
+    x, y = _data()
+    pulled, scored_after = [], []
+
+    def source():
+        for i in range(0, 48, 8):
+            pulled.append(i)
+            yield x[i:i + 8], y[i:i + 8], torch.arange(i, i + 8)
+
+    real = screen_module.compute_sensitivities
+
+    def spy(layer, data, *args, **kwargs):
+        def counted():
+            for chunk in data:
+                scored_after.append(len(pulled))
+                yield chunk
+        return real(layer, counted(), *args, **kwargs)
+
+    monkeypatch.setattr(screen_module, "compute_sensitivities", spy)
+    got = screen(model, source(), _variance(model), chunk_size=16)
+    assert scored_after == [2, 4, 6]  # each 16-row chunk scored once its two 8-row forward chunks are read
+    assert torch.equal(got.indices, torch.arange(48))
 
 
 def test_screening_leaves_out_the_body_so_scores_are_lower_but_rank_alike_on_a_wide_head():

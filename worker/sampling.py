@@ -99,3 +99,26 @@ def _jackknife_se(y: np.ndarray, x: np.ndarray, population_mean: float) -> float
 def blend(old: float | None, new: float, weight: float = 0.5) -> float:
     """A running average of measured costs: recent measurements weigh most (a machine's speed drifts)."""
     return new if old is None else (1 - weight) * old + weight * new
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's ρ (ties at their average rank; NaN under three pairs or where one side is constant). Here rather
+    than scipy's: importing scipy.stats costs a training process tens of MiB it holds to the end (bench/memory.py)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb) / den if den > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(x)]
+    out = np.empty(len(x))
+    out[order] = ((starts + ends - 1) / 2.0)[np.cumsum(first) - 1]
+    return out

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from sensitivity.result import SensitivityResult
 from sensitivity.screen import layer_variance, output_layer, screen
 from worker import distributed as D
 from worker.data import Rows
+from worker.sampling import spearman
 
 FORWARD_CHUNK = 128  # examples per forward: small batches keep a CPU's caches warm (bench/overhead.py)
 
@@ -130,7 +130,7 @@ def run(model, data, variance, form: str, ids: torch.Tensor, exact: SensitivityR
         check = _joined(parts, exact.indices.numpy())
         ref, mine = exact.scores.double().numpy(), check["scores"] if check else np.zeros(0)
         ok = np.isfinite(ref) & np.isfinite(mine)
-        rho = float(spearmanr(mine[ok], ref[ok]).statistic) if ok.sum() > 2 else float("nan")
+        rho = spearman(mine[ok], ref[ok])
         out = Screened(metrics={"screen_spearman": rho if np.isfinite(rho) else -1.0}, count=len(exact.indices),
                        agrees=bool(np.isfinite(rho) and rho >= min_spearman), check=check)
         todo = sweep[~torch.isin(sweep, exact.indices)] if out.agrees and len(sweep) else sweep[:0]

@@ -298,7 +298,9 @@ class Trainer:
         if pred is None:
             model.eval()
             with torch.no_grad():
-                test_mean = torch.cat([model(c).softmax(-1) for c in xte.split(256)])
+                test_mean = torch.empty(len(xte), data.num_classes, device=xte.device)  # filled in place, as
+                for i, c in zip(range(0, len(xte), 256), xte.split(256)):  # ivon_core.predict does
+                    test_mean[i : i + len(c)] = model(c).softmax(-1)
         else:
             test_mean = pred.mean.to(yte.device)
         metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, yte).items()})
