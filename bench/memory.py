@@ -7,7 +7,8 @@ The data: CIFAR-shaped synthetic images (3×32×32 float32, 10 classes) with a t
 uncompressed to a temporary npz. Printed per path: the job's wall time, peak anonymous memory (the process's own
 pages: what memory pressure cannot drop) and peak resident memory (with the file's pages the mapping has read,
 which the kernel drops under pressure), and the ratios mapped / in memory; a third job on 1,000 images measures what
-does not grow with N, so the last line compares what does.
+does not grow with N, so the next line compares what does; the last, how much of that a process importing torch
+holds before it does anything.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ print(json.dumps({**peak, "seconds": seconds}))
 """
 
 
+FLOOR = r"""
+import torch
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon")))
+"""
+
+
 def images(path: Path, n: int, seed: int = 0) -> None:
     g = np.random.default_rng(seed)
     templates = g.normal(size=(10, 3, 8, 8)).astype(np.float32)
@@ -111,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
               f"memory: peak anonymous {b['anon'] / a['anon']:.2f}x, peak resident {b['rss'] / a['rss']:.2f}x, "
               f"wall {b['seconds'] / a['seconds']:.2f}x")
         grow_a, grow_b = (a["anon"] - c["anon"]) / 2**20, (b["anon"] - c["anon"]) / 2**20
-        print(f"what grows with N (peak anonymous above the N={SMALL} job's, the process's own: torch, the compiled "
-              f"optimizer, the store): in memory {grow_a:.0f} MiB, mapped {grow_b:.0f} MiB "
-              f"({grow_b / grow_a:.2f}x)")
+        print(f"what grows with N (peak anonymous above the N={SMALL} job's, the process's own: torch, the store, the "
+              f"passes' work space): in memory {grow_a:.0f} MiB, mapped {grow_b:.0f} MiB ({grow_b / grow_a:.2f}x)")
+        done = subprocess.run([sys.executable, "-c", FLOOR], env=env, capture_output=True, text=True, timeout=600)
+        floor = int(done.stdout.split()[-1]) / 2**20
+        print(f"of the N={SMALL} job's {c['anon'] / 2**20:.0f} MiB, a process that only imports torch holds "
+              f"{floor:.0f} MiB")
     return 0
 
 
