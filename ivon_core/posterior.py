@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from ivon_core.optimizer import IVON
 
-CHUNK = 256  # inputs per forward pass
+# inputs per forward pass: images' activations are large, and chunks of them beyond this spill the caches (and
+# hold more memory: bench/memory.py)
+CHUNK, IMAGE_CHUNK = 256, 128
 
 
 @dataclass
@@ -56,7 +58,7 @@ def predict(model: nn.Module, data, optimizer: IVON, mc_samples: int = 10) -> Pr
             # small outputs kept between each chunk's large activations would pin the heap's freed pages
             i = 0
             for x in inputs:
-                for c in x.split(CHUNK):
+                for c in x.split(IMAGE_CHUNK if x.dim() == 4 else CHUNK):
                     p = torch.softmax(model(c).float(), -1)
                     if out is None:
                         out = torch.zeros(sum(len(x) for x in inputs), p.shape[-1], device=p.device)

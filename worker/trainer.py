@@ -15,6 +15,7 @@ from torch import nn
 from app.store import Store
 from app.store.job_config import diagnostics_budget, eval_steps
 from ivon_core import IVON, all_metrics, matched_beta2, predict, preserved_noise
+from ivon_core.posterior import CHUNK, IMAGE_CHUNK
 from sensitivity import compute_sensitivities
 from sensitivity.covariance import KFACCovariance
 from sensitivity.deviations import CAPPED_FORMS
@@ -298,9 +299,10 @@ class Trainer:
         if pred is None:
             model.eval()
             with torch.no_grad():
-                test_mean = torch.empty(len(xte), data.num_classes, device=xte.device)  # filled in place, as
-                for i, c in zip(range(0, len(xte), 256), xte.split(256)):  # ivon_core.predict does
-                    test_mean[i : i + len(c)] = model(c).softmax(-1)
+                test_mean = torch.empty(len(xte), data.num_classes, device=xte.device)  # filled in place, in
+                rows = IMAGE_CHUNK if xte.dim() == 4 else CHUNK  # ivon_core.predict's chunks
+                for i in range(0, len(xte), rows):
+                    test_mean[i : i + rows] = model(xte[i : i + rows]).softmax(-1)
         else:
             test_mean = pred.mean.to(yte.device)
         metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, yte).items()})
