@@ -36,6 +36,34 @@ def _batches(data) -> Iterable[tuple[Tensor, Tensor | None]]:
 
 
 @torch.no_grad()
+def mean_probs(model: nn.Module, x: Tensor) -> Tensor:
+    """softmax(f(x; m)) at the model's current weights, in eval mode for the call (restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _probs(model, [x])
+    finally:
+        model.train(was_training)
+
+
+def _probs(model: nn.Module, inputs: list[Tensor], out: Tensor | None = None) -> Tensor:
+    """Softmax outputs over ``inputs`` in chunks (faster than one forward over thousands: cache), added into one
+    tensor (``out``, or a new one of zeros): a list of small outputs kept between each chunk's large activations
+    would pin the heap's freed pages."""
+    i = 0
+    for x in inputs:
+        for c in x.split(IMAGE_CHUNK if x.dim() == 4 else CHUNK):
+            p = torch.softmax(model(c).float(), -1)
+            if out is None:
+                out = torch.zeros(sum(len(x) for x in inputs), p.shape[-1], device=p.device)
+            out[i : i + len(p)] += p
+            i += len(p)
+    if out is None:  # no rows
+        out = torch.zeros(0, 0)
+    return out
+
+
+@torch.no_grad()
 def predict(model: nn.Module, data, optimizer: IVON, mc_samples: int = 10) -> Prediction:
     """p(y|x) ≈ (1/S) Σ_s softmax(f(x; θ_s)), θ_s ~ q, and softmax(f(x; m)), for inputs, (inputs, targets) or a loader.
 
@@ -53,24 +81,11 @@ def predict(model: nn.Module, data, optimizer: IVON, mc_samples: int = 10) -> Pr
             empty = torch.empty(0, 0)
             return Prediction(mc=empty, mean=empty, targets=None)
 
-        def probs(out: Tensor | None = None) -> Tensor:
-            # in chunks (faster than one forward over thousands of inputs: cache), added into one tensor: a list of
-            # small outputs kept between each chunk's large activations would pin the heap's freed pages
-            i = 0
-            for x in inputs:
-                for c in x.split(IMAGE_CHUNK if x.dim() == 4 else CHUNK):
-                    p = torch.softmax(model(c).float(), -1)
-                    if out is None:
-                        out = torch.zeros(sum(len(x) for x in inputs), p.shape[-1], device=p.device)
-                    out[i : i + len(p)] += p
-                    i += len(p)
-            return out
-
-        mean = probs()
+        mean = _probs(model, inputs)
         mc = torch.zeros_like(mean)
         for _ in range(mc_samples):
             with optimizer.sampled_params(train=False):
-                probs(mc)
+                _probs(model, inputs, mc)
         mc /= mc_samples
     finally:
         model.train(was_training)

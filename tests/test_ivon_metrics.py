@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ivon_core import IVON, accuracy, all_metrics, brier, ece, nll, predict
+from ivon_core import IVON, accuracy, all_metrics, brier, ece, mean_probs, nll, predict
+from ivon_core import posterior
 
 
 def test_metrics_on_known_probabilities():
@@ -47,3 +48,17 @@ def test_predict_averages_samples_and_keeps_mean_and_mode():
     assert predict(model, loader, opt, mc_samples=2).mc.shape == (20, 3)
     with pytest.raises(ValueError, match="mc_samples"):
         predict(model, x, opt, mc_samples=0)
+
+
+def test_mean_probs_match_one_forward_across_chunks_and_leave_the_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    model.train()
+    x = torch.randn(posterior.IMAGE_CHUNK * 2 + 3, 3, 8, 8)  # two full chunks and a remainder
+    got = mean_probs(model, x)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got, torch.softmax(model(x), -1))
+    opt = IVON(model.parameters(), lr=0.1, ess=100.0)
+    torch.testing.assert_close(predict(model, x, opt, mc_samples=1).mean, got)

@@ -14,8 +14,7 @@ from torch import nn
 
 from app.store import Store
 from app.store.job_config import diagnostics_budget, eval_steps
-from ivon_core import IVON, all_metrics, matched_beta2, predict, preserved_noise
-from ivon_core.posterior import CHUNK, IMAGE_CHUNK
+from ivon_core import IVON, all_metrics, matched_beta2, mean_probs, predict, preserved_noise
 from sensitivity import compute_sensitivities
 from sensitivity.covariance import KFACCovariance
 from sensitivity.deviations import CAPPED_FORMS
@@ -296,15 +295,7 @@ class Trainer:
         xte, yte = data.xte[tids], data.yte[tids]
         mc = isinstance(opt, IVON) and (whole or self.cfg.early_stopping.monitor.startswith("test_mc_"))
         pred = predict(model, xte, opt, mc_samples=self.cfg.eval_mc_samples) if mc else None
-        if pred is None:
-            model.eval()
-            with torch.no_grad():
-                test_mean = torch.empty(len(xte), data.num_classes, device=xte.device)  # filled in place, in
-                rows = IMAGE_CHUNK if xte.dim() == 4 else CHUNK  # ivon_core.predict's chunks
-                for i in range(0, len(xte), rows):
-                    test_mean[i : i + rows] = model(xte[i : i + rows]).softmax(-1)
-        else:
-            test_mean = pred.mean.to(yte.device)
+        test_mean = mean_probs(model, xte) if pred is None else pred.mean.to(yte.device)
         metrics.update({f"test_{k}": v for k, v in all_metrics(test_mean, yte).items()})
         if not whole:
             losses = -test_mean.gather(1, yte[:, None]).clamp_min(1e-12).log().squeeze(1).double().cpu().numpy()
