@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ivon_core import IVON, accuracy, all_metrics, brier, ece, mean_probs, nll, predict
-from ivon_core import posterior
+from ivon_core import IVON, accuracy, all_metrics, brier, ece, mean_probs, nll, posterior, predict
 
 
 def test_metrics_on_known_probabilities():

@@ -89,3 +89,30 @@ def test_the_check_lines_the_screen_up_with_the_exact_slice_in_its_order():
     with pytest.raises(RuntimeError, match="did not cover"):  # a check that missed part of the slice
         run(model, data, var, "first_order", perm[:50], res, torch.zeros(0, dtype=torch.long), min_spearman=0.95,
             chunk=64, max_amplification="auto")
+
+
+def test_a_sweep_over_every_example_is_the_estimates_control_and_shrinks_its_error():
+    from worker.sampling import loo_estimate
+
+    model, data, var, res = _setup(head_only=True)
+    out = run(model, data, var, "first_order", res.indices, res, torch.arange(300), min_spearman=0.95, chunk=64,
+              max_amplification="auto")
+    sample, rest = res.indices.numpy(), np.arange(300)
+    x, everyone = out.control(sample, rest)
+    np.testing.assert_allclose(x, res.loo_losses.numpy(), rtol=1e-5)  # the head-only screen is the exact pass
+    truth = compute_sensitivities(model, (data.xtr, data.ytr), var, form="first_order").loo_losses.double()
+    np.testing.assert_allclose(everyone, truth.numpy(), rtol=1e-5)
+    population = np.bincount(data.ytr.numpy(), minlength=3)
+    with_screen = loo_estimate(res.loo_losses.numpy(), res.targets.numpy(), population, control=(x, everyone))
+    stratified = loo_estimate(res.loo_losses.numpy(), res.targets.numpy(), population)
+    assert with_screen[0] == pytest.approx(float(truth.mean()), rel=1e-4)
+    assert with_screen[1] < 0.01 * stratified[1]
+    # not every example screened, or a screen that disagrees: no control
+    assert out.control(sample, np.arange(301)) is None
+    partial = run(model, data, var, "first_order", res.indices, res, torch.arange(50, 200), min_spearman=0.95,
+                  chunk=64, max_amplification="auto")
+    assert partial.control(sample, rest) is None and partial.control(sample, np.arange(200)) is not None
+    model, data, var, res = _setup(head_only=False)
+    disagrees = run(model, data, var, "first_order", res.indices, res, torch.arange(300), min_spearman=0.999,
+                    chunk=64, max_amplification="auto")
+    assert disagrees.control(res.indices.numpy(), rest) is None and Screened().control(sample, rest) is None

@@ -26,7 +26,8 @@ def loo_estimate(losses: np.ndarray, labels: np.ndarray, population: np.ndarray,
 
     ``population``: the number of examples of each class in the whole set (by label); with the finite-population
     correction, a full pass has error 0. ``control``: an auxiliary value of the sampled examples and of the whole
-    population, known for all of them (each example's latest training loss): the regression estimator
+    population, known for all of them (each example's latest training loss, or the screen's LOO loss where it
+    covered every example: ``worker.screening.Screened.control``): the regression estimator
     ȳ + b (X̄ − x̄) then carries the part of the spread the auxiliary explains (most of it: a mislabeled example's
     training and LOO losses are both large). ``certain``: which sampled examples belong to a take-all stratum
     (scored at every evaluation: the largest training losses, ``take_all``), counted exactly; ``control``'s second

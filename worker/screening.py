@@ -38,6 +38,22 @@ class Screened:
     check: dict[str, np.ndarray] | None = None  # the slice's screened values, in the order of its exact result
     got: dict[str, np.ndarray] | None = None  # the sweep's
 
+    def control(self, sample: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The screen's LOO losses of the ``sample`` (the exact slice's indices, in order) and of every example of
+        ``rest`` (the population the sample estimates), where it screened all of them (a final sweep that agreed), as
+        ``worker.sampling.loo_estimate``'s control: it ranks like the exact pass, so it carries most of the sample's
+        spread; else None."""
+        if self.check is None or self.got is None or not self.agrees:
+            return None
+        idx = np.concatenate([self.check["idx"], self.got["idx"]])
+        loo = np.concatenate([self.check["loo_losses"], self.got["loo_losses"]])
+        by = np.argsort(idx, kind="stable")
+        idx, loo = idx[by], loo[by]
+        at = np.searchsorted(idx, rest).clip(max=len(idx) - 1)
+        if not np.array_equal(idx[at], rest) or not np.array_equal(self.check["idx"], sample):
+            return None
+        return self.check["loo_losses"], loo[at]
+
     def rows(self, res: SensitivityResult) -> dict:
         """``write_evaluation``'s per-example arguments: the exact slice's rows, then the screened ones, marked."""
         k, n = len(self.idx), len(res.indices)

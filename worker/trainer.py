@@ -312,7 +312,9 @@ class Trainer:
         # the pool's mean LOO loss from the scored slice (a stratified sample; the whole pool: standard error 0)
         in_top = torch.isin(res.indices, certain.cpu()).numpy()
         rest = pool[~torch.isin(pool, certain)] if len(certain) else pool
-        control = (seen[res.indices.to(seen.device)].cpu().numpy(), seen[rest.to(seen.device)].cpu().numpy())
+        # the control variate: the screen's LOO losses where it covered every example, else the training losses
+        control = scr.control(res.indices.numpy(), rest.cpu().numpy()) or \
+            (seen[res.indices.to(seen.device)].cpu().numpy(), seen[rest.to(seen.device)].cpu().numpy())
 
         def estimate(losses):
             return loo_estimate(losses.numpy(), res.targets.cpu().numpy(), cad.population, control=control,
