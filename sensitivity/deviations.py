@@ -72,8 +72,7 @@ JACOBIAN_BUDGET_ACCELERATOR = 2**28
 # Examples per part of a first-order per-layer pass on a CPU: the largest layer input or output of the part holds
 # at most this many elements (4 MiB of float32). Larger parts spill the caches and page-fault on their temporaries
 # (bench/sensitivity.py --cases resnet10), and the pass holds every layer's input and output of its part at once (a
-# ResNet's dozens of layers): parts of half the former 8 MiB halved a ResNet-20's evaluation memory for a few percent
-# of its pass's time (bench/memory.py).
+# ResNet's dozens of layers): its memory goes with this size, and much below it the pass slows.
 ACTIVATION_BUDGET = {"cpu": 2**20}
 # outputs up to which the corrected and diagonal forms keep V_i for rescaling (sensitivity.calibration)
 MAX_KEPT_OUTPUTS = 32
