@@ -38,6 +38,8 @@ def _batches(data) -> Iterable[tuple[Tensor, Tensor | None]]:
 @torch.no_grad()
 def mean_probs(model: nn.Module, x: Tensor) -> Tensor:
     """softmax(f(x; m)) at the model's current weights, in eval mode for the call (restored after)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"mean_probs: x must be a tensor of inputs, got {type(x).__name__}")
     was_training = model.training
     model.eval()
     try:

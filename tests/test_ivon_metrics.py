@@ -61,3 +61,8 @@ def test_mean_probs_match_one_forward_across_chunks_and_leave_the_mode():
         torch.testing.assert_close(got, torch.softmax(model(x), -1))
     opt = IVON(model.parameters(), lr=0.1, ess=100.0)
     torch.testing.assert_close(predict(model, x, opt, mc_samples=1).mean, got)
+
+
+def test_mean_probs_names_a_bad_input():
+    with pytest.raises(TypeError, match="x must be a tensor of inputs, got list"):
+        mean_probs(nn.Linear(2, 2), [[0.0, 1.0]])

@@ -20,3 +20,10 @@ def test_spearman_is_nan_where_it_is_undefined():
     assert np.isnan(spearman(np.array([1.0, 2.0]), np.array([2.0, 1.0])))
     assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
     assert spearman(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
+
+
+def test_spearman_names_mismatched_inputs():
+    with pytest.raises(ValueError, match="a and b must be 1-D and of one length"):
+        spearman(np.arange(4.0), np.arange(5.0))
+    with pytest.raises(ValueError, match="1-D"):
+        spearman(np.ones((3, 2)), np.ones((3, 2)))

@@ -106,6 +106,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's ρ (ties at their average rank; NaN under three pairs or where one side is constant). Here rather
     than scipy's: importing scipy.stats costs a training process tens of MiB it holds to the end (bench/memory.py)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"spearman: a and b must be 1-D and of one length, got shapes {a.shape} and {b.shape}")
     if len(a) < 3:
         return float("nan")
     ra, rb = _ranks(a), _ranks(b)
