@@ -3,6 +3,7 @@ the LOO with its standard error, and never change what training computes; a rele
 
 import math
 
+import pytest
 import torch
 
 from app.store import Store, make_engine, upgrade
@@ -55,15 +56,22 @@ def test_a_budgeted_job_samples_the_loo_with_its_error_and_rotates_the_examples(
 
 def test_evaluations_do_not_change_what_training_computes(tmp_path):
     """The same job evaluated every 7 steps, every epoch, or at the budget's cadence: the same final weights."""
-    finals = []
+    finals, last = [], {}
     for name, extra in (("steps", {"eval_every": 7}), ("epochs", {"eval_every": "1 epoch"}),
-                        ("budget", {"diagnostics": {"budget": 0.3}})):
+                        ("budget", {"diagnostics": {"budget": 0.3, "screen": False}})):
         store, rid, _ = _train(tmp_path, {**JOB, "epochs": 3, **extra}, name)
         finals.append(_final(tmp_path, store, rid))
+        last[name] = store.evaluations(rid)[-1]
         if name == "epochs":
             # 2000 less the 100 held out for calibration, in batches of 32 → 60 steps an epoch
             assert [e.step for e in store.evaluations(rid)] == [60, 120, 180]
     assert all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in finals[0])
+    # the same weights: the budget's sampled slice (a quarter of it the largest training losses) estimates the training
+    # set's loss and accuracy that the full pass measures
+    full, sampled = last["epochs"].metrics, last["budget"].metrics
+    assert last["budget"].metrics["loo_sample"] < 1900
+    assert sampled["train_nll"] == pytest.approx(full["train_nll"], rel=0.1)
+    assert sampled["train_acc"] == pytest.approx(full["train_acc"], abs=0.03)
 
 
 def test_a_released_budgeted_job_resumes_its_rotation_and_ends_with_the_same_weights(tmp_path):

@@ -285,8 +285,7 @@ class Trainer:
         scr = self._screen(model, data, variance, form, ids, res, pool, cad, step, last)  # every rank
         if res is None:  # not rank 0: its shards were sent there
             return None
-        metrics = {"train_nll": float(res.losses.double().mean()),
-                   "train_acc": float((res.logits.argmax(1) == res.targets).double().mean())}
+        metrics: dict[str, float] = {}
         # with a budget, evaluations before the last one measure the test metrics at the mean on a fixed stratified
         # subset (cad.test_ids: the curve moves with the model, not with the sample) and skip the MC predictive
         # (eval_mc_samples passes; at each evaluation when early stopping monitors it)
@@ -320,6 +319,11 @@ class Trainer:
             return loo_estimate(losses.numpy(), res.targets.cpu().numpy(), cad.population, control=control,
                                 certain=in_top)
 
+        # the training set's loss and accuracy at the mean, estimated as the LOO is: a slice's take-all stratum holds
+        # the largest training losses, so its plain mean would not be the set's
+        metrics = {"train_nll": max(estimate(res.losses.double())[0], 0.0),
+                   "train_acc": min(max(estimate((res.logits.argmax(1) == res.targets).double())[0], 0.0), 1.0),
+                   **metrics}
         res, cal = self._calibrate(model, data, res, lambda losses: estimate(losses)[0], metrics, variance, step,
                                    len(yte))
         metrics.update(cal)
