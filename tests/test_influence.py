@@ -183,8 +183,11 @@ def test_float32_queries_at_bf16_math_agree_with_strict_float32_and_leave_the_se
     strict = influence(model, xq, (x, y), var, chunk_size=64, fp32_precision="ieee")
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     scale = strict.output_change.abs().amax((1, 2), keepdim=True)
-    assert ((fast.output_change - strict.output_change).abs() / scale).max() < 1e-3
-    assert torch.equal(fast.proponents(0)[0], strict.proponents(0)[0])
+    # on a CPU with bfloat16 units the product runs at bfloat16's precision (a few parts in a thousand of a query's
+    # largest change); elsewhere it is strict float32's
+    assert ((fast.output_change - strict.output_change).abs() / scale).max() < 1e-2
+    shared = [len(set(fast.proponents(q)[0].tolist()) & set(strict.proponents(q)[0].tolist())) for q in range(20)]
+    assert sum(shared) >= 0.95 * 20 * len(fast.proponents(0)[0])
     with pytest.raises(ValueError, match="fp32_precision must be 'bf16' or 'ieee'"):
         influence(model, xq, (x, y), var, fp32_precision="tf32")
 
