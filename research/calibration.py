@@ -36,17 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from sklearn.datasets import make_classification
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from app.store.job_config import CalibrationConfig
 from ivon_core import IVON, matched_beta2
+from research.calibration_data import stratified, synthetic, textures
 from research.setups import Split
 from sensitivity import compute_sensitivities, ivon_variance
 from sensitivity.calibration import fit_scale, rescale
 from worker.calibration import Calibration
-from worker.data import flip
 from worker.models import mlp, small_cnn
 from worker.step import train_step
 
@@ -55,59 +53,33 @@ SAMPLE = 2000  # training examples the LOO is estimated on (the worker's budgete
 SPLIT, SPLIT_MAX = 0.05, 2000
 
 
-def stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    if n >= len(labels):
-        return np.arange(len(labels))
-    ids, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed)
-    return np.sort(ids)
-
-
-def synthetic(n_train: int, n_test: int, seed: int, flips: float = 0.0) -> Split:
-    """make_classification: 40 features, 10 classes, 5% label noise (plus ``flips`` memorizable flips, test alike)."""
-    x, y = make_classification(n_train + n_test, n_features=40, n_informative=20, n_redundant=5, n_classes=10,
-                               n_clusters_per_class=2, flip_y=0.05, class_sep=1.0, random_state=1000 + seed)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=n_test, stratify=y, random_state=seed)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-8
-    split = Split(torch.tensor((xtr - mu) / sd, dtype=torch.float32), torch.tensor(ytr),
-                  torch.tensor((xte - mu) / sd, dtype=torch.float32), torch.tensor(yte))
-    if flips:
-        ytr_f, mask = flip(split.ytr, 10, flips, "uniform", seed)
-        yte_f, _ = flip(split.yte, 10, flips, "uniform", seed + 7)  # the LOO's target: data like the training data
-        split = Split(split.xtr, ytr_f, split.xte, yte_f, mask)
-    return split
-
-
-def textures(n_train: int, n_test: int, seed: int, side: int = 16) -> Split:
-    """Images: each of 10 classes has 3 smooth random templates; an example is one of its class's templates, shifted
-    at random (wrapping), scaled and buried in pixel noise; every example is drawn independently."""
-    g = torch.Generator().manual_seed(2000 + seed)
-    kernel = torch.exp(-torch.arange(-3, 4, dtype=torch.float32).square() / 4)
-    kernel = (kernel[:, None] * kernel[None, :])[None, None] / kernel.sum() ** 2
-    raw = torch.randn(30, 1, side, side, generator=g)
-    templates = nn.functional.conv2d(nn.functional.pad(raw, (3, 3, 3, 3), mode="circular"), kernel)
-    templates = templates / templates.flatten(1).std(1)[:, None, None, None]
-    n = n_train + n_test
-    y = torch.arange(n) % 10
-    which = y * 3 + torch.randint(0, 3, (n,), generator=g)
-    shifts = torch.randint(-4, 5, (n, 2), generator=g)
-    x = torch.stack([templates[w].roll((int(a), int(b)), (1, 2)) for w, (a, b) in zip(which, shifts)])
-    x = x * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + 0.9 * torch.randn(n, 1, side, side, generator=g)
-    order = torch.randperm(n, generator=g)
-    x, y = x[order], y[order]
-    return Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
-
-
 def _nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return _heldout(model, x, y)[0]
 
 
-def _heldout(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(NLL, mean probability of the label) of the model's predictions on (x, y)."""
+def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        out = torch.cat([nn.functional.cross_entropy(model(c), t, reduction="none") for c, t in
-                         zip(x.split(1024), y.split(1024))]).double()
+        return torch.cat([nn.functional.cross_entropy(model(c), t, reduction="none") for c, t in
+                          zip(x.split(1024), y.split(1024))]).double()
+
+
+def _heldout(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(NLL, mean probability of the label) of the model's predictions on (x, y)."""
+    out = _losses(model, x, y)
     return float(out.mean()), float(torch.exp(-out).mean())
+
+
+def split_noise(losses: np.ndarray, labels: np.ndarray, n: int, draws: int = 2000, seed: int = 0) -> dict:
+    """How far a class-stratified split of ``n`` examples puts its NLL from a larger held-out set's: the split's
+    NLL / the set's over ``draws`` splits drawn from the set's own per-example losses (what refit's level inherits,
+    the model held fixed). ``sd``: its standard deviation; ``miss``: the share of draws outside 0.75–1.25."""
+    rng = np.random.default_rng(seed)
+    classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    takes = [max(1, round(n * len(c) / len(labels))) for c in classes]
+    ratios = np.array([np.concatenate([losses[rng.choice(c, k, replace=False)] for c, k in zip(classes, takes)])
+                       .mean() for _ in range(draws)]) / losses.mean()
+    return {"sd": float(ratios.std()), "miss": float(((ratios < 0.75) | (ratios > 1.25)).mean())}
 
 
 def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -149,11 +121,14 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
         res = passes["rayleigh"]
         sig = torch.cat([v.flatten() for v in var.values()])
         t_cal -= time.perf_counter()  # the calibration's own cost: the split's NLL here, the fit below
-        cal_nll, cal_prob = _heldout(model, split.xtr[cal], split.ytr[cal])
+        cal_losses = _losses(model, split.xtr[cal], split.ytr[cal])
+        cal_nll, cal_prob = float(cal_losses.mean()), float(torch.exp(-cal_losses).mean())
         t_cal += time.perf_counter()
+        test_losses = _losses(model, split.xte, split.yte)
         evals.append({"epoch": ep, "res": res, "res_first": passes["first_order"], "cal_nll": cal_nll,
                       "cal_prob": cal_prob,
-                      "test_nll": _nll(model, split.xte, split.yte), "test_acc": _acc(model, split.xte, split.yte),
+                      "cal_se": float(cal_losses.std() / math.sqrt(len(cal_losses))),
+                      "test_nll": float(test_losses.mean()), "test_acc": _acc(model, split.xte, split.yte),
                       "sigma_level": float(sig[sig > 0].log().mean().exp()),
                       "share": opt.hess_init_share()})
         t_eval += time.perf_counter() - t - (t_forms["first_order"] - first_before)
@@ -163,7 +138,8 @@ def run(split: Split, make_model, epochs: int, hess_init: float, weight_decay: f
         t_cal += time.perf_counter() - t
         e["raw"] = e["res"].loo
     return {"evals": evals, "n_train": len(train), "n_cal": len(cal), "train_s": t_train, "eval_s": t_eval,
-            "cal_s": t_cal, "pass_ratio": t_forms["first_order"] / t_forms["rayleigh"]}
+            "cal_s": t_cal, "split_noise": split_noise(test_losses.numpy(), split.yte.numpy(), len(cal)),
+            "pass_ratio": t_forms["first_order"] / t_forms["rayleigh"]}
 
 
 def series(evals: list[dict], policy: str, scale: float | None = None) -> tuple[np.ndarray, float]:
@@ -260,6 +236,7 @@ SETTINGS = {  # name: (split, model, epochs, hess_init, weight decay, clean)
     "synthetic 3k, 20% flipped (memorized), MLP 512-512": (lambda s: synthetic(3000, 4000, s, flips=0.2),
                                                            lambda: mlp(40, 10, (512, 512)), 60, 0.3, 1e-4, False),
 }
+SEEDS = {"textures 12k images 16×16, CNN": (0, 1, 2, 3)}  # the smallest split (600): its noise needs more runs
 QUICK = {"synthetic 20k, MLP 512-512, hess_init 0.3": 8, "textures 12k images 16×16, CNN": 6}
 
 
@@ -270,7 +247,7 @@ def measure(quick: bool = False) -> dict:
             continue
         epochs = QUICK[name] if quick else epochs
         runs = {}
-        for seed in (0, 1):
+        for seed in SEEDS.get(name, (0, 1)) if not quick else (0, 1):
             t = time.perf_counter()
             runs[seed] = run(make_split(seed), make_model, epochs, hess_init, wd, seed)
             print(f"{name} seed {seed}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
@@ -287,6 +264,7 @@ def measure(quick: bool = False) -> dict:
                                   "unreached": sum(not e["reached"] for e in ev),
                                   "test_nll": [e["test_nll"] for e in ev], "epoch": [e["epoch"] for e in ev],
                                   "cal_nll": [e["cal_nll"] for e in ev],
+                                  "cal_se": ev[-1]["cal_se"], "split_noise": r["split_noise"],
                                   **{p: series(ev, p)[0].tolist() for p in POLICIES}}
         out["settings"][name] = {"clean": clean, "epochs": epochs, "hess_init": hess_init, "weight_decay": wd,
                                  "seeds": rows}
@@ -314,7 +292,15 @@ def _f(x: float, nd: int = 2) -> str:
 
 
 def _split_ratio(meta: dict) -> str:
-    return _f(meta["cal_nll"][-1] / meta["test_nll"][-1]) if meta.get("cal_nll") else "nan"
+    if not meta.get("cal_nll"):
+        return "nan"
+    text = _f(meta["cal_nll"][-1] / meta["test_nll"][-1]) + " (what refit's level inherits"
+    if "split_noise" in meta:
+        noise = meta["split_noise"]
+        text += (f"; the split's standard error {meta['cal_se'] / meta['cal_nll'][-1]:.0%} of its NLL; splits of its "
+                 f"size drawn from the test set: sd {_f(noise['sd'])} of this ratio, outside 0.75–1.25 in "
+                 f"{noise['miss']:.1%} of draws")
+    return text + ")"
 
 
 def report(res: dict, seconds: float, command: str) -> str:
@@ -333,6 +319,15 @@ def report(res: dict, seconds: float, command: str) -> str:
         lines.append(f"| {p} | {ok} of {len(rows)} | {_f(min(r['level'] for r in rows))}–"
                      f"{_f(max(r['level'] for r in rows))} | {_f(min(r['trend'] for r in rows))} | "
                      f"{_f(max(r['stopping'] for r in rows), 3)} |")
+    noise = [m["meta"]["split_noise"] for s in res["settings"].values() for m in s["seeds"].values()
+             if "split_noise" in m["meta"]]
+    if noise:
+        lines += ["", "refit's level is the calibration split's NLL over the test set's: its only error is the split's "
+                  "sampling error. Splits of each run's size, drawn from that run's test set (the model held fixed), "
+                  f"put this ratio outside 0.75–1.25 in {min(x['miss'] for x in noise):.1%}–"
+                  f"{max(x['miss'] for x in noise):.1%} of draws (sd {_f(min(x['sd'] for x in noise))}–"
+                  f"{_f(max(x['sd'] for x in noise))}): the chance that a run misses the level goal by its split "
+                  "alone."]
     lines.append("")
     for name, s in res["settings"].items():
         lines += [f"## {name}", "",
@@ -345,7 +340,7 @@ def report(res: dict, seconds: float, command: str) -> str:
                               f"the fit) {m['meta']['cal_cost']:.3f}×, the first-order pass "
                               f"{_f(m['meta'].get('pass_ratio', float('nan')))}× the Rayleigh pass's time, the "
                               "split's final NLL / the test set's "
-                              f"{_split_ratio(m['meta'])} (what refit's level inherits)"
+                              f"{_split_ratio(m['meta'])}"
                               for k, m in s["seeds"].items()), "",
                   "| candidate | seed | level | trend | stopping | verdict |", "|---|---|---|---|---|---|"]
         for p in POLICIES:

@@ -197,13 +197,15 @@ def test_the_summary_says_what_the_level_is_calibrated_on():
 def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
     """research.calibration's pipeline on a small setting: the refit policy's LOO is the split's NLL, the report
     says what each candidate scored."""
-    from research.calibration import POLICIES, report, run, score, series, synthetic
+    from research.calibration import POLICIES, report, run, score, series
+    from research.calibration_data import synthetic
     from sensitivity.calibration import rescale
     from worker.models import mlp
 
     out = run(synthetic(600, 400, 0), lambda: mlp(40, 10, (32,)), 4, 0.3, 1e-3, 0, batch=64)
     ev = out["evals"]
     assert out["n_cal"] == 30 and out["n_train"] == 570 and len(ev) == 4
+    assert 0 < out["split_noise"]["sd"] < 1 and 0 <= out["split_noise"]["miss"] <= 1 and ev[-1]["cal_se"] > 0
     refit, _ = series(ev, "refit")
     for e, loo in zip(ev, refit):
         if e["reached"]:
@@ -213,11 +215,13 @@ def test_the_calibration_study_runs_end_to_end_on_a_small_setting():
     assert float(probs.mean()) == pytest.approx(ev[-1]["cal_prob"], rel=1e-3)
     rows = {p: score(series(ev, p)[0], ev) for p in POLICIES}
     meta = {"n_train": 570, "n_cal": 30, "cost": 1.0, "cal_cost": 0.01, "alpha_first": 1.0, "alpha_last": 2.0,
-            "share": 0.9, "test_acc": 0.5}
+            "share": 0.9, "test_acc": 0.5, "cal_nll": [ev[-1]["cal_nll"]], "test_nll": [ev[-1]["test_nll"]],
+            "cal_se": ev[-1]["cal_se"], "split_noise": out["split_noise"]}
     text = report({"settings": {"tiny": {"clean": True, "epochs": 4, "hess_init": 0.3, "weight_decay": 1e-3,
                                          "seeds": {0: {**rows, "meta": meta}}}}, "transfer": {}}, 1.0, "test")
     assert "| refit | 0 |" in text and "| refit_prob | 0 |" in text and "## Summary" in text
     assert "| refit, first order | 0 |" in text and out["pass_ratio"] > 0
+    assert "splits of its size drawn from the test set" in text and "the chance that a run misses" in text
     first, _ = series(ev, "refit, first order")  # the first-order pass's own fit: the split's NLL as well
     assert ev[-1]["res_first"].form == "first_order" and ev[-1]["res"].form == "rayleigh"
     if ev[-1]["reached"]:
