@@ -166,7 +166,6 @@ def test_a_fixed_cadence_scores_everything_without_a_budget_and_what_the_budget_
 def test_the_state_survives_a_checkpoint_loaded_with_weights_only():
     labels = np.random.default_rng(5).integers(0, 3, 500)
     a = Cadence(labels, budget=0.2, every=None, steps_per_epoch=20, seed=9)
-    a.set_up(1.5)
     a.trained(3.0, 100)
     a.take(70)
     a.evaluated(0.3, 0.1, 70, estimate=1.0, se=0.1)
@@ -176,10 +175,8 @@ def test_the_state_survives_a_checkpoint_loaded_with_weights_only():
     buf.seek(0)
     b = Cadence(labels, budget=0.2, every=None, steps_per_epoch=20, seed=0)
     b.load_state_dict(torch.load(buf, weights_only=True)["cadence"])
-    assert b.plan(100) == a.plan(100) and b.setup_s == 1.5
+    assert b.plan(100) == a.plan(100)
     assert b.take(300).tolist() == a.take(300).tolist()  # the same rotation, across the cycle's end
-    b.set_up(0.5)  # a resumed process's own set-up adds to the job's
-    assert b.setup_s == 2.0
 
 
 def test_the_job_config_takes_a_cadence_in_steps_or_epochs_and_names_a_bad_one():
@@ -209,12 +206,11 @@ def test_the_last_evaluation_scores_no_more_than_the_credit_left_pays_for():
     cad.trained(10.0, 1000)  # credit 1 s
     cad.evaluated(0.4, 0.2, 400, estimate=1.0, se=0.05)  # 1 ms an example, 0.2 s fixed: 0.4 s of credit left
     cad.apply({"step": 2000, "size": 3000})
-    # 0.4 s / 1 ms, floored: the last evaluation's own fixed part is what a job evaluating once pays too
-    assert cad.last_size() in (399, 400)
-    cad.set_up(2.0)  # the job's set-up counts in the budget's base: 0.2 s more
-    assert cad.last_size() in (599, 600)
+    assert cad.last_size() in (199, 200)  # (0.4 - 0.2) s / 1 ms, floored
     cad.spent_s = 5.0
     assert cad.last_size() == FLOOR  # out of credit: the floor still
+    cad.fixed = 5.0  # every example (5 s) costs no more than the evaluation's fixed part: all of them, out of credit
+    assert cad.last_size() == 5000
     assert Cadence(np.arange(50) % 2, budget=None, every=5, steps_per_epoch=10).last_size() == 50
 
 

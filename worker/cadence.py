@@ -3,13 +3,10 @@
 Scoring every example costs about two epochs of arithmetic (a per-example gradient and a JVP each), so a job
 cannot score all of them at every evaluation and stay near the cost of training. The ``Cadence`` instead:
 
-- keeps a credit of ``budget`` × the job's time so far besides evaluations (its set-up and training), spends it on
-  evaluations (scoring, test metrics, checkpoint) and plans the next evaluation for the step where the credit pays
-  for it (the last step always evaluates: a job's final results; an evaluation after which the credit left at the
-  end would not pay for the last one's slice is not made, so the last scores a full slice, freshly). What a job
-  evaluating once at the end pays as well is not charged: the process's first-pass warm-up and the last
-  evaluation's fixed part (its test metrics, the store), so that on a small data set, where those are most of an
-  evaluation, the credit still pays for the last slice;
+- keeps a credit of ``budget`` × the training time so far, spends it on evaluations (scoring, test metrics,
+  checkpoint) and plans the next evaluation for the step where the credit pays for it (the last step always
+  evaluates: a job's final results; an evaluation after which the credit left at the end would not pay for the last
+  one's slice is not made, so the last scores a full slice, freshly);
 - scores a slice of a stratified random permutation of the examples at each evaluation (a *rotation*: every example
   once per cycle), so the slice is a stratified random sample whose mean LOO loss estimates the whole set's with a
   standard error (``worker.sampling.loo_estimate``), and running means over evaluations see every example; the first
@@ -40,6 +37,7 @@ FLOOR = 64  # the smallest slice worth an evaluation's fixed cost (and a usable 
 PILOT = 256  # the first slice, before the losses' spread is known
 MAX_GAP_EPOCHS = 2.0  # slices no larger than what allows an evaluation this often
 PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
+EXACT_LAST = 1.0  # the last evaluation scores every example where that costs at most this many of its fixed parts
 
 
 class Cadence(ScreenPlan):
@@ -72,7 +70,6 @@ class Cadence(ScreenPlan):
         self.pos, self.cycles = 0, 0
         self.restarted = False  # whether the cycle has started again after the first epoch (``take``)
         self.train_s = 0.0  # training seconds so far (this process and before a resume)
-        self.setup_s = 0.0  # the job's set-up seconds so far (data, model, store; each process of a resumed job)
         self.spent_s = 0.0  # evaluation seconds so far
         self.per_example = None  # seconds per scored example (running average)
         self.fixed = None  # seconds of an evaluation besides scoring
@@ -109,16 +106,16 @@ class Cadence(ScreenPlan):
     def last_size(self) -> int:
         """The last evaluation's slice: due whatever the credit, so its planned size as far as the credit left pays
         (at least FLOOR). Not more: a larger slice than the one timed costs more per example than the estimate (the
-        ResNet's in bench/overhead.py), unless the credit pays twice over for every example (small data sets). Its
-        sweep of every example, where the screen agrees, is beyond the budget
-        (``worker.sweeps``)."""
+        ResNet's in bench/overhead.py); but every example where scoring them all costs no more than the evaluation's
+        fixed part (test metrics, store: what a job evaluating once pays too), which at most doubles it. Its sweep
+        of every example, where the screen agrees, is beyond the budget (``worker.sweeps``)."""
         if self.full() or self.per_example is None:
             return self.next_size
-        credit = self.budget * self._base() - self.spent_s  # its fixed part: what a job evaluating once pays too
-        affordable = credit / (self.per_example + self._check_cost())
-        if affordable >= 2 * self.n:  # every example, with room for a cost per example that grows with the slice
+        per = self.per_example + self._check_cost()
+        if self.n * per <= EXACT_LAST * (self.fixed or 0.0):  # small data sets: the final LOO exact, for milliseconds
             return self.n
-        return int(min(self.next_size, max(min(self.n, FLOOR), affordable)))
+        credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
+        return int(min(self.next_size, max(min(self.n, FLOOR), credit / per)))
 
     def take(self, k: int | None = None) -> np.ndarray:
         """The next ``k`` (default: the planned size) positions of the rotation, sorted (all of them when the job
@@ -160,15 +157,14 @@ class Cadence(ScreenPlan):
         per_step = self.train_s / max(self.steps_trained, 1)
         b = self.budget - self.screen_rate()  # the screen's share is spent as it goes (``screen_checked``)
         cost = self.cost(size)  # credit saved up pays at most half of it: evaluations do not bunch up
-        credit = (self.budget * self._base() - self.spent_s
-                  - self.screen_rate() * per_step * (step - self.screened_to))
+        credit = self.budget * self.train_s - self.spent_s - self.screen_rate() * per_step * (step - self.screened_to)
         need = max(cost - credit, cost / 2)
         nxt = step + max(1, math.ceil(need / max(b * per_step, 1e-12)))
         if self.total is not None and nxt < self.total and self.per_example is not None:
             # the last evaluation (due whatever the credit) is the run's result: where the credit left at the end
             # would not pay for its slice after this one, this one is skipped and the last has it all
             left = b * per_step * (self.total - step) + credit - cost
-            if left < self.cost(size) - (self.fixed or 0.0):
+            if left < self.cost(size):
                 nxt = self.total
         return {"step": nxt, "size": size, "sweep": self.sweep_size(self._capped(nxt))}
 
@@ -188,13 +184,6 @@ class Cadence(ScreenPlan):
         return self.next_step is None and step >= min(PLAN_AFTER, self.spe)
 
     # ------------------------------------------------------------------------------ measurements
-    def _base(self) -> float:
-        """The seconds the budget is a share of: the job's set-up and training."""
-        return self.train_s + self.setup_s
-
-    def set_up(self, seconds: float) -> None:
-        self.setup_s += seconds
-
     def trained(self, seconds: float, steps: int = 1) -> None:
         self.train_s += seconds
         self.steps_trained += steps
@@ -216,7 +205,7 @@ class Cadence(ScreenPlan):
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "pos": self.pos,
-                "cycles": self.cycles, "train_s": self.train_s, "setup_s": self.setup_s, "spent_s": self.spent_s,
+                "cycles": self.cycles, "train_s": self.train_s, "spent_s": self.spent_s,
                 "per_example": self.per_example, "fixed": self.fixed, "cv": self.cv,
                 "steps_trained": self.steps_trained, "next_step": self.next_step, "next_size": self.next_size,
                 "restarted": self.restarted, **self._screen_state()}
@@ -228,7 +217,6 @@ class Cadence(ScreenPlan):
             setattr(self, key, state[key])
         self.order = np.asarray(state["order"], dtype=np.int64)
         self.restarted = state.get("restarted", self.steps_trained >= self.spe)  # older checkpoints: past it
-        self.setup_s = state.get("setup_s", 0.0)  # the processes' before (this one's is added once it is set up)
         self._load_screen_state(state)
 
 

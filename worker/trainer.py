@@ -123,7 +123,6 @@ class Trainer:
 
     def _run(self) -> str:
         cfg = self.cfg
-        started = time.perf_counter()
         try:
             data, model, opt, sched, spe, total = self._setup()
             failure = None
@@ -158,7 +157,6 @@ class Trainer:
             self.log(f"run {self.run_id}: LOO {self.cal.note}")
         self.bar = StepBar(self.progress and self.writer, total, step, f"run {self.run_id}")
         status = "done"
-        cad.set_up(time.perf_counter() - started)  # the job's own time besides training: the budget's base too
         mark, marked = time.perf_counter(), step  # training time is wall time between evaluations
         while step < total:
             pos = step % spe
@@ -276,8 +274,8 @@ class Trainer:
                                          variance, form=form, chunk_size=self.cfg.sensitivity.chunk_size,
                                          max_amplification=self.cfg.sensitivity.max_amplification)
 
-        if not self._warm and not cad.full():  # the process's first pass pays one-time costs, as a job evaluating
-            score(ids[:2])  # once would: kept out of the costs the cadence plans with and of the credit spent
+        if not self._warm and not cad.full():  # the process's first pass pays one-time costs: kept out of the costs
+            score(ids[:2])  # the cadence plans with (it is still spent: the evaluation's time includes it)
             self._warm = True
             t_scoring = time.perf_counter()
         else:
@@ -349,6 +347,7 @@ class Trainer:
                       metrics["loo_se"])
         if scr.count:
             cad.screen_checked(scr.agrees, scr.seconds, scr.count)
+        cad.spent_s += t_scoring - t  # the warm-up
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
         msg = (f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
                f"test_nll {metrics['test_nll']:.4f}")

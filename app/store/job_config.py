@@ -168,10 +168,9 @@ DEFAULT_BUDGET = 0.15  # bench/overhead.py measures what it costs
 
 class DiagnosticsConfig(_Strict):
     budget: float | None = Field(
-        None, gt=0, le=10, description="the evaluations' share of the job's set-up and training time (scoring, "
-        "test metrics, checkpoints): the worker times itself and picks when to evaluate and how many examples to "
-        f"score; None: {DEFAULT_BUDGET} when eval_every is not set, else every example at each evaluation "
-        "(worker.cadence)")
+        None, gt=0, le=10, description="the evaluations' share of the training time (scoring, test metrics, "
+        f"checkpoints): the worker times itself and picks when to evaluate and how many examples to score; None: "
+        f"{DEFAULT_BUDGET} when eval_every is not set, else every example at each evaluation (worker.cadence)")
     se_target: float = Field(0.02, gt=0, le=1, description="the LOO estimate's standard error sought, as a share of "
                              "the estimate (examples are scored in a stratified rotation: each slice is a sample)")
     coverage_epochs: float = Field(5.0, gt=0, le=1e6, description="score every example at least once in this many "
