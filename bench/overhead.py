@@ -94,8 +94,9 @@ def _sampling(evs, table, full_store, full_id, epochs: int, with_se: bool) -> st
             text += f"Spearman of the {len(part)} screened with the full pass {r:.3f}; "
     if with_se:
         se = last.metrics["loo_se"]
-        text += (f"final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass {truth.loo:.4f}: "
-                 f"{abs(last.loo - truth.loo) / se if se else float('nan'):.2f} SE apart; ")
+        text += f"final LOO {last.loo:.4f} ± {se:.4f} ({se / last.loo:.1%}), full pass {truth.loo:.4f}: "
+        text += (f"{abs(last.loo - truth.loo) / se:.2f} SE apart; " if se else
+                 "every example scored (exact); ")
     return text + f"Spearman of the rotation's latest scores with the full pass over the {len(common)} scored: " \
                   f"{rho:.3f}"
 

@@ -99,6 +99,36 @@ def test_curve_downsampling_keeps_extremes(store):
     assert [s for s, _ in tail] == list(range(19991, 20000))
 
 
+def test_the_rollups_of_series_written_together_are_each_series_own(store):
+    """An evaluation's metrics are rolled up in one pass (``refresh_rollups`` groups the series of one bucket): each
+    series' rollup rows are what recomputing it alone gives, across top-level buckets and with non-finite points."""
+    from sqlalchemy import select
+
+    from app.store.models import MetricRollup
+    from app.store.rollups import _rows
+
+    run = store.create_run("r", enqueue=False)
+    rng = np.random.default_rng(3)
+    steps = sorted(rng.choice(10000, 60, replace=False).tolist()) + [4095, 4096]  # across the 4096-step buckets
+    raw: dict[str, list] = {"a": [], "b": [], "c": []}
+    for st in sorted(set(steps)):
+        vals = {"a": float(rng.normal()), "b": float(rng.normal()) if st % 3 else float("nan"), "c": float(st)}
+        if st % 5 == 0:
+            del vals["c"]  # a series missing at some evaluations
+        store.write_evaluation(run.id, st, loo=vals["a"], metrics={k: v for k, v in vals.items() if k != "a"},
+                               idx=np.arange(3), scores=np.ones(3), loo_losses=np.ones(3))
+        for k, v in vals.items():
+            raw[k].append((st, v if v == v else None))
+    with store.session() as s:
+        got = s.execute(select(MetricRollup).where(MetricRollup.run_id == run.id)).scalars().all()
+        table = {(r.name, r.level, r.bucket): (r.n, r.min_step, r.min_value, r.max_step, r.max_value) for r in got}
+    for name, pts in (("b", raw["b"]), ("c", raw["c"])):
+        want = {(r["name"], r["level"], r["bucket"]): (r["n"], r["min_step"], r["min_value"], r["max_step"],
+                                                       r["max_value"]) for r in _rows(run.id, name, pts)}
+        assert {k: v for k, v in table.items() if k[0] == name} == want
+    assert max(v for _, v in store.curve(run.id, "c", max_points=10)) == max(v for _, v in raw["c"])
+
+
 def _drain(store):
     """Jobs left claimable by earlier tests in the session's shared PostgreSQL database."""
     while (job := store.claim_job("drain", lease_seconds=3600)) is not None:
