@@ -209,7 +209,9 @@ def test_the_last_evaluation_scores_no_more_than_the_credit_left_pays_for():
     assert cad.last_size() in (199, 200)  # (0.4 - 0.2) s / 1 ms, floored
     cad.spent_s = 5.0
     assert cad.last_size() == FLOOR  # out of credit: the floor still
-    cad.fixed = 5.0  # every example (5 s) costs no more than the evaluation's fixed part: all of them, out of credit
+    cad.fixed = 5.0  # every example (5 s) costs more than the budget (1 s): still the floor
+    assert cad.last_size() == FLOOR
+    cad.trained(40.0, 1000)  # budget 5 s: every example (5 s) costs no more than the fixed part nor the budget
     assert cad.last_size() == 5000
     assert Cadence(np.arange(50) % 2, budget=None, every=5, steps_per_epoch=10).last_size() == 50
 

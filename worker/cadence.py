@@ -38,6 +38,7 @@ PILOT = 256  # the first slice, before the losses' spread is known
 MAX_GAP_EPOCHS = 2.0  # slices no larger than what allows an evaluation this often
 PLAN_AFTER = 10  # training steps timed before the first evaluation is planned
 EXACT_LAST = 1.0  # the last evaluation scores every example where that costs at most this many of its fixed parts
+# (and at most the budget so far)
 
 
 class Cadence(ScreenPlan):
@@ -107,13 +108,13 @@ class Cadence(ScreenPlan):
         """The last evaluation's slice: due whatever the credit, so its planned size as far as the credit left pays
         (at least FLOOR). Not more: a larger slice than the one timed costs more per example than the estimate (the
         ResNet's in bench/overhead.py); but every example where scoring them all costs no more than the evaluation's
-        fixed part (test metrics, store: what a job evaluating once pays too), which at most doubles it. Its sweep
-        of every example, where the screen agrees, is beyond the budget (``worker.sweeps``)."""
+        fixed part (test metrics, store: what a job evaluating once pays too) nor than the whole budget so far. Its
+        sweep of every example, where the screen agrees, is beyond the budget (``worker.sweeps``)."""
         if self.full() or self.per_example is None:
             return self.next_size
         per = self.per_example + self._check_cost()
-        if self.n * per <= EXACT_LAST * (self.fixed or 0.0):  # small data sets: the final LOO exact, for milliseconds
-            return self.n
+        if self.n * per <= min(EXACT_LAST * (self.fixed or 0.0), self.budget * self.train_s):
+            return self.n  # small data sets: the final LOO exact, for milliseconds
         credit = self.budget * self.train_s - self.spent_s - (self.fixed or 0.0)
         return int(min(self.next_size, max(min(self.n, FLOOR), credit / per)))
 
