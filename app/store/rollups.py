@@ -13,40 +13,46 @@ LEVELS = (16, 256, 4096)  # rollup bucket widths in steps
 
 
 def refresh_rollups(s: Session, run_id: int, touched: dict[str, list[int]]) -> None:
-    """Recompute the rollup buckets that contain the touched steps, from the points themselves. Series touched in
-    the same buckets (an evaluation's thirty-odd metrics at one step) are read, cleared and written together: three
-    statements per bucket, not three per series."""
+    """Recompute the rollup buckets that contain the touched steps, from the points themselves: at each width only
+    the buckets those steps fall in (a bucket's rows are rewritten, the others kept). Series touched at the same steps
+    (an evaluation's thirty-odd metrics) are read, cleared and written together: three statements per top-level
+    bucket, not three per series."""
     top = LEVELS[-1]
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, steps in touched.items():
-        groups.setdefault(tuple(sorted({st // top for st in steps})), []).append(name)
+        groups.setdefault(tuple(sorted(set(steps))), []).append(name)
     rows: list[dict] = []
-    for buckets, names in groups.items():
-        for b in buckets:
-            lo, hi = b * top, (b + 1) * top - 1
+    for steps, names in groups.items():
+        at = np.asarray(steps, dtype=np.int64)
+        keys = {lv: np.unique(at // lv) for lv in LEVELS}
+        for b in keys[top]:
+            lo, hi = int(b) * top, (int(b) + 1) * top - 1
             pts = s.execute(select(Metric.name, Metric.step, Metric.value).where(
                 Metric.run_id == run_id, Metric.name.in_(names), Metric.step >= lo, Metric.step <= hi)).all()
+            mine = {lv: [int(k) for k in keys[lv] if lo <= k * lv <= hi] for lv in LEVELS}
             s.execute(delete(MetricRollup).where(
                 MetricRollup.run_id == run_id, MetricRollup.name.in_(names),
-                or_(*[and_(MetricRollup.level == lv, MetricRollup.bucket >= lo // lv, MetricRollup.bucket <= hi // lv)
-                      for lv in LEVELS])))
+                or_(*[and_(MetricRollup.level == lv, MetricRollup.bucket.in_(mine[lv])) for lv in LEVELS])))
             series: dict[str, list] = {}
             for name, step, value in pts:
                 series.setdefault(name, []).append((step, value))
             for name, part in series.items():
-                rows += _rows(run_id, name, part)
+                rows += _rows(run_id, name, part, mine)
     if rows:
         s.execute(MetricRollup.__table__.insert(), rows)
 
 
-def _rows(run_id: int, name: str, pts: list) -> list[dict]:
+def _rows(run_id: int, name: str, pts: list, only: dict[int, list[int]] | None = None) -> list[dict]:
+    """The rollup rows of one series' points (``only``: per width, the buckets wanted; default every one)."""
     st = np.array([p[0] for p in pts], dtype=np.int64)
     val = np.array([np.nan if p[1] is None else p[1] for p in pts], dtype=np.float64)
     rows = []
     for lv in LEVELS:
         keys = st // lv
-        for key in np.unique(keys):
+        for key in np.unique(keys) if only is None else only[lv]:
             m = keys == key
+            if not m.any():
+                continue
             v, k = val[m], st[m]
             ok = np.isfinite(v)
             if ok.any():
