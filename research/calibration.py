@@ -20,7 +20,8 @@ candidates differ only in the scale α on σ² the LOO is read at (no retraining
 Scores: level (final LOO / final test NLL), trend (Spearman over evaluations with the test NLL), stopping (test NLL
 where early stopping on the LOO restores, over the best evaluation's), transfer (the last scale of another run,
 another seed, weight decay or run length, used as a fixed ``calibration.scale``). A small setting compares
-per-example LOO losses with leave-one-out retraining.
+per-example LOO losses with leave-one-out retraining. Each run also reports its calibration split's sampling error
+(``split_noise``: how often a split of its size, drawn from the run's test set, puts refit's level outside the goal).
 """
 
 from __future__ import annotations
