@@ -65,6 +65,11 @@ def test_bad_csv_files_name_the_fault(tmp_path):
         _load(name="csv", path=str(_write_csv(tmp_path / "a.csv", [(1, 2, 0)], header=("a", "b", "y"))))
     with pytest.raises(ValueError, match=r"b.csv, line 3, column 2: not a number$"):
         _load(name="csv", path=str(_write_csv(tmp_path / "b.csv", [(1, 2, 0), (1, "oops", 1)])))
+    with pytest.raises(ValueError, match=r"f.csv, line 3, column 1: empty \(a missing value"):
+        _load(name="csv", path=str(_write_csv(tmp_path / "f.csv", [(1, 2, 0), ("", 2, 1)])))
+    for value in ("nan", "-inf", "1e999"):
+        with pytest.raises(ValueError, match=r"g.csv, line 3, column 2: not a finite number \(nan or inf\)$"):
+            _load(name="csv", path=str(_write_csv(tmp_path / "g.csv", [(1, 2, 0), (1, value, 1)])))
     with pytest.raises(ValueError, match="line 2: 2 fields, expected 3"):
         _load(name="csv", path=str(_write_csv(tmp_path / "c.csv", [(1, 2)])))
     with pytest.raises(FileNotFoundError, match="data file not found"):

@@ -137,7 +137,11 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], lis
             x[r] = [float(row[i]) for i in feats]
         except ValueError:
             bad = next(i for i in feats if not _is_float(row[i]))
-            raise ValueError(f"{path}, line {line}, column {bad + 1}: not a number") from None
+            what = "empty (a missing value: fill it in or drop the row)" if not row[bad].strip() else "not a number"
+            raise ValueError(f"{path}, line {line}, column {bad + 1}: {what}") from None  # never the value: no echo
+        if not np.isfinite(x[r]).all():  # nan, inf: a feature training cannot use
+            bad = feats[int(np.flatnonzero(~np.isfinite(x[r]))[0])]
+            raise ValueError(f"{path}, line {line}, column {bad + 1}: not a finite number (nan or inf)")
     return x, [row[j] for _, row in body], [line for line, _ in body], [header[i] for i in feats]
 
 
