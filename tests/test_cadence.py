@@ -167,6 +167,7 @@ def test_the_state_survives_a_checkpoint_loaded_with_weights_only():
     labels = np.random.default_rng(5).integers(0, 3, 500)
     a = Cadence(labels, budget=0.2, every=None, steps_per_epoch=20, seed=9)
     a.trained(3.0, 100)
+    a.warmed_up(0.25)
     a.take(70)
     a.evaluated(0.3, 0.1, 70, estimate=1.0, se=0.1)
     a.apply(a.plan(100))
@@ -175,7 +176,7 @@ def test_the_state_survives_a_checkpoint_loaded_with_weights_only():
     buf.seek(0)
     b = Cadence(labels, budget=0.2, every=None, steps_per_epoch=20, seed=0)
     b.load_state_dict(torch.load(buf, weights_only=True)["cadence"])
-    assert b.plan(100) == a.plan(100)
+    assert b.plan(100) == a.plan(100) and b.warmup_s == a.warmup_s == 0.25
     assert b.take(300).tolist() == a.take(300).tolist()  # the same rotation, across the cycle's end
 
 
@@ -207,6 +208,10 @@ def test_the_last_evaluation_scores_no_more_than_the_credit_left_pays_for():
     cad.evaluated(0.4, 0.2, 400, estimate=1.0, se=0.05)  # 1 ms an example, 0.2 s fixed: 0.4 s of credit left
     cad.apply({"step": 2000, "size": 3000})
     assert cad.last_size() in (199, 200)  # (0.4 - 0.2) s / 1 ms, floored
+    plan = cad.plan(1000)
+    cad.warmed_up(0.1)  # the first pass's one-time costs: the last slice pays them, the plan along the way does not
+    assert cad.plan(1000) == plan and cad.last_size() in (99, 100)
+    cad.apply({"step": 2000, "size": 3000})
     cad.spent_s = 5.0
     assert cad.last_size() == FLOOR  # out of credit: the floor still
     cad.fixed = 5.0  # every example (5 s) costs more than the budget (1 s): still the floor

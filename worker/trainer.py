@@ -347,7 +347,7 @@ class Trainer:
                       metrics["loo_se"])
         if scr.count:
             cad.screen_checked(scr.agrees, scr.seconds, scr.count)
-        cad.spent_s += t_scoring - t  # the warm-up
+        cad.warmed_up(t_scoring - t)
         self.hooks.emit("evaluation", {"run_id": self.run_id, "step": step, "loo": loo, "metrics": metrics})
         msg = (f"run {self.run_id} step {step}: loo {loo:.4f} train_nll {metrics['train_nll']:.4f} "
                f"test_nll {metrics['test_nll']:.4f}")
