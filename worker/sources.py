@@ -139,9 +139,10 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], lis
             bad = next(i for i in feats if not _is_float(row[i]))
             what = "empty (a missing value: fill it in or drop the row)" if not row[bad].strip() else "not a number"
             raise ValueError(f"{path}, line {line}, column {bad + 1}: {what}") from None  # never the value: no echo
-        if not np.isfinite(x[r]).all():  # nan, inf: a feature training cannot use
-            bad = feats[int(np.flatnonzero(~np.isfinite(x[r]))[0])]
-            raise ValueError(f"{path}, line {line}, column {bad + 1}: not a finite number (nan or inf)")
+    finite = np.isfinite(x)
+    if not finite.all():  # nan, inf: features training cannot use (one pass over the table, not one per row)
+        r, c = (int(v[0]) for v in np.nonzero(~finite))
+        raise ValueError(f"{path}, line {body[r][0]}, column {feats[c] + 1}: not a finite number (nan or inf)")
     return x, [row[j] for _, row in body], [line for line, _ in body], [header[i] for i in feats]
 
 

@@ -275,7 +275,7 @@ class Trainer:
                                          max_amplification=self.cfg.sensitivity.max_amplification)
 
         if not self._warm and not cad.full():  # the process's first pass pays one-time costs: kept out of the costs
-            score(ids[:2])  # the cadence plans with (it is still spent: the evaluation's time includes it)
+            score(ids[:2])  # the cadence plans with (a debt the last slice pays: ``Cadence.warmed_up``)
             self._warm = True
             t_scoring = time.perf_counter()
         else:
